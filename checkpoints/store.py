@@ -1,0 +1,303 @@
+"""The store API: start or resume a run, record a batch, read progress.
+
+Every function takes an open SQLAlchemy connection first and never commits: the caller
+owns the transaction, so a batch's rewrites, journal rows, failures and checkpoint go in
+together or not at all (the way Alembic commits a step with its version-table update).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, func, inspect, insert, select, update
+
+from .tables import VERSION_TABLE, checkpoints, failures, journal, runs
+
+__all__ = [
+    "BatchCounts",
+    "Checkpoint",
+    "FailureRow",
+    "JournalRow",
+    "Run",
+    "create_run",
+    "ensure_schema",
+    "failures_of",
+    "list_runs",
+    "load_checkpoints",
+    "record_batch",
+    "schema_present",
+    "set_state",
+    "unfinished_run",
+]
+
+# A run in one of these states is resumed by the next command of its kind.
+UNFINISHED = ("running", "interrupted", "stopped")
+
+
+def _alembic_dir() -> Path:
+    """The revisions: packaged beside `migration` in a wheel, at the repo root otherwise."""
+    import migration
+
+    pkg = Path(migration.__file__).resolve().parent
+    for candidate in (pkg / "_alembic", pkg.parent / "alembic"):
+        if (candidate / "env.py").is_file():
+            return candidate
+    raise RuntimeError("kms-migrate is installed without its alembic/ revisions")
+
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def ensure_schema(engine: Engine) -> None:
+    """Create or upgrade the bookkeeping tables to the newest revision (idempotent)."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(_alembic_dir()))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+
+
+def schema_present(conn: Connection) -> bool:
+    """True once the tool has created its tables in this database."""
+    return inspect(conn).has_table(VERSION_TABLE)
+
+
+@dataclass(frozen=True)
+class Run:
+    id: int
+    kind: str
+    state: str
+    key_id: str | None
+    key_arn: str | None
+    region: str | None
+    targets_json: str
+    targets_fingerprint: str
+    batch_size: int
+    host: str | None
+    pid: int | None
+    started_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+    note: str | None
+
+    @property
+    def targets(self) -> list[dict[str, Any]]:
+        value: list[dict[str, Any]] = json.loads(self.targets_json)
+        return value
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    run_id: int
+    table_name: str
+    column_name: str
+    last_pk: str | None
+    done: bool
+    batches: int
+    migrated: int
+    skipped: int
+    already: int
+    failed: int
+    conflicts: int
+
+
+@dataclass(frozen=True)
+class BatchCounts:
+    migrated: int = 0
+    skipped: int = 0
+    already: int = 0
+    failed: int = 0
+    conflicts: int = 0
+
+
+@dataclass(frozen=True)
+class JournalRow:
+    pk: str
+    original: str
+    migrated: str
+
+
+@dataclass(frozen=True)
+class FailureRow:
+    table_name: str
+    column_name: str
+    pk: str
+    reason: str
+
+
+def _run(row: Any) -> Run:
+    return Run(**{f: getattr(row, f) for f in Run.__dataclass_fields__})
+
+
+def unfinished_run(conn: Connection, kind: str) -> Run | None:
+    """The newest run of this kind that did not finish (killed, interrupted, stopped)."""
+    row = conn.execute(
+        select(runs).where(runs.c.kind == kind, runs.c.state.in_(UNFINISHED))
+        .order_by(runs.c.id.desc()).limit(1)
+    ).first()
+    return _run(row) if row else None
+
+
+def get_run(conn: Connection, run_id: int) -> Run | None:
+    row = conn.execute(select(runs).where(runs.c.id == run_id)).first()
+    return _run(row) if row else None
+
+
+def list_runs(conn: Connection, limit: int = 20) -> list[Run]:
+    rows = conn.execute(select(runs).order_by(runs.c.id.desc()).limit(limit)).all()
+    return [_run(r) for r in rows]
+
+
+def create_run(
+    conn: Connection,
+    *,
+    kind: str,
+    targets: Sequence[tuple[str, str]],
+    targets_json: str,
+    fingerprint: str,
+    batch_size: int,
+    key_id: str | None = None,
+    key_arn: str | None = None,
+    region: str | None = None,
+    tool_version: str = "",
+) -> Run:
+    """Insert a run in state `running` and a zeroed checkpoint per (table, column)."""
+    ts = now()
+    run_id = conn.execute(
+        insert(runs).values(
+            kind=kind, state="running", key_id=key_id, key_arn=key_arn, region=region,
+            targets_json=targets_json, targets_fingerprint=fingerprint, batch_size=batch_size,
+            host=socket.gethostname(), pid=os.getpid(), tool_version=tool_version,
+            started_at=ts, updated_at=ts,
+        )
+    ).inserted_primary_key[0]
+    conn.execute(
+        insert(checkpoints),
+        [
+            dict(run_id=run_id, table_name=t, column_name=c, last_pk=None, done=False,
+                 batches=0, migrated=0, skipped=0, already=0, failed=0, conflicts=0,
+                 updated_at=ts)
+            for t, c in targets
+        ],
+    )
+    run = get_run(conn, int(run_id))
+    assert run is not None
+    return run
+
+
+def set_state(conn: Connection, run_id: int, state: str, *, note: str | None = None) -> None:
+    """Move a run to a new state; a final state also stamps finished_at."""
+    values: dict[str, Any] = {"state": state, "updated_at": now()}
+    if state not in UNFINISHED:
+        values["finished_at"] = now()
+    if state == "running":
+        values["pid"] = os.getpid()
+        values["host"] = socket.gethostname()
+    if note is not None:
+        values["note"] = note
+    conn.execute(update(runs).where(runs.c.id == run_id).values(**values))
+
+
+def load_checkpoints(conn: Connection, run_id: int) -> dict[tuple[str, str], Checkpoint]:
+    rows = conn.execute(select(checkpoints).where(checkpoints.c.run_id == run_id)).all()
+    return {
+        (r.table_name, r.column_name): Checkpoint(
+            **{f: getattr(r, f) for f in Checkpoint.__dataclass_fields__}
+        )
+        for r in rows
+    }
+
+
+def record_batch(
+    conn: Connection,
+    run_id: int,
+    table_name: str,
+    column_name: str,
+    *,
+    last_pk: str | None,
+    counts: BatchCounts,
+    done: bool = False,
+    journal_rows: Iterable[JournalRow] = (),
+    failure_rows: Iterable[FailureRow] = (),
+) -> None:
+    """Write a batch's journal rows, failures and checkpoint in the caller's transaction.
+
+    Refuses (raises) unless exactly one checkpoint row moved, as Alembic checks its
+    version-table update: a lost checkpoint update would let a resume redo a batch.
+    """
+    ts = now()
+    jrows = [
+        dict(run_id=run_id, table_name=table_name, column_name=column_name, pk=j.pk,
+             original=j.original, migrated=j.migrated, status="migrated", migrated_at=ts)
+        for j in journal_rows
+    ]
+    if jrows:
+        conn.execute(insert(journal), jrows)
+    frows = [
+        dict(run_id=run_id, table_name=f.table_name, column_name=f.column_name, pk=f.pk,
+             reason=f.reason, created_at=ts)
+        for f in failure_rows
+    ]
+    if frows:
+        conn.execute(insert(failures), frows)
+    c = checkpoints.c
+    values: dict[str, Any] = dict(
+        batches=c.batches + 1,
+        migrated=c.migrated + counts.migrated,
+        skipped=c.skipped + counts.skipped,
+        already=c.already + counts.already,
+        failed=c.failed + counts.failed,
+        conflicts=c.conflicts + counts.conflicts,
+        done=done,
+        updated_at=ts,
+    )
+    if last_pk is not None:
+        values["last_pk"] = last_pk
+    moved = conn.execute(
+        update(checkpoints)
+        .where(c.run_id == run_id, c.table_name == table_name, c.column_name == column_name)
+        .values(**values)
+    ).rowcount
+    if moved != 1:
+        raise RuntimeError(
+            f"checkpoint of run {run_id} for {table_name}.{column_name} matched {moved} rows"
+        )
+    conn.execute(update(runs).where(runs.c.id == run_id).values(updated_at=ts))
+
+
+def failures_of(conn: Connection, run_id: int, limit: int | None = None) -> list[FailureRow]:
+    q = (
+        select(failures.c.table_name, failures.c.column_name, failures.c.pk, failures.c.reason)
+        .where(failures.c.run_id == run_id)
+        .order_by(failures.c.id)
+    )
+    if limit is not None:
+        q = q.limit(limit)
+    return [FailureRow(*r) for r in conn.execute(q).all()]
+
+
+def count_failures(conn: Connection, run_id: int) -> int:
+    return int(conn.execute(
+        select(func.count()).select_from(failures).where(failures.c.run_id == run_id)
+    ).scalar_one())
+
+
+def journal_counts(conn: Connection) -> dict[tuple[str, str, str], int]:
+    """How many journal rows per (table, column, status)."""
+    rows = conn.execute(
+        select(journal.c.table_name, journal.c.column_name, journal.c.status, func.count())
+        .group_by(journal.c.table_name, journal.c.column_name, journal.c.status)
+    ).all()
+    return {(t, c, s): int(n) for t, c, s, n in rows}

@@ -1,0 +1,110 @@
+"""The bookkeeping tables, as SQLAlchemy Core (the schema itself is created by Alembic).
+
+They live in the target database so that one transaction can hold a batch's rewrites,
+their journal rows, its failures and its checkpoint. They hold names, primary keys,
+counts, reasons and Fernet/KMS ciphertexts (the journal), never a plaintext or a key.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+__all__ = ["checkpoints", "failures", "journal", "metadata", "runs", "VERSION_TABLE"]
+
+VERSION_TABLE = "kms_migrate_alembic_version"
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+# One row per invocation of migrate or rollback (dry-runs write nothing, so have none).
+# state: running -> completed | interrupted | failed | abandoned
+runs = Table(
+    "kms_migrate_runs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("kind", String(16), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("key_id", String(2048)),
+    Column("key_arn", String(2048)),
+    Column("region", String(64)),
+    Column("targets_json", Text, nullable=False),
+    Column("targets_fingerprint", String(64), nullable=False),
+    Column("batch_size", Integer, nullable=False),
+    Column("host", String(255)),
+    Column("pid", Integer),
+    Column("tool_version", String(32)),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True)),
+    Column("note", Text),
+)
+
+# One row per run and target column: where the run is (last primary key, or for a
+# rollback the last journal id) and what it has counted so far. Written in the same
+# transaction as the batch it describes, so it never runs ahead of committed data.
+checkpoints = Table(
+    "kms_migrate_checkpoints",
+    metadata,
+    Column("run_id", Integer, ForeignKey("kms_migrate_runs.id"), primary_key=True),
+    Column("table_name", String(255), primary_key=True),
+    Column("column_name", String(255), primary_key=True),
+    Column("last_pk", Text),
+    Column("done", Boolean, nullable=False, default=False),
+    Column("batches", Integer, nullable=False, default=0),
+    Column("migrated", Integer, nullable=False, default=0),
+    Column("skipped", Integer, nullable=False, default=0),
+    Column("already", Integer, nullable=False, default=0),
+    Column("failed", Integer, nullable=False, default=0),
+    Column("conflicts", Integer, nullable=False, default=0),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+# The rollback journal: the original Fernet token of every value the tool rewrote,
+# committed with the rewrite. status: migrated -> rolled_back | conflict.
+journal = Table(
+    "kms_migrate_journal",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", Integer, ForeignKey("kms_migrate_runs.id"), nullable=False),
+    Column("table_name", String(255), nullable=False),
+    Column("column_name", String(255), nullable=False),
+    Column("pk", Text, nullable=False),
+    Column("original", Text, nullable=False),
+    Column("migrated", Text, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("migrated_at", DateTime(timezone=True), nullable=False),
+    Column("rollback_run_id", Integer, ForeignKey("kms_migrate_runs.id")),
+    Column("rolled_back_at", DateTime(timezone=True)),
+    Index(None, "table_name", "column_name", "status", "id"),
+)
+
+# Values a run left untouched, with the reason (never the value).
+failures = Table(
+    "kms_migrate_failures",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", Integer, ForeignKey("kms_migrate_runs.id"), nullable=False),
+    Column("table_name", String(255), nullable=False),
+    Column("column_name", String(255), nullable=False),
+    Column("pk", Text, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index(None, "run_id"),
+)

@@ -1,0 +1,117 @@
+"""The only code that writes target tables: one batch, one transaction.
+
+A batch's compare-and-swap rewrites, their journal rows, its failures and its checkpoint
+commit together, so a crash at any instant leaves either all of the batch or none of it.
+Every rewrite is ``UPDATE t SET col = :new WHERE pk = :pk AND col = :old``: a value the
+application changed after we read it matches nothing, is left as the application wrote it,
+and is counted as a conflict for the next run to pick up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import Engine, update
+
+from checkpoints import store
+from checkpoints.store import BatchCounts, FailureRow, JournalRow
+
+from .reader import BoundTarget
+
+__all__ = ["Rewrite", "apply_migrate_batch", "apply_rollback_batch"]
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    """One compare-and-swap: set the column to `new` where it still holds `old`."""
+
+    pk: object
+    old: str
+    new: str
+
+
+def _cas(conn: object, bt: BoundTarget, column: str, rw: Rewrite) -> bool:
+    col = bt.col(column)
+    stmt = update(bt.table).where(bt.pk == rw.pk, col == rw.old).values({column: rw.new})
+    return conn.execute(stmt).rowcount == 1  # type: ignore[attr-defined,no-any-return]
+
+
+def apply_migrate_batch(
+    engine: Engine,
+    bt: BoundTarget,
+    column: str,
+    run_id: int,
+    *,
+    rewrites: Sequence[Rewrite],
+    failures: Sequence[FailureRow],
+    counts: BatchCounts,
+    last_pk: object,
+    done: bool,
+) -> BatchCounts:
+    """Commit one migrate batch; return its counts with the conflicts the CAS found."""
+    journal_rows: list[JournalRow] = []
+    with engine.begin() as conn:
+        for rw in rewrites:
+            if _cas(conn, bt, column, rw):
+                journal_rows.append(JournalRow(bt.pk_text(rw.pk), original=rw.old, migrated=rw.new))
+        conflicts = len(rewrites) - len(journal_rows)
+        final = BatchCounts(
+            migrated=len(journal_rows),
+            skipped=counts.skipped,
+            already=counts.already,
+            failed=counts.failed,
+            conflicts=conflicts,
+        )
+        store.record_batch(
+            conn, run_id, bt.name, column,
+            last_pk=None if last_pk is None else bt.pk_text(last_pk),
+            counts=final, done=done, journal_rows=journal_rows, failure_rows=failures,
+        )
+    return final
+
+
+def apply_rollback_batch(
+    engine: Engine,
+    bt: BoundTarget,
+    column: str,
+    run_id: int,
+    entries: Sequence[tuple[int, str, str, str]],
+    *,
+    done: bool,
+) -> BatchCounts:
+    """Commit one rollback batch of journal entries (id, pk, original, migrated).
+
+    The CAS is the mirror of migrate's: put the original back only where the column still
+    holds exactly the value the tool wrote.
+    """
+    from sqlalchemy import update as sa_update
+
+    from checkpoints.tables import journal
+
+    restored = 0
+    failures: list[FailureRow] = []
+    ts = store.now()
+    with engine.begin() as conn:
+        for jid, pk_text, original, migrated in entries:
+            ok = _cas(conn, bt, column, Rewrite(bt.pk_value(pk_text), old=migrated, new=original))
+            if ok:
+                restored += 1
+                status = "rolled_back"
+            else:
+                status = "conflict"
+                failures.append(FailureRow(
+                    bt.name, column, pk_text,
+                    "value changed since kms-migrate wrote it; left as it is",
+                ))
+            conn.execute(
+                sa_update(journal).where(journal.c.id == jid)
+                .values(status=status, rollback_run_id=run_id, rolled_back_at=ts)
+            )
+        counts = BatchCounts(migrated=restored, conflicts=len(failures))
+        store.record_batch(
+            conn, run_id, bt.name, column,
+            last_pk=str(entries[-1][0]) if entries else None,
+            counts=counts, done=done, failure_rows=failures,
+        )
+    return counts

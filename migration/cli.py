@@ -1,0 +1,372 @@
+"""The command line: parses options, calls one plain function per subcommand, maps errors.
+
+Exit codes: 0 all done and nothing failed; 1 done, some values failed (each listed, left
+untouched); 2 refused to start or stopped on a fatal error (one line on stderr);
+130 interrupted (resumable).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn, TextIO, TypeVar
+
+import click
+from sqlalchemy.exc import SQLAlchemyError
+
+from . import __version__
+from .config import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_CONCURRENCY,
+    DEFAULT_KEY_ID,
+    DEFAULT_REGION,
+    Settings,
+    fernet_keys_from_env,
+    load_targets,
+    resolve_db_url,
+)
+from .db import is_sqlite, make_engine, safe_url
+from .errors import (
+    EXIT_FAILURES,
+    EXIT_FATAL,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    ConfigError,
+    KmsMigrateError,
+)
+from .kms import KMS, make_client, validate_region
+from .logs import configure_logging
+from .migrator import MigrateResult, migrate
+from .rollback import RollbackResult, rollback
+from .status import collect_status
+from .verify import VerifyResult, verify
+
+__all__ = ["cli", "main"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _log_options(f: F) -> F:
+    f = click.option("--log-file", type=click.Path(dir_okay=False),
+                     help="Write log events to this file instead of stderr.")(f)
+    f = click.option("--log-format", type=click.Choice(["console", "json"]), default="console",
+                     show_default=True, help="Log line format.")(f)
+    f = click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+                     default="warning", show_default=True,
+                     help="Least severe log events shown (batches log at info).")(f)
+    return f
+
+
+def _db_option(f: F) -> F:
+    return click.option("--db", "db", metavar="URL",
+                        help="Database URL (default: $DATABASE_URL), e.g. sqlite:///app.db or "
+                             "postgresql+psycopg://user@host/db.")(f)
+
+
+def _target_options(f: F) -> F:
+    f = click.option("--concurrency", type=click.IntRange(1, 512), default=DEFAULT_CONCURRENCY,
+                     show_default=True, help="KMS calls in flight.")(f)
+    f = click.option("--batch-size", type=click.IntRange(1, 100_000), default=DEFAULT_BATCH_SIZE,
+                     show_default=True, help="Rows per batch (one transaction each).")(f)
+    f = click.option("--region", metavar="R",
+                     help=f"AWS region of the key (default: $AWS_REGION, else {DEFAULT_REGION}).")(f)
+    f = click.option("--key-id", metavar="KEY",
+                     help="KMS key id, ARN or alias (default: $AWS_KMS_KEY_ID, else "
+                          f"{DEFAULT_KEY_ID}).")(f)
+    f = click.option("--config", "config_file", type=click.Path(dir_okay=False), metavar="FILE",
+                     help="TOML file of [[targets]] (default: the built-in coinflip targets: "
+                          "users.encrypted_secret, users.referral_payout_escrow_secret, "
+                          "wagers.creator_escrow_secret, wagers.acceptor_escrow_secret).")(f)
+    return _db_option(f)
+
+
+def _settings(opts: dict[str, Any]) -> Settings:
+    env = os.environ
+    return Settings(
+        db_url=resolve_db_url(opts.get("db")),
+        targets=load_targets(opts.get("config_file")),
+        key_id=opts.get("key_id") or env.get("AWS_KMS_KEY_ID") or DEFAULT_KEY_ID,
+        region=validate_region(opts.get("region") or env.get("AWS_REGION") or DEFAULT_REGION),
+        batch_size=opts.get("batch_size") or DEFAULT_BATCH_SIZE,
+        concurrency=opts.get("concurrency") or DEFAULT_CONCURRENCY,
+        fernet_keys=fernet_keys_from_env(env),
+    )
+
+
+def make_kms(settings: Settings) -> KMS:
+    """The run's KMS: one boto3 client, credentials and endpoint from boto3's own chain."""
+    client = make_client(settings.region, settings.concurrency)
+    return KMS(client, settings.key_id, settings.region, concurrency=settings.concurrency)
+
+
+def _setup_logging(opts: dict[str, Any]) -> None:
+    stream: TextIO | None = None
+    if opts.get("log_file"):
+        try:
+            stream = open(opts["log_file"], "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+        except OSError as exc:
+            raise ConfigError(f"cannot open --log-file {opts['log_file']}: {exc.strerror}") from None
+    configure_logging(opts.get("log_level") or "warning", opts.get("log_format") or "console",
+                      stream)
+
+
+def _confirm(word: str, url: str, yes: bool, what: str) -> None:
+    """Ask the operator to type `word` before writing to a non-SQLite database."""
+    if yes or is_sqlite(url):
+        return
+    if not sys.stdin.isatty():
+        raise ConfigError(
+            f"refusing to {what} {safe_url(url)} without confirmation: run it from a terminal "
+            "or pass --yes; nothing was written"
+        )
+    typed = click.prompt(f"This will {what} {safe_url(url)}. Type {word} to proceed",
+                         default="", show_default=False)
+    if typed.strip() != word:
+        raise ConfigError(f"cancelled (you did not type {word}); nothing was written")
+
+
+# -- output ------------------------------------------------------------------------------
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [list(map(str, headers))] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for n, r in enumerate(cells):
+        lines.append("  ".join(
+            c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r)
+        ).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _failure_lines(failures: Sequence[Any], limit: int = 100) -> list[str]:
+    out = [f"  {f.table_name} pk={f.pk} {f.column_name}: {f.reason}" for f in failures[:limit]]
+    if len(failures) > limit:
+        out.append(f"  ... and {len(failures) - limit} more (kms-migrate status --json lists all)")
+    return out
+
+
+def print_migrate(result: MigrateResult, settings: Settings) -> None:
+    head = "DRY RUN (nothing was written)" if result.dry_run else (
+        f"run {result.run_id}" + (" (resumed)" if result.resumed else ""))
+    click.echo(f"migrate {head}: {safe_url(settings.db_url)}, key {settings.key_id}")
+    rows = [(f"{c.table}.{c.column}", c.migrated, c.skipped, c.already, c.failed, c.conflicts)
+            for c in result.columns]
+    first = "would migrate" if result.dry_run else "migrated"
+    click.echo(_table(["column", first, "skipped", "already kms", "failed", "conflicts"], rows))
+    click.echo(f"KMS requests: {result.kms_requests} (retries: {result.retries}); "
+               f"{result.seconds:.2f} s")
+    if result.conflicts:
+        click.echo(f"{result.conflicts} value(s) changed by the application while being migrated "
+                   "were left as written; run migrate again to pick them up.")
+    if result.failures:
+        click.echo(f"Failed values ({len(result.failures)}), left untouched:")
+        for line in _failure_lines(result.failures):
+            click.echo(line)
+
+
+def print_rollback(result: RollbackResult) -> None:
+    click.echo(f"rollback run {result.run_id}" + (" (resumed)" if result.resumed else "") + ":")
+    rows = [(f"{c.table}.{c.column}", c.migrated, c.conflicts) for c in result.columns]
+    click.echo(_table(["column", "restored", "conflicts"], rows))
+    if result.failures:
+        click.echo(f"Not restored ({len(result.failures)}):")
+        for line in _failure_lines(result.failures):
+            click.echo(line)
+
+
+def print_verify(result: VerifyResult) -> None:
+    rows = [(f"{c.table}.{c.column}", c.kms_ok, c.fernet_left, c.empty, c.undecryptable)
+            for c in result.columns]
+    click.echo(_table(["column", "kms ok", "fernet left", "null/empty", "undecryptable"], rows))
+    other = sum(c.other_key for c in result.columns)
+    if other:
+        click.echo(f"note: {other} value(s) opened under another KMS key than the one given")
+    click.echo(f"KMS requests: {result.kms_requests}; {result.seconds:.2f} s")
+    if result.problems:
+        click.echo(f"Problems ({len(result.problems)}):")
+        for t, c, pk, why in result.problems[:100]:
+            click.echo(f"  {t} pk={pk} {c}: {why}")
+    click.echo("verify: OK" if result.ok else "verify: FAILED")
+
+
+# -- commands ------------------------------------------------------------------------------
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="kms-migrate")
+def cli() -> None:
+    """Move Fernet-encrypted secrets in SQL columns to AWS KMS: resumable, verified, reversible.
+
+    Fernet keys come from ENCRYPTION_KEY and ENCRYPTION_KEY_LEGACY (comma-separated) in the
+    environment, never from the command line. AWS credentials and endpoint come from boto3's
+    default chain (IAM role, profile, AWS_* variables, AWS_ENDPOINT_URL_KMS).
+
+    Exit codes: 0 done; 1 done, some values failed; 2 refused or stopped; 130 interrupted.
+    """
+
+
+@cli.command("migrate")
+@_target_options
+@click.option("--dry-run", is_flag=True,
+              help="Read, decrypt, encrypt and verify with KMS, and write nothing at all.")
+@click.option("--new-run", is_flag=True,
+              help="Abandon an unfinished run instead of resuming it (migrated values stay).")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@_log_options
+def migrate_cmd(**opts: Any) -> int:
+    """Re-encrypt every Fernet value in the target columns with KMS, batch by batch.
+
+    Each batch: Fernet decrypt, KMS Encrypt, KMS Decrypt and compare, then one transaction
+    with compare-and-swap updates, the rollback journal and the checkpoint. Re-running
+    resumes an unfinished run where it stopped.
+    """
+    _setup_logging(opts)
+    settings = _settings(opts)
+    dry = bool(opts["dry_run"])
+    engine = make_engine(settings.db_url, read_only=dry)
+    if not dry:
+        _confirm("MIGRATE", settings.db_url, opts["yes"], "re-encrypt the secrets in")
+    with make_kms(settings) as kms:
+        result = migrate(settings, engine=engine, kms=kms, dry_run=dry, new_run=opts["new_run"])
+    print_migrate(result, settings)
+    return EXIT_FAILURES if result.failed else EXIT_OK
+
+
+@cli.command("verify")
+@_target_options
+@_log_options
+def verify_cmd(**opts: Any) -> int:
+    """Decrypt every KMS value in the target columns with KMS; report what is left or broken.
+
+    Exit 1 when a Fernet token is left or a value cannot be decrypted. Writes nothing.
+    """
+    _setup_logging(opts)
+    settings = _settings(opts)
+    engine = make_engine(settings.db_url, read_only=True)
+    with make_kms(settings) as kms:
+        result = verify(settings, engine=engine, kms=kms)
+    print_verify(result)
+    return EXIT_OK if result.ok else EXIT_FAILURES
+
+
+@cli.command("rollback")
+@_db_option
+@click.option("--batch-size", type=click.IntRange(1, 100_000), default=DEFAULT_BATCH_SIZE,
+              show_default=True, help="Journal rows per batch (one transaction each).")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@_log_options
+def rollback_cmd(**opts: Any) -> int:
+    """Put back the original Fernet token of every value the tool migrated.
+
+    Restores exact original bytes from the journal, only where the column still holds the
+    value the tool wrote. Resumable. Needs no KMS access and no Fernet key.
+    """
+    _setup_logging(opts)
+    url = resolve_db_url(opts.get("db"))
+    engine = make_engine(url)
+    _confirm("ROLLBACK", url, opts["yes"], "restore the Fernet tokens in")
+    result = rollback(engine, batch_size=opts["batch_size"])
+    print_rollback(result)
+    return EXIT_FAILURES if result.failures else EXIT_OK
+
+
+@cli.command("status")
+@_db_option
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def status_cmd(db: str | None, as_json: bool) -> int:
+    """Show runs (state, timings), progress per table and column, and failures."""
+    configure_logging("warning")
+    url = resolve_db_url(db)
+    engine = make_engine(url, read_only=True)
+    report = collect_status(engine)
+    if report is None:
+        if as_json:
+            click.echo(json.dumps({"runs": []}))
+        else:
+            click.echo(f"no kms-migrate runs in {safe_url(url)}")
+        return EXIT_OK
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2, default=str))
+        return EXIT_OK
+    click.echo(_table(["run", "kind", "state", "started", "finished", "seconds"], [
+        (r["id"], r["kind"], r["state"], r["started_at"] or "", r["finished_at"] or "",
+         r["seconds"] if r["seconds"] is not None else "")
+        for r in report.runs
+    ]))
+    if report.run_id is not None:
+        click.echo(f"\nlatest migrate run {report.run_id}:")
+        click.echo(_table(
+            ["column", "migrated", "skipped", "already", "failed", "conflicts", "remaining",
+             "last pk"],
+            [(f"{p.table}.{p.column}", p.migrated, p.skipped, p.already, p.failed, p.conflicts,
+              "done" if p.done else (p.remaining if p.remaining is not None else "?"),
+              p.last_pk or "") for p in report.progress]))
+    if report.failures:
+        click.echo(f"\nfailures of run {report.run_id} ({report.failures_total}):")
+        for f in report.failures:
+            click.echo(f"  {f['table_name']} pk={f['pk']} {f['column_name']}: {f['reason']}")
+    if report.journal:
+        click.echo("\njournal: " + ", ".join(f"{k}={v}" for k, v in report.journal.items()))
+    return EXIT_OK
+
+
+@cli.command("demo")
+@click.option("--dir", "workdir", type=click.Path(file_okay=False),
+              help="Where to put the sample database (default: a new temporary folder).")
+@click.option("--rows", type=click.IntRange(10, 1_000_000), default=200, show_default=True,
+              help="Users in the sample database (wagers: the same number).")
+def demo_cmd(workdir: str | None, rows: int) -> int:
+    """A rehearsal with no AWS account: a sample SQLite database and an emulated KMS (moto).
+
+    Runs dry-run, migrate (interrupted and resumed), verify, status and rollback end to end,
+    and checks each step's promise.
+    """
+    from .demo import run_demo
+
+    configure_logging("warning")
+    return run_demo(Path(workdir) if workdir else None, rows)
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """Console entry point: one line on stderr for every refusal, never a traceback."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    code: int
+    try:
+        rv = cli.main(args=list(argv) if argv is not None else None, prog_name="kms-migrate",
+                      standalone_mode=False)
+        code = rv if isinstance(rv, int) else EXIT_OK
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        click.echo("kms-migrate: interrupted; committed batches are kept, re-run the same "
+                   "command to resume", err=True)
+        code = EXIT_INTERRUPTED
+    except click.UsageError as exc:
+        hint = f" (see kms-migrate {exc.ctx.info_name} --help)" if exc.ctx else ""
+        msg = exc.format_message().replace("\n", " ")
+        click.echo(f"kms-migrate: error: {msg}{hint}", err=True)
+        code = EXIT_FATAL
+    except click.ClickException as exc:
+        click.echo(f"kms-migrate: error: {exc.format_message()}", err=True)
+        code = EXIT_FATAL
+    except KmsMigrateError as exc:
+        click.echo(f"kms-migrate: error: {exc}", err=True)
+        code = exc.exit_code
+    except SQLAlchemyError as exc:
+        # Never the statement or its parameters (they hold tokens): the driver's first line.
+        orig = getattr(exc, "orig", None)
+        reason = str(orig).strip().splitlines()[0] if orig else type(exc).__name__
+        click.echo(f"kms-migrate: database error: {reason}; committed batches are kept, "
+                   "fix the cause and re-run to resume", err=True)
+        code = EXIT_FATAL
+    sys.stdout.flush()
+    sys.exit(code)

@@ -1,0 +1,94 @@
+"""Value classification, MultiFernet decryption and the stored KMS text format.
+
+The stored KMS format is the guide's: standard base64 of the ``CiphertextBlob``, no
+encryption context, so the application's own ``decrypt_secret`` reads it unchanged.
+
+A Fernet token is urlsafe base64 of ``0x80 | 8-byte big-endian timestamp | ...``; every
+token minted after 1970 and before the year 2500 or so therefore starts with ``gAAAAA``.
+A KMS blob starts with another byte (real KMS: ``0x01``), so its base64 never does. That
+prefix is how the tool and the application tell the two formats apart without a key.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+from collections.abc import Sequence
+
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+
+from .errors import ConfigError
+
+__all__ = [
+    "FERNET_PREFIX",
+    "KMS_MAX_PLAINTEXT",
+    "FernetCodec",
+    "ValueKind",
+    "classify",
+    "decode_kms",
+    "encode_kms",
+]
+
+FERNET_PREFIX = "gAAAAA"
+KMS_MAX_PLAINTEXT = 4096
+
+
+class ValueKind(enum.Enum):
+    EMPTY = "empty"  # NULL or the empty string: nothing to migrate
+    FERNET = "fernet"  # shaped like a Fernet token: to migrate
+    OTHER = "other"  # anything else: taken as already migrated (verify decides if it opens)
+
+
+def classify(value: object) -> ValueKind:
+    """Say what a stored value is by its shape alone (no key needed)."""
+    if value is None or value == "" or value == b"":
+        return ValueKind.EMPTY
+    if isinstance(value, str) and value.startswith(FERNET_PREFIX):
+        return ValueKind.FERNET
+    return ValueKind.OTHER
+
+
+def encode_kms(blob: bytes) -> str:
+    """Stored text of a KMS CiphertextBlob: standard base64, as the guide writes it."""
+    return base64.b64encode(blob).decode("ascii")
+
+
+def decode_kms(text: str) -> bytes | None:
+    """The CiphertextBlob behind stored text, or None when the text is not strict base64."""
+    try:
+        blob = base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError, ValueError):
+        return None
+    return blob or None
+
+
+class FernetCodec:
+    """Opens Fernet tokens with the current key and every legacy key, as MultiFernet does."""
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        if not keys:
+            raise ConfigError(
+                "ENCRYPTION_KEY is not set: export the Fernet key the application uses "
+                "(older keys go in ENCRYPTION_KEY_LEGACY, comma-separated)"
+            )
+        fernets: list[Fernet] = []
+        for i, key in enumerate(keys):
+            name = "ENCRYPTION_KEY" if i == 0 else f"ENCRYPTION_KEY_LEGACY key #{i}"
+            try:
+                fernets.append(Fernet(key.encode("utf-8")))
+            except (ValueError, binascii.Error, UnicodeEncodeError):
+                # Never echo the key: only say which one is malformed and what a good one is.
+                raise ConfigError(
+                    f"{name} is not a valid Fernet key (it must be 32 bytes in url-safe "
+                    "base64, 44 characters ending in '='): set the key the application "
+                    "really encrypts with"
+                ) from None
+        self._multi = MultiFernet(fernets)
+
+    def decrypt(self, token: str) -> bytes | None:
+        """The plaintext a token holds, or None when no key opens it (corrupt, unknown key)."""
+        try:
+            return self._multi.decrypt(token.encode("ascii"))
+        except (InvalidToken, UnicodeEncodeError, ValueError, TypeError):
+            return None

@@ -1,0 +1,155 @@
+"""Settings from flags and the environment, and the targets (built-in coinflip or TOML).
+
+Fernet keys come from the environment only (``ENCRYPTION_KEY`` and the comma-separated
+``ENCRYPTION_KEY_LEGACY``), never from the command line, so they never show in ``ps`` or
+shell history. AWS credentials are never read here at all: boto3 resolves them itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_CONCURRENCY",
+    "DEFAULT_KEY_ID",
+    "DEFAULT_REGION",
+    "COINFLIP_TARGETS",
+    "Settings",
+    "Target",
+    "fernet_keys_from_env",
+    "load_targets",
+    "resolve_db_url",
+    "targets_fingerprint",
+]
+
+DEFAULT_KEY_ID = "alias/coinflip-master-key"
+DEFAULT_REGION = "us-east-1"
+DEFAULT_BATCH_SIZE = 500
+DEFAULT_CONCURRENCY = 16
+
+
+@dataclass(frozen=True)
+class Target:
+    """One table whose listed text columns hold encrypted secrets, keyed by one primary key."""
+
+    table: str
+    primary_key: str
+    columns: tuple[str, ...]
+
+    def as_dict(self) -> dict[str, object]:
+        return {"table": self.table, "primary_key": self.primary_key, "columns": list(self.columns)}
+
+
+# The guide's schema (Step 4): the coinflip platform's custodial and escrow secrets.
+COINFLIP_TARGETS: tuple[Target, ...] = (
+    Target("users", "user_id", ("encrypted_secret", "referral_payout_escrow_secret")),
+    Target("wagers", "wager_id", ("creator_escrow_secret", "acceptor_escrow_secret")),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything one command needs, resolved once from flags and environment."""
+
+    db_url: str
+    targets: tuple[Target, ...] = COINFLIP_TARGETS
+    key_id: str = DEFAULT_KEY_ID
+    region: str = DEFAULT_REGION
+    batch_size: int = DEFAULT_BATCH_SIZE
+    concurrency: int = DEFAULT_CONCURRENCY
+    fernet_keys: tuple[str, ...] = field(default=(), repr=False)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.concurrency < 1:
+            raise ConfigError(f"--concurrency must be at least 1, got {self.concurrency}")
+
+
+def resolve_db_url(flag: str | None, env: Mapping[str, str] = os.environ) -> str:
+    """Return --db, else DATABASE_URL; refuse with a clear line when neither is set."""
+    url = flag or env.get("DATABASE_URL")
+    if not url:
+        raise ConfigError(
+            "no database given: pass --db URL or set DATABASE_URL "
+            "(e.g. sqlite:///coinflip.db or postgresql+psycopg://user@host/db)"
+        )
+    return url
+
+
+def fernet_keys_from_env(env: Mapping[str, str] = os.environ) -> tuple[str, ...]:
+    """ENCRYPTION_KEY first, then every ENCRYPTION_KEY_LEGACY key, as MultiFernet tries them."""
+    keys: list[str] = []
+    current = env.get("ENCRYPTION_KEY", "").strip()
+    if current:
+        keys.append(current)
+    keys.extend(k.strip() for k in env.get("ENCRYPTION_KEY_LEGACY", "").split(",") if k.strip())
+    return tuple(keys)
+
+
+def load_targets(path: str | Path | None) -> tuple[Target, ...]:
+    """Read targets from a TOML file, or return the built-in coinflip targets.
+
+    The file holds ``[[targets]]`` tables with ``table``, ``primary_key`` and ``columns``.
+    """
+    if path is None:
+        return COINFLIP_TARGETS
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} not found: check the --config path") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {p} cannot be read ({type(exc).__name__})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
+    entries = raw.get("targets")
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(
+            f"config file {p} has no [[targets]]: add at least one "
+            '[[targets]] with table = "...", primary_key = "...", columns = ["..."]'
+        )
+    targets: list[Target] = []
+    seen: set[tuple[str, str]] = set()
+    for i, entry in enumerate(entries, 1):
+        where = f"config file {p}, target #{i}"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where} is not a table: use [[targets]]")
+        unknown = set(entry) - {"table", "primary_key", "columns"}
+        if unknown:
+            raise ConfigError(f"{where} has unknown keys {sorted(unknown)}: "
+                              "allowed are table, primary_key, columns")
+        table, pk, columns = entry.get("table"), entry.get("primary_key"), entry.get("columns")
+        if not isinstance(table, str) or not table:
+            raise ConfigError(f'{where} needs table = "name"')
+        if not isinstance(pk, str) or not pk:
+            raise ConfigError(f'{where} ({table}) needs primary_key = "column"')
+        if (
+            not isinstance(columns, list)
+            or not columns
+            or not all(isinstance(c, str) and c for c in columns)
+        ):
+            raise ConfigError(f'{where} ({table}) needs columns = ["col", ...] with at least one')
+        for c in columns:
+            if (table, c) in seen:
+                raise ConfigError(f"{where}: column {table}.{c} is listed twice")
+            seen.add((table, c))
+        if pk in columns:
+            raise ConfigError(f"{where}: the primary key {table}.{pk} cannot be a target column")
+        targets.append(Target(table, pk, tuple(columns)))
+    return tuple(targets)
+
+
+def targets_fingerprint(targets: Sequence[Target]) -> str:
+    """A stable digest of the targets, stored with a run to refuse a resume with other targets."""
+    doc = json.dumps([t.as_dict() for t in targets], sort_keys=True)
+    return hashlib.sha256(doc.encode()).hexdigest()[:16]

@@ -1,0 +1,102 @@
+"""Engines for the target database: URL checks, driver choice, read-only mode, safe printing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError, SQLAlchemyError
+
+from .errors import ConfigError, DatabaseError
+
+__all__ = ["is_sqlite", "make_engine", "parse_url", "safe_url", "sqlite_path"]
+
+SQLITE_BUSY_TIMEOUT = 10.0  # seconds a write waits on another writer's lock before failing
+
+
+def parse_url(url: str) -> URL:
+    """Parse a database URL, defaulting PostgreSQL to the psycopg 3 driver."""
+    try:
+        u = make_url(url)
+    except (ArgumentError, ValueError):
+        raise ConfigError(
+            "the database URL is not a URL SQLAlchemy understands: use e.g. "
+            "sqlite:///path/to/app.db or postgresql+psycopg://user@host:5432/dbname"
+        ) from None
+    if u.drivername in {"postgresql", "postgres"}:
+        u = u.set(drivername="postgresql+psycopg")
+    return u
+
+
+def safe_url(url: str | URL) -> str:
+    """The URL with its password hidden, fit for printing and logging."""
+    try:
+        u = url if isinstance(url, URL) else make_url(url)
+    except (ArgumentError, ValueError):
+        return "<unparseable database URL>"
+    return u.render_as_string(hide_password=True)
+
+
+def is_sqlite(url: str | URL) -> bool:
+    u = url if isinstance(url, URL) else parse_url(url)
+    return u.get_backend_name() == "sqlite"
+
+
+def sqlite_path(url: str | URL) -> Path | None:
+    """The file behind a SQLite URL (None for an in-memory database)."""
+    u = url if isinstance(url, URL) else parse_url(url)
+    if u.get_backend_name() != "sqlite" or not u.database or u.database == ":memory:":
+        return None
+    return Path(u.database)
+
+
+def make_engine(url: str, *, read_only: bool = False) -> Engine:
+    """An engine that has proved it can connect; read_only makes every session read-only.
+
+    A SQLite file must exist already: connecting would otherwise create an empty one and
+    report a baffling "table does not exist".
+    """
+    u = parse_url(url)
+    shown = safe_url(u)
+    connect_args: dict[str, Any] = {}
+    if u.get_backend_name() == "sqlite":
+        path = sqlite_path(u)
+        if path is not None and not path.is_file():
+            raise ConfigError(f"SQLite database file {path} does not exist: check --db")
+        connect_args["timeout"] = SQLITE_BUSY_TIMEOUT
+    elif u.get_backend_name() == "postgresql":
+        connect_args["connect_timeout"] = 10
+    try:
+        engine = create_engine(
+            u, connect_args=connect_args, pool_pre_ping=True, hide_parameters=True
+        )
+    except (NoSuchModuleError, ImportError) as exc:
+        raise ConfigError(f"no driver for {shown} ({exc}): install it or fix the URL") from None
+    except (ArgumentError, SQLAlchemyError, TypeError) as exc:
+        raise ConfigError(f"cannot use database URL {shown}: {type(exc).__name__}") from None
+    if read_only:
+        _make_read_only(engine)
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except OperationalError as exc:
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+        raise DatabaseError(f"cannot connect to {shown}: {reason}") from None
+    return engine
+
+
+def _make_read_only(engine: Engine) -> None:
+    """Make the database itself refuse writes on every connection of this engine."""
+    backend = engine.url.get_backend_name()
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        if backend == "sqlite":
+            cur.execute("PRAGMA query_only = ON")
+        elif backend == "postgresql":
+            cur.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+            dbapi_conn.commit()
+        cur.close()

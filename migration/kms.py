@@ -1,0 +1,373 @@
+"""The one place that talks to KMS: a shared boto3 client, the retry policy, concurrency.
+
+Retries live in one layer only. botocore's own retries are switched off
+(``total_max_attempts=1``) and every single KMS call is wrapped in a tenacity policy that
+retries transient errors (throttling, KMS internal errors, dependency timeouts, dropped
+connections) with full-jitter exponential backoff, a bounded number of times. Had both
+layers retried, botocore's 3 attempts times ours would multiply silently.
+
+Fatal errors (access denied, key not found, disabled, pending deletion, wrong key usage,
+bad credentials) are raised as :class:`FatalKMSError` with one line naming the key and
+the likely fix; callers stop the run before the batch in flight writes anything.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import boto3
+import botocore.exceptions
+from botocore.config import Config
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from .errors import ConfigError, FatalKMSError, TransientKMSError
+
+__all__ = [
+    "KMS",
+    "KeyInfo",
+    "RetryPolicy",
+    "make_client",
+    "validate_region",
+]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+TRANSIENT_CODES = frozenset({
+    "ThrottlingException",
+    "Throttling",
+    "TooManyRequestsException",
+    "RequestLimitExceeded",
+    "KMSInternalException",
+    "InternalFailure",
+    "ServiceUnavailable",
+    "ServiceUnavailableException",
+    "DependencyTimeoutException",
+    "KeyUnavailableException",
+})
+CREDENTIAL_CODES = frozenset({
+    "UnrecognizedClientException",
+    "InvalidClientTokenId",
+    "InvalidSignatureException",
+    "SignatureDoesNotMatch",
+    "ExpiredTokenException",
+    "ExpiredToken",
+    "AuthFailure",
+})
+# Per-value answers of Decrypt: the ciphertext is not one this key (or any) opens.
+UNDECRYPTABLE_CODES = frozenset({"InvalidCiphertextException", "IncorrectKeyException"})
+CONNECTION_ERRORS: tuple[type[Exception], ...] = (
+    botocore.exceptions.ConnectionError,  # EndpointConnectionError, ConnectTimeoutError, ...
+    botocore.exceptions.ReadTimeoutError,
+    botocore.exceptions.ConnectionClosedError,
+)
+_REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")
+
+
+def validate_region(region: str) -> str:
+    """Refuse a region name that no AWS partition could have, before any call is made."""
+    if not _REGION_RE.match(region):
+        raise ConfigError(
+            f"'{region}' is not an AWS region name (like us-east-1): "
+            "fix --region or AWS_REGION to the region the KMS key lives in"
+        )
+    return region
+
+
+def make_client(region: str, concurrency: int) -> Any:
+    """One boto3 KMS client for the whole run, shared by every worker thread.
+
+    Credentials and endpoint come from boto3's own resolution (environment, profile,
+    IAM role; ``AWS_ENDPOINT_URL_KMS`` / ``AWS_ENDPOINT_URL``): nothing is passed here.
+    """
+    config = Config(
+        region_name=region,
+        max_pool_connections=max(concurrency, 10),
+        retries={"total_max_attempts": 1, "mode": "standard"},
+        connect_timeout=5,
+        read_timeout=30,
+    )
+    return boto3.session.Session().client("kms", config=config)
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """The key a run uses: as the operator named it and as KMS resolved it."""
+
+    key_id: str
+    arn: str
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How hard to retry one transient KMS error before the run stops."""
+
+    max_attempts: int = 8
+    max_wait: float = 5.0
+    multiplier: float = 0.05
+
+
+class KMS:
+    """Encrypt, decrypt and verify with one key, concurrently, under the retry policy."""
+
+    def __init__(
+        self,
+        client: Any,
+        key_id: str,
+        region: str,
+        *,
+        concurrency: int = 16,
+        policy: RetryPolicy | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.client = client
+        self.key_id = key_id
+        self.region = region
+        self.concurrency = concurrency
+        self.policy = policy or RetryPolicy()
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self.retries = 0
+        self.requests = 0
+        self.key: KeyInfo | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def __enter__(self) -> KMS:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    # -- single calls ------------------------------------------------------------------
+
+    def describe(self) -> KeyInfo:
+        """Resolve the key and refuse one that cannot encrypt (disabled, deleting, misused)."""
+        meta = self._call("DescribeKey", KeyId=self.key_id)["KeyMetadata"]
+        key = self.key_id
+        state = meta.get("KeyState") or ("Enabled" if meta.get("Enabled") else "Disabled")
+        if state == "Disabled":
+            raise FatalKMSError(_message("DisabledException", "DescribeKey", key, self.region))
+        if state in {"PendingDeletion", "PendingReplicaDeletion"}:
+            raise FatalKMSError(
+                _message("KMSInvalidStateException", "DescribeKey", key, self.region)
+            )
+        if state not in {"Enabled"}:
+            raise FatalKMSError(
+                f"KMS key {key} is in state {state}, not Enabled: make it Enabled "
+                "(aws kms describe-key shows why) and re-run; nothing was written"
+            )
+        if meta.get("KeyUsage", "ENCRYPT_DECRYPT") != "ENCRYPT_DECRYPT" or meta.get(
+            "KeySpec", meta.get("CustomerMasterKeySpec", "SYMMETRIC_DEFAULT")
+        ) != "SYMMETRIC_DEFAULT":
+            raise FatalKMSError(
+                _message("InvalidKeyUsageException", "DescribeKey", key, self.region)
+            )
+        arn = str(meta["Arn"])
+        arn_region = arn.split(":")[3] if arn.count(":") >= 5 else self.region
+        if arn_region != self.region:
+            raise FatalKMSError(
+                f"KMS key {key} lives in region {arn_region}, not {self.region}: "
+                f"re-run with --region {arn_region}; nothing was written"
+            )
+        self.key = KeyInfo(key_id=self.key_id, arn=arn)
+        return self.key
+
+    def encrypt(self, plaintext: bytes) -> bytes:
+        """KMS Encrypt under the run's key (its resolved ARN once described)."""
+        key = self.key.arn if self.key else self.key_id
+        blob: bytes = self._call("Encrypt", KeyId=key, Plaintext=plaintext)["CiphertextBlob"]
+        return blob
+
+    def decrypt(self, blob: bytes) -> bytes | None:
+        """KMS Decrypt; None when KMS says this ciphertext is not one it can open."""
+        try:
+            out: bytes = self._call("Decrypt", CiphertextBlob=blob)["Plaintext"]
+        except _Undecryptable:
+            return None
+        return out
+
+    def decrypt_with_key(self, blob: bytes) -> tuple[bytes, str] | None:
+        """KMS Decrypt returning the plaintext and the ARN of the key that opened it."""
+        try:
+            resp = self._call("Decrypt", CiphertextBlob=blob)
+        except _Undecryptable:
+            return None
+        return resp["Plaintext"], str(resp.get("KeyId", ""))
+
+    def round_trip(self, plaintext: bytes) -> bytes | str:
+        """Encrypt, then decrypt the new ciphertext and compare in constant time.
+
+        Returns the blob, or a failure reason (never carrying the value) when the
+        round trip does not give the plaintext back.
+        """
+        blob = self.encrypt(plaintext)
+        back = self.decrypt(blob)
+        if back is None:
+            return "KMS could not decrypt the ciphertext it had just produced"
+        if not hmac.compare_digest(back, plaintext):
+            return "KMS round trip returned a different plaintext"
+        return blob
+
+    # -- concurrency -------------------------------------------------------------------
+
+    def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+        """Run fn over items with up to `concurrency` calls in flight, results in order.
+
+        The first exception (a fatal KMS error) cancels what has not started and is raised:
+        the caller then writes nothing of this batch.
+        """
+        if not items:
+            return []
+        if self.concurrency == 1 or len(items) == 1:
+            return [fn(item) for item in items]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="kms")
+        futures: list[Future[R]] = [self._pool.submit(fn, item) for item in items]
+        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        for f in done:
+            exc = f.exception()
+            if exc is not None:
+                for p in pending:
+                    p.cancel()
+                raise exc
+        return [f.result() for f in futures]
+
+    # -- the retry loop ----------------------------------------------------------------
+
+    def _count_retry(self, state: RetryCallState) -> None:
+        with self._lock:
+            self.retries += 1
+
+    def _call(self, op: str, **params: Any) -> dict[str, Any]:
+        method = getattr(self.client, _SNAKE[op])
+        retrying = Retrying(
+            retry=retry_if_exception_type(TransientKMSError),
+            stop=stop_after_attempt(self.policy.max_attempts),
+            wait=wait_random_exponential(
+                multiplier=self.policy.multiplier, max=self.policy.max_wait
+            ),
+            sleep=self._sleep,
+            before_sleep=self._count_retry,
+            reraise=True,
+        )
+        try:
+            for attempt in retrying:
+                with attempt:
+                    with self._lock:
+                        self.requests += 1
+                    return self._classify(op, method, params)
+        except TransientKMSError as exc:
+            raise FatalKMSError(
+                f"KMS kept failing with {exc} on key {self.key_id} after "
+                f"{self.policy.max_attempts} attempts: lower --concurrency or wait, then re-run "
+                "(the run resumes where it stopped; the batch in flight was not written)"
+            ) from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _classify(self, op: str, method: Callable[..., Any], params: dict[str, Any]) -> Any:
+        try:
+            return method(**params)
+        except botocore.exceptions.ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", "Unknown"))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in TRANSIENT_CODES or (isinstance(status, int) and status >= 500):
+                raise TransientKMSError(code) from None
+            if op == "Decrypt" and code in UNDECRYPTABLE_CODES:
+                raise _Undecryptable(code) from None
+            raise FatalKMSError(_message(code, op, self.key_id, self.region)) from None
+        except CONNECTION_ERRORS as exc:
+            raise TransientKMSError(type(exc).__name__) from None
+        except botocore.exceptions.NoCredentialsError:
+            raise FatalKMSError(
+                "no AWS credentials found: configure the default credential chain "
+                "(an IAM role, AWS_PROFILE, or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in the "
+                "environment) and re-run; nothing was written"
+            ) from None
+        except botocore.exceptions.BotoCoreError as exc:
+            raise FatalKMSError(
+                f"KMS call {op} failed ({type(exc).__name__}) for key {self.key_id} in region "
+                f"{self.region}: check the endpoint and credentials; nothing was written"
+            ) from None
+
+
+class _Undecryptable(Exception):
+    """Decrypt answered that this ciphertext cannot be opened (a per-value outcome)."""
+
+
+_SNAKE = {"DescribeKey": "describe_key", "Encrypt": "encrypt", "Decrypt": "decrypt"}
+
+
+def _message(code: str, op: str, key: str, region: str) -> str:
+    """One line: what KMS said about the key and what the operator should do about it."""
+    tail = "re-run (the run resumes where it stopped; nothing of the batch in flight was written)"
+    if code == "AccessDeniedException":
+        return (
+            f"KMS denied {op} on key {key} in {region} (AccessDeniedException): grant the caller "
+            f"kms:{op} on this key (aws sts get-caller-identity shows the caller; "
+            f"aws kms describe-key --key-id {key} checks access), then {tail}"
+        )
+    if code == "NotFoundException":
+        return (
+            f"KMS key {key} was not found in region {region} (NotFoundException): check "
+            f"--key-id / AWS_KMS_KEY_ID and --region (aws kms list-aliases --region {region}), "
+            f"then {tail}"
+        )
+    if code == "DisabledException":
+        return (
+            f"KMS key {key} is disabled (DisabledException): enable it "
+            f"(aws kms enable-key --key-id {key} --region {region}), then {tail}"
+        )
+    if code == "KMSInvalidStateException":
+        return (
+            f"KMS key {key} is pending deletion or otherwise unusable (KMSInvalidStateException):"
+            f" cancel the deletion (aws kms cancel-key-deletion --key-id {key}), enable it, "
+            f"then {tail}"
+        )
+    if code == "InvalidKeyUsageException":
+        return (
+            f"KMS key {key} is not a symmetric ENCRYPT_DECRYPT key (InvalidKeyUsageException): "
+            f"use a key created with --key-usage ENCRYPT_DECRYPT, then {tail}"
+        )
+    if code in CREDENTIAL_CODES:
+        return (
+            f"AWS rejected the credentials ({code}) calling {op} on key {key}: check the "
+            f"default credential chain (aws sts get-caller-identity), then {tail}"
+        )
+    if code == "InvalidArnException":
+        return (
+            f"KMS key {key} is not a valid key id, ARN or alias (InvalidArnException): "
+            f"fix --key-id / AWS_KMS_KEY_ID, then {tail}"
+        )
+    return f"KMS refused {op} on key {key} in {region} ({code}): fix the cause, then {tail}"
+
+
+def iter_chunks(items: Iterable[T], size: int) -> Iterable[list[T]]:
+    """Split an iterable into lists of at most `size` items."""
+    chunk: list[T] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

@@ -1,0 +1,60 @@
+"""structlog set-up: console or JSON lines on stderr or a file, with a redaction guard.
+
+Callers only ever log names, counts and primary keys. The `_redact` processor is a
+second line of defence: any event field whose name suggests a secret is replaced.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+__all__ = ["configure_logging", "get_logger"]
+
+SENSITIVE = frozenset({
+    "plaintext", "value", "values", "token", "tokens", "secret", "password", "key_material",
+    "fernet_key", "encryption_key", "aws_secret_access_key", "original", "ciphertext",
+})
+
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+          "error": logging.ERROR}
+
+
+def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for k in list(event):
+        if k.lower() in SENSITIVE:
+            event[k] = "[redacted]"
+    return event
+
+
+def configure_logging(
+    level: str = "info", fmt: str = "console", file: TextIO | None = None
+) -> None:
+    """Configure structlog once per process; events go to `file` (stderr by default)."""
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _redact,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
+        logger_factory=structlog.PrintLoggerFactory(file or sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    # Alembic and botocore log through the standard library; keep them quiet but for warnings.
+    logging.basicConfig(level=logging.WARNING, stream=file or sys.stderr)
+
+
+def get_logger(**bind: Any) -> Any:
+    return structlog.get_logger("kms_migrate").bind(**bind)

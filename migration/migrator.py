@@ -1,0 +1,308 @@
+"""Orchestrates a migrate run: targets, batches, resume, dry-run, summary.
+
+The order of one batch: read (reader) -> Fernet decrypt (codec) -> KMS encrypt and verify
+(kms, concurrently) -> one transaction (applier). The slow KMS work happens before the
+short write transaction, as lockbox's migrator does its computation outside it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from sqlalchemy import Engine, select
+
+from checkpoints import store
+from checkpoints.store import BatchCounts, FailureRow, Run
+
+from . import __version__
+from .applier import Rewrite, apply_migrate_batch
+from .codec import KMS_MAX_PLAINTEXT, FernetCodec, ValueKind, classify, encode_kms
+from .config import Settings, targets_fingerprint
+from .errors import ConfigError, FatalKMSError, ResumeMismatchError
+from .kms import KMS
+from .logs import get_logger
+from .reader import BoundTarget, Row, bind_targets, fetch_batch
+
+__all__ = ["ColumnSummary", "MigrateResult", "migrate", "REASON_NO_KEY", "REASON_OVERSIZE"]
+
+REASON_NO_KEY = (
+    "no Fernet key opens this token (corrupt, or made with a key that is in neither "
+    "ENCRYPTION_KEY nor ENCRYPTION_KEY_LEGACY)"
+)
+REASON_OVERSIZE = f"plaintext is over KMS's {KMS_MAX_PLAINTEXT}-byte Encrypt limit"
+SAMPLE_SIZE = 20
+
+
+@dataclass
+class ColumnSummary:
+    table: str
+    column: str
+    migrated: int = 0
+    skipped: int = 0
+    already: int = 0
+    failed: int = 0
+    conflicts: int = 0
+
+    def add(self, c: BatchCounts) -> None:
+        self.migrated += c.migrated
+        self.skipped += c.skipped
+        self.already += c.already
+        self.failed += c.failed
+        self.conflicts += c.conflicts
+
+
+@dataclass
+class MigrateResult:
+    dry_run: bool
+    run_id: int | None = None
+    resumed: bool = False
+    columns: list[ColumnSummary] = field(default_factory=list)
+    failures: list[FailureRow] = field(default_factory=list)
+    kms_requests: int = 0
+    retries: int = 0
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> int:
+        return sum(c.failed for c in self.columns)
+
+    @property
+    def conflicts(self) -> int:
+        return sum(c.conflicts for c in self.columns)
+
+
+BatchHook = Callable[[str, str, BatchCounts], None]
+
+
+def process_rows(
+    rows: Sequence[Row], bt: BoundTarget, column: str, codec: FernetCodec, kms: KMS
+) -> tuple[list[Rewrite], list[FailureRow], BatchCounts]:
+    """Turn read rows into compare-and-swap rewrites and failures; nothing is written here.
+
+    Plaintexts exist only inside this call: decrypted, sent to KMS, compared, dropped.
+    """
+    skipped = already = 0
+    failures: list[FailureRow] = []
+    pending: list[tuple[Row, bytes]] = []
+    for row in rows:
+        kind = classify(row.value)
+        if kind is ValueKind.EMPTY:
+            skipped += 1
+        elif kind is ValueKind.OTHER:
+            already += 1
+        else:
+            plaintext = codec.decrypt(row.value)
+            if plaintext is None:
+                failures.append(FailureRow(bt.name, column, bt.pk_text(row.pk), REASON_NO_KEY))
+            elif len(plaintext) > KMS_MAX_PLAINTEXT:
+                failures.append(FailureRow(bt.name, column, bt.pk_text(row.pk), REASON_OVERSIZE))
+            else:
+                pending.append((row, plaintext))
+    results = kms.map(kms.round_trip, [p for _, p in pending])
+    rewrites: list[Rewrite] = []
+    for (row, _), result in zip(pending, results, strict=True):
+        if isinstance(result, bytes):
+            rewrites.append(Rewrite(row.pk, old=row.value, new=encode_kms(result)))
+        else:
+            failures.append(FailureRow(bt.name, column, bt.pk_text(row.pk), result))
+    del pending
+    counts = BatchCounts(
+        migrated=len(rewrites), skipped=skipped, already=already, failed=len(failures)
+    )
+    return rewrites, failures, counts
+
+
+def check_keys_open_something(
+    engine: Engine, bound: Sequence[BoundTarget], codec: FernetCodec
+) -> None:
+    """Refuse to start when the Fernet keys open none of a sample of Fernet values.
+
+    Without this, a wrong ENCRYPTION_KEY makes a run that "succeeds" with every value
+    failed: the classic silent no-op of re-encryption tools.
+    """
+    sampled = 0
+    with engine.connect() as conn:
+        for bt in bound:
+            for column in bt.target.columns:
+                col = bt.col(column)
+                q = select(col).where(col.like("gAAAAA%")).limit(SAMPLE_SIZE)
+                for (value,) in conn.execute(q):
+                    sampled += 1
+                    if codec.decrypt(value) is not None:
+                        return
+    if sampled:
+        raise ConfigError(
+            f"the Fernet keys open none of the {sampled} Fernet tokens sampled from the "
+            "targets: set ENCRYPTION_KEY (and ENCRYPTION_KEY_LEGACY) to the keys the "
+            "application encrypted them with; nothing was written"
+        )
+
+
+def _resume_or_start(
+    engine: Engine, settings: Settings, key_arn: str, targets_json: str, new_run: bool
+) -> tuple[Run, bool]:
+    fingerprint = targets_fingerprint(settings.targets)
+    pairs = [(t.table, c) for t in settings.targets for c in t.columns]
+    with engine.begin() as conn:
+        rb = store.unfinished_run(conn, "rollback")
+        if rb is not None:
+            raise ResumeMismatchError(
+                f"rollback run {rb.id} is unfinished: finish it first (kms-migrate rollback), "
+                "then migrate again; nothing was written"
+            )
+        run = store.unfinished_run(conn, "migrate")
+        if run is not None and new_run:
+            store.set_state(conn, run.id, "abandoned", note="abandoned by --new-run")
+            run = None
+        if run is not None:
+            changed: list[str] = []
+            if run.key_arn != key_arn:
+                changed.append(
+                    f"the KMS key (run used {run.key_id} = {run.key_arn}, now {settings.key_id} "
+                    f"= {key_arn})"
+                )
+            if run.targets_fingerprint != fingerprint:
+                was = ", ".join(f"{t['table']}.{c}" for t in run.targets for c in t["columns"])
+                now = ", ".join(f"{t}.{c}" for t, c in pairs)
+                changed.append(f"the targets (run used {was}; now {now})")
+            if changed:
+                raise ResumeMismatchError(
+                    f"unfinished migrate run {run.id} was started with other settings: "
+                    f"{'; and '.join(changed)}. Re-run with the run's settings to finish it, "
+                    "or add --new-run to abandon it and start a new run; nothing was written"
+                )
+            store.set_state(conn, run.id, "running")
+            return run, True
+        run = store.create_run(
+            conn, kind="migrate", targets=pairs, targets_json=targets_json,
+            fingerprint=fingerprint, batch_size=settings.batch_size, key_id=settings.key_id,
+            key_arn=key_arn, region=settings.region, tool_version=__version__,
+        )
+        return run, False
+
+
+def migrate(
+    settings: Settings,
+    *,
+    engine: Engine,
+    kms: KMS,
+    dry_run: bool = False,
+    new_run: bool = False,
+    on_batch: BatchHook | None = None,
+) -> MigrateResult:
+    """Re-encrypt every Fernet value of the targets with KMS; resume an unfinished run.
+
+    With dry_run, the same reads, decrypts, KMS encrypts and verifies happen, and nothing
+    is written (the engine is read-only too, as a second guard).
+    """
+    started = time.monotonic()
+    bound = bind_targets(engine, settings.targets)
+    codec = FernetCodec(settings.fernet_keys)
+    check_keys_open_something(engine, bound, codec)
+    key = kms.describe()
+    result = MigrateResult(dry_run=dry_run)
+    log = get_logger(dry_run=dry_run, key_id=settings.key_id)
+
+    if dry_run:
+        positions: dict[tuple[str, str], store.Checkpoint | None] = {
+            (bt.name, c): None for bt in bound for c in bt.target.columns
+        }
+    else:
+        store.ensure_schema(engine)
+        targets_json = json.dumps([t.as_dict() for t in settings.targets], sort_keys=True)
+        run, result.resumed = _resume_or_start(engine, settings, key.arn, targets_json, new_run)
+        result.run_id = run.id
+        log = log.bind(run_id=run.id)
+        with engine.connect() as conn:
+            positions = dict(store.load_checkpoints(conn, run.id))
+    log.info("run_started", resumed=result.resumed, batch_size=settings.batch_size,
+             concurrency=settings.concurrency)
+
+    state = "stopped"
+    try:
+        for bt in bound:
+            for column in bt.target.columns:
+                summary = ColumnSummary(bt.name, column)
+                result.columns.append(summary)
+                ck = positions.get((bt.name, column))
+                if ck is not None:
+                    summary.add(BatchCounts(ck.migrated, ck.skipped, ck.already, ck.failed,
+                                            ck.conflicts))
+                    if ck.done:
+                        continue
+                after = bt.pk_value(ck.last_pk) if ck and ck.last_pk is not None else None
+                _migrate_column(engine, bt, column, after, settings, codec, kms, result,
+                                summary, log, on_batch)
+        state = "completed"
+    except KeyboardInterrupt:
+        state = "interrupted"
+        raise
+    except FatalKMSError as exc:
+        state = "stopped"
+        if result.run_id is not None:
+            _set_state_quietly(engine, result.run_id, state, str(exc))
+            result.run_id = None  # already recorded
+        raise
+    finally:
+        result.kms_requests, result.retries = kms.requests, kms.retries
+        result.seconds = time.monotonic() - started
+        if result.run_id is not None:
+            _set_state_quietly(engine, result.run_id, state, None)
+            if state == "completed":
+                with engine.connect() as conn:
+                    result.failures = store.failures_of(conn, result.run_id)
+        log.info("run_finished", state=state, seconds=round(result.seconds, 3),
+                 kms_requests=result.kms_requests, retries=result.retries)
+    return result
+
+
+def _migrate_column(
+    engine: Engine,
+    bt: BoundTarget,
+    column: str,
+    after: object,
+    settings: Settings,
+    codec: FernetCodec,
+    kms: KMS,
+    result: MigrateResult,
+    summary: ColumnSummary,
+    log: object,
+    on_batch: BatchHook | None,
+) -> None:
+    clog = log.bind(table=bt.name, column=column)  # type: ignore[attr-defined]
+    batch_no = 0
+    while True:
+        rows = fetch_batch(engine, bt, column, after, settings.batch_size)
+        done = len(rows) < settings.batch_size
+        batch_no += 1
+        rewrites, failures, counts = process_rows(rows, bt, column, codec, kms)
+        last_pk = rows[-1].pk if rows else None
+        if result.dry_run:
+            result.failures.extend(failures)
+        else:
+            assert result.run_id is not None
+            counts = apply_migrate_batch(
+                engine, bt, column, result.run_id, rewrites=rewrites, failures=failures,
+                counts=counts, last_pk=last_pk, done=done,
+            )
+        summary.add(counts)
+        clog.info("batch_committed" if not result.dry_run else "batch_checked", batch=batch_no,
+                  rows=len(rows), migrated=counts.migrated, skipped=counts.skipped,
+                  already=counts.already, failed=counts.failed, conflicts=counts.conflicts)
+        if on_batch is not None:
+            on_batch(bt.name, column, counts)
+        if done:
+            return
+        after = last_pk
+
+
+def _set_state_quietly(engine: Engine, run_id: int, state: str, note: str | None) -> None:
+    """Record how a run ended; a dead connection must not hide the original error."""
+    try:
+        with engine.begin() as conn:
+            store.set_state(conn, run_id, state, note=note)
+    except Exception:  # noqa: BLE001 - best effort: the run stays resumable either way
+        get_logger(run_id=run_id).warning("run_state_not_recorded", state=state)

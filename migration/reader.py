@@ -1,0 +1,120 @@
+"""Reads target columns in keyset-paginated batches (the "inspector": it never writes).
+
+``WHERE pk > :last ORDER BY pk LIMIT :n`` costs the same for every batch, and the last
+primary key of a committed batch is the checkpoint. Each batch is read in its own short
+transaction so no read lock is held while KMS works (SQLite writers would wait on it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Column, Connection, Engine, Integer, MetaData, String, Table, select
+from sqlalchemy.exc import NoSuchTableError
+
+from .config import Target
+from .errors import ConfigError
+
+__all__ = ["BoundTarget", "Row", "bind_target", "bind_targets", "fetch_batch"]
+
+
+@dataclass(frozen=True)
+class Row:
+    pk: Any
+    value: Any
+
+
+@dataclass(frozen=True)
+class BoundTarget:
+    """A target checked against the live schema: its reflected table and key column."""
+
+    target: Target
+    table: Table
+    pk_is_int: bool
+
+    @property
+    def name(self) -> str:
+        return self.target.table
+
+    @property
+    def pk(self) -> Column[Any]:
+        return self.table.c[self.target.primary_key]
+
+    def col(self, column: str) -> Column[Any]:
+        return self.table.c[column]
+
+    def pk_text(self, pk: Any) -> str:
+        """The primary key as stored in the bookkeeping tables."""
+        return str(pk)
+
+    def pk_value(self, text: str) -> Any:
+        """The primary key as the target table compares it."""
+        return int(text) if self.pk_is_int else text
+
+
+def bind_target(conn: Connection, target: Target) -> BoundTarget:
+    """Reflect one target and refuse it, before anything is written, unless it is usable."""
+    try:
+        table = Table(target.table, MetaData(), autoload_with=conn)
+    except NoSuchTableError:
+        raise ConfigError(
+            f"table {target.table} does not exist in this database: check --db and the "
+            "targets (--config)"
+        ) from None
+    pk_cols = list(table.primary_key.columns)
+    if not pk_cols:
+        raise ConfigError(
+            f"table {target.table} has no primary key: kms-migrate pages by a single-column "
+            "primary key; add one, or leave this table out of --config"
+        )
+    if len(pk_cols) > 1:
+        names = ", ".join(c.name for c in pk_cols)
+        raise ConfigError(
+            f"table {target.table} has a composite primary key ({names}): kms-migrate needs a "
+            "single-column integer or text primary key"
+        )
+    if pk_cols[0].name != target.primary_key:
+        raise ConfigError(
+            f"table {target.table}'s primary key is {pk_cols[0].name}, not "
+            f"{target.primary_key}: fix primary_key in --config"
+        )
+    pk_type = pk_cols[0].type
+    if isinstance(pk_type, Integer):
+        pk_is_int = True
+    elif isinstance(pk_type, String):
+        pk_is_int = False
+    else:
+        raise ConfigError(
+            f"table {target.table}'s primary key {target.primary_key} is {pk_type}, not an "
+            "integer or text: kms-migrate cannot page by it"
+        )
+    for column in target.columns:
+        if column not in table.c:
+            raise ConfigError(
+                f"column {target.table}.{column} does not exist: fix the columns of "
+                f"{target.table} in --config"
+            )
+        if not isinstance(table.c[column].type, String):
+            raise ConfigError(
+                f"column {target.table}.{column} is {table.c[column].type}, not text: "
+                "kms-migrate rewrites text columns holding Fernet tokens"
+            )
+    return BoundTarget(target=target, table=table, pk_is_int=pk_is_int)
+
+
+def bind_targets(engine: Engine, targets: Sequence[Target]) -> list[BoundTarget]:
+    with engine.connect() as conn:
+        return [bind_target(conn, t) for t in targets]
+
+
+def fetch_batch(
+    engine: Engine, bt: BoundTarget, column: str, after: Any | None, limit: int
+) -> list[Row]:
+    """The next `limit` rows of one column, in primary-key order, after key `after`."""
+    q = select(bt.pk, bt.col(column)).order_by(bt.pk).limit(limit)
+    if after is not None:
+        q = q.where(bt.pk > after)
+    with engine.connect() as conn:
+        return [Row(pk, value) for pk, value in conn.execute(q)]

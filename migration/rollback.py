@@ -1,0 +1,164 @@
+"""Replays the journal back: every value the tool migrated gets its original token again.
+
+Batch by batch, with the mirror compare-and-swap (``WHERE col = :migrated_value``), each
+batch committing its restores, the journal status changes and its checkpoint together.
+No KMS call and no Fernet key is needed: the journal holds the exact original bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+from sqlalchemy import Engine, select
+
+from checkpoints import store
+from checkpoints.store import FailureRow
+from checkpoints.tables import journal
+
+from . import __version__
+from .applier import apply_rollback_batch
+from .config import Target
+from .errors import ConfigError
+from .logs import get_logger
+from .migrator import ColumnSummary
+from .reader import BoundTarget, bind_target
+
+__all__ = ["RollbackResult", "rollback"]
+
+
+@dataclass
+class RollbackResult:
+    run_id: int | None = None
+    resumed: bool = False
+    columns: list[ColumnSummary] = field(default_factory=list)
+    failures: list[FailureRow] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def restored(self) -> int:
+        return sum(c.migrated for c in self.columns)
+
+    @property
+    def conflicts(self) -> int:
+        return sum(c.conflicts for c in self.columns)
+
+
+def _pending_targets(engine: Engine) -> list[tuple[str, str]]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(journal.c.table_name, journal.c.column_name)
+            .where(journal.c.status == "migrated").distinct()
+            .order_by(journal.c.table_name, journal.c.column_name)
+        ).all()
+    return [(t, c) for t, c in rows]
+
+
+def rollback(engine: Engine, *, batch_size: int = 500) -> RollbackResult:
+    """Restore the original token of every migrated value not yet rolled back; resumable."""
+    started = time.monotonic()
+    result = RollbackResult()
+    with engine.connect() as conn:
+        present = store.schema_present(conn)
+    if not present:
+        raise ConfigError(
+            "nothing to roll back: this database has no kms-migrate journal (no migrate run "
+            "has written to it); check --db"
+        )
+    store.ensure_schema(engine)
+    with engine.begin() as conn:
+        run = store.unfinished_run(conn, "rollback")
+        if run is not None:
+            store.set_state(conn, run.id, "running")
+            result.resumed = True
+        pending_mig = store.unfinished_run(conn, "migrate")
+        if pending_mig is not None:
+            # Its checkpoint would skip the rows restored now: a later migrate starts afresh.
+            store.set_state(conn, pending_mig.id, "abandoned",
+                            note="abandoned by a rollback; the next migrate starts a new run")
+    if run is None:
+        pairs = _pending_targets(engine)
+        with engine.begin() as conn:
+            run = store.create_run(
+                conn, kind="rollback", targets=pairs,
+                targets_json=json.dumps([{"table": t, "columns": [c]} for t, c in pairs]),
+                fingerprint="journal", batch_size=batch_size, tool_version=__version__,
+            )
+    result.run_id = run.id
+    log = get_logger(run_id=run.id, kind="rollback")
+    log.info("run_started", resumed=result.resumed)
+    with engine.connect() as conn:
+        positions = store.load_checkpoints(conn, run.id)
+
+    bound: dict[str, BoundTarget] = {}
+    state = "stopped"
+    try:
+        for (table, column), ck in sorted(positions.items()):
+            summary = ColumnSummary(table, column, migrated=ck.migrated, conflicts=ck.conflicts)
+            result.columns.append(summary)
+            if ck.done:
+                continue
+            if table not in bound:
+                pk_name = _pk_name(engine, table)
+                with engine.connect() as conn:
+                    bound[table] = bind_target(conn, Target(table, pk_name, (column,)))
+            bt = bound[table]
+            after = int(ck.last_pk) if ck.last_pk is not None else 0
+            batch_no = 0
+            while True:
+                with engine.connect() as conn:
+                    entries = [
+                        (int(r.id), r.pk, r.original, r.migrated)
+                        for r in conn.execute(
+                            select(journal.c.id, journal.c.pk, journal.c.original,
+                                   journal.c.migrated)
+                            .where(journal.c.table_name == table,
+                                   journal.c.column_name == column,
+                                   journal.c.status == "migrated", journal.c.id > after)
+                            .order_by(journal.c.id).limit(batch_size)
+                        )
+                    ]
+                done = len(entries) < batch_size
+                if bt.target.columns != (column,):
+                    bt = BoundTarget(Target(table, bt.target.primary_key, (column,)),
+                                     bt.table, bt.pk_is_int)
+                counts = apply_rollback_batch(engine, bt, column, run.id, entries, done=done)
+                summary.add(counts)
+                batch_no += 1
+                log.info("batch_committed", table=table, column=column, batch=batch_no,
+                         restored=counts.migrated, conflicts=counts.conflicts)
+                if done:
+                    break
+                after = entries[-1][0]
+        state = "completed"
+    except KeyboardInterrupt:
+        state = "interrupted"
+        raise
+    finally:
+        result.seconds = time.monotonic() - started
+        try:
+            with engine.begin() as conn:
+                store.set_state(conn, run.id, state)
+        except Exception:  # noqa: BLE001 - best effort; the run stays resumable
+            log.warning("run_state_not_recorded", state=state)
+        log.info("run_finished", state=state, seconds=round(result.seconds, 3))
+    with engine.connect() as conn:
+        result.failures = store.failures_of(conn, run.id)
+    return result
+
+
+def _pk_name(engine: Engine, table: str) -> str:
+    from sqlalchemy import inspect
+
+    with engine.connect() as conn:
+        insp = inspect(conn)
+        if not insp.has_table(table):
+            raise ConfigError(
+                f"the journal names table {table}, which no longer exists: restore it or "
+                "check --db; nothing was written"
+            )
+        cols = insp.get_pk_constraint(table).get("constrained_columns") or []
+    if len(cols) != 1:
+        raise ConfigError(f"table {table} no longer has a single-column primary key")
+    return str(cols[0])
