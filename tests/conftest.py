@@ -1,0 +1,250 @@
+"""Shared fixtures: Fernet keys, moto KMS (in-process and server mode), SQLite and a real
+PostgreSQL server that the suite starts itself (initdb into a temporary folder, run as an
+unprivileged user when the suite runs as root).
+
+When no PostgreSQL binaries are found the PostgreSQL tests skip with the reason, except
+under CI=true, where a missing server fails the run.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from cryptography.fernet import Fernet
+from sqlalchemy import create_engine, text
+
+# Never let a test reach real AWS: fake credentials, no profile, a fixed region.
+for _var in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
+             "AWS_ENDPOINT_URL_KMS", "AWS_KMS_KEY_ID", "DATABASE_URL", "ENCRYPTION_KEY",
+             "ENCRYPTION_KEY_LEGACY"):
+    os.environ.pop(_var, None)
+os.environ["AWS_ACCESS_KEY_ID"] = "testing"
+os.environ["AWS_SECRET_ACCESS_KEY"] = "testing-secret-never-printed"
+os.environ["AWS_REGION"] = "us-east-1"
+os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
+os.environ["AWS_CONFIG_FILE"] = os.devnull
+os.environ["AWS_SHARED_CREDENTIALS_FILE"] = os.devnull
+
+REPO = Path(__file__).resolve().parent.parent
+ALIAS = "alias/coinflip-master-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# -- Fernet ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Keys:
+    current: str
+    legacy: str
+
+    def env(self) -> dict[str, str]:
+        return {"ENCRYPTION_KEY": self.current, "ENCRYPTION_KEY_LEGACY": self.legacy}
+
+
+@pytest.fixture
+def keys() -> Keys:
+    return Keys(Fernet.generate_key().decode(), Fernet.generate_key().decode())
+
+
+# -- KMS in-process (moto) ------------------------------------------------------------------
+
+@dataclass
+class KmsHandle:
+    client: Any
+    key_id: str
+    arn: str
+    region: str = "us-east-1"
+
+    def decrypt_text(self, stored: str) -> str:
+        import base64
+
+        blob = base64.b64decode(stored.encode())
+        return str(self.client.decrypt(CiphertextBlob=blob)["Plaintext"].decode())
+
+
+def _make_key(client: Any, alias: str = ALIAS) -> KmsHandle:
+    meta = client.create_key(Description="kms-migrate test key",
+                             KeyUsage="ENCRYPT_DECRYPT")["KeyMetadata"]
+    client.create_alias(AliasName=alias, TargetKeyId=meta["KeyId"])
+    return KmsHandle(client, meta["KeyId"], meta["Arn"])
+
+
+@pytest.fixture
+def kms() -> Iterator[KmsHandle]:
+    """moto's KMS in this process, with alias/coinflip-master-key ready."""
+    from moto import mock_aws
+
+    with mock_aws():
+        yield _make_key(boto3.client("kms", region_name="us-east-1"))
+
+
+# -- KMS server mode (moto_server in a subprocess), for CLI subprocess tests --------------
+
+@dataclass
+class MotoServer:
+    url: str
+
+    def reset(self) -> None:
+        req = urllib.request.Request(f"{self.url}/moto-api/reset", method="POST")
+        urllib.request.urlopen(req, timeout=10).read()
+
+    def client(self) -> Any:
+        return boto3.client("kms", region_name="us-east-1", endpoint_url=self.url)
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[MotoServer]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/moto-api/", timeout=1).read()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("moto server did not start") from None
+            time.sleep(0.1)
+    try:
+        yield MotoServer(url)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
+def server_kms(moto_server: MotoServer) -> KmsHandle:
+    """A fresh key (alias/coinflip-master-key) on the moto server."""
+    moto_server.reset()
+    return _make_key(moto_server.client())
+
+
+@pytest.fixture
+def cli_env(moto_server: MotoServer, keys: Keys) -> dict[str, str]:
+    """Environment for running the real CLI against the moto server."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    env.update(keys.env())
+    env["AWS_ENDPOINT_URL_KMS"] = moto_server.url
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def kms_migrate_bin() -> str:
+    exe = Path(sys.executable).parent / "kms-migrate"
+    return str(exe) if exe.exists() else "kms-migrate"
+
+
+# -- PostgreSQL -----------------------------------------------------------------------------
+
+def _pg_bindir() -> Path | None:
+    candidates: list[str] = []
+    if shutil.which("pg_config"):
+        out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True)
+        candidates.append(out.stdout.strip())
+    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
+    if shutil.which("initdb"):
+        candidates.append(str(Path(shutil.which("initdb") or "").resolve().parent))
+    for c in candidates:
+        if c and (Path(c) / "initdb").exists() and (Path(c) / "pg_ctl").exists():
+            return Path(c)
+    return None
+
+
+@dataclass
+class PgServer:
+    port: int
+    admin_url: str
+
+    def new_database(self) -> str:
+        name = f"t_{uuid.uuid4().hex[:12]}"
+        eng = create_engine(self.admin_url, isolation_level="AUTOCOMMIT")
+        with eng.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        eng.dispose()
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}"
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    bindir = _pg_bindir()
+    if bindir is None:
+        msg = "no PostgreSQL server binaries (initdb, pg_ctl) found"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{msg}; CI requires them (.ci/run installs postgresql)")
+        pytest.skip(msg)
+    tmp = Path(tempfile.mkdtemp(prefix="kms-migrate-pg-"))
+    data, sock = tmp / "data", tmp / "sock"
+    sock.mkdir()
+    run_as: dict[str, Any] = {}
+    if os.geteuid() == 0:
+        user = pwd.getpwnam("nobody")
+        for p in (tmp, sock):
+            os.chown(p, user.pw_uid, user.pw_gid)
+        run_as = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+    port = free_port()
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C"}
+    subprocess.run(
+        [str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
+         "-E", "UTF8", "--no-sync"],
+        check=True, capture_output=True, env=env, cwd=tmp, **run_as,
+    )
+    opts = (f"-c listen_addresses=127.0.0.1 -p {port} -k {sock} -c fsync=off "
+            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
+    subprocess.run(
+        [str(bindir / "pg_ctl"), "-D", str(data), "-o", opts, "-l", str(tmp / "log"),
+         "-w", "-t", "60", "start"],
+        check=True, capture_output=True, env=env, cwd=tmp, **run_as,
+    )
+    try:
+        yield PgServer(port, f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres")
+    finally:
+        subprocess.run([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True, env=env, cwd=tmp, **run_as)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- databases ------------------------------------------------------------------------------
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'coinflip.db'}"
+
+
+@pytest.fixture
+def pg_url(pg_server: PgServer) -> str:
+    return pg_server.new_database()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each test using this runs twice: on a SQLite file and on the real PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'coinflip.db'}"
+    server: PgServer = request.getfixturevalue("pg_server")
+    return server.new_database()
