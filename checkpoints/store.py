@@ -183,15 +183,13 @@ def create_run(
             started_at=ts, updated_at=ts,
         )
     ).inserted_primary_key[0]
-    conn.execute(
-        insert(checkpoints),
-        [
+    if targets:
+        conn.execute(insert(checkpoints), [
             dict(run_id=run_id, table_name=t, column_name=c, last_pk=None, done=False,
                  batches=0, migrated=0, skipped=0, already=0, failed=0, conflicts=0,
                  updated_at=ts)
             for t, c in targets
-        ],
-    )
+        ])
     run = get_run(conn, int(run_id))
     assert run is not None
     return run

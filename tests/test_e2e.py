@@ -1,0 +1,358 @@
+"""End-to-end: the real `kms-migrate` CLI in a subprocess against moto's KMS server mode.
+
+These tests kill the tool with SIGKILL and SIGINT in the middle of a migrate and of a
+rollback, and check the design's invariants on every target cell after each crash:
+
+* a target value is always either its original Fernet token (byte for byte) or a KMS
+  ciphertext of the same plaintext;
+* every value the tool rewrote has a journal row holding its original token and the value
+  now stored (committed with the rewrite);
+* a resumed run finishes the job without re-encrypting anything twice, the application's
+  own ``decrypt_secret`` (the guide's) reads every migrated value, and a rollback puts back
+  every original byte;
+* no plaintext, Fernet key or AWS secret ever reaches stdout, stderr or a bookkeeping table.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+import signal
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, create_engine, inspect, text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.pool import NullPool
+
+from helpers import Cell, make_db, snapshot
+from migration.sample import SampleSecrets
+
+from conftest import Keys, KmsHandle, MotoServer, kms_migrate_bin
+
+pytestmark = pytest.mark.e2e
+
+ROWS = 200  # users and wagers each: 800 target cells, ~730 good secrets, 3 bad on purpose
+AWS_SECRET = "testing-secret-never-printed"
+POLL_SECONDS = 0.005
+KILL_DEADLINE = 60.0
+
+
+# -- running the CLI ------------------------------------------------------------------------
+
+@dataclass
+class Outputs:
+    """Every stdout and stderr the CLI produced in one test, for the leak check."""
+
+    texts: list[str] = field(default_factory=list)
+
+    def add(self, *chunks: str) -> None:
+        self.texts.extend(chunks)
+
+
+@dataclass
+class Done:
+    rc: int
+    out: str
+    err: str
+
+
+class Running:
+    """A CLI process whose stdout/stderr go to files (a pipe could fill up and stall it)."""
+
+    def __init__(self, args: list[str], env: dict[str, str], workdir: Path, outputs: Outputs):
+        n = len(list(workdir.glob("cli-*.out")))
+        self.out_path = workdir / f"cli-{n}.out"
+        self.err_path = workdir / f"cli-{n}.err"
+        self.outputs = outputs
+        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
+            self.proc = subprocess.Popen(
+                [kms_migrate_bin(), *args], env=env, stdout=out, stderr=err,
+                stdin=subprocess.DEVNULL,
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def finished(self) -> bool:
+        return self.proc.poll() is not None
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.proc.pid, sig)
+
+    def wait(self, timeout: float = 60) -> Done:
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+        done = Done(rc, self.out_path.read_text(), self.err_path.read_text())
+        self.outputs.add(done.out, done.err)
+        return done
+
+    def kill(self) -> Done:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        return self.wait()
+
+
+@pytest.fixture
+def outputs() -> Outputs:
+    return Outputs()
+
+
+@pytest.fixture
+def cli(cli_env: dict[str, str], tmp_path: Path, outputs: Outputs) -> Iterator[Any]:
+    """cli.start(args, env=None) -> Running; cli.run(args, env=None) -> Done."""
+    workdir = tmp_path / "cli"
+    workdir.mkdir()
+    started: list[Running] = []
+
+    class Cli:
+        def start(self, args: list[str], env: dict[str, str] | None = None) -> Running:
+            r = Running(args, env or cli_env, workdir, outputs)
+            started.append(r)
+            return r
+
+        def run(self, args: list[str], env: dict[str, str] | None = None,
+                timeout: float = 60) -> Done:
+            return self.start(args, env).wait(timeout)
+
+    yield Cli()
+    for r in started:  # never leave a process behind, whatever happened
+        if r.proc.poll() is None:
+            r.proc.kill()
+            r.proc.wait()
+
+
+# -- reading the database from the test ---------------------------------------------------
+
+def poll_engine(url: str) -> Engine:
+    """An engine whose every connection is short-lived (NullPool): for SQLite, a poll holds
+    its shared lock only for the one SELECT, so the tool's writers barely wait on it."""
+    return create_engine(url, poolclass=NullPool)
+
+
+def scalar(engine: Engine, sql: str, **params: Any) -> Any:
+    """One value, or None while the bookkeeping tables do not exist yet."""
+    try:
+        with engine.connect() as conn:
+            return conn.execute(text(sql), params).scalar()
+    except DBAPIError:
+        return None
+
+
+def wait_until(running: Running, what: str, cond: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + KILL_DEADLINE
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        if running.finished():
+            done = running.wait()
+            pytest.fail(f"the CLI exited (rc={done.rc}) before {what}:\n{done.out}\n{done.err}")
+        time.sleep(POLL_SECONDS)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    run_id: int
+    cell: Cell
+    original: str
+    migrated: str
+    status: str
+
+
+def journal_entries(engine: Engine) -> list[JournalEntry]:
+    with engine.connect() as conn:
+        rows = conn.execute(text(
+            "SELECT run_id, table_name, pk, column_name, original, migrated, status "
+            "FROM kms_migrate_journal ORDER BY id"
+        )).all()
+    return [JournalEntry(r[0], (r[1], r[2], r[3]), r[4], r[5], r[6]) for r in rows]
+
+
+def runs_of(engine: Engine) -> list[tuple[int, str, str]]:
+    with engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(text(  # type: ignore[misc]
+            "SELECT id, kind, state FROM kms_migrate_runs ORDER BY id")).all()]
+
+
+def kms_tables(engine: Engine) -> list[str]:
+    with engine.connect() as conn:
+        return sorted(t for t in inspect(conn).get_table_names() if t.startswith("kms_migrate_"))
+
+
+def dump_bookkeeping(engine: Engine) -> str:
+    """Every row of every kms_migrate_* table, as text."""
+    parts: list[str] = []
+    with engine.connect() as conn:
+        for t in kms_tables(engine):
+            parts.append(f"== {t}")
+            for row in conn.execute(text(f'SELECT * FROM "{t}"')):
+                parts.append(" | ".join(map(str, row)))
+    return "\n".join(parts)
+
+
+# -- the invariants -------------------------------------------------------------------------
+
+def kms_decrypt_all(kms: KmsHandle, stored: Iterable[str]) -> dict[str, str | None]:
+    """Decrypt every stored text with the moto server (None when it is not a ciphertext)."""
+
+    def one(s: str) -> str | None:
+        try:
+            blob = base64.b64decode(s.encode(), validate=True)
+        except (binascii.Error, ValueError):
+            return None
+        try:
+            return str(kms.client.decrypt(CiphertextBlob=blob)["Plaintext"].decode())
+        except Exception:  # noqa: BLE001 - anything KMS refuses is "not a ciphertext"
+            return None
+
+    values = sorted(set(stored))
+    with ThreadPoolExecutor(8) as pool:
+        return dict(zip(values, pool.map(one, values), strict=True))
+
+
+def check_invariant(engine: Engine, url: str, before: dict[Cell, Any], truth: SampleSecrets,
+                    kms: KmsHandle) -> tuple[int, list[JournalEntry]]:
+    """Every cell is its original token or a KMS ciphertext of the same plaintext, and every
+    changed cell has a journal row (original -> current value). Returns the changed count."""
+    now = snapshot(url)
+    assert now.keys() == before.keys(), "rows appeared or disappeared"
+    entries = journal_entries(engine)
+    journal_by_cell: dict[Cell, list[JournalEntry]] = {}
+    for e in entries:
+        journal_by_cell.setdefault(e.cell, []).append(e)
+    changed = {cell: v for cell, v in now.items() if v != before[cell]}
+    plain = kms_decrypt_all(kms, [v for v in changed.values() if isinstance(v, str)])
+    for cell, value in changed.items():
+        assert cell in truth.plaintexts, f"{cell} was not a good secret but changed"
+        assert isinstance(value, str) and not value.startswith("gAAAAA"), (
+            f"{cell} holds neither its original token nor a KMS ciphertext")
+        assert plain[value] == truth.plaintexts[cell], (
+            f"{cell} holds a value that does not decrypt to its plaintext")
+        assert any(e.original == before[cell] and e.migrated == value
+                   for e in journal_by_cell.get(cell, [])), (
+            f"{cell} was rewritten without a journal row holding its original token")
+    # A journal row marked rolled back means the original is back in place.
+    for e in entries:
+        if e.status == "rolled_back":
+            assert now[e.cell] == e.original, f"{e.cell} marked rolled back but not restored"
+        assert e.original == before[e.cell], f"journal original of {e.cell} is not the original"
+    return len(changed), entries
+
+
+def assert_no_leaks(texts: Iterable[str], dump: str, truth: SampleSecrets, keys: Keys) -> None:
+    needles = {"AWS secret access key": AWS_SECRET, "ENCRYPTION_KEY": keys.current,
+               "ENCRYPTION_KEY_LEGACY": keys.legacy}
+    needles.update({f"plaintext of {cell}": p for cell, p in truth.plaintexts.items()})
+    haystacks = {f"CLI output #{i}": t for i, t in enumerate(texts)}
+    haystacks["bookkeeping tables"] = dump
+    for where, hay in haystacks.items():
+        for what, needle in needles.items():
+            assert needle not in hay, f"{what} leaked into {where}"
+
+
+# -- test 1: SIGKILL mid-migrate and mid-rollback ------------------------------------------
+
+def test_sigkill_mid_migrate_and_mid_rollback(
+    db_url: str, keys: Keys, server_kms: KmsHandle, moto_server: MotoServer, cli: Any,
+    outputs: Outputs, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url = db_url
+    truth = make_db(url, ROWS, keys.current, keys.legacy, bad_values=True)
+    assert len(truth.bad) == 3 and truth.empty and truth.plaintexts
+    before = snapshot(url)
+    eng = poll_engine(url)
+    common = ["--db", url, "--yes", "--batch-size", "5", "--log-level", "debug"]
+
+    # 1. migrate, SIGKILLed once some batches committed and before the run finished.
+    mig = cli.start(["migrate", *common, "--concurrency", "4"])
+    wait_until(mig, "the first journal rows were committed",
+               lambda: (scalar(eng, "SELECT count(*) FROM kms_migrate_journal") or 0) > 0)
+    mig.signal(signal.SIGKILL)
+    killed = mig.wait()
+    assert killed.rc == -signal.SIGKILL
+    assert [(k, s) for _, k, s in runs_of(eng)] == [("migrate", "running")], (
+        "the run finished before the kill: nothing was tested")
+    changed, entries = check_invariant(eng, url, before, truth, server_kms)
+    assert 0 < changed < len(truth.plaintexts)
+    assert len(entries) == changed  # exactly one journal row per rewritten value so far
+
+    # 2. migrate again: resumes, finishes, lists the bad values, exit 1.
+    res = cli.run(["migrate", *common, "--concurrency", "4"])
+    assert res.rc == 1, res.err
+    assert "Traceback" not in res.err
+    assert "(resumed)" in res.out
+    assert f"Failed values ({len(truth.bad)}), left untouched:" in res.out
+    for table, pk, column in truth.bad:
+        assert f"  {table} pk={pk} {column}: " in res.out
+    assert [(k, s) for _, k, s in runs_of(eng)] == [("migrate", "completed")]
+
+    after = snapshot(url)
+    for cell, value in after.items():
+        if cell not in truth.plaintexts:  # bad, NULL and empty values are untouched
+            assert value == before[cell], f"{cell} should have been left alone"
+    # The application's own decrypt_secret (the guide's) reads every migrated value.
+    monkeypatch.setenv("USE_AWS_KMS", "true")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_KMS", moto_server.url)
+    monkeypatch.delenv("AWS_KMS_KEY_ID", raising=False)
+    from guide_kms_encryption import decrypt_secret
+
+    for cell, plaintext in truth.plaintexts.items():
+        assert after[cell] != before[cell], f"{cell} was not migrated"
+        assert decrypt_secret(after[cell]) == plaintext, f"{cell} decrypts to something else"
+    # Nothing was re-encrypted twice: one journal row per migrated cell, no other.
+    entries = journal_entries(eng)
+    per_cell = Counter(e.cell for e in entries if e.status == "migrated")
+    assert set(per_cell) == set(truth.plaintexts)
+    assert max(per_cell.values()) == 1
+    assert len(entries) == len(truth.plaintexts)
+    assert all(e.migrated == after[e.cell] and e.original == before[e.cell] for e in entries)
+    fails = Counter(scalar_rows(eng, "SELECT table_name, pk, column_name "
+                                     "FROM kms_migrate_failures"))
+    assert set(fails) == set(truth.bad) and max(fails.values()) == 1
+
+    # 3. rollback, SIGKILLed once some values were restored and before it finished.
+    rb = cli.start(["rollback", *common])
+    wait_until(rb, "the first journal rows were rolled back", lambda: (scalar(
+        eng, "SELECT count(*) FROM kms_migrate_journal WHERE status = 'rolled_back'") or 0) > 0)
+    rb.signal(signal.SIGKILL)
+    killed = rb.wait()
+    assert killed.rc == -signal.SIGKILL
+    assert [(k, s) for _, k, s in runs_of(eng)] == [("migrate", "completed"),
+                                                     ("rollback", "running")], (
+        "the rollback finished before the kill: nothing was tested")
+    changed, entries = check_invariant(eng, url, before, truth, server_kms)
+    restored = sum(e.status == "rolled_back" for e in entries)
+    assert 0 < restored < len(truth.plaintexts)
+    assert changed == len(truth.plaintexts) - restored
+
+    # 4. rollback again: resumes, finishes, and every byte is back.
+    res = cli.run(["rollback", *common])
+    assert res.rc == 0, res.err
+    assert "(resumed)" in res.out
+    assert snapshot(url) == before
+    assert {e.status for e in journal_entries(eng)} == {"rolled_back"}
+
+    dump = dump_bookkeeping(eng)
+    assert before[next(iter(truth.plaintexts))] in dump  # the dump really holds the journal
+    assert_no_leaks(outputs.texts, dump, truth, keys)
+    eng.dispose()
+
+
+def scalar_rows(engine: Engine, sql: str) -> list[tuple[Any, ...]]:
+    with engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(text(sql)).all()]
