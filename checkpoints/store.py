@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, func, inspect, insert, select, update
+from sqlalchemy import Connection, Engine, func, insert, inspect, select, update
 
 from .tables import VERSION_TABLE, checkpoints, failures, journal, runs
 
@@ -59,8 +59,9 @@ def now() -> datetime:
 
 def ensure_schema(engine: Engine) -> None:
     """Create or upgrade the bookkeeping tables to the newest revision (idempotent)."""
-    from alembic import command
     from alembic.config import Config
+
+    from alembic import command
 
     cfg = Config()
     cfg.set_main_option("script_location", str(_alembic_dir()))
@@ -175,14 +176,16 @@ def create_run(
 ) -> Run:
     """Insert a run in state `running` and a zeroed checkpoint per (table, column)."""
     ts = now()
-    run_id = conn.execute(
+    inserted = conn.execute(
         insert(runs).values(
             kind=kind, state="running", key_id=key_id, key_arn=key_arn, region=region,
             targets_json=targets_json, targets_fingerprint=fingerprint, batch_size=batch_size,
             host=socket.gethostname(), pid=os.getpid(), tool_version=tool_version,
             started_at=ts, updated_at=ts,
         )
-    ).inserted_primary_key[0]
+    ).inserted_primary_key
+    assert inserted is not None
+    run_id = int(inserted[0])
     if targets:
         conn.execute(insert(checkpoints), [
             dict(run_id=run_id, table_name=t, column_name=c, last_pk=None, done=False,
@@ -190,7 +193,7 @@ def create_run(
                  updated_at=ts)
             for t, c in targets
         ])
-    run = get_run(conn, int(run_id))
+    run = get_run(conn, run_id)
     assert run is not None
     return run
 

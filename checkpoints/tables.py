@@ -20,7 +20,7 @@ from sqlalchemy import (
     Text,
 )
 
-__all__ = ["checkpoints", "failures", "journal", "metadata", "runs", "VERSION_TABLE"]
+__all__ = ["VERSION_TABLE", "checkpoints", "failures", "journal", "metadata", "runs"]
 
 VERSION_TABLE = "kms_migrate_alembic_version"
 

@@ -16,6 +16,7 @@ from sqlalchemy import Engine, update
 
 from checkpoints import store
 from checkpoints.store import BatchCounts, FailureRow, JournalRow
+from checkpoints.tables import journal
 
 from .reader import BoundTarget
 
@@ -85,10 +86,6 @@ def apply_rollback_batch(
     The CAS is the mirror of migrate's: put the original back only where the column still
     holds exactly the value the tool wrote.
     """
-    from sqlalchemy import update as sa_update
-
-    from checkpoints.tables import journal
-
     restored = 0
     failures: list[FailureRow] = []
     ts = store.now()
@@ -105,7 +102,7 @@ def apply_rollback_batch(
                     "value changed since kms-migrate wrote it; left as it is",
                 ))
             conn.execute(
-                sa_update(journal).where(journal.c.id == jid)
+                update(journal).where(journal.c.id == jid)
                 .values(status=status, rollback_run_id=run_id, rolled_back_at=ts)
             )
         counts = BatchCounts(migrated=restored, conflicts=len(failures))

@@ -73,7 +73,8 @@ def _target_options(f: F) -> F:
     f = click.option("--batch-size", type=click.IntRange(1, 100_000), default=DEFAULT_BATCH_SIZE,
                      show_default=True, help="Rows per batch (one transaction each).")(f)
     f = click.option("--region", metavar="R",
-                     help=f"AWS region of the key (default: $AWS_REGION, else {DEFAULT_REGION}).")(f)
+                     help=f"AWS region of the key (default: $AWS_REGION, else "
+                          f"{DEFAULT_REGION}).")(f)
     f = click.option("--key-id", metavar="KEY",
                      help="KMS key id, ARN or alias (default: $AWS_KMS_KEY_ID, else "
                           f"{DEFAULT_KEY_ID}).")(f)
@@ -109,7 +110,9 @@ def _setup_logging(opts: dict[str, Any]) -> None:
         try:
             stream = open(opts["log_file"], "a", encoding="utf-8", buffering=1)  # noqa: SIM115
         except OSError as exc:
-            raise ConfigError(f"cannot open --log-file {opts['log_file']}: {exc.strerror}") from None
+            raise ConfigError(
+                f"cannot open --log-file {opts['log_file']}: {exc.strerror}"
+            ) from None
     configure_logging(opts.get("log_level") or "warning", opts.get("log_format") or "console",
                       stream)
 
@@ -161,6 +164,11 @@ def print_migrate(result: MigrateResult, settings: Settings) -> None:
     click.echo(_table(["column", first, "skipped", "already kms", "failed", "conflicts"], rows))
     click.echo(f"KMS requests: {result.kms_requests} (retries: {result.retries}); "
                f"{result.seconds:.2f} s")
+    if result.dry_run:
+        todo = sum(c.migrated for c in result.columns)
+        click.echo(f"A real run would migrate {todo} value(s) with about {2 * todo + 1} KMS "
+                   "requests (Encrypt + verifying Decrypt per value, one DescribeKey), "
+                   f"and leave {result.failed} failed value(s) untouched.")
     if result.conflicts:
         click.echo(f"{result.conflicts} value(s) changed by the application while being migrated "
                    "were left as written; run migrate again to pick them up.")

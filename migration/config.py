@@ -18,11 +18,11 @@ from pathlib import Path
 from .errors import ConfigError
 
 __all__ = [
+    "COINFLIP_TARGETS",
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_CONCURRENCY",
     "DEFAULT_KEY_ID",
     "DEFAULT_REGION",
-    "COINFLIP_TARGETS",
     "Settings",
     "Target",
     "fernet_keys_from_env",

@@ -17,7 +17,7 @@ import hmac
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -275,7 +275,8 @@ class KMS:
                 with attempt:
                     with self._lock:
                         self.requests += 1
-                    return self._classify(op, method, params)
+                    response: dict[str, Any] = self._classify(op, method, params)
+                    return response
         except TransientKMSError as exc:
             raise FatalKMSError(
                 f"KMS kept failing with {exc} on key {self.key_id} after "
@@ -360,14 +361,3 @@ def _message(code: str, op: str, key: str, region: str) -> str:
         )
     return f"KMS refused {op} on key {key} in {region} ({code}): fix the cause, then {tail}"
 
-
-def iter_chunks(items: Iterable[T], size: int) -> Iterable[list[T]]:
-    """Split an iterable into lists of at most `size` items."""
-    chunk: list[T] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk

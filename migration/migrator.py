@@ -26,7 +26,7 @@ from .kms import KMS
 from .logs import get_logger
 from .reader import BoundTarget, Row, bind_targets, fetch_batch
 
-__all__ = ["ColumnSummary", "MigrateResult", "migrate", "REASON_NO_KEY", "REASON_OVERSIZE"]
+__all__ = ["REASON_NO_KEY", "REASON_OVERSIZE", "ColumnSummary", "MigrateResult", "migrate"]
 
 REASON_NO_KEY = (
     "no Fernet key opens this token (corrupt, or made with a key that is in neither "
@@ -304,5 +304,5 @@ def _set_state_quietly(engine: Engine, run_id: int, state: str, note: str | None
     try:
         with engine.begin() as conn:
             store.set_state(conn, run_id, state, note=note)
-    except Exception:  # noqa: BLE001 - best effort: the run stays resumable either way
+    except Exception:  # best effort: the run stays resumable either way
         get_logger(run_id=run_id).warning("run_state_not_recorded", state=state)

@@ -140,7 +140,7 @@ def rollback(engine: Engine, *, batch_size: int = 500) -> RollbackResult:
         try:
             with engine.begin() as conn:
                 store.set_state(conn, run.id, state)
-        except Exception:  # noqa: BLE001 - best effort; the run stays resumable
+        except Exception:  # best effort; the run stays resumable
             log.warning("run_state_not_recorded", state=state)
         log.info("run_finished", state=state, seconds=round(result.seconds, 3))
     with engine.connect() as conn:

@@ -87,7 +87,7 @@ def _remaining(conn: Any, table: str, pk: str | None, column: str, last: str | N
         return None
     try:
         bt = bind_target(conn, Target(table, pk, (column,)))
-    except Exception:  # noqa: BLE001 - status reports what it can
+    except Exception:  # status reports what it can
         return None
     q = select(func.count()).select_from(bt.table)
     if last is not None:
