@@ -108,3 +108,20 @@ failures = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Index(None, "run_id"),
 )
+
+# The run lock: one row while a migrate or rollback writes. Taken with an INSERT (the
+# primary key makes it exclusive), taken over from a dead holder with a compare-and-swap
+# on `token`, and checked again by every batch transaction (fencing), so a process that
+# lost its lock can never commit another batch.
+lock = Table(
+    "kms_migrate_lock",
+    metadata,
+    Column("name", String(32), primary_key=True),
+    Column("token", String(64), nullable=False),
+    Column("run_id", Integer),
+    Column("kind", String(16), nullable=False),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("acquired_at", DateTime(timezone=True), nullable=False),
+    Column("heartbeat_at", DateTime(timezone=True), nullable=False),
+)

@@ -9,10 +9,10 @@ and is counted as a conflict for the next run to pick up.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Engine, update
+from sqlalchemy import Connection, Engine, update
 
 from checkpoints import store
 from checkpoints.store import BatchCounts, FailureRow, JournalRow
@@ -49,10 +49,13 @@ def apply_migrate_batch(
     counts: BatchCounts,
     last_pk: object,
     done: bool,
+    fence: Callable[[Connection], None] | None = None,
 ) -> BatchCounts:
     """Commit one migrate batch; return its counts with the conflicts the CAS found."""
     journal_rows: list[JournalRow] = []
     with engine.begin() as conn:
+        if fence is not None:
+            fence(conn)  # first: holds the lock row until commit, raises if the lock was lost
         for rw in rewrites:
             if _cas(conn, bt, column, rw):
                 journal_rows.append(JournalRow(bt.pk_text(rw.pk), original=rw.old, migrated=rw.new))
@@ -80,6 +83,7 @@ def apply_rollback_batch(
     entries: Sequence[tuple[int, str, str, str]],
     *,
     done: bool,
+    fence: Callable[[Connection], None] | None = None,
 ) -> BatchCounts:
     """Commit one rollback batch of journal entries (id, pk, original, migrated).
 
@@ -90,6 +94,8 @@ def apply_rollback_batch(
     failures: list[FailureRow] = []
     ts = store.now()
     with engine.begin() as conn:
+        if fence is not None:
+            fence(conn)
         for jid, pk_text, original, migrated in entries:
             ok = _cas(conn, bt, column, Rewrite(bt.pk_value(pk_text), old=migrated, new=original))
             if ok:

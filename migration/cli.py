@@ -344,6 +344,10 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+# click >= 8.2 raises this UsageError for a bare group; older click prints the help itself.
+_NO_ARGS_IS_HELP: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Console entry point: one line on stderr for every refusal, never a traceback."""
     signal.signal(signal.SIGTERM, _on_sigterm)
@@ -358,8 +362,11 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         click.echo("kms-migrate: interrupted; committed batches are kept, re-run the same "
                    "command to resume", err=True)
         code = EXIT_INTERRUPTED
+    except _NO_ARGS_IS_HELP as exc:  # bare `kms-migrate`: the help, as click shows it
+        exc.show()
+        code = exc.exit_code
     except click.UsageError as exc:
-        hint = f" (see kms-migrate {exc.ctx.info_name} --help)" if exc.ctx else ""
+        hint = f" (see {exc.ctx.command_path} --help)" if exc.ctx else ""
         msg = exc.format_message().replace("\n", " ")
         click.echo(f"kms-migrate: error: {msg}{hint}", err=True)
         code = EXIT_FATAL

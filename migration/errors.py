@@ -17,6 +17,7 @@ __all__ = [
     "FatalKMSError",
     "KmsMigrateError",
     "ResumeMismatchError",
+    "RunLockedError",
     "TransientKMSError",
 ]
 
@@ -42,6 +43,10 @@ class DatabaseError(KmsMigrateError):
 
 class ResumeMismatchError(KmsMigrateError):
     """An unfinished run was started with other settings than the ones given now."""
+
+
+class RunLockedError(KmsMigrateError):
+    """Another migrate or rollback holds the run lock, or took it from this process."""
 
 
 class FatalKMSError(KmsMigrateError):

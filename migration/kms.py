@@ -74,7 +74,7 @@ CONNECTION_ERRORS: tuple[type[Exception], ...] = (
     botocore.exceptions.ReadTimeoutError,
     botocore.exceptions.ConnectionClosedError,
 )
-_REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")
+_REGION_RE = re.compile(r"^[a-z]{2,4}(-[a-z]+)+-\d{1,2}$")  # eusc-de-east-1 has 4
 
 
 def validate_region(region: str) -> str:

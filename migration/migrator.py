@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 from sqlalchemy import Engine, select
 
 from checkpoints import store
+from checkpoints.lock import LockHeld, LockLost, RunLock
 from checkpoints.store import BatchCounts, FailureRow, Run
 
 from . import __version__
 from .applier import Rewrite, apply_migrate_batch
 from .codec import KMS_MAX_PLAINTEXT, FernetCodec, ValueKind, classify, encode_kms
 from .config import Settings, targets_fingerprint
-from .errors import ConfigError, FatalKMSError, ResumeMismatchError
+from .errors import ConfigError, FatalKMSError, ResumeMismatchError, RunLockedError
 from .kms import KMS
 from .logs import get_logger
 from .reader import BoundTarget, Row, bind_targets, fetch_batch
@@ -141,8 +142,20 @@ def check_keys_open_something(
         )
 
 
+def acquire_lock(engine: Engine, kind: str) -> RunLock:
+    try:
+        return RunLock.acquire(engine, kind)
+    except LockHeld as exc:
+        raise RunLockedError(str(exc)) from None
+
+
 def _resume_or_start(
-    engine: Engine, settings: Settings, key_arn: str, targets_json: str, new_run: bool
+    engine: Engine,
+    settings: Settings,
+    key_arn: str,
+    targets_json: str,
+    new_run: bool,
+    run_lock: RunLock,
 ) -> tuple[Run, bool]:
     fingerprint = targets_fingerprint(settings.targets)
     pairs = [(t.table, c) for t in settings.targets for c in t.columns]
@@ -175,12 +188,14 @@ def _resume_or_start(
                     "or add --new-run to abandon it and start a new run; nothing was written"
                 )
             store.set_state(conn, run.id, "running")
+            run_lock.bind_run(conn, run.id)
             return run, True
         run = store.create_run(
             conn, kind="migrate", targets=pairs, targets_json=targets_json,
             fingerprint=fingerprint, batch_size=settings.batch_size, key_id=settings.key_id,
             key_arn=key_arn, region=settings.region, tool_version=__version__,
         )
+        run_lock.bind_run(conn, run.id)
         return run, False
 
 
@@ -206,14 +221,22 @@ def migrate(
     result = MigrateResult(dry_run=dry_run)
     log = get_logger(dry_run=dry_run, key_id=settings.key_id)
 
+    run_lock: RunLock | None = None
     if dry_run:
         positions: dict[tuple[str, str], store.Checkpoint | None] = {
             (bt.name, c): None for bt in bound for c in bt.target.columns
         }
     else:
         store.ensure_schema(engine)
+        run_lock = acquire_lock(engine, "migrate")
         targets_json = json.dumps([t.as_dict() for t in settings.targets], sort_keys=True)
-        run, result.resumed = _resume_or_start(engine, settings, key.arn, targets_json, new_run)
+        try:
+            run, result.resumed = _resume_or_start(
+                engine, settings, key.arn, targets_json, new_run, run_lock
+            )
+        except BaseException:
+            run_lock.release(engine)
+            raise
         result.run_id = run.id
         log = log.bind(run_id=run.id)
         with engine.connect() as conn:
@@ -235,11 +258,14 @@ def migrate(
                         continue
                 after = bt.pk_value(ck.last_pk) if ck and ck.last_pk is not None else None
                 _migrate_column(engine, bt, column, after, settings, codec, kms, result,
-                                summary, log, on_batch)
+                                summary, log, on_batch, run_lock)
         state = "completed"
     except KeyboardInterrupt:
         state = "interrupted"
         raise
+    except LockLost as exc:
+        result.run_id = None  # the new holder owns the run's state now
+        raise RunLockedError(str(exc)) from None
     except FatalKMSError as exc:
         state = "stopped"
         if result.run_id is not None:
@@ -254,6 +280,8 @@ def migrate(
             if state == "completed":
                 with engine.connect() as conn:
                     result.failures = store.failures_of(conn, result.run_id)
+        if run_lock is not None:
+            run_lock.release(engine)
         log.info("run_finished", state=state, seconds=round(result.seconds, 3),
                  kms_requests=result.kms_requests, retries=result.retries)
     return result
@@ -271,6 +299,7 @@ def _migrate_column(
     summary: ColumnSummary,
     log: object,
     on_batch: BatchHook | None,
+    run_lock: RunLock | None,
 ) -> None:
     clog = log.bind(table=bt.name, column=column)  # type: ignore[attr-defined]
     batch_no = 0
@@ -287,6 +316,7 @@ def _migrate_column(
             counts = apply_migrate_batch(
                 engine, bt, column, result.run_id, rewrites=rewrites, failures=failures,
                 counts=counts, last_pk=last_pk, done=done,
+                fence=run_lock.fence if run_lock else None,
             )
         summary.add(counts)
         clog.info("batch_committed" if not result.dry_run else "batch_checked", batch=batch_no,

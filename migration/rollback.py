@@ -14,15 +14,16 @@ from dataclasses import dataclass, field
 from sqlalchemy import Engine, select
 
 from checkpoints import store
+from checkpoints.lock import LockLost, RunLock
 from checkpoints.store import FailureRow
 from checkpoints.tables import journal
 
 from . import __version__
 from .applier import apply_rollback_batch
 from .config import Target
-from .errors import ConfigError
+from .errors import ConfigError, RunLockedError
 from .logs import get_logger
-from .migrator import ColumnSummary
+from .migrator import ColumnSummary, acquire_lock
 from .reader import BoundTarget, bind_target
 
 __all__ = ["RollbackResult", "rollback"]
@@ -67,6 +68,18 @@ def rollback(engine: Engine, *, batch_size: int = 500) -> RollbackResult:
             "has written to it); check --db"
         )
     store.ensure_schema(engine)
+    run_lock = acquire_lock(engine, "rollback")
+    try:
+        return _rollback(engine, batch_size, result, run_lock, started)
+    except LockLost as exc:
+        raise RunLockedError(str(exc)) from None
+    finally:
+        run_lock.release(engine)
+
+
+def _rollback(
+    engine: Engine, batch_size: int, result: RollbackResult, run_lock: RunLock, started: float
+) -> RollbackResult:
     with engine.begin() as conn:
         run = store.unfinished_run(conn, "rollback")
         if run is not None:
@@ -85,6 +98,8 @@ def rollback(engine: Engine, *, batch_size: int = 500) -> RollbackResult:
                 targets_json=json.dumps([{"table": t, "columns": [c]} for t, c in pairs]),
                 fingerprint="journal", batch_size=batch_size, tool_version=__version__,
             )
+    with engine.begin() as conn:
+        run_lock.bind_run(conn, run.id)
     result.run_id = run.id
     log = get_logger(run_id=run.id, kind="rollback")
     log.info("run_started", resumed=result.resumed)
@@ -123,7 +138,8 @@ def rollback(engine: Engine, *, batch_size: int = 500) -> RollbackResult:
                 if bt.target.columns != (column,):
                     bt = BoundTarget(Target(table, bt.target.primary_key, (column,)),
                                      bt.table, bt.pk_is_int)
-                counts = apply_rollback_batch(engine, bt, column, run.id, entries, done=done)
+                counts = apply_rollback_batch(engine, bt, column, run.id, entries, done=done,
+                                              fence=run_lock.fence)
                 summary.add(counts)
                 batch_no += 1
                 log.info("batch_committed", table=table, column=column, batch=batch_no,

@@ -1,0 +1,127 @@
+"""The run lock: refuse a second migrate or rollback while one is writing.
+
+Taking it is an INSERT of the single row (exclusive by primary key). A row left by a
+process that died is taken over with a compare-and-swap on its random token when the
+holder is provably gone: same host and its pid no longer exists, or no heartbeat for
+STALE_AFTER (another host cannot be asked). Every batch transaction re-checks the token
+(`fence`), so even a holder that was wrongly declared dead cannot commit another batch.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import Connection, Engine, delete, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from .store import now
+from .tables import lock
+
+__all__ = ["STALE_AFTER", "LockHeld", "LockLost", "RunLock"]
+
+NAME = "run"
+STALE_AFTER = timedelta(minutes=2)
+SAME_HOST_STALE_AFTER = timedelta(minutes=15)
+
+
+class LockHeld(Exception):
+    """Another live process holds the lock; the message names it."""
+
+
+class LockLost(Exception):
+    """This process's lock was taken over; it must not write again."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _aware(ts: datetime) -> datetime:
+    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+
+
+@dataclass
+class RunLock:
+    """A held lock; `token` proves it in every batch transaction."""
+
+    token: str
+    kind: str
+
+    @classmethod
+    def acquire(cls, engine: Engine, kind: str) -> RunLock:
+        """Take the lock, or take it over from a dead holder; raise LockHeld otherwise."""
+        token = secrets.token_hex(16)
+        me = {"host": socket.gethostname(), "pid": os.getpid()}
+        for _ in range(3):
+            try:
+                with engine.begin() as conn:
+                    conn.execute(insert(lock).values(
+                        name=NAME, token=token, kind=kind, acquired_at=now(),
+                        heartbeat_at=now(), **me))
+                return cls(token, kind)
+            except IntegrityError:
+                pass
+            with engine.begin() as conn:
+                row = conn.execute(select(lock).where(lock.c.name == NAME)).first()
+                if row is None:
+                    continue  # released in between: try the INSERT again
+                age = now() - _aware(row.heartbeat_at)
+                same_host = row.host == me["host"]
+                dead = (
+                    (same_host and (row.pid == me["pid"] or not _pid_alive(row.pid)
+                                    or age > SAME_HOST_STALE_AFTER))
+                    or (not same_host and age > STALE_AFTER)
+                )
+                if not dead:
+                    what = f"{row.kind} run {row.run_id}" if row.run_id else f"a {row.kind}"
+                    raise LockHeld(
+                        f"{what} is already running against this database (host {row.host}, "
+                        f"pid {row.pid}, last heartbeat {int(age.total_seconds())} s ago): "
+                        "wait for it to finish or stop it (a lock left by a dead process is "
+                        "taken over automatically; from another host after "
+                        f"{int(STALE_AFTER.total_seconds())} s without heartbeat); "
+                        "nothing was written"
+                    )
+                took = conn.execute(
+                    update(lock).where(lock.c.name == NAME, lock.c.token == row.token).values(
+                        token=token, kind=kind, run_id=None, acquired_at=now(),
+                        heartbeat_at=now(), **me)
+                ).rowcount
+                if took == 1:
+                    return cls(token, kind)
+        raise LockHeld("another process is taking the run lock at the same moment: re-run in "
+                       "a moment; nothing was written")
+
+    def bind_run(self, conn: Connection, run_id: int) -> None:
+        self.fence(conn, run_id=run_id)
+
+    def fence(self, conn: Connection, *, run_id: int | None = None) -> None:
+        """Heartbeat inside the caller's transaction; raise LockLost if no longer ours."""
+        values: dict[str, object] = {"heartbeat_at": now()}
+        if run_id is not None:
+            values["run_id"] = run_id
+        moved = conn.execute(
+            update(lock).where(lock.c.name == NAME, lock.c.token == self.token).values(**values)
+        ).rowcount
+        if moved != 1:
+            raise LockLost(
+                "this run's lock was taken over by another process (it was presumed dead): "
+                "stopping without writing this batch; check `kms-migrate status`"
+            )
+
+    def release(self, engine: Engine) -> None:
+        try:
+            with engine.begin() as conn:
+                conn.execute(delete(lock).where(lock.c.name == NAME, lock.c.token == self.token))
+        except Exception:  # best effort: a dead holder's row is taken over anyway
+            pass
