@@ -115,8 +115,8 @@ class KeyInfo:
 class RetryPolicy:
     """How hard to retry one transient KMS error before the run stops."""
 
-    max_attempts: int = 8
-    max_wait: float = 5.0
+    max_attempts: int = 10
+    max_wait: float = 20.0
     multiplier: float = 0.05
 
 

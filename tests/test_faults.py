@@ -1,0 +1,168 @@
+"""Faults the tool must survive, end to end: the real CLI in a subprocess, KMS from moto's
+server mode behind a fault-injecting proxy (throttling, dead keys, keys disabled mid-run).
+
+moto has no throttling and serves disabled or pending-deletion keys as enabled, so those
+errors are injected by tests/kms_proxy.py with KMS's real error codes and HTTP statuses.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, inspect, select
+
+from checkpoints.tables import checkpoints, journal, runs
+from migration.kms import RetryPolicy
+from tests.conftest import Keys, KmsHandle, MotoServer, kms_migrate_bin
+from tests.helpers import make_db, snapshot
+from tests.kms_proxy import Rule, kms_proxy
+
+pytestmark = pytest.mark.e2e
+
+
+def run_cli(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([kms_migrate_bin(), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _journal_cells(url: str) -> set[tuple[str, str, str]]:
+    eng = create_engine(url)
+    if not inspect(eng).has_table("kms_migrate_journal"):
+        return set()  # refused before creating its tables: nothing written at all
+    with eng.connect() as conn:
+        rows = conn.execute(select(journal.c.table_name, journal.c.pk, journal.c.column_name)
+                            .where(journal.c.status == "migrated")).all()
+    eng.dispose()
+    return {(t, p, c) for t, p, c in rows}
+
+
+def _changed(before: dict[Any, Any], after: dict[Any, Any]) -> set[Any]:
+    return {c for c in before if before[c] != after[c]}
+
+
+def test_throttling_30_percent_completes_with_bounded_retries(
+    sqlite_url: str, keys: Keys, server_kms: KmsHandle, moto_server: MotoServer,
+    cli_env: dict[str, str],
+) -> None:
+    truth = make_db(sqlite_url, 50, keys.current, keys.legacy, bad_values=False)
+    with kms_proxy(moto_server.url) as (url, state):
+        state.rules.append(Rule("ThrottlingException", p=0.3))
+        env = {**cli_env, "AWS_ENDPOINT_URL_KMS": url}
+        res = run_cli(["migrate", "--db", sqlite_url, "--yes", "--batch-size", "20"], env)
+    assert res.returncode == 0, res.stderr
+    retries = int(re.search(r"retries: (\d+)", res.stdout).group(1))  # type: ignore[union-attr]
+    injected = sum(state.injected.values())
+    assert injected > 0.2 * (2 * len(truth.plaintexts))  # the proxy really throttled ~30%
+    assert retries == injected  # every throttle retried once, nothing else retried
+    calls = sum(state.forwarded.values())
+    assert calls == 2 * len(truth.plaintexts) + 1  # each call succeeded exactly once
+    assert retries <= calls * (RetryPolicy().max_attempts - 1)  # bounded
+    after = snapshot(sqlite_url)
+    assert all(server_kms.decrypt_text(after[c]) == p for c, p in truth.plaintexts.items())
+
+
+DEAD_KEY_CASES = [
+    # (name, proxy rule or None, extra args, moto action, expected words on stderr)
+    ("access denied", Rule("AccessDeniedException", target="Encrypt"), [], None,
+     ["AccessDeniedException", "kms:Encrypt"]),
+    ("disabled (injected)", Rule("DisabledException", target="Encrypt"), [], None,
+     ["disabled", "enable-key"]),
+    ("pending deletion (injected)", Rule("KMSInvalidStateException", target="Encrypt"), [],
+     None, ["pending deletion", "cancel-key-deletion"]),
+    ("disabled (describe)", None, [], "disable", ["disabled", "enable-key"]),
+    ("pending deletion (describe)", None, [], "schedule_deletion",
+     ["pending deletion", "cancel-key-deletion"]),
+    ("alias not found", None, ["--key-id", "alias/no-such-key"], None,
+     ["alias/no-such-key", "not found", "list-aliases"]),
+    ("wrong region", None, ["--region", "eu-west-1"], None, ["eu-west-1", "not found"]),
+]
+
+
+@pytest.mark.parametrize("name,rule,extra,action,words", DEAD_KEY_CASES,
+                         ids=[c[0] for c in DEAD_KEY_CASES])
+def test_dead_or_wrong_key_stops_fast_and_writes_nothing(
+    name: str, rule: Rule | None, extra: list[str], action: str | None, words: list[str],
+    sqlite_url: str, keys: Keys, server_kms: KmsHandle, moto_server: MotoServer,
+    cli_env: dict[str, str],
+) -> None:
+    truth = make_db(sqlite_url, 30, keys.current, keys.legacy, bad_values=False)
+    before = snapshot(sqlite_url)
+    if action == "disable":
+        server_kms.client.disable_key(KeyId=server_kms.key_id)
+    elif action == "schedule_deletion":
+        server_kms.client.schedule_key_deletion(KeyId=server_kms.key_id, PendingWindowInDays=7)
+    with kms_proxy(moto_server.url) as (url, state):
+        if rule:
+            state.rules.append(rule)
+        env = {**cli_env, "AWS_ENDPOINT_URL_KMS": url}
+        t0 = time.monotonic()
+        res = run_cli(["migrate", "--db", sqlite_url, "--yes", *extra], env)
+        elapsed = time.monotonic() - t0
+        assert res.returncode == 2, (res.stdout, res.stderr)
+        assert elapsed < 15
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in res.stderr
+        for w in words:
+            assert w.lower() in lines[0].lower(), lines[0]
+        key_named = "alias/no-such-key" if "alias/no-such-key" in extra else "alias/coinflip-master-key"
+        assert key_named in lines[0]
+        assert snapshot(sqlite_url) == before  # no batch half-written
+        assert _journal_cells(sqlite_url) == set()
+        # After the fix, re-running completes (resuming the stopped run where one exists).
+        state.rules.clear()
+        if action == "disable":
+            server_kms.client.enable_key(KeyId=server_kms.key_id)
+        elif action == "schedule_deletion":
+            server_kms.client.cancel_key_deletion(KeyId=server_kms.key_id)
+            server_kms.client.enable_key(KeyId=server_kms.key_id)
+        res2 = run_cli(["migrate", "--db", sqlite_url, "--yes"], env)
+    assert res2.returncode == 0, res2.stderr
+    if rule is not None:
+        assert "(resumed)" in res2.stdout  # the stopped run was resumed, not restarted
+    assert _journal_cells(sqlite_url) == set(truth.plaintexts)
+
+
+def test_key_disabled_mid_run_stops_at_the_failing_batch_then_resumes(
+    db_url: str, keys: Keys, server_kms: KmsHandle, moto_server: MotoServer,
+    cli_env: dict[str, str],
+) -> None:
+    truth = make_db(db_url, 60, keys.current, keys.legacy, bad_values=False)
+    before = snapshot(db_url)
+    with kms_proxy(moto_server.url) as (url, state):
+        state.rules.append(Rule("DisabledException", target="Encrypt", after=45))
+        env = {**cli_env, "AWS_ENDPOINT_URL_KMS": url}
+        res = run_cli(["migrate", "--db", db_url, "--yes", "--batch-size", "10",
+                       "--concurrency", "4"], env)
+        assert res.returncode == 2, res.stderr
+        assert "disabled" in res.stderr and "Traceback" not in res.stderr
+        mid = snapshot(db_url)
+        changed = _changed(before, mid)
+        # Whole batches only: every changed cell is journaled, the checkpoint sits on a
+        # batch boundary, and every value up to it (and none after) was migrated.
+        assert changed == _journal_cells(db_url)
+        eng = create_engine(db_url)
+        with eng.connect() as conn:
+            run = conn.execute(select(runs)).one()
+            ck = conn.execute(select(checkpoints).where(
+                checkpoints.c.table_name == "users",
+                checkpoints.c.column_name == "encrypted_secret")).one()
+        eng.dispose()
+        assert run.state == "stopped"
+        assert ck.last_pk is not None and int(ck.last_pk) % 10 == 0 and not ck.done
+        expected = {c for c in truth.plaintexts
+                    if c[0] == "users" and c[2] == "encrypted_secret"
+                    and int(c[1]) <= int(ck.last_pk)}
+        assert changed == expected
+        assert 0 < len(changed) <= 45
+        state.rules.clear()
+        res2 = run_cli(["migrate", "--db", db_url, "--yes", "--batch-size", "10"], env)
+    assert res2.returncode == 0, res2.stderr
+    assert "(resumed)" in res2.stdout
+    after = snapshot(db_url)
+    assert _journal_cells(db_url) == set(truth.plaintexts)
+    assert all(server_kms.decrypt_text(after[c]) == p for c, p in truth.plaintexts.items())
+    assert all(after[c] == mid[c] for c in changed)  # committed values not re-encrypted
