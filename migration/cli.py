@@ -29,7 +29,7 @@ from .config import (
     load_targets,
     resolve_db_url,
 )
-from .db import is_sqlite, make_engine, safe_url
+from .db import PG_LOCK_TIMEOUT, SQLITE_BUSY_TIMEOUT, is_sqlite, make_engine, safe_url
 from .errors import (
     EXIT_FAILURES,
     EXIT_FATAL,
@@ -235,6 +235,13 @@ def migrate_cmd(**opts: Any) -> int:
     """
     _setup_logging(opts)
     settings = _settings(opts)
+    if not os.environ.get("ENCRYPTION_KEY", "").strip():
+        # ENCRYPTION_KEY_LEGACY alone would run, migrate the legacy tokens and fail every
+        # current-key value (and the codec would name a legacy key ENCRYPTION_KEY).
+        raise ConfigError(
+            "ENCRYPTION_KEY is not set: export the Fernet key the application uses "
+            "(older keys go in ENCRYPTION_KEY_LEGACY, comma-separated)"
+        )
     dry = bool(opts["dry_run"])
     engine = make_engine(settings.db_url, read_only=dry)
     if not dry:
@@ -380,8 +387,14 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         # Never the statement or its parameters (they hold tokens): the driver's first line.
         orig = getattr(exc, "orig", None)
         reason = str(orig).strip().splitlines()[0] if orig else type(exc).__name__
+        if "database is locked" in reason:
+            reason = (f"the SQLite database is locked by another writer (waited "
+                      f"{SQLITE_BUSY_TIMEOUT:g} s); let it finish or stop it")
+        elif "lock timeout" in reason:
+            reason = (f"a row or table stayed locked by another session for "
+                      f"{PG_LOCK_TIMEOUT:g} s; let it finish or stop it")
         click.echo(f"kms-migrate: database error: {reason}; committed batches are kept, "
-                   "fix the cause and re-run to resume", err=True)
+                   "re-run to resume", err=True)
         code = EXIT_FATAL
     sys.stdout.flush()
     sys.exit(code)

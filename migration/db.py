@@ -14,6 +14,7 @@ from .errors import ConfigError, DatabaseError
 __all__ = ["is_sqlite", "make_engine", "parse_url", "safe_url", "sqlite_path"]
 
 SQLITE_BUSY_TIMEOUT = 10.0  # seconds a write waits on another writer's lock before failing
+PG_LOCK_TIMEOUT = 30.0  # seconds a statement waits on a row or table lock before failing
 
 
 def parse_url(url: str) -> URL:
@@ -68,6 +69,8 @@ def make_engine(url: str, *, read_only: bool = False) -> Engine:
         connect_args["timeout"] = SQLITE_BUSY_TIMEOUT
     elif u.get_backend_name() == "postgresql":
         connect_args["connect_timeout"] = 10
+        # A row the application keeps locked makes a batch wait, boundedly, then roll back.
+        connect_args["options"] = f"-c lock_timeout={int(PG_LOCK_TIMEOUT * 1000)}"
     try:
         engine = create_engine(
             u, connect_args=connect_args, pool_pre_ping=True, hide_parameters=True

@@ -17,7 +17,7 @@ from migration.db import make_engine
 from migration.errors import RunLockedError
 from migration.migrator import migrate
 from migration.rollback import rollback
-from tests.conftest import KmsHandle, Keys
+from tests.conftest import Keys, KmsHandle
 from tests.helpers import make_db, make_kms, settings_for, snapshot
 
 
