@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -30,18 +31,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import Keys, KmsHandle, MotoServer, kms_migrate_bin
+from helpers import Cell, make_db, snapshot
 from sqlalchemy import Engine, create_engine, inspect, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 
-from helpers import Cell, make_db, snapshot
 from migration.sample import SampleSecrets
-
-from conftest import Keys, KmsHandle, MotoServer, kms_migrate_bin
 
 pytestmark = pytest.mark.e2e
 
-ROWS = 200  # users and wagers each: 800 target cells, ~730 good secrets, 3 bad on purpose
+ROWS = 160  # users and wagers each: 640 target cells, ~590 good secrets, 3 bad on purpose
 AWS_SECRET = "testing-secret-never-printed"
 POLL_SECONDS = 0.005
 KILL_DEADLINE = 60.0
@@ -80,10 +80,6 @@ class Running:
                 stdin=subprocess.DEVNULL,
             )
 
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
     def finished(self) -> bool:
         return self.proc.poll() is not None
 
@@ -100,11 +96,6 @@ class Running:
         done = Done(rc, self.out_path.read_text(), self.err_path.read_text())
         self.outputs.add(done.out, done.err)
         return done
-
-    def kill(self) -> Done:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        return self.wait()
 
 
 @pytest.fixture
@@ -151,6 +142,11 @@ def scalar(engine: Engine, sql: str, **params: Any) -> Any:
             return conn.execute(text(sql), params).scalar()
     except DBAPIError:
         return None
+
+
+def scalar_rows(engine: Engine, sql: str) -> list[tuple[Any, ...]]:
+    with engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(text(sql)).all()]
 
 
 def wait_until(running: Running, what: str, cond: Callable[[], bool]) -> None:
@@ -217,7 +213,7 @@ def kms_decrypt_all(kms: KmsHandle, stored: Iterable[str]) -> dict[str, str | No
             return None
         try:
             return str(kms.client.decrypt(CiphertextBlob=blob)["Plaintext"].decode())
-        except Exception:  # noqa: BLE001 - anything KMS refuses is "not a ciphertext"
+        except Exception:
             return None
 
     values = sorted(set(stored))
@@ -254,6 +250,35 @@ def check_invariant(engine: Engine, url: str, before: dict[Cell, Any], truth: Sa
     return len(changed), entries
 
 
+def check_checkpoints(engine: Engine, url: str, before: dict[Cell, Any],
+                      truth: SampleSecrets) -> None:
+    """The checkpoint never runs ahead of (nor behind) committed data: in each column, the
+    good values up to the checkpoint's last primary key are migrated, the rest untouched."""
+    now = snapshot(url)
+    with engine.connect() as conn:
+        run_id = conn.execute(text(
+            "SELECT max(id) FROM kms_migrate_runs WHERE kind = 'migrate'")).scalar_one()
+        cks = conn.execute(text(
+            "SELECT table_name, column_name, last_pk, done FROM kms_migrate_checkpoints "
+            "WHERE run_id = :r"), {"r": run_id}).all()
+    assert len(cks) == 4
+
+    def order(table: str, pk: str) -> Any:
+        return int(pk) if table == "users" else pk  # users.user_id is an integer key
+
+    for table, column, last_pk, done in cks:
+        cells = [c for c in before if c[0] == table and c[2] == column]
+        for cell in cells:
+            covered = bool(done) or (
+                last_pk is not None and order(table, cell[1]) <= order(table, last_pk))
+            if cell in truth.plaintexts:
+                assert (now[cell] != before[cell]) == covered, (
+                    f"{cell}: migrated={now[cell] != before[cell]} but checkpoint of "
+                    f"{table}.{column} is at {last_pk!r} (done={done})")
+            else:
+                assert now[cell] == before[cell]
+
+
 def assert_no_leaks(texts: Iterable[str], dump: str, truth: SampleSecrets, keys: Keys) -> None:
     needles = {"AWS secret access key": AWS_SECRET, "ENCRYPTION_KEY": keys.current,
                "ENCRYPTION_KEY_LEGACY": keys.legacy}
@@ -280,8 +305,11 @@ def test_sigkill_mid_migrate_and_mid_rollback(
 
     # 1. migrate, SIGKILLed once some batches committed and before the run finished.
     mig = cli.start(["migrate", *common, "--concurrency", "4"])
-    wait_until(mig, "the first journal rows were committed",
-               lambda: (scalar(eng, "SELECT count(*) FROM kms_migrate_journal") or 0) > 0)
+    # Kill once more than half is done: inside the second table (text primary keys), after
+    # checkpoints of finished columns; wherever the kill lands (mid-transaction, mid-KMS).
+    kill_at = len(truth.plaintexts) * 55 // 100
+    wait_until(mig, f"{kill_at} journal rows were committed", lambda: (
+        scalar(eng, "SELECT count(*) FROM kms_migrate_journal") or 0) >= kill_at)
     mig.signal(signal.SIGKILL)
     killed = mig.wait()
     assert killed.rc == -signal.SIGKILL
@@ -290,11 +318,13 @@ def test_sigkill_mid_migrate_and_mid_rollback(
     changed, entries = check_invariant(eng, url, before, truth, server_kms)
     assert 0 < changed < len(truth.plaintexts)
     assert len(entries) == changed  # exactly one journal row per rewritten value so far
+    check_checkpoints(eng, url, before, truth)
 
     # 2. migrate again: resumes, finishes, lists the bad values, exit 1.
     res = cli.run(["migrate", *common, "--concurrency", "4"])
     assert res.rc == 1, res.err
     assert "Traceback" not in res.err
+    assert "batch_committed" in res.err  # the logs were on, so the leak check saw them
     assert "(resumed)" in res.out
     assert f"Failed values ({len(truth.bad)}), left untouched:" in res.out
     for table, pk, column in truth.bad:
@@ -324,11 +354,18 @@ def test_sigkill_mid_migrate_and_mid_rollback(
     fails = Counter(scalar_rows(eng, "SELECT table_name, pk, column_name "
                                      "FROM kms_migrate_failures"))
     assert set(fails) == set(truth.bad) and max(fails.values()) == 1
+    st = cli.run(["status", "--db", url, "--json"])
+    assert st.rc == 0, st.err
+    status = json.loads(st.out)
+    assert status["failures_total"] == len(truth.bad)
+    assert [(r["kind"], r["state"]) for r in status["runs"]] == [("migrate", "completed")]
 
     # 3. rollback, SIGKILLed once some values were restored and before it finished.
     rb = cli.start(["rollback", *common])
-    wait_until(rb, "the first journal rows were rolled back", lambda: (scalar(
-        eng, "SELECT count(*) FROM kms_migrate_journal WHERE status = 'rolled_back'") or 0) > 0)
+    kill_at = len(truth.plaintexts) // 3
+    wait_until(rb, f"{kill_at} journal rows were rolled back", lambda: (scalar(
+        eng, "SELECT count(*) FROM kms_migrate_journal WHERE status = 'rolled_back'") or 0)
+        >= kill_at)
     rb.signal(signal.SIGKILL)
     killed = rb.wait()
     assert killed.rc == -signal.SIGKILL
@@ -353,6 +390,151 @@ def test_sigkill_mid_migrate_and_mid_rollback(
     eng.dispose()
 
 
-def scalar_rows(engine: Engine, sql: str) -> list[tuple[Any, ...]]:
-    with engine.connect() as conn:
-        return [tuple(r) for r in conn.execute(text(sql)).all()]
+# -- test 2: dry-run writes nothing -----------------------------------------------------------
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _summary_table(out: str) -> dict[str, list[int]]:
+    """The per-column rows of migrate's summary table: column -> the five counts."""
+    rows: dict[str, list[int]] = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 6 and "." in parts[0] and all(p.isdigit() for p in parts[1:]):
+            rows[parts[0]] = [int(p) for p in parts[1:]]
+    return rows
+
+
+def _expected_counts(truth: SampleSecrets) -> dict[str, list[int]]:
+    """column -> [to migrate, skipped, already kms, failed, conflicts] from the sample."""
+    out: dict[str, list[int]] = {}
+    for cells, slot in ((truth.plaintexts, 0), (truth.empty, 1), (truth.bad, 3)):
+        for table, _, column in cells:
+            out.setdefault(f"{table}.{column}", [0, 0, 0, 0, 0])[slot] += 1
+    return out
+
+
+def test_dry_run_changes_no_byte_and_creates_nothing(
+    sqlite_url: str, tmp_path: Path, keys: Keys, server_kms: KmsHandle, cli: Any,
+    outputs: Outputs,
+) -> None:
+    truth = make_db(sqlite_url, 60, keys.current, keys.legacy, bad_values=True)
+    db = tmp_path / "coinflip.db"
+    digest, files = _sha256(db), sorted(p.name for p in tmp_path.iterdir())
+
+    res = cli.run(["migrate", "--db", sqlite_url, "--dry-run", "--batch-size", "7",
+                   "--concurrency", "4", "--log-level", "debug"])
+
+    # The sample holds values that cannot migrate, so even a dry run reports exit 1.
+    assert res.rc == 1, res.err
+    assert "Traceback" not in res.err
+    assert "DRY RUN (nothing was written)" in res.out
+    assert "would migrate" in res.out
+    assert _summary_table(res.out) == _expected_counts(truth)
+    assert f"Failed values ({len(truth.bad)}), left untouched:" in res.out
+    for table, pk, column in truth.bad:
+        assert f"  {table} pk={pk} {column}: " in res.out
+    assert _sha256(db) == digest, "the dry run changed the database file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == files  # no -journal/-wal left behind
+    eng = poll_engine(sqlite_url)
+    assert kms_tables(eng) == []
+    eng.dispose()
+    assert_no_leaks(outputs.texts, "", truth, keys)
+
+
+# -- test 3: exit codes and one-line messages -------------------------------------------------
+
+def _one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_disabled_key_refuses_with_exit_2_and_writes_nothing(
+    sqlite_url: str, tmp_path: Path, keys: Keys, server_kms: KmsHandle, cli: Any,
+    outputs: Outputs,
+) -> None:
+    truth = make_db(sqlite_url, 30, keys.current, keys.legacy, bad_values=True)
+    before, digest = snapshot(sqlite_url), _sha256(tmp_path / "coinflip.db")
+    server_kms.client.disable_key(KeyId=server_kms.key_id)
+    assert server_kms.client.describe_key(KeyId=server_kms.key_id)["KeyMetadata"][
+        "KeyState"] == "Disabled"
+
+    res = cli.run(["migrate", "--db", sqlite_url, "--yes", "--batch-size", "5",
+                   "--log-level", "debug"])
+
+    assert res.rc == 2
+    line = _one_line(res.err)
+    assert line.startswith("kms-migrate: error: ")
+    assert "alias/coinflip-master-key" in line and "disabled" in line
+    assert res.out == ""
+    assert snapshot(sqlite_url) == before
+    assert _sha256(tmp_path / "coinflip.db") == digest
+    eng = poll_engine(sqlite_url)
+    assert kms_tables(eng) == []
+    eng.dispose()
+    assert_no_leaks(outputs.texts, "", truth, keys)
+
+
+@pytest.mark.parametrize("unset", [("ENCRYPTION_KEY",),
+                                   ("ENCRYPTION_KEY", "ENCRYPTION_KEY_LEGACY")],
+                         ids=["legacy-only", "no-keys"])
+def test_missing_encryption_key_refuses_with_exit_2(
+    unset: tuple[str, ...], sqlite_url: str, tmp_path: Path, keys: Keys,
+    server_kms: KmsHandle, cli_env: dict[str, str], cli: Any, outputs: Outputs,
+) -> None:
+    truth = make_db(sqlite_url, 30, keys.current, keys.legacy, bad_values=True)
+    before, digest = snapshot(sqlite_url), _sha256(tmp_path / "coinflip.db")
+    env = {k: v for k, v in cli_env.items() if k not in unset}
+
+    res = cli.run(["migrate", "--db", sqlite_url, "--yes", "--log-level", "debug"], env=env)
+
+    assert res.rc == 2, res.out + res.err
+    line = _one_line(res.err)
+    assert line.startswith("kms-migrate: error: ENCRYPTION_KEY is not set")
+    assert res.out == ""
+    assert snapshot(sqlite_url) == before
+    assert _sha256(tmp_path / "coinflip.db") == digest
+    assert_no_leaks(outputs.texts, "", truth, keys)
+
+
+def test_sigint_exits_130_and_the_next_migrate_resumes(
+    sqlite_url: str, keys: Keys, server_kms: KmsHandle, moto_server: MotoServer, cli: Any,
+    outputs: Outputs,
+) -> None:
+    truth = make_db(sqlite_url, 60, keys.current, keys.legacy, bad_values=True)
+    before = snapshot(sqlite_url)
+    eng = poll_engine(sqlite_url)
+    args = ["migrate", "--db", sqlite_url, "--yes", "--batch-size", "5", "--concurrency", "4",
+            "--log-level", "debug"]
+
+    mig = cli.start(args)
+    wait_until(mig, "the first journal rows were committed",
+               lambda: (scalar(eng, "SELECT count(*) FROM kms_migrate_journal") or 0) > 0)
+    mig.signal(signal.SIGINT)
+    res = mig.wait()
+
+    assert res.rc == 130, res.err
+    assert "Traceback" not in res.err
+    assert res.err.strip().splitlines()[-1] == (
+        "kms-migrate: interrupted; committed batches are kept, re-run the same command to "
+        "resume")
+    assert [(k, s) for _, k, s in runs_of(eng)] == [("migrate", "interrupted")]
+    changed, entries = check_invariant(eng, sqlite_url, before, truth, server_kms)
+    assert 0 < changed < len(truth.plaintexts)
+    assert len(entries) == changed
+    check_checkpoints(eng, sqlite_url, before, truth)
+
+    res = cli.run(args)
+    assert res.rc == 1, res.err
+    assert "(resumed)" in res.out
+    assert [(k, s) for _, k, s in runs_of(eng)] == [("migrate", "completed")]
+    changed, entries = check_invariant(eng, sqlite_url, before, truth, server_kms)
+    assert changed == len(truth.plaintexts) == len(entries)
+    check_checkpoints(eng, sqlite_url, before, truth)
+    assert len({e.cell for e in entries}) == len(entries)  # nothing migrated twice
+    dump = dump_bookkeeping(eng)
+    eng.dispose()
+    assert_no_leaks(outputs.texts, dump, truth, keys)
