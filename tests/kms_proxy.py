@@ -25,7 +25,8 @@ KMS_ERRORS: dict[str, tuple[int, str]] = {
     "KMSInternalException": (500, "An internal error occurred"),
     "DependencyTimeoutException": (503, "The system timed out while trying to fulfill the request"),
     "DisabledException": (400, "arn:aws:kms:us-east-1:123456789012:key/x is disabled."),
-    "KMSInvalidStateException": (400, "arn:aws:kms:us-east-1:123456789012:key/x is pending deletion."),
+    "KMSInvalidStateException": (400, "arn:aws:kms:us-east-1:123456789012:key/x is pending "
+                                 "deletion."),
     "AccessDeniedException": (400, "User: arn:aws:iam::123456789012:user/app is not authorized "
                               "to perform: kms:Encrypt on this resource"),
     "NotFoundException": (400, "Alias is not found."),

@@ -21,7 +21,7 @@ from migration.db import make_engine
 from migration.migrator import migrate
 from migration.rollback import rollback
 from migration.sample import coinflip_metadata
-from tests.conftest import KmsHandle, Keys
+from tests.conftest import Keys, KmsHandle
 from tests.helpers import Cell, make_db, make_kms, settings_for, snapshot
 
 
@@ -54,7 +54,7 @@ def test_postgres_connection_killed_mid_batch_rolls_the_batch_back(
                 with admin.connect() as c:
                     c.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
 
-    with pytest.raises(Exception, match="terminat|closed|connection"):
+    with pytest.raises(Exception, match=r"terminat|closed|connection"):
         migrate(settings, engine=engine, kms=make_kms(kms.client, settings))
     admin.dispose()
     mid = snapshot(pg_url)

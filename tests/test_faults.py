@@ -24,7 +24,9 @@ from tests.kms_proxy import Rule, kms_proxy
 pytestmark = pytest.mark.e2e
 
 
-def run_cli(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    args: list[str], env: dict[str, str], timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run([kms_migrate_bin(), *args], env=env, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -108,8 +110,8 @@ def test_dead_or_wrong_key_stops_fast_and_writes_nothing(
         assert len(lines) == 1 and "Traceback" not in res.stderr
         for w in words:
             assert w.lower() in lines[0].lower(), lines[0]
-        key_named = "alias/no-such-key" if "alias/no-such-key" in extra else "alias/coinflip-master-key"
-        assert key_named in lines[0]
+        named = "alias/no-such-key" if "alias/no-such-key" in extra else "alias/coinflip-master-key"
+        assert named in lines[0]
         assert snapshot(sqlite_url) == before  # no batch half-written
         assert _journal_cells(sqlite_url) == set()
         # After the fix, re-running completes (resuming the stopped run where one exists).

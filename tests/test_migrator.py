@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from cryptography.fernet import Fernet
 from sqlalchemy import create_engine, func, inspect, select, text, update
+from sqlalchemy.exc import DBAPIError
 
 from checkpoints.tables import checkpoints, journal, runs
 from migration.codec import ValueKind, classify
@@ -17,7 +18,7 @@ from migration.db import make_engine
 from migration.errors import ConfigError, FatalKMSError, ResumeMismatchError
 from migration.migrator import REASON_NO_KEY, REASON_OVERSIZE, migrate
 from migration.sample import coinflip_metadata
-from tests.conftest import KmsHandle, Keys
+from tests.conftest import Keys, KmsHandle
 from tests.helpers import make_db, make_kms, settings_for, snapshot
 
 
@@ -187,7 +188,7 @@ def test_read_only_engine_refuses_writes(db_url: str, keys: Keys) -> None:
     make_db(db_url, 5, keys.current)
     eng = make_engine(db_url, read_only=True)
     _, users, _ = coinflip_metadata()
-    with pytest.raises(Exception), eng.begin() as conn:
+    with pytest.raises(DBAPIError, match=r"(?i)read.only|readonly"), eng.begin() as conn:
         conn.execute(update(users).values(username="x"))
 
 
@@ -269,8 +270,8 @@ def test_compare_and_swap_keeps_a_concurrent_application_write(
     make_db(db_url, 30, keys.current, keys.legacy, bad_values=False)
     settings = settings_for(db_url, keys.current, keys.legacy, batch_size=10)
     before = snapshot(db_url)
-    pk = next(int(c[1]) for c in sorted(before, key=lambda c: (c[0], int(c[1]) if c[0] == "users" else 0))
-              if c[0] == "users" and c[2] == "encrypted_secret" and before[c])
+    pk = min(int(c[1]) for c in before
+             if c[0] == "users" and c[2] == "encrypted_secret" and before[c])
     app_token = Fernet(keys.current.encode()).encrypt(b"the app's new secret").decode()
     meddler = MeddlingKMS(make_kms(kms.client, settings), db_url, pk, app_token)
     result = migrate(settings, engine=make_engine(db_url), kms=meddler)  # type: ignore[arg-type]

@@ -14,7 +14,7 @@ from migration.errors import ConfigError
 from migration.migrator import migrate
 from migration.rollback import rollback
 from migration.sample import coinflip_metadata
-from tests.conftest import KmsHandle, Keys
+from tests.conftest import Keys, KmsHandle
 from tests.helpers import make_db, make_kms, settings_for, snapshot
 
 

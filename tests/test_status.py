@@ -7,7 +7,7 @@ import pytest
 from migration.db import make_engine
 from migration.migrator import migrate
 from migration.status import collect_status
-from tests.conftest import KmsHandle, Keys
+from tests.conftest import Keys, KmsHandle
 from tests.helpers import make_db, make_kms, settings_for
 
 

@@ -10,7 +10,7 @@ from migration.db import make_engine
 from migration.migrator import migrate
 from migration.sample import coinflip_metadata
 from migration.verify import verify
-from tests.conftest import KmsHandle, Keys
+from tests.conftest import Keys, KmsHandle
 from tests.helpers import make_db, make_kms, settings_for, snapshot
 
 
