@@ -28,6 +28,7 @@ __all__ = [
     "classify",
     "decode_kms",
     "encode_kms",
+    "encryption_context",
 ]
 
 FERNET_PREFIX = "gAAAAA"
@@ -61,6 +62,15 @@ def decode_kms(text: str) -> bytes | None:
     except (binascii.Error, UnicodeEncodeError, ValueError):
         return None
     return blob or None
+
+
+def encryption_context(table: str, column: str, pk: object) -> dict[str, str]:
+    """The KMS encryption context binding a value to where it lives (opt-in).
+
+    With it, a ciphertext copied into another row, column or table no longer decrypts.
+    The application must pass the same three strings to decrypt (KMS compares exactly).
+    """
+    return {"table": table, "column": column, "pk": str(pk)}
 
 
 class FernetCodec:
