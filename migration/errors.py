@@ -18,6 +18,7 @@ __all__ = [
     "KmsMigrateError",
     "ResumeMismatchError",
     "RunLockedError",
+    "SecretDecryptError",
     "TransientKMSError",
 ]
 
@@ -55,3 +56,14 @@ class FatalKMSError(KmsMigrateError):
 
 class TransientKMSError(Exception):
     """A KMS error that a retry may fix; raised inside the retry loop, never to the CLI."""
+
+
+class SecretDecryptError(ValueError):
+    """The application-side helper could not open a stored value (migration.runtime).
+
+    Raised for a value that is neither a Fernet token nor a KMS ciphertext, or that neither
+    the Fernet keys nor KMS open (corrupt, unknown key, another encryption context). The
+    message says why in general terms and never carries the value, nor any part of it.
+    A ValueError, so code written for the guide's helper (which raises ValueError) still
+    catches it.
+    """

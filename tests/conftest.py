@@ -35,7 +35,8 @@ for _var in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_END
              "ENCRYPTION_KEY_LEGACY"):
     os.environ.pop(_var, None)
 os.environ["AWS_ACCESS_KEY_ID"] = "testing"
-os.environ["AWS_SECRET_ACCESS_KEY"] = "testing-secret-never-printed"
+AWS_SECRET = "testing-secret-never-printed"
+os.environ["AWS_SECRET_ACCESS_KEY"] = AWS_SECRET
 os.environ["AWS_REGION"] = "us-east-1"
 os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
 os.environ["AWS_CONFIG_FILE"] = os.devnull

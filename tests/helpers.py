@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy import create_engine, select
@@ -53,3 +55,36 @@ def settings_for(url: str, current: str, legacy: str | None = None, **kw: Any) -
 def make_kms(client: Any, settings: Settings, sleep: Any = None) -> KMS:
     return KMS(client, settings.key_id, settings.region, concurrency=settings.concurrency,
                policy=RetryPolicy(max_attempts=5), sleep=sleep or (lambda s: None))
+
+
+def assert_no_leaks(texts: Iterable[str], dump: str, truth: SampleSecrets, keys: Any) -> None:
+    """No plaintext (raw or base64, as botocore's debug log would show it), no Fernet key
+    and no AWS secret key in any of the texts or in the bookkeeping tables' dump."""
+    from tests.conftest import AWS_SECRET
+
+    needles = {"AWS secret access key": AWS_SECRET, "ENCRYPTION_KEY": keys.current,
+               "ENCRYPTION_KEY_LEGACY": keys.legacy}
+    for cell, p in truth.plaintexts.items():
+        needles[f"plaintext of {cell}"] = p
+        needles[f"base64 plaintext of {cell}"] = base64.b64encode(p.encode()).decode()
+    haystacks = {f"output #{i}": t for i, t in enumerate(texts)}
+    haystacks["bookkeeping tables"] = dump
+    for where, hay in haystacks.items():
+        for what, needle in needles.items():
+            assert needle not in hay, f"{what} leaked into {where}"
+
+
+def dump_bookkeeping(url: str) -> str:
+    """Every row of every kms_migrate_* table, as text."""
+    from sqlalchemy import MetaData, inspect
+
+    eng = create_engine(url)
+    names = [t for t in inspect(eng).get_table_names() if t.startswith("kms_migrate")]
+    md = MetaData()
+    md.reflect(eng, only=names)
+    out: list[str] = []
+    with eng.connect() as conn:
+        for name in names:
+            out.extend(repr(tuple(r)) for r in conn.execute(select(md.tables[name])))
+    eng.dispose()
+    return "\n".join(out)

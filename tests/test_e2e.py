@@ -31,18 +31,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Keys, KmsHandle, MotoServer, kms_migrate_bin
-from helpers import Cell, make_db, snapshot
 from sqlalchemy import Engine, create_engine, inspect, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 
 from migration.sample import SampleSecrets
+from tests.conftest import AWS_SECRET, Keys, KmsHandle, MotoServer, kms_migrate_bin
+from tests.helpers import Cell, assert_no_leaks, make_db, snapshot
 
 pytestmark = pytest.mark.e2e
 
 ROWS = 160  # users and wagers each: 640 target cells, ~590 good secrets, 3 bad on purpose
-AWS_SECRET = "testing-secret-never-printed"
 POLL_SECONDS = 0.005
 KILL_DEADLINE = 60.0
 
@@ -279,17 +278,6 @@ def check_checkpoints(engine: Engine, url: str, before: dict[Cell, Any],
                 assert now[cell] == before[cell]
 
 
-def assert_no_leaks(texts: Iterable[str], dump: str, truth: SampleSecrets, keys: Keys) -> None:
-    needles = {"AWS secret access key": AWS_SECRET, "ENCRYPTION_KEY": keys.current,
-               "ENCRYPTION_KEY_LEGACY": keys.legacy}
-    needles.update({f"plaintext of {cell}": p for cell, p in truth.plaintexts.items()})
-    haystacks = {f"CLI output #{i}": t for i, t in enumerate(texts)}
-    haystacks["bookkeeping tables"] = dump
-    for where, hay in haystacks.items():
-        for what, needle in needles.items():
-            assert needle not in hay, f"{what} leaked into {where}"
-
-
 # -- test 1: SIGKILL mid-migrate and mid-rollback ------------------------------------------
 
 def test_sigkill_mid_migrate_and_mid_rollback(
@@ -339,7 +327,7 @@ def test_sigkill_mid_migrate_and_mid_rollback(
     monkeypatch.setenv("USE_AWS_KMS", "true")
     monkeypatch.setenv("AWS_ENDPOINT_URL_KMS", moto_server.url)
     monkeypatch.delenv("AWS_KMS_KEY_ID", raising=False)
-    from guide_kms_encryption import decrypt_secret
+    from tests.guide_kms_encryption import decrypt_secret
 
     for cell, plaintext in truth.plaintexts.items():
         assert after[cell] != before[cell], f"{cell} was not migrated"

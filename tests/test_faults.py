@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,7 +19,7 @@ from sqlalchemy import create_engine, inspect, select
 from checkpoints.tables import checkpoints, journal, runs
 from migration.kms import RetryPolicy
 from tests.conftest import Keys, KmsHandle, MotoServer, kms_migrate_bin
-from tests.helpers import make_db, snapshot
+from tests.helpers import assert_no_leaks, dump_bookkeeping, make_db, snapshot
 from tests.kms_proxy import Rule, kms_proxy
 
 pytestmark = pytest.mark.e2e
@@ -48,14 +49,20 @@ def _changed(before: dict[Any, Any], after: dict[Any, Any]) -> set[Any]:
 
 def test_throttling_30_percent_completes_with_bounded_retries(
     sqlite_url: str, keys: Keys, server_kms: KmsHandle, moto_server: MotoServer,
-    cli_env: dict[str, str],
+    cli_env: dict[str, str], tmp_path: Path,
 ) -> None:
     truth = make_db(sqlite_url, 50, keys.current, keys.legacy, bad_values=False)
     with kms_proxy(moto_server.url) as (url, state):
         state.rules.append(Rule("ThrottlingException", p=0.3))
         env = {**cli_env, "AWS_ENDPOINT_URL_KMS": url}
-        res = run_cli(["migrate", "--db", sqlite_url, "--yes", "--batch-size", "20"], env)
+        log = tmp_path / "migrate.log"
+        res = run_cli(["migrate", "--db", sqlite_url, "--yes", "--batch-size", "20",
+                       "--log-level", "debug", "--log-format", "json", "--log-file", str(log)],
+                      env)
     assert res.returncode == 0, res.stderr
+    logged = log.read_text()
+    assert '"event": "batch_committed"' in logged  # the log file really has the debug events
+    assert_no_leaks([res.stdout, res.stderr, logged], dump_bookkeeping(sqlite_url), truth, keys)
     retries = int(re.search(r"retries: (\d+)", res.stdout).group(1))  # type: ignore[union-attr]
     injected = sum(state.injected.values())
     assert injected > 0.2 * (2 * len(truth.plaintexts))  # the proxy really throttled ~30%
@@ -102,12 +109,16 @@ def test_dead_or_wrong_key_stops_fast_and_writes_nothing(
             state.rules.append(rule)
         env = {**cli_env, "AWS_ENDPOINT_URL_KMS": url}
         t0 = time.monotonic()
-        res = run_cli(["migrate", "--db", sqlite_url, "--yes", *extra], env)
+        res = run_cli(["migrate", "--db", sqlite_url, "--yes", "--log-level", "debug", *extra],
+                      env)
         elapsed = time.monotonic() - t0
+        assert_no_leaks([res.stdout, res.stderr], "", truth, keys)
         assert res.returncode == 2, (res.stdout, res.stderr)
         assert elapsed < 15
-        lines = res.stderr.strip().splitlines()
+        # Debug log events go to stderr too; the refusal itself is one line of its own.
+        lines = [ln for ln in res.stderr.splitlines() if ln.startswith("kms-migrate:")]
         assert len(lines) == 1 and "Traceback" not in res.stderr
+        assert res.stderr.rstrip().endswith(lines[0])
         for w in words:
             assert w.lower() in lines[0].lower(), lines[0]
         named = "alias/no-such-key" if "alias/no-such-key" in extra else "alias/coinflip-master-key"
@@ -138,7 +149,8 @@ def test_key_disabled_mid_run_stops_at_the_failing_batch_then_resumes(
         state.rules.append(Rule("DisabledException", target="Encrypt", after=45))
         env = {**cli_env, "AWS_ENDPOINT_URL_KMS": url}
         res = run_cli(["migrate", "--db", db_url, "--yes", "--batch-size", "10",
-                       "--concurrency", "4"], env)
+                       "--concurrency", "4", "--log-level", "debug"], env)
+        assert_no_leaks([res.stdout, res.stderr], dump_bookkeeping(db_url), truth, keys)
         assert res.returncode == 2, res.stderr
         assert "disabled" in res.stderr and "Traceback" not in res.stderr
         mid = snapshot(db_url)

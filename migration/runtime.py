@@ -1,0 +1,371 @@
+"""The application's encrypt_secret / decrypt_secret: a drop-in for the guide's Step 3 helper.
+
+The guide's helper picks KMS or Fernet by ``USE_AWS_KMS`` for reading too, so while a
+column holds both formats (during the migration) one of its two branches always breaks.
+This one reads by format instead: a value starting with ``gAAAAA`` is a Fernet token,
+anything else must be standard base64 of a KMS ``CiphertextBlob`` (see ``codec``). Only
+writing follows ``USE_AWS_KMS``. The application can therefore switch before, during and
+after the migration without downtime.
+
+Configuration is the guide's environment, read at call time (an application that sets its
+environment after importing this module works): ``USE_AWS_KMS``, ``AWS_KMS_KEY_ID``
+(default ``alias/coinflip-master-key``), ``AWS_REGION`` (default ``us-east-1``),
+``ENCRYPTION_KEY`` and ``ENCRYPTION_KEY_LEGACY`` (comma-separated, all tried on read).
+AWS credentials are never read here: boto3's default chain resolves them (IAM roles work).
+
+One boto3 client per process and region is created lazily under a lock and shared by every
+thread (boto3 clients are thread-safe; sessions are not, so each client gets its own
+session). A forked child (gunicorn --preload, celery prefork) drops the parent's client and
+makes its own. Fernet keys are parsed once per distinct set of keys.
+
+Errors: a value that is neither format, or that no Fernet key and not KMS opens, raises
+:class:`SecretDecryptError`, whose message never carries the value and which is raised
+with no chained exception (a ``UnicodeDecodeError`` would hold the bytes). Missing or
+malformed configuration raises ``ValueError`` as the guide does; KMS outages, throttling
+beyond the retries, access denied or a disabled key propagate as botocore's own
+exceptions, whose messages name the operation and key, never the data.
+"""
+
+from __future__ import annotations
+
+import binascii
+import logging
+import os
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import boto3
+import botocore.exceptions
+from botocore.config import Config
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+
+from .codec import (
+    KMS_MAX_PLAINTEXT,
+    ValueKind,
+    classify,
+    decode_kms,
+    encode_kms,
+    encryption_context,
+)
+from .config import DEFAULT_KEY_ID, DEFAULT_REGION, fernet_keys_from_env
+from .errors import SecretDecryptError
+
+__all__ = [
+    "CLIENT_CONFIG",
+    "KMSEncryption",
+    "SecretDecryptError",
+    "decrypt_secret",
+    "encrypt_secret",
+    "encryption_context",
+    "get_kms_encryption",
+    "kms_client",
+    "reset_cache",
+    "use_aws_kms",
+]
+
+logger = logging.getLogger(__name__)
+
+# botocore's standard retry mode is the only retry layer on the application side (there is
+# no tenacity loop here, unlike the migration tool): 3 attempts in all, exponential backoff
+# with jitter, for throttling, 5xx and dropped connections, under botocore's client-side
+# retry quota so an outage does not turn into a retry storm. Short timeouts: a request
+# handler would rather fail than hang.
+CLIENT_CONFIG = Config(
+    retries={"mode": "standard", "total_max_attempts": 3},
+    connect_timeout=5,
+    read_timeout=10,
+    max_pool_connections=50,  # one pool shared by all threads; botocore's default is 10
+)
+
+KMS_MAX_CIPHERTEXT = 6144  # Decrypt's CiphertextBlob limit
+# Decrypt's answers meaning "this value cannot be opened": corrupt, made under another key,
+# or read with another encryption context than it was written with. Anything else (access
+# denied, disabled key, throttling) is about the service, not the value, and propagates.
+_UNOPENABLE = frozenset({"InvalidCiphertextException", "IncorrectKeyException"})
+
+_NOT_A_FORMAT = (
+    "the value is neither a Fernet token nor a KMS ciphertext (standard base64 of a "
+    "CiphertextBlob)"
+)
+_EMPTY = "the value is empty (NULL or ''): there is nothing to decrypt"
+_NO_FERNET_KEY_OPENS = (
+    "no Fernet key opens this token (corrupt, or made with a key that is in neither "
+    "ENCRYPTION_KEY nor ENCRYPTION_KEY_LEGACY)"
+)
+_NOT_UTF8 = "the decrypted secret is not UTF-8 text"
+
+_client_lock = threading.Lock()
+_clients: dict[str, Any] = {}
+_fernet_lock = threading.Lock()
+_fernets: dict[tuple[str, ...], MultiFernet] = {}
+_FERNET_CACHE_MAX = 8
+
+
+# -- configuration and caches -----------------------------------------------------------
+
+def use_aws_kms() -> bool:
+    """Whether new secrets go to KMS: ``USE_AWS_KMS=true``, read now, as the guide reads it."""
+    return os.environ.get("USE_AWS_KMS", "").lower() == "true"
+
+
+def kms_client(region: str | None = None) -> Any:
+    """The process's shared boto3 KMS client for `region`, created on first use.
+
+    No credentials are passed: boto3's default chain finds them (environment, profile, IAM
+    role, refreshed as they expire), and ``AWS_ENDPOINT_URL_KMS`` is honoured.
+    """
+    region = region or os.environ.get("AWS_REGION") or DEFAULT_REGION
+    client = _clients.get(region)
+    if client is None:
+        with _client_lock:
+            client = _clients.get(region)
+            if client is None:
+                client = boto3.session.Session().client(
+                    "kms", region_name=region, config=CLIENT_CONFIG
+                )
+                _clients[region] = client
+                logger.debug("KMS client created for region %s", region)
+    return client
+
+
+def reset_cache() -> None:
+    """Forget the cached KMS clients and Fernet keys (tests; after rotating keys in place)."""
+    with _client_lock:
+        _clients.clear()
+    with _fernet_lock:
+        _fernets.clear()
+
+
+def _forget_after_fork() -> None:
+    # A client's connection pool must not be shared across fork, and a lock held by another
+    # thread at fork time would never be released in the child: start over with new ones.
+    global _client_lock, _clients, _fernet_lock, _fernets
+    _client_lock, _clients = threading.Lock(), {}
+    _fernet_lock, _fernets = threading.Lock(), {}
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+def _fernet_keys(encryption_key: str | None) -> tuple[str, ...]:
+    """The current key (the argument, else ENCRYPTION_KEY) first, then the legacy keys."""
+    return fernet_keys_from_env({
+        "ENCRYPTION_KEY": encryption_key or os.environ.get("ENCRYPTION_KEY", ""),
+        "ENCRYPTION_KEY_LEGACY": os.environ.get("ENCRYPTION_KEY_LEGACY", ""),
+    })
+
+
+def _multi_fernet(keys: tuple[str, ...]) -> MultiFernet:
+    """A MultiFernet over `keys`, parsed once and cached until the keys change."""
+    cached = _fernets.get(keys)
+    if cached is not None:
+        return cached
+    if not keys:
+        raise ValueError(
+            "ENCRYPTION_KEY not set: export the application's Fernet key (older keys go in "
+            "ENCRYPTION_KEY_LEGACY, comma-separated)"
+        )
+    fernets: list[Fernet] = []
+    bad: int | None = None
+    for i, key in enumerate(keys):
+        try:
+            fernets.append(Fernet(key.encode("utf-8")))
+        except (ValueError, binascii.Error, UnicodeEncodeError):
+            bad = i
+            break
+    if bad is not None:  # raised here, outside the except, so no error holds the key
+        raise ValueError(
+            f"Fernet key #{bad + 1} of ENCRYPTION_KEY / ENCRYPTION_KEY_LEGACY (or the "
+            "encryption_key argument) is not a valid Fernet key: it must be 32 bytes in "
+            "url-safe base64, 44 characters ending in '='"
+        )
+    multi = MultiFernet(fernets)
+    with _fernet_lock:
+        if len(_fernets) >= _FERNET_CACHE_MAX:
+            _fernets.clear()
+        _fernets[keys] = multi
+    return multi
+
+
+# -- shared pieces ----------------------------------------------------------------------
+
+def _plain_bytes(plaintext: str) -> bytes:
+    if not isinstance(plaintext, str):
+        raise TypeError(f"encrypt_secret takes a str, not {type(plaintext).__name__}")
+    return plaintext.encode("utf-8")
+
+
+def _utf8(data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    raise SecretDecryptError(_NOT_UTF8)  # outside the except: the error holds the bytes
+
+
+def _context(context: Mapping[str, str] | None) -> dict[str, str] | None:
+    if not context:
+        return None
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in context.items()):
+        raise TypeError(
+            "an encryption context maps str to str: build it with "
+            "encryption_context(table, column, pk)"
+        )
+    return dict(context)
+
+
+def _as_text(value: object) -> str:
+    """The stored value as text; bytes from a BLOB column are taken as ASCII."""
+    if isinstance(value, str):
+        return value
+    text: str | None = None
+    if isinstance(value, bytes | bytearray | memoryview):
+        try:
+            text = bytes(value).decode("ascii")
+        except UnicodeDecodeError:
+            text = None
+    if text is None:
+        raise SecretDecryptError(_EMPTY if value is None else _NOT_A_FORMAT)
+    return text
+
+
+def _decrypt(
+    value: object,
+    encryption_key: str | None,
+    context: Mapping[str, str] | None,
+    kms: KMSEncryption | None,
+) -> str:
+    """Open a stored value by its format: Fernet with the keys, anything else with KMS."""
+    text = _as_text(value)
+    kind = classify(text)
+    if kind is ValueKind.EMPTY:
+        raise SecretDecryptError(_EMPTY)
+    if kind is ValueKind.FERNET:
+        # Fernet has no encryption context: a Fernet value opens wherever it is copied,
+        # which is one reason to migrate. `context` only binds KMS values.
+        multi = _multi_fernet(_fernet_keys(encryption_key))
+        opened: bytes | None
+        try:
+            opened = multi.decrypt(text.encode("ascii"))
+        except (InvalidToken, UnicodeEncodeError, ValueError, TypeError):
+            opened = None
+        if opened is None:
+            raise SecretDecryptError(_NO_FERNET_KEY_OPENS)
+        return _utf8(opened)
+    blob = decode_kms(text)
+    if blob is None or len(blob) > KMS_MAX_CIPHERTEXT:
+        raise SecretDecryptError(_NOT_A_FORMAT)
+    return (kms or KMSEncryption())._decrypt_blob(blob, context)
+
+
+# -- the guide's API --------------------------------------------------------------------
+
+class KMSEncryption:
+    """The guide's KMS manager, on the process's shared client, reading both formats.
+
+    ``region`` defaults to ``AWS_REGION`` (else us-east-1) and ``key_id`` to
+    ``AWS_KMS_KEY_ID`` (else alias/coinflip-master-key), read when the object is made.
+    ``client`` is for tests and special set-ups; by default the shared client is used.
+    """
+
+    def __init__(
+        self, region: str | None = None, key_id: str | None = None, client: Any = None
+    ) -> None:
+        self.region = region or os.environ.get("AWS_REGION") or DEFAULT_REGION
+        self.key_id = key_id or os.environ.get("AWS_KMS_KEY_ID") or DEFAULT_KEY_ID
+        self._client = client
+
+    @property
+    def kms(self) -> Any:
+        """The boto3 KMS client (the guide's attribute name)."""
+        return self._client if self._client is not None else kms_client(self.region)
+
+    def encrypt_secret(self, plaintext: str, context: Mapping[str, str] | None = None) -> str:
+        """KMS-encrypt a secret under the key; return standard base64 of the blob.
+
+        With `context`, the ciphertext only decrypts with the very same context.
+        """
+        data = _plain_bytes(plaintext)
+        if len(data) > KMS_MAX_PLAINTEXT:
+            raise ValueError(
+                f"the secret is {len(data)} bytes, over KMS's {KMS_MAX_PLAINTEXT}-byte Encrypt "
+                "limit: encrypt it with a data key (envelope encryption) instead"
+            )
+        params: dict[str, Any] = {"KeyId": self.key_id, "Plaintext": data}
+        ctx = _context(context)
+        if ctx:
+            params["EncryptionContext"] = ctx
+        blob: bytes = self.kms.encrypt(**params)["CiphertextBlob"]
+        return encode_kms(blob)
+
+    def decrypt_secret(self, ciphertext: str, context: Mapping[str, str] | None = None) -> str:
+        """Decrypt a stored value, KMS ciphertext or Fernet token alike (Fernet keys from env).
+
+        Raises SecretDecryptError when the value is neither format or nothing opens it.
+        """
+        return _decrypt(ciphertext, None, context, self)
+
+    def _decrypt_blob(self, blob: bytes, context: Mapping[str, str] | None) -> str:
+        params: dict[str, Any] = {"CiphertextBlob": blob}
+        ctx = _context(context)
+        if ctx:
+            params["EncryptionContext"] = ctx
+        code = ""
+        try:
+            response: dict[str, Any] | None = self.kms.decrypt(**params)
+        except botocore.exceptions.ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code not in _UNOPENABLE:
+                raise  # the service, not the value: outage, access, key state
+            response = None
+        if response is None:
+            raise SecretDecryptError(
+                f"KMS could not decrypt the value ({code}): it is corrupt, was made under "
+                "another key, or was written with another encryption context than the one "
+                "given (a ciphertext bound to one row does not open in another)"
+            )
+        plaintext: bytes = response["Plaintext"]
+        return _utf8(plaintext)
+
+
+def get_kms_encryption() -> KMSEncryption | None:
+    """The guide's accessor: a KMSEncryption when ``USE_AWS_KMS=true``, else None."""
+    return KMSEncryption() if use_aws_kms() else None
+
+
+def encrypt_secret(
+    plaintext: str,
+    encryption_key: str | None = None,
+    *,
+    context: Mapping[str, str] | None = None,
+) -> str:
+    """Encrypt a new secret: KMS when ``USE_AWS_KMS=true``, else Fernet (the guide's rule).
+
+    `encryption_key` overrides ``ENCRYPTION_KEY`` for Fernet (ignored for KMS, as in the
+    guide). `context` binds a KMS ciphertext to where it lives; Fernet ignores it.
+    """
+    if use_aws_kms():
+        return KMSEncryption().encrypt_secret(plaintext, context=context)
+    data = _plain_bytes(plaintext)
+    current = encryption_key or os.environ.get("ENCRYPTION_KEY", "").strip()
+    if not current:
+        raise ValueError("ENCRYPTION_KEY not set: export the application's Fernet key")
+    # MultiFernet encrypts with its first key: the current one.
+    return _multi_fernet(_fernet_keys(current)).encrypt(data).decode("ascii")
+
+
+def decrypt_secret(
+    ciphertext: str,
+    encryption_key: str | None = None,
+    *,
+    context: Mapping[str, str] | None = None,
+) -> str:
+    """Decrypt a stored secret whatever ``USE_AWS_KMS`` says, telling the formats apart.
+
+    Fernet tokens open with `encryption_key` (else ``ENCRYPTION_KEY``) or any
+    ``ENCRYPTION_KEY_LEGACY`` key; everything else goes to KMS, with `context` if given.
+    Raises SecretDecryptError when the value is neither format or nothing opens it.
+    """
+    return _decrypt(ciphertext, encryption_key, context, None)
