@@ -36,7 +36,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 
 from migration.sample import SampleSecrets
-from tests.conftest import AWS_SECRET, Keys, KmsHandle, MotoServer, kms_migrate_bin
+from tests.conftest import Keys, KmsHandle, MotoServer, kms_migrate_bin
 from tests.helpers import Cell, assert_no_leaks, make_db, snapshot
 
 pytestmark = pytest.mark.e2e
