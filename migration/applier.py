@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, Engine, update
+from sqlalchemy import Connection, Engine, bindparam, select, update
 
 from checkpoints import store
 from checkpoints.store import BatchCounts, FailureRow, JournalRow
@@ -32,10 +32,35 @@ class Rewrite:
     new: str
 
 
-def _cas(conn: object, bt: BoundTarget, column: str, rw: Rewrite) -> bool:
+IN_CHUNK = 900  # keys per IN list: under every backend's bound-parameter limit
+
+
+def cas_many(
+    conn: Connection, bt: BoundTarget, column: str, rewrites: Sequence[Rewrite]
+) -> list[bool]:
+    """Apply compare-and-swaps in one executemany; say which of them took.
+
+    Per-row rowcounts are not reported by every driver for an executemany, so which rows
+    took is read back inside the same transaction: a row holding exactly the `new` value
+    we wrote took (a fresh KMS ciphertext, or the journal's original on rollback, that
+    nobody else could have written there while our transaction holds the row).
+    """
+    if not rewrites:
+        return []
     col = bt.col(column)
-    stmt = update(bt.table).where(bt.pk == rw.pk, col == rw.old).values({column: rw.new})
-    return conn.execute(stmt).rowcount == 1  # type: ignore[attr-defined,no-any-return]
+    stmt = (
+        update(bt.table)
+        .where(bt.pk == bindparam("cas_pk"), col == bindparam("cas_old"))
+        .values({column: bindparam("cas_new")})
+    )
+    conn.execute(stmt, [{"cas_pk": rw.pk, "cas_old": rw.old, "cas_new": rw.new}
+                        for rw in rewrites])
+    now_holds: dict[object, object] = {}
+    keys = [rw.pk for rw in rewrites]
+    for i in range(0, len(keys), IN_CHUNK):
+        q = select(bt.pk, col).where(bt.pk.in_(keys[i:i + IN_CHUNK]))
+        now_holds.update((pk, value) for pk, value in conn.execute(q))
+    return [now_holds.get(rw.pk) == rw.new for rw in rewrites]
 
 
 def apply_migrate_batch(
@@ -56,8 +81,8 @@ def apply_migrate_batch(
     with engine.begin() as conn:
         if fence is not None:
             fence(conn)  # first: holds the lock row until commit, raises if the lock was lost
-        for rw in rewrites:
-            if _cas(conn, bt, column, rw):
+        for rw, took in zip(rewrites, cas_many(conn, bt, column, rewrites), strict=True):
+            if took:
                 journal_rows.append(JournalRow(bt.pk_text(rw.pk), original=rw.old, migrated=rw.new))
         conflicts = len(rewrites) - len(journal_rows)
         final = BatchCounts(
@@ -96,20 +121,25 @@ def apply_rollback_batch(
     with engine.begin() as conn:
         if fence is not None:
             fence(conn)
-        for jid, pk_text, original, migrated in entries:
-            ok = _cas(conn, bt, column, Rewrite(bt.pk_value(pk_text), old=migrated, new=original))
+        took = cas_many(conn, bt, column, [
+            Rewrite(bt.pk_value(pk_text), old=migrated, new=original)
+            for _, pk_text, original, migrated in entries
+        ])
+        marks: list[dict[str, object]] = []
+        for (jid, pk_text, _, _), ok in zip(entries, took, strict=True):
             if ok:
                 restored += 1
-                status = "rolled_back"
             else:
-                status = "conflict"
                 failures.append(FailureRow(
                     bt.name, column, pk_text,
                     "value changed since kms-migrate wrote it; left as it is",
                 ))
+            marks.append({"jid": jid, "st": "rolled_back" if ok else "conflict"})
+        if marks:
             conn.execute(
-                update(journal).where(journal.c.id == jid)
-                .values(status=status, rollback_run_id=run_id, rolled_back_at=ts)
+                update(journal).where(journal.c.id == bindparam("jid"))
+                .values(status=bindparam("st"), rollback_run_id=run_id, rolled_back_at=ts),
+                marks,
             )
         counts = BatchCounts(migrated=restored, conflicts=len(failures))
         store.record_batch(

@@ -236,21 +236,38 @@ class KMS:
         The first exception (a fatal KMS error) cancels what has not started and is raised:
         the caller then writes nothing of this batch.
         """
+        return self.gather(self.submit(fn, items))
+
+    def submit(self, fn: Callable[[T], R], items: Sequence[T]) -> list[Future[R]]:
+        """Start fn over items on the shared pool and return at once (see `gather`).
+
+        The pool has `concurrency` threads, so however many batches have work queued, no
+        more than `concurrency` KMS calls are ever in flight.
+        """
         if not items:
             return []
-        if self.concurrency == 1 or len(items) == 1:
-            return [fn(item) for item in items]
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="kms")
-        futures: list[Future[R]] = [self._pool.submit(fn, item) for item in items]
-        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        return [self._pool.submit(fn, item) for item in items]
+
+    @staticmethod
+    def gather(futures: Sequence[Future[R]]) -> list[R]:
+        """Wait for submitted work, results in order; the first exception cancels the rest."""
+        if not futures:
+            return []
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
         for f in done:
             exc = f.exception()
             if exc is not None:
-                for p in pending:
-                    p.cancel()
+                KMS.cancel(futures)
                 raise exc
         return [f.result() for f in futures]
+
+    @staticmethod
+    def cancel(futures: Sequence[Future[Any]]) -> None:
+        """Cancel submitted work that has not started (a call in flight finishes alone)."""
+        for f in futures:
+            f.cancel()
 
     # -- the retry loop ----------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from sqlalchemy import Engine, select
@@ -78,16 +79,32 @@ class MigrateResult:
 BatchHook = Callable[[str, str, BatchCounts], None]
 
 
-def process_rows(
-    rows: Sequence[Row], bt: BoundTarget, column: str, codec: FernetCodec, kms: KMS
-) -> tuple[list[Rewrite], list[FailureRow], BatchCounts]:
-    """Turn read rows into compare-and-swap rewrites and failures; nothing is written here.
+@dataclass
+class Prepared:
+    """One batch between its read and its write: Fernet done, KMS round trips submitted.
 
-    Plaintexts exist only inside this call: decrypted, sent to KMS, compared, dropped.
+    The plaintexts live only in the submitted calls; nothing here holds one.
     """
+
+    rows: list[Row]
+    waiting: list[Row]
+    futures: list[Future[bytes | str]]
+    failures: list[FailureRow]
+    skipped: int
+    already: int
+
+    def cancel(self) -> None:
+        KMS.cancel(self.futures)
+
+
+def prepare_rows(
+    rows: list[Row], bt: BoundTarget, column: str, codec: FernetCodec, kms: KMS
+) -> Prepared:
+    """Classify and Fernet-decrypt a batch, and start its KMS round trips (non-blocking)."""
     skipped = already = 0
     failures: list[FailureRow] = []
-    pending: list[tuple[Row, bytes]] = []
+    waiting: list[Row] = []
+    plaintexts: list[bytes] = []
     for row in rows:
         kind = classify(row.value)
         if kind is ValueKind.EMPTY:
@@ -101,19 +118,35 @@ def process_rows(
             elif len(plaintext) > KMS_MAX_PLAINTEXT:
                 failures.append(FailureRow(bt.name, column, bt.pk_text(row.pk), REASON_OVERSIZE))
             else:
-                pending.append((row, plaintext))
-    results = kms.map(kms.round_trip, [p for _, p in pending])
+                waiting.append(row)
+                plaintexts.append(plaintext)
+    futures = kms.submit(kms.round_trip, plaintexts)
+    del plaintexts
+    return Prepared(rows, waiting, futures, failures, skipped, already)
+
+
+def finish_rows(
+    prep: Prepared, bt: BoundTarget, column: str
+) -> tuple[list[Rewrite], list[FailureRow], BatchCounts]:
+    """Wait for a batch's KMS work; turn it into compare-and-swap rewrites and failures."""
+    results = KMS.gather(prep.futures)
     rewrites: list[Rewrite] = []
-    for (row, _), result in zip(pending, results, strict=True):
+    failures = list(prep.failures)
+    for row, result in zip(prep.waiting, results, strict=True):
         if isinstance(result, bytes):
             rewrites.append(Rewrite(row.pk, old=row.value, new=encode_kms(result)))
         else:
             failures.append(FailureRow(bt.name, column, bt.pk_text(row.pk), result))
-    del pending
-    counts = BatchCounts(
-        migrated=len(rewrites), skipped=skipped, already=already, failed=len(failures)
-    )
+    counts = BatchCounts(migrated=len(rewrites), skipped=prep.skipped, already=prep.already,
+                         failed=len(failures))
     return rewrites, failures, counts
+
+
+def process_rows(
+    rows: list[Row], bt: BoundTarget, column: str, codec: FernetCodec, kms: KMS
+) -> tuple[list[Rewrite], list[FailureRow], BatchCounts]:
+    """One batch's rewrites and failures, start to finish; nothing is written here."""
+    return finish_rows(prepare_rows(rows, bt, column, codec, kms), bt, column)
 
 
 def check_keys_open_something(
@@ -303,30 +336,46 @@ def _migrate_column(
 ) -> None:
     clog = log.bind(table=bt.name, column=column)  # type: ignore[attr-defined]
     batch_no = 0
-    while True:
-        rows = fetch_batch(engine, bt, column, after, settings.batch_size)
-        done = len(rows) < settings.batch_size
-        batch_no += 1
-        rewrites, failures, counts = process_rows(rows, bt, column, codec, kms)
-        last_pk = rows[-1].pk if rows else None
-        if result.dry_run:
-            result.failures.extend(failures)
-        else:
-            assert result.run_id is not None
-            counts = apply_migrate_batch(
-                engine, bt, column, result.run_id, rewrites=rewrites, failures=failures,
-                counts=counts, last_pk=last_pk, done=done,
-                fence=run_lock.fence if run_lock else None,
-            )
-        summary.add(counts)
-        clog.info("batch_committed" if not result.dry_run else "batch_checked", batch=batch_no,
-                  rows=len(rows), migrated=counts.migrated, skipped=counts.skipped,
-                  already=counts.already, failed=counts.failed, conflicts=counts.conflicts)
-        if on_batch is not None:
-            on_batch(bt.name, column, counts)
-        if done:
-            return
-        after = last_pk
+    rows = fetch_batch(engine, bt, column, after, settings.batch_size)
+    prep = prepare_rows(rows, bt, column, codec, kms)
+    upcoming: Prepared | None = None
+    try:
+        while True:
+            done = len(rows) < settings.batch_size
+            batch_no += 1
+            last_pk = rows[-1].pk if rows else None
+            rewrites, failures, counts = finish_rows(prep, bt, column)
+            if not done:
+                # Read the next batch and start its KMS work now, so that it overlaps this
+                # batch's write. Safe: the two batches hold disjoint keys, and the next one
+                # writes nothing until this one has committed its checkpoint.
+                rows = fetch_batch(engine, bt, column, last_pk, settings.batch_size)
+                upcoming = prepare_rows(rows, bt, column, codec, kms)
+            if result.dry_run:
+                result.failures.extend(failures)
+            else:
+                assert result.run_id is not None
+                counts = apply_migrate_batch(
+                    engine, bt, column, result.run_id, rewrites=rewrites, failures=failures,
+                    counts=counts, last_pk=last_pk, done=done,
+                    fence=run_lock.fence if run_lock else None,
+                )
+            summary.add(counts)
+            clog.info("batch_committed" if not result.dry_run else "batch_checked",
+                      batch=batch_no, migrated=counts.migrated, skipped=counts.skipped,
+                      already=counts.already, failed=counts.failed, conflicts=counts.conflicts)
+            if on_batch is not None:
+                on_batch(bt.name, column, counts)
+            if done:
+                return
+            assert upcoming is not None
+            prep, upcoming = upcoming, None
+    except BaseException:
+        # Whatever stopped us, the batch read ahead writes nothing: drop its KMS work.
+        prep.cancel()
+        if upcoming is not None:
+            upcoming.cancel()
+        raise
 
 
 def _set_state_quietly(engine: Engine, run_id: int, state: str, note: str | None) -> None:

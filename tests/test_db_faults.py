@@ -46,10 +46,11 @@ def test_postgres_connection_killed_mid_batch_rolls_the_batch_back(
     admin = create_engine(pg_server.admin_url, isolation_level="AUTOCOMMIT")
 
     @event.listens_for(engine, "after_cursor_execute")
-    def kill_on_the_13th_update(conn: Any, cursor: Any, statement: str, *a: Any) -> None:
+    def kill_after_the_second_batch_update(conn: Any, cursor: Any, statement: str,
+                                           *a: Any) -> None:
         if statement.lstrip().upper().startswith("UPDATE USERS"):
             updates[0] += 1
-            if updates[0] == 13:  # three statements into the second batch
+            if updates[0] == 2:  # the second batch's rewrites are sent, not yet committed
                 pid = cursor.connection.info.backend_pid
                 with admin.connect() as c:
                     c.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})

@@ -208,8 +208,8 @@ class FailingKMS:
             raise FatalKMSError("KMS key alias/coinflip-master-key is disabled")
         return self.inner.round_trip(plaintext)
 
-    def map(self, fn: Any, items: Any) -> Any:
-        return self.inner.map(self.round_trip if fn == self.inner.round_trip else fn, items)
+    def submit(self, fn: Any, items: Any) -> Any:
+        return self.inner.submit(self.round_trip if fn == self.inner.round_trip else fn, items)
 
 
 def test_fatal_kms_error_stops_with_nothing_of_the_batch_written(
@@ -252,7 +252,7 @@ class MeddlingKMS:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def map(self, fn: Any, items: Any) -> Any:
+    def submit(self, fn: Any, items: Any) -> Any:
         if not self.done:
             self.done = True
             _, users, _ = coinflip_metadata()
@@ -261,7 +261,7 @@ class MeddlingKMS:
                 conn.execute(update(users).where(users.c.user_id == self.pk)
                              .values(encrypted_secret=self.new_token))
             eng.dispose()
-        return self.inner.map(fn, items)
+        return self.inner.submit(fn, items)
 
 
 def test_compare_and_swap_keeps_a_concurrent_application_write(
