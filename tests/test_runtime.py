@@ -1,0 +1,502 @@
+"""The application-side helper (migration.runtime) against moto's KMS and real databases.
+
+It must read both formats whatever USE_AWS_KMS says (mid-migration tables hold both), agree
+with the migration tool in both directions, agree with the guide's own helper, bind KMS
+values to their row when given an encryption context, never put a value in an error, and
+make one boto3 client per process however many threads call it.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import botocore.exceptions
+import pytest
+from botocore.stub import Stubber
+from cryptography.fernet import Fernet
+from sqlalchemy import Engine, create_engine, insert, select, update
+
+import migration
+from migration import (
+    KMSEncryption,
+    SecretDecryptError,
+    decrypt_secret,
+    encrypt_secret,
+    encryption_context,
+    runtime,
+)
+from migration.codec import ValueKind, classify, encode_kms
+from migration.db import make_engine
+from migration.migrator import migrate
+from migration.sample import coinflip_metadata, create_coinflip_schema
+from tests import guide_kms_encryption as guide
+from tests.conftest import Keys, KmsHandle
+from tests.helpers import make_db, make_kms, settings_for, snapshot
+
+SECRET = "5KQwrPbwdL6PhXujxW37FSSQZ1JiwsST4cqQzDeyXtP79zkvFD3"  # looks like a wallet key
+
+
+@pytest.fixture(autouse=True)
+def fresh_runtime(monkeypatch: pytest.MonkeyPatch, keys: Keys) -> Iterator[None]:
+    """Each test starts with no cached client or keys and the application's Fernet keys."""
+    runtime.reset_cache()
+    monkeypatch.delenv("USE_AWS_KMS", raising=False)
+    monkeypatch.delenv("AWS_KMS_KEY_ID", raising=False)
+    monkeypatch.setenv("ENCRYPTION_KEY", keys.current)
+    monkeypatch.setenv("ENCRYPTION_KEY_LEGACY", keys.legacy)
+    yield
+    runtime.reset_cache()
+
+
+def _users(engine: Engine, values: dict[int, str | None]) -> None:
+    _, users, _ = coinflip_metadata()
+    create_coinflip_schema(engine)
+    with engine.begin() as conn:
+        conn.execute(insert(users), [
+            {"user_id": pk, "username": f"u{pk}", "encrypted_secret": v,
+             "referral_payout_escrow_secret": None}
+            for pk, v in values.items()
+        ])
+
+
+def _column(engine: Engine, column: str = "encrypted_secret") -> dict[int, Any]:
+    _, users, _ = coinflip_metadata()
+    with engine.connect() as conn:
+        return {pk: v for pk, v in conn.execute(select(users.c.user_id, users.c[column]))}
+
+
+def _assert_no_value(exc: BaseException, value: str) -> None:
+    """The error says nothing of the value: not in its text, args, or a chained error."""
+    assert isinstance(exc, SecretDecryptError)
+    assert isinstance(exc, ValueError)  # code written for the guide's ValueError catches it
+    if value:
+        assert value not in str(exc)
+        assert value not in repr(exc)
+        assert all(value not in str(a) for a in exc.args)
+    assert exc.__cause__ is None
+    assert exc.__context__ is None
+
+
+# -- mid-migration: both formats in one table -------------------------------------------
+
+def test_helper_reads_both_formats_in_a_half_migrated_table(
+    db_url: str, kms: KmsHandle, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    truth = make_db(db_url, 40, keys.current, keys.legacy, bad_values=False)
+    settings = settings_for(db_url, keys.current, keys.legacy, batch_size=10)
+    batches = []
+
+    def crash_after_two(table: str, column: str, counts: object) -> None:
+        batches.append(table)
+        if len(batches) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        migrate(settings, engine=make_engine(db_url), kms=make_kms(kms.client, settings),
+                on_batch=crash_after_two)
+    mid = snapshot(db_url)
+    column = {c: v for c, v in mid.items() if c[0] == "users" and c[2] == "encrypted_secret"}
+    kinds = {classify(v) for c, v in column.items() if c in truth.plaintexts}
+    assert kinds == {ValueKind.FERNET, ValueKind.OTHER}  # the same column holds both
+
+    for flag in (None, "false", "true"):
+        if flag is None:
+            monkeypatch.delenv("USE_AWS_KMS", raising=False)
+        else:
+            monkeypatch.setenv("USE_AWS_KMS", flag)
+        for cell, plaintext in truth.plaintexts.items():
+            assert decrypt_secret(mid[cell]) == plaintext
+            assert KMSEncryption().decrypt_secret(mid[cell]) == plaintext
+
+    # The guide's helper reads with one branch only, so one format always breaks mid-way.
+    fernet_cell = next(c for c in truth.plaintexts if classify(mid[c]) is ValueKind.FERNET)
+    kms_cell = next(c for c in truth.plaintexts if classify(mid[c]) is ValueKind.OTHER)
+    monkeypatch.setenv("USE_AWS_KMS", "true")
+    with pytest.raises(Exception):  # noqa: B017 - base64 or KMS error, whichever comes first
+        guide.decrypt_secret(mid[fernet_cell])
+    monkeypatch.delenv("USE_AWS_KMS")
+    with pytest.raises(Exception):  # noqa: B017 - Fernet's InvalidToken
+        guide.decrypt_secret(mid[kms_cell])
+
+
+# -- values written by the helper, then the migration -----------------------------------
+
+def test_migrate_migrates_helper_fernet_values_and_skips_helper_kms_values(
+    db_url: str, kms: KmsHandle, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plaintexts = {pk: f"{SECRET}-{pk}" for pk in range(1, 31)}
+    stored: dict[int, str | None] = {}
+    for pk, p in plaintexts.items():
+        if pk % 3 == 0:
+            monkeypatch.setenv("USE_AWS_KMS", "true")  # the app already writes KMS
+        else:
+            monkeypatch.delenv("USE_AWS_KMS", raising=False)  # the app still writes Fernet
+        stored[pk] = encrypt_secret(p)
+    stored[31], stored[32] = None, ""
+    fernet = {pk for pk, v in stored.items() if v and classify(v) is ValueKind.FERNET}
+    helper_kms = {pk for pk, v in stored.items() if v and classify(v) is ValueKind.OTHER}
+    assert len(fernet) == 20 and len(helper_kms) == 10
+
+    _users(create_engine(db_url), stored)
+    engine = make_engine(db_url)
+    settings = settings_for(db_url, keys.current, keys.legacy, batch_size=7)
+    result = migrate(settings, engine=engine, kms=make_kms(kms.client, settings))
+
+    col = next(c for c in result.columns if (c.table, c.column) == ("users", "encrypted_secret"))
+    assert (col.migrated, col.already, col.skipped, col.failed) == (20, 10, 2, 0)
+    after = _column(engine)
+    for pk in helper_kms:
+        assert after[pk] == stored[pk]  # the helper's KMS values are left byte-identical
+    for pk in fernet:
+        assert classify(after[pk]) is ValueKind.OTHER
+    assert after[31] is None and after[32] == ""
+    monkeypatch.setenv("USE_AWS_KMS", "true")
+    for pk, p in plaintexts.items():
+        assert decrypt_secret(after[pk]) == p
+        assert guide.decrypt_secret(after[pk]) == p
+    engine.dispose()
+
+
+# -- values written by the tool, read by the helper and by the guide --------------------
+
+def test_values_the_tool_migrated_are_read_by_the_helper_and_the_guide(
+    db_url: str, kms: KmsHandle, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    truth = make_db(db_url, 25, keys.current, keys.legacy, bad_values=False)
+    settings = settings_for(db_url, keys.current, keys.legacy)
+    migrate(settings, engine=make_engine(db_url), kms=make_kms(kms.client, settings))
+    after = snapshot(db_url)
+    for cell, plaintext in truth.plaintexts.items():
+        assert classify(after[cell]) is ValueKind.OTHER
+        assert decrypt_secret(after[cell]) == plaintext  # USE_AWS_KMS unset: still reads
+    monkeypatch.setenv("USE_AWS_KMS", "true")
+    for cell, plaintext in truth.plaintexts.items():
+        assert decrypt_secret(after[cell]) == plaintext
+        assert guide.decrypt_secret(after[cell]) == plaintext
+        assert guide.KMSEncryption().decrypt_secret(after[cell]) == plaintext
+
+
+def test_guide_and_helper_read_each_others_values(
+    kms: KmsHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("USE_AWS_KMS", raising=False)
+    guide_fernet, ours_fernet = guide.encrypt_secret(SECRET), encrypt_secret(SECRET)
+    assert guide.decrypt_secret(ours_fernet) == SECRET
+    monkeypatch.setenv("USE_AWS_KMS", "true")
+    guide_kms, ours_kms = guide.encrypt_secret(SECRET), encrypt_secret(SECRET)
+    assert classify(ours_kms) is ValueKind.OTHER
+    assert guide.decrypt_secret(ours_kms) == SECRET
+    assert kms.decrypt_text(ours_kms) == SECRET
+    for flag in ("true", "false"):
+        monkeypatch.setenv("USE_AWS_KMS", flag)
+        for value in (guide_fernet, ours_fernet, guide_kms, ours_kms):
+            assert decrypt_secret(value) == SECRET
+
+
+# -- encryption context -----------------------------------------------------------------
+
+def test_context_bound_ciphertext_copied_to_another_row_does_not_decrypt(
+    sqlite_url: str, kms: KmsHandle, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = settings_for(sqlite_url, keys.current, keys.legacy)
+    tool = make_kms(kms.client, settings)
+
+    def ctx(pk: int) -> dict[str, str]:
+        return encryption_context("users", "encrypted_secret", pk)
+
+    # Row 1 as `migrate --encryption-context` writes it; row 2 as the helper writes it.
+    row1 = encode_kms(tool.client.encrypt(
+        KeyId=settings.key_id, Plaintext=b"secret of user 1", EncryptionContext=ctx(1),
+    )["CiphertextBlob"])
+    monkeypatch.setenv("USE_AWS_KMS", "true")
+    row2 = encrypt_secret("secret of user 2", context=ctx(2))
+    engine = create_engine(sqlite_url)
+    _users(engine, {1: row1, 2: row2, 3: None})
+    _, users, _ = coinflip_metadata()
+
+    values = _column(engine)
+    assert decrypt_secret(values[1], context=ctx(1)) == "secret of user 1"
+    assert decrypt_secret(values[2], context=ctx(2)) == "secret of user 2"
+    assert KMSEncryption().decrypt_secret(values[2], ctx(2)) == "secret of user 2"
+
+    # An attacker with write access copies user 1's ciphertext into rows 2 and 3.
+    with engine.begin() as conn:
+        conn.execute(update(users).where(users.c.user_id.in_([2, 3]))
+                     .values(encrypted_secret=row1))
+    moved = _column(engine)
+    for pk in (2, 3):
+        with pytest.raises(SecretDecryptError) as err:
+            decrypt_secret(moved[pk], context=ctx(pk))
+        _assert_no_value(err.value, moved[pk])
+        assert "encryption context" in str(err.value)
+    # Read without the context, or with another column's, it does not open either.
+    for wrong in (None, encryption_context("users", "referral_payout_escrow_secret", 1)):
+        with pytest.raises(SecretDecryptError):
+            decrypt_secret(moved[1], context=wrong)
+    # The trade-off: the guide's helper passes no context, so it cannot read bound values.
+    with pytest.raises(botocore.exceptions.ClientError, match="InvalidCiphertextException"):
+        guide.decrypt_secret(moved[1])
+    engine.dispose()
+
+
+def test_without_context_a_copied_ciphertext_still_decrypts(
+    kms: KmsHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default (the guide's format): nothing binds a value to its row."""
+    monkeypatch.setenv("USE_AWS_KMS", "true")
+    value = encrypt_secret(SECRET)
+    assert decrypt_secret(value) == SECRET  # whichever row it was copied into
+
+
+def test_context_is_ignored_for_fernet_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    token = encrypt_secret(SECRET, context=encryption_context("users", "encrypted_secret", 1))
+    assert classify(token) is ValueKind.FERNET
+    assert decrypt_secret(token, context=encryption_context("users", "x", 2)) == SECRET
+
+
+def test_context_must_map_str_to_str(kms: KmsHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("USE_AWS_KMS", "true")
+    with pytest.raises(TypeError, match="encryption_context"):
+        encrypt_secret(SECRET, context={"pk": 1})  # type: ignore[dict-item]
+
+
+# -- errors never carry the value -------------------------------------------------------
+
+def _neither_format_values(keys: Keys) -> list[str]:
+    stranger = Fernet(Fernet.generate_key())
+    good = Fernet(keys.current.encode()).encrypt(SECRET.encode()).decode()
+    return [
+        SECRET,  # a plaintext stored by mistake: not base64 at all
+        "hello world, not a secret at all",
+        "gAAAAABnot-really-a-fernet-token",  # Fernet-shaped, nothing opens it
+        good[:-12] + "AAAAAAAAAAA=",  # a corrupt Fernet token
+        stranger.encrypt(SECRET.encode()).decode(),  # a Fernet token under an unknown key
+        "c2VjcmV0LXdhbGxldC1rZXktNUtRd3JQYndkTDZQaFh1",  # base64, but no KMS ciphertext
+        "€uro-not-ascii",
+    ]
+
+
+@pytest.mark.parametrize("flag", [None, "true"])
+def test_values_neither_format_or_opening_raise_one_error_without_the_value(
+    kms: KmsHandle, keys: Keys, monkeypatch: pytest.MonkeyPatch, flag: str | None
+) -> None:
+    monkeypatch.setenv("USE_AWS_KMS", "true")
+    truncated = encrypt_secret(SECRET)[:-8]  # a KMS ciphertext cut short
+    if flag is None:
+        monkeypatch.delenv("USE_AWS_KMS")
+    for value in [*_neither_format_values(keys), truncated, ""]:
+        with pytest.raises(SecretDecryptError) as err:
+            decrypt_secret(value)
+        _assert_no_value(err.value, value)
+        with pytest.raises(SecretDecryptError) as err:
+            KMSEncryption().decrypt_secret(value)
+        _assert_no_value(err.value, value)
+
+
+def test_none_and_bytes_values(kms: KmsHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(SecretDecryptError, match="empty"):
+        decrypt_secret(None)  # type: ignore[arg-type]
+    token = encrypt_secret(SECRET)
+    assert decrypt_secret(token.encode()) == SECRET  # type: ignore[arg-type]
+    with pytest.raises(SecretDecryptError):
+        decrypt_secret(b"\xff\xfe binary")  # type: ignore[arg-type]
+
+
+def test_kms_plaintext_that_is_not_utf8_raises_without_the_bytes(kms: KmsHandle) -> None:
+    raw = b"\xffsecret\xfe bytes"
+    value = encode_kms(kms.client.encrypt(KeyId=kms.key_id, Plaintext=raw)["CiphertextBlob"])
+    with pytest.raises(SecretDecryptError, match="not UTF-8") as err:
+        decrypt_secret(value)
+    _assert_no_value(err.value, value)
+    assert "secret" not in str(err.value).replace("decrypted secret", "")
+
+
+@pytest.mark.parametrize("code", ["AccessDeniedException", "DisabledException",
+                                  "ThrottlingException", "KMSInternalException"])
+def test_service_errors_propagate_as_botocore_errors(kms: KmsHandle, code: str) -> None:
+    """An outage, a denied or disabled key is not a bad value: not SecretDecryptError."""
+    value = KMSEncryption().encrypt_secret(SECRET)
+    client = boto3.client("kms", region_name="us-east-1")
+    with Stubber(client) as stub:
+        stub.add_client_error("decrypt", service_error_code=code)
+        stub.add_client_error("encrypt", service_error_code=code)
+        enc = KMSEncryption(client=client)
+        with pytest.raises(botocore.exceptions.ClientError, match=code) as err:
+            enc.decrypt_secret(value)
+        assert not isinstance(err.value, SecretDecryptError)
+        assert value not in str(err.value)
+        with pytest.raises(botocore.exceptions.ClientError, match=code):
+            enc.encrypt_secret(SECRET)
+
+
+def test_oversize_plaintext_is_refused_before_kms(
+    kms: KmsHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("USE_AWS_KMS", "true")
+    big = "k" * 4097
+    with pytest.raises(ValueError, match="4096-byte") as err:
+        encrypt_secret(big)
+    assert big not in str(err.value)
+
+
+def test_missing_or_malformed_fernet_key_is_a_valueerror_naming_the_variable(
+    keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token = encrypt_secret(SECRET)
+    monkeypatch.delenv("ENCRYPTION_KEY")
+    monkeypatch.delenv("ENCRYPTION_KEY_LEGACY")
+    with pytest.raises(ValueError, match="ENCRYPTION_KEY not set"):
+        encrypt_secret(SECRET)
+    with pytest.raises(ValueError, match="ENCRYPTION_KEY not set"):
+        decrypt_secret(token)
+    monkeypatch.setenv("ENCRYPTION_KEY", "not-a-fernet-key-but-a-secret")
+    with pytest.raises(ValueError, match="not a valid Fernet key") as err:
+        encrypt_secret(SECRET)
+    assert "not-a-fernet-key-but-a-secret" not in str(err.value)
+
+
+# -- configuration read at call time ----------------------------------------------------
+
+def test_environment_is_read_at_call_time_and_key_changes_invalidate_the_cache(
+    kms: KmsHandle, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert classify(encrypt_secret(SECRET)) is ValueKind.FERNET
+    monkeypatch.setenv("USE_AWS_KMS", "TRUE")  # the guide lower-cases it too
+    assert classify(encrypt_secret(SECRET)) is ValueKind.OTHER
+    monkeypatch.setenv("USE_AWS_KMS", "1")  # the guide only honours "true"; so do we
+    assert classify(encrypt_secret(SECRET)) is ValueKind.FERNET
+
+    old_token = encrypt_secret(SECRET)
+    new_key = Fernet.generate_key().decode()
+    monkeypatch.setenv("ENCRYPTION_KEY", new_key)
+    monkeypatch.setenv("ENCRYPTION_KEY_LEGACY", keys.legacy)
+    new_token = encrypt_secret(SECRET)
+    assert Fernet(new_key.encode()).decrypt(new_token.encode()).decode() == SECRET
+    with pytest.raises(SecretDecryptError):
+        decrypt_secret(old_token)  # the old current key is in neither variable now
+    monkeypatch.setenv("ENCRYPTION_KEY_LEGACY", f"{keys.legacy},{keys.current}")
+    assert decrypt_secret(old_token) == SECRET
+
+
+def test_after_the_migration_legacy_key_alone_still_reads_old_tokens(
+    kms: KmsHandle, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Guide Step 6: ENCRYPTION_KEY removed, kept as ENCRYPTION_KEY_LEGACY, KMS writes."""
+    token = encrypt_secret(SECRET)
+    monkeypatch.delenv("ENCRYPTION_KEY")
+    monkeypatch.setenv("ENCRYPTION_KEY_LEGACY", keys.current)
+    monkeypatch.setenv("USE_AWS_KMS", "true")
+    assert decrypt_secret(token) == SECRET
+    written = encrypt_secret(SECRET)
+    assert classify(written) is ValueKind.OTHER
+    assert decrypt_secret(written) == SECRET
+
+
+def test_encryption_key_argument_overrides_the_current_key_as_in_the_guide(
+    keys: Keys,
+) -> None:
+    other = Fernet.generate_key().decode()
+    token = encrypt_secret(SECRET, other)
+    assert Fernet(other.encode()).decrypt(token.encode()).decode() == SECRET
+    assert decrypt_secret(token, other) == SECRET
+    assert guide.decrypt_secret(token, other) == SECRET
+    with pytest.raises(SecretDecryptError):
+        decrypt_secret(token)
+
+
+def test_kmsencryption_takes_the_guides_arguments(
+    kms: KmsHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    enc = KMSEncryption(region="us-east-1")
+    assert (enc.region, enc.key_id) == ("us-east-1", "alias/coinflip-master-key")
+    monkeypatch.setenv("AWS_KMS_KEY_ID", kms.key_id)
+    enc = KMSEncryption()
+    assert enc.key_id == kms.key_id
+    value = enc.encrypt_secret(SECRET)
+    assert kms.client.decrypt(CiphertextBlob=base64.b64decode(value))["KeyId"] == kms.arn
+    assert KMSEncryption(client=kms.client).decrypt_secret(value) == SECRET
+    assert runtime.get_kms_encryption() is None
+    monkeypatch.setenv("USE_AWS_KMS", "true")
+    assert isinstance(runtime.get_kms_encryption(), KMSEncryption)
+    assert migration.__version__
+
+
+# -- one client per process -------------------------------------------------------------
+
+@pytest.fixture
+def client_creations(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Every boto3 client made from now on (its keyword arguments), by any session."""
+    made: list[dict[str, Any]] = []
+    real = boto3.session.Session.client
+
+    def counting(self: boto3.session.Session, *args: Any, **kwargs: Any) -> Any:
+        made.append({"service": args[0] if args else kwargs.get("service_name"), **kwargs})
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(boto3.session.Session, "client", counting)
+    return made
+
+
+def test_one_client_for_many_calls_and_threads(
+    kms: KmsHandle, monkeypatch: pytest.MonkeyPatch, client_creations: list[dict[str, Any]]
+) -> None:
+    monkeypatch.setenv("USE_AWS_KMS", "true")
+    threads, calls = 8, 50
+    start = threading.Barrier(threads)  # all threads hit the lazy creation at once
+    errors: list[BaseException] = []
+
+    def work(n: int) -> None:
+        try:
+            start.wait()
+            for i in range(calls):
+                secret = f"{SECRET}-{n}-{i}"
+                stored = encrypt_secret(secret) if i % 2 else KMSEncryption().encrypt_secret(
+                    secret)
+                assert decrypt_secret(stored) == secret
+        except BaseException as exc:  # collected: an assert in a thread would be lost
+            errors.append(exc)
+
+    pool = [threading.Thread(target=work, args=(n,)) for n in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join(120)
+    assert not errors, errors[:3]
+    assert len(client_creations) == 1
+    made = client_creations[0]
+    assert made["service"] == "kms" and made["region_name"] == "us-east-1"
+    # Credentials come from boto3's default chain, never from arguments as in the guide.
+    assert not {"aws_access_key_id", "aws_secret_access_key", "aws_session_token"} & set(made)
+    assert made["config"].retries == {"mode": "standard", "total_max_attempts": 3}
+
+
+def test_the_guides_helper_makes_a_client_per_call(
+    kms: KmsHandle, monkeypatch: pytest.MonkeyPatch, client_creations: list[dict[str, Any]]
+) -> None:
+    """What the cache saves (the figures are in benchmarks/bench_runtime.py)."""
+    monkeypatch.setenv("USE_AWS_KMS", "true")
+    value = encrypt_secret(SECRET)
+    for _ in range(5):
+        guide.decrypt_secret(value)
+        decrypt_secret(value)
+    assert len(client_creations) == 1 + 5  # ours once, the guide's five times
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_makes_its_own_client(
+    kms: KmsHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("USE_AWS_KMS", "true")
+    decrypt_secret(encrypt_secret(SECRET))
+    assert runtime._clients
+    pid = os.fork()
+    if pid == 0:  # the child: exit at once with the answer
+        os._exit(0 if not runtime._clients else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert runtime._clients  # the parent keeps its own
