@@ -65,6 +65,9 @@ class MigrateResult:
     failures: list[FailureRow] = field(default_factory=list)
     kms_requests: int = 0
     retries: int = 0
+    throttles: int = 0
+    rate_limit: float | None = None  # requests/s configured (None: no limit)
+    rate_now: float | None = None  # where the adaptive limit ended
     seconds: float = 0.0
 
     @property
@@ -307,6 +310,9 @@ def migrate(
         raise
     finally:
         result.kms_requests, result.retries = kms.requests, kms.retries
+        if kms.limiter is not None:
+            result.rate_limit, result.rate_now = kms.limiter.max_rate, kms.limiter.rate
+            result.throttles = kms.limiter.throttles
         result.seconds = time.monotonic() - started
         if result.run_id is not None:
             _set_state_quietly(engine, result.run_id, state, None)
