@@ -46,7 +46,8 @@ from migration.kms import KMS, make_client  # noqa: E402
 from migration.logs import configure_logging  # noqa: E402
 from migration.migrator import migrate  # noqa: E402
 
-KEY = Fernet.generate_key().decode()
+# One key for the parent and its RSS children (passed in the environment, never in argv).
+KEY = os.environ.setdefault("KMS_BENCH_FERNET_KEY", Fernet.generate_key().decode())
 TARGET = Target("secrets", "id", ("secret",))
 
 

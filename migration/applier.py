@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, Engine, bindparam, select, update
+from sqlalchemy import Connection, Engine, Table, Update, bindparam, case, select, update
 
 from checkpoints import store
 from checkpoints.store import BatchCounts, FailureRow, JournalRow
@@ -32,35 +32,89 @@ class Rewrite:
     new: str
 
 
-IN_CHUNK = 900  # keys per IN list: under every backend's bound-parameter limit
+CAS_CHUNK = 500  # rows per UPDATE statement: 3 parameters each, far under every limit
+IN_CHUNK = 900  # keys per IN list when reading back
+
+
+def _rounds(rewrites: Sequence[Rewrite]) -> list[list[int]]:
+    """Split rewrites into statements of at most CAS_CHUNK with no primary key twice
+    (a rollback may hold two journal entries for one cell)."""
+    rounds: list[tuple[set[object], list[int]]] = []
+    for i, rw in enumerate(rewrites):
+        for keys, idxs in rounds:
+            if rw.pk not in keys and len(idxs) < CAS_CHUNK:
+                keys.add(rw.pk)
+                idxs.append(i)
+                break
+        else:
+            rounds.append(({rw.pk}, [i]))
+    return [idxs for _, idxs in rounds]
+
+
+_CAS_STATEMENTS: dict[tuple[int, str, int], tuple[Table, Update]] = {}
+
+
+def _cas_statement(bt: BoundTarget, column: str, n: int) -> Update:
+    """The n-row compare-and-swap UPDATE for one column, built once and reused.
+
+    Reusing the statement object lets SQLAlchemy's compiled cache serve it; building a
+    500-way CASE per batch cost CPU the KMS threads needed. Cached by the table object's
+    id together with the object itself (so an id is never reused while cached).
+    """
+    key = (id(bt.table), column, n)
+    hit = _CAS_STATEMENTS.get(key)
+    if hit is not None and hit[0] is bt.table:
+        return hit[1]
+    if len(_CAS_STATEMENTS) > 256:
+        _CAS_STATEMENTS.clear()
+    col = bt.col(column)
+    ks = [bindparam(f"k{i}", type_=bt.pk.type) for i in range(n)]
+    olds = [bindparam(f"o{i}", type_=col.type) for i in range(n)]
+    news = [bindparam(f"n{i}", type_=col.type) for i in range(n)]
+    stmt = (
+        update(bt.table)
+        .where(bt.pk.in_(ks), col == case(*zip(ks, olds, strict=True), value=bt.pk))
+        .values({column: case(*zip(ks, news, strict=True), value=bt.pk)})
+    )
+    _CAS_STATEMENTS[key] = (bt.table, stmt)
+    return stmt
 
 
 def cas_many(
     conn: Connection, bt: BoundTarget, column: str, rewrites: Sequence[Rewrite]
 ) -> list[bool]:
-    """Apply compare-and-swaps in one executemany; say which of them took.
+    """Apply many compare-and-swaps as one statement per chunk; say which of them took.
 
-    Per-row rowcounts are not reported by every driver for an executemany, so which rows
-    took is read back inside the same transaction: a row holding exactly the `new` value
-    we wrote took (a fresh KMS ciphertext, or the journal's original on rollback, that
-    nobody else could have written there while our transaction holds the row).
+        UPDATE t SET col = CASE pk WHEN :k1 THEN :new1 ... END
+        WHERE pk IN (:k1, ...) AND col = CASE pk WHEN :k1 THEN :old1 ... END
+
+    One statement, not an executemany: the KMS threads keep the GIL busy, and SQLite's
+    driver gives the GIL up around every row of an executemany, so 500 single-row
+    statements queued behind them for seconds where one statement takes milliseconds.
+    A single statement's rowcount is exact on every driver: when it says every row took,
+    they did; otherwise which ones did is read back in the same transaction (a row now
+    holding exactly the `new` value we wrote: a fresh KMS ciphertext, or the journal's
+    original on rollback, which nobody else can write while we hold the row).
     """
-    if not rewrites:
-        return []
+    took = [False] * len(rewrites)
     col = bt.col(column)
-    stmt = (
-        update(bt.table)
-        .where(bt.pk == bindparam("cas_pk"), col == bindparam("cas_old"))
-        .values({column: bindparam("cas_new")})
-    )
-    conn.execute(stmt, [{"cas_pk": rw.pk, "cas_old": rw.old, "cas_new": rw.new}
-                        for rw in rewrites])
-    now_holds: dict[object, object] = {}
-    keys = [rw.pk for rw in rewrites]
-    for i in range(0, len(keys), IN_CHUNK):
-        q = select(bt.pk, col).where(bt.pk.in_(keys[i:i + IN_CHUNK]))
-        now_holds.update((pk, value) for pk, value in conn.execute(q))
-    return [now_holds.get(rw.pk) == rw.new for rw in rewrites]
+    for idxs in _rounds(rewrites):
+        chunk = [rewrites[i] for i in idxs]
+        keys = [rw.pk for rw in chunk]
+        params: dict[str, object] = {}
+        for n, rw in enumerate(chunk):
+            params[f"k{n}"], params[f"o{n}"], params[f"n{n}"] = rw.pk, rw.old, rw.new
+        if conn.execute(_cas_statement(bt, column, len(chunk)), params).rowcount == len(chunk):
+            for i in idxs:
+                took[i] = True
+            continue
+        now_holds: dict[object, object] = {}
+        for j in range(0, len(keys), IN_CHUNK):
+            q = select(bt.pk, col).where(bt.pk.in_(keys[j:j + IN_CHUNK]))
+            now_holds.update((pk, value) for pk, value in conn.execute(q))
+        for i, rw in zip(idxs, chunk, strict=True):
+            took[i] = now_holds.get(rw.pk) == rw.new
+    return took
 
 
 def apply_migrate_batch(

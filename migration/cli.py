@@ -102,6 +102,7 @@ def _settings(opts: dict[str, Any]) -> Settings:
         concurrency=opts.get("concurrency") or DEFAULT_CONCURRENCY,
         max_kms_rps=(DEFAULT_MAX_KMS_RPS if opts.get("max_kms_rps") is None
                      else float(opts["max_kms_rps"])),
+        encryption_context=bool(opts.get("encryption_context")),
         fernet_keys=fernet_keys_from_env(env),
     )
 
@@ -262,6 +263,10 @@ def cli() -> None:
 @_target_options
 @click.option("--dry-run", is_flag=True,
               help="Read, decrypt, encrypt and verify with KMS, and write nothing at all.")
+@click.option("--encryption-context", is_flag=True,
+              help="Bind each ciphertext to its table, column and primary key (KMS encryption "
+                   "context): a value copied to another row no longer decrypts. Every reader "
+                   "must then pass the same context; off by default (the guide passes none).")
 @click.option("--new-run", is_flag=True,
               help="Abandon an unfinished run instead of resuming it (migrated values stay).")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
@@ -294,6 +299,8 @@ def migrate_cmd(**opts: Any) -> int:
 
 @cli.command("verify")
 @_target_options
+@click.option("--encryption-context", is_flag=True,
+              help="Decrypt with the context migrate --encryption-context wrote with.")
 @_log_options
 def verify_cmd(**opts: Any) -> int:
     """Decrypt every KMS value in the target columns with KMS; report what is left or broken.

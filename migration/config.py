@@ -72,6 +72,7 @@ class Settings:
     batch_size: int = DEFAULT_BATCH_SIZE
     concurrency: int = DEFAULT_CONCURRENCY
     max_kms_rps: float = DEFAULT_MAX_KMS_RPS
+    encryption_context: bool = False  # bind each ciphertext to its table, column and key
     fernet_keys: tuple[str, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
@@ -157,7 +158,10 @@ def load_targets(path: str | Path | None) -> tuple[Target, ...]:
     return tuple(targets)
 
 
-def targets_fingerprint(targets: Sequence[Target]) -> str:
-    """A stable digest of the targets, stored with a run to refuse a resume with other targets."""
+def targets_fingerprint(targets: Sequence[Target], encryption_context: bool = False) -> str:
+    """A stable digest of what a run writes where, stored with the run so that it is never
+    resumed with other targets or another encryption-context setting."""
     doc = json.dumps([t.as_dict() for t in targets], sort_keys=True)
+    if encryption_context:
+        doc += "|encryption-context"
     return hashlib.sha256(doc.encode()).hexdigest()[:16]

@@ -17,10 +17,10 @@ import hmac
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import FIRST_EXCEPTION, CancelledError, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import boto3
 import botocore.exceptions
@@ -38,6 +38,7 @@ from .errors import ConfigError, FatalKMSError, TransientKMSError
 __all__ = [
     "KMS",
     "KeyInfo",
+    "Pending",
     "RateLimiter",
     "RetryPolicy",
     "make_client",
@@ -198,6 +199,40 @@ THROTTLE_CODES = frozenset({"ThrottlingException", "Throttling", "TooManyRequest
                             "RequestLimitExceeded"})
 
 
+class Pending(Generic[R]):
+    """Work handed to the KMS pool: wait for it in order, or stop what has not started."""
+
+    def __init__(self) -> None:
+        self.futures: list[Future[list[R]]] = []
+        self._stop = threading.Event()
+
+    def run(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+        out: list[R] = []
+        for item in items:
+            if self._stop.is_set():
+                raise CancelledError
+            out.append(fn(item))
+        return out
+
+    def result(self) -> list[R]:
+        """The results in item order; the first exception stops the rest and is raised."""
+        if not self.futures:
+            return []
+        done, _ = wait(self.futures, return_when=FIRST_EXCEPTION)
+        for f in done:
+            exc = f.exception()
+            if exc is not None:
+                self.cancel()
+                raise exc
+        return [r for f in self.futures for r in f.result()]
+
+    def cancel(self) -> None:
+        """Stop what has not started (a call in flight finishes on its own)."""
+        self._stop.set()
+        for f in self.futures:
+            f.cancel()
+
+
 class KMS:
     """Encrypt, decrypt and verify with one key, concurrently, under the retry policy."""
 
@@ -272,36 +307,52 @@ class KMS:
         self.key = KeyInfo(key_id=self.key_id, arn=arn)
         return self.key
 
-    def encrypt(self, plaintext: bytes) -> bytes:
+    def encrypt(self, plaintext: bytes, context: Mapping[str, str] | None = None) -> bytes:
         """KMS Encrypt under the run's key (its resolved ARN once described)."""
         key = self.key.arn if self.key else self.key_id
-        blob: bytes = self._call("Encrypt", KeyId=key, Plaintext=plaintext)["CiphertextBlob"]
+        extra = {"EncryptionContext": dict(context)} if context else {}
+        blob: bytes = self._call("Encrypt", KeyId=key, Plaintext=plaintext, **extra)[
+            "CiphertextBlob"]
         return blob
 
-    def decrypt(self, blob: bytes) -> bytes | None:
+    def decrypt(self, blob: bytes, context: Mapping[str, str] | None = None) -> bytes | None:
         """KMS Decrypt; None when KMS says this ciphertext is not one it can open."""
-        try:
-            out: bytes = self._call("Decrypt", CiphertextBlob=blob)["Plaintext"]
-        except _Undecryptable:
-            return None
-        return out
+        opened = self.decrypt_with_key(blob, context)
+        return None if opened is None else opened[0]
 
-    def decrypt_with_key(self, blob: bytes) -> tuple[bytes, str] | None:
-        """KMS Decrypt returning the plaintext and the ARN of the key that opened it."""
+    def decrypt_with_key(
+        self, blob: bytes, context: Mapping[str, str] | None = None
+    ) -> tuple[bytes, str] | None:
+        """KMS Decrypt returning the plaintext and the ARN of the key that opened it.
+
+        None when KMS says it cannot open this ciphertext (corrupt, another key, or another
+        encryption context than the one given).
+        """
+        extra = {"EncryptionContext": dict(context)} if context else {}
         try:
-            resp = self._call("Decrypt", CiphertextBlob=blob)
+            resp = self._call("Decrypt", CiphertextBlob=blob, **extra)
         except _Undecryptable:
             return None
         return resp["Plaintext"], str(resp.get("KeyId", ""))
 
-    def round_trip(self, plaintext: bytes) -> bytes | str:
+    def decrypt_in_context(
+        self, item: tuple[bytes, Mapping[str, str] | None]
+    ) -> tuple[bytes, str] | None:
+        """`decrypt_with_key` of a (blob, context) pair, for `submit`/`map`."""
+        return self.decrypt_with_key(item[0], item[1])
+
+    def round_trip_in_context(self, item: tuple[bytes, Mapping[str, str]]) -> bytes | str:
+        """`round_trip` of a (plaintext, encryption context) pair, for `submit`/`map`."""
+        return self.round_trip(item[0], item[1])
+
+    def round_trip(self, plaintext: bytes, context: Mapping[str, str] | None = None) -> bytes | str:
         """Encrypt, then decrypt the new ciphertext and compare in constant time.
 
         Returns the blob, or a failure reason (never carrying the value) when the
         round trip does not give the plaintext back.
         """
-        blob = self.encrypt(plaintext)
-        back = self.decrypt(blob)
+        blob = self.encrypt(plaintext, context)
+        back = self.decrypt(blob, context)
         if back is None:
             return "KMS could not decrypt the ciphertext it had just produced"
         if not hmac.compare_digest(back, plaintext):
@@ -313,41 +364,38 @@ class KMS:
     def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
         """Run fn over items with up to `concurrency` calls in flight, results in order.
 
-        The first exception (a fatal KMS error) cancels what has not started and is raised:
+        The first exception (a fatal KMS error) stops what has not started and is raised:
         the caller then writes nothing of this batch.
         """
-        return self.gather(self.submit(fn, items))
+        return self.submit(fn, items).result()
 
-    def submit(self, fn: Callable[[T], R], items: Sequence[T]) -> list[Future[R]]:
-        """Start fn over items on the shared pool and return at once (see `gather`).
+    def submit(self, fn: Callable[[T], R], items: Sequence[T]) -> Pending[R]:
+        """Start fn over items on the shared pool and return at once.
 
-        The pool has `concurrency` threads, so however many batches have work queued, no
-        more than `concurrency` KMS calls are ever in flight.
+        The items are cut into `concurrency` contiguous slices, one pool task each, run in
+        order within the slice: a handful of tasks per batch instead of one per value (per
+        value, handing work to the pool cost the main thread more than the database writes).
+        The pool has `concurrency` threads, so however much work is queued, no more than
+        `concurrency` KMS calls are ever in flight.
         """
+        pending: Pending[R] = Pending()
         if not items:
-            return []
+            return pending
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="kms")
-        return [self._pool.submit(fn, item) for item in items]
+        n = min(self.concurrency, len(items))
+        size, extra = divmod(len(items), n)
+        start = 0
+        for k in range(n):
+            end = start + size + (1 if k < extra else 0)
+            pending.futures.append(self._pool.submit(pending.run, fn, items[start:end]))
+            start = end
+        return pending
 
     @staticmethod
-    def gather(futures: Sequence[Future[R]]) -> list[R]:
-        """Wait for submitted work, results in order; the first exception cancels the rest."""
-        if not futures:
-            return []
-        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-        for f in done:
-            exc = f.exception()
-            if exc is not None:
-                KMS.cancel(futures)
-                raise exc
-        return [f.result() for f in futures]
-
-    @staticmethod
-    def cancel(futures: Sequence[Future[Any]]) -> None:
-        """Cancel submitted work that has not started (a call in flight finishes alone)."""
-        for f in futures:
-            f.cancel()
+    def gather(pending: Pending[R]) -> list[R]:
+        """Wait for submitted work (see `Pending.result`)."""
+        return pending.result()
 
     # -- the retry loop ----------------------------------------------------------------
 

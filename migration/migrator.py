@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from sqlalchemy import Engine, select
@@ -21,10 +20,17 @@ from checkpoints.store import BatchCounts, FailureRow, Run
 
 from . import __version__
 from .applier import Rewrite, apply_migrate_batch
-from .codec import KMS_MAX_PLAINTEXT, FernetCodec, ValueKind, classify, encode_kms
+from .codec import (
+    KMS_MAX_PLAINTEXT,
+    FernetCodec,
+    ValueKind,
+    classify,
+    encode_kms,
+    encryption_context,
+)
 from .config import Settings, targets_fingerprint
 from .errors import ConfigError, FatalKMSError, ResumeMismatchError, RunLockedError
-from .kms import KMS
+from .kms import KMS, Pending
 from .logs import get_logger
 from .reader import BoundTarget, Row, bind_targets, fetch_batch
 
@@ -91,23 +97,25 @@ class Prepared:
 
     rows: list[Row]
     waiting: list[Row]
-    futures: list[Future[bytes | str]]
+    pending: Pending[bytes | str]
     failures: list[FailureRow]
     skipped: int
     already: int
 
     def cancel(self) -> None:
-        KMS.cancel(self.futures)
+        self.pending.cancel()
 
 
 def prepare_rows(
-    rows: list[Row], bt: BoundTarget, column: str, codec: FernetCodec, kms: KMS
+    rows: list[Row], bt: BoundTarget, column: str, codec: FernetCodec, kms: KMS,
+    with_context: bool = False,
 ) -> Prepared:
     """Classify and Fernet-decrypt a batch, and start its KMS round trips (non-blocking)."""
     skipped = already = 0
     failures: list[FailureRow] = []
     waiting: list[Row] = []
     plaintexts: list[bytes] = []
+    contexts: list[dict[str, str]] = []
     for row in rows:
         kind = classify(row.value)
         if kind is ValueKind.EMPTY:
@@ -123,16 +131,23 @@ def prepare_rows(
             else:
                 waiting.append(row)
                 plaintexts.append(plaintext)
-    futures = kms.submit(kms.round_trip, plaintexts)
+                if with_context:
+                    contexts.append(encryption_context(bt.name, column, bt.pk_text(row.pk)))
+    pending: Pending[bytes | str]
+    if with_context:
+        pending = kms.submit(kms.round_trip_in_context, list(zip(plaintexts, contexts,
+                                                                 strict=True)))
+    else:
+        pending = kms.submit(kms.round_trip, plaintexts)
     del plaintexts
-    return Prepared(rows, waiting, futures, failures, skipped, already)
+    return Prepared(rows, waiting, pending, failures, skipped, already)
 
 
 def finish_rows(
     prep: Prepared, bt: BoundTarget, column: str
 ) -> tuple[list[Rewrite], list[FailureRow], BatchCounts]:
     """Wait for a batch's KMS work; turn it into compare-and-swap rewrites and failures."""
-    results = KMS.gather(prep.futures)
+    results = prep.pending.result()
     rewrites: list[Rewrite] = []
     failures = list(prep.failures)
     for row, result in zip(prep.waiting, results, strict=True):
@@ -146,10 +161,11 @@ def finish_rows(
 
 
 def process_rows(
-    rows: list[Row], bt: BoundTarget, column: str, codec: FernetCodec, kms: KMS
+    rows: list[Row], bt: BoundTarget, column: str, codec: FernetCodec, kms: KMS,
+    with_context: bool = False,
 ) -> tuple[list[Rewrite], list[FailureRow], BatchCounts]:
     """One batch's rewrites and failures, start to finish; nothing is written here."""
-    return finish_rows(prepare_rows(rows, bt, column, codec, kms), bt, column)
+    return finish_rows(prepare_rows(rows, bt, column, codec, kms, with_context), bt, column)
 
 
 def check_keys_open_something(
@@ -193,7 +209,7 @@ def _resume_or_start(
     new_run: bool,
     run_lock: RunLock,
 ) -> tuple[Run, bool]:
-    fingerprint = targets_fingerprint(settings.targets)
+    fingerprint = targets_fingerprint(settings.targets, settings.encryption_context)
     pairs = [(t.table, c) for t in settings.targets for c in t.columns]
     with engine.begin() as conn:
         rb = store.unfinished_run(conn, "rollback")
@@ -213,7 +229,15 @@ def _resume_or_start(
                     f"the KMS key (run used {run.key_id} = {run.key_arn}, now {settings.key_id} "
                     f"= {key_arn})"
                 )
-            if run.targets_fingerprint != fingerprint:
+            if run.targets_fingerprint == targets_fingerprint(
+                settings.targets, not settings.encryption_context
+            ):
+                changed.append(
+                    "the encryption context (run used "
+                    f"{'none' if settings.encryption_context else '--encryption-context'}, "
+                    f"now {'--encryption-context' if settings.encryption_context else 'none'})"
+                )
+            elif run.targets_fingerprint != fingerprint:
                 was = ", ".join(f"{t['table']}.{c}" for t in run.targets for c in t["columns"])
                 now = ", ".join(f"{t}.{c}" for t, c in pairs)
                 changed.append(f"the targets (run used {was}; now {now})")
@@ -278,7 +302,7 @@ def migrate(
         with engine.connect() as conn:
             positions = dict(store.load_checkpoints(conn, run.id))
     log.info("run_started", resumed=result.resumed, batch_size=settings.batch_size,
-             concurrency=settings.concurrency)
+             concurrency=settings.concurrency, encryption_context=settings.encryption_context)
 
     state = "stopped"
     try:
@@ -288,8 +312,8 @@ def migrate(
                 result.columns.append(summary)
                 ck = positions.get((bt.name, column))
                 if ck is not None:
-                    summary.add(BatchCounts(ck.migrated, ck.skipped, ck.already, ck.failed,
-                                            ck.conflicts))
+                    summary.add(BatchCounts(ck.migrated, ck.skipped, ck.already,
+                                            ck.failed, ck.conflicts))
                     if ck.done:
                         continue
                 after = bt.pk_value(ck.last_pk) if ck and ck.last_pk is not None else None
@@ -343,7 +367,8 @@ def _migrate_column(
     clog = log.bind(table=bt.name, column=column)  # type: ignore[attr-defined]
     batch_no = 0
     rows = fetch_batch(engine, bt, column, after, settings.batch_size)
-    prep = prepare_rows(rows, bt, column, codec, kms)
+    ctx = settings.encryption_context
+    prep = prepare_rows(rows, bt, column, codec, kms, ctx)
     upcoming: Prepared | None = None
     try:
         while True:
@@ -356,7 +381,7 @@ def _migrate_column(
                 # batch's write. Safe: the two batches hold disjoint keys, and the next one
                 # writes nothing until this one has committed its checkpoint.
                 rows = fetch_batch(engine, bt, column, last_pk, settings.batch_size)
-                upcoming = prepare_rows(rows, bt, column, codec, kms)
+                upcoming = prepare_rows(rows, bt, column, codec, kms, ctx)
             if result.dry_run:
                 result.failures.extend(failures)
             else:

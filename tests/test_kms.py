@@ -366,7 +366,7 @@ def test_round_trip_verify_mismatch_is_a_reason_without_the_value(
     client: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     k = make(client, None)
-    monkeypatch.setattr(k, "decrypt", lambda blob: b"some other plaintext")
+    monkeypatch.setattr(k, "decrypt", lambda blob, context=None: b"some other plaintext")
     reason = k.round_trip(b"the-real-secret")
     assert isinstance(reason, str)
     assert "different plaintext" in reason
@@ -383,7 +383,7 @@ def test_round_trip_decrypt_of_a_prefix_is_still_a_mismatch(
     client: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     k = make(client, None)
-    monkeypatch.setattr(k, "decrypt", lambda blob: b"secre")
+    monkeypatch.setattr(k, "decrypt", lambda blob, context=None: b"secre")
     assert isinstance(k.round_trip(b"secret"), str)
 
 
