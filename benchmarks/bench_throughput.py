@@ -114,14 +114,21 @@ def run_ideal(n: int, latency: float, concurrency: int) -> tuple[int, float, int
     return n, time.perf_counter() - t0, fake.calls
 
 
+def peak_rss_kib() -> int:
+    """This process's peak RSS (VmHWM). Not ru_maxrss: on Linux a child started by
+    fork/vfork+exec inherits its parent's high-water mark in ru_maxrss."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def child_rss(path: Path, latency: float) -> int:
     """Peak RSS (KiB) of a fresh process running (b) on `path`."""
-    proc = subprocess.Popen([sys.executable, __file__, "--child", str(path),
-                             "--latency-ms", str(latency * 1000)])
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit("child run failed")
-    return int(usage.ru_maxrss)
+    out = subprocess.run([sys.executable, __file__, "--child", str(path),
+                          "--latency-ms", str(latency * 1000)],
+                         check=True, capture_output=True, text=True).stdout
+    return int(out.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -140,6 +147,7 @@ def main() -> None:
     latency = args.latency_ms / 1000
     if args.child:
         run_tool(Path(args.child), latency, args.concurrency, args.batch_size)
+        print(peak_rss_kib())
         return
 
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
@@ -179,7 +187,6 @@ def main() -> None:
             print(f"RSS({sizes[1]}) / RSS({sizes[0]}) = {r:.3f}   (target <= 1.2)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    _ = resource  # ru_maxrss comes from os.wait4's rusage
 
 
 if __name__ == "__main__":

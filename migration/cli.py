@@ -7,18 +7,24 @@ untouched); 2 refused to start or stopped on a fatal error (one line on stderr);
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn, TextIO, TypeVar
 
 import click
+from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from checkpoints import store
+
 from . import __version__
+from .backup import backup_sqlite
 from .config import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_CONCURRENCY,
@@ -30,7 +36,14 @@ from .config import (
     load_targets,
     resolve_db_url,
 )
-from .db import PG_LOCK_TIMEOUT, SQLITE_BUSY_TIMEOUT, is_sqlite, make_engine, safe_url
+from .db import (
+    PG_LOCK_TIMEOUT,
+    SQLITE_BUSY_TIMEOUT,
+    is_sqlite,
+    make_engine,
+    safe_url,
+    sqlite_path,
+)
 from .errors import (
     EXIT_FAILURES,
     EXIT_FATAL,
@@ -42,6 +55,8 @@ from .errors import (
 from .kms import KMS, RateLimiter, make_client, validate_region
 from .logs import configure_logging
 from .migrator import MigrateResult, migrate
+from .progress import make_progress
+from .report import build_report, kms_cost, write_report
 from .rollback import RollbackResult, rollback
 from .status import collect_status
 from .verify import VerifyResult, verify
@@ -60,6 +75,52 @@ def _log_options(f: F) -> F:
                      default="warning", show_default=True,
                      help="Least severe log events shown (batches log at info).")(f)
     return f
+
+
+def _progress_option(f: F) -> F:
+    return click.option("--no-progress", is_flag=True,
+                        help="No progress bar or progress lines on stderr.")(f)
+
+
+def _backup_before_first_write(engine: Engine, url: str, kind: str, skip: bool) -> None:
+    """Back a SQLite database up before a new run's first write (not when resuming one:
+    its backup was taken when it started)."""
+    path = sqlite_path(url)
+    if path is None or skip:
+        return
+    with engine.connect() as conn:
+        if store.schema_present(conn) and store.unfinished_run(conn, kind) is not None:
+            return
+    click.echo(f"backup of {path} (SQLite online backup): {backup_sqlite(path)}")
+
+
+class StopRequest:
+    """First Ctrl-C (or SIGTERM): finish the batch in flight, then stop. Second: abort now."""
+
+    def __init__(self) -> None:
+        self._requested = False
+
+    def requested(self) -> bool:
+        return self._requested
+
+    def handle(self, signum: int, frame: object) -> None:
+        if self._requested:
+            raise KeyboardInterrupt  # the batch in flight rolls back whole
+        self._requested = True
+        click.echo("kms-migrate: stopping once the batch in flight has committed "
+                   "(press Ctrl-C again to abort it)", err=True)
+
+
+@contextlib.contextmanager
+def graceful_stop() -> Iterator[StopRequest]:
+    """Turn Ctrl-C and SIGTERM into a stop between batches while a run writes."""
+    stop = StopRequest()
+    old = {s: signal.signal(s, stop.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def _db_option(f: F) -> F:
@@ -194,21 +255,30 @@ def print_migrate(result: MigrateResult, settings: Settings) -> None:
             click.echo(line)
 
 
-def estimate_line(calls: int, measured_calls: int, seconds: float,
-                  limit: float | None) -> str:
+def estimate_seconds(calls: int, measured_calls: int, seconds: float,
+                     limit: float | None) -> float | None:
     """How long the real run should take: the dry-run's own KMS rate, capped by the limit.
 
     The dry-run makes the same KMS calls as the real run; the real run adds the writes,
     which the pipeline overlaps with KMS work.
     """
     measured = measured_calls / seconds if seconds > 0 else 0.0
-    rate = min(r for r in (measured, limit) if r) if (measured or limit) else 0.0
-    if rate <= 0:
+    rates = [r for r in (measured, limit) if r]
+    return calls / min(rates) if rates else None
+
+
+def estimate_line(calls: int, measured_calls: int, seconds: float,
+                  limit: float | None) -> str:
+    est = estimate_seconds(calls, measured_calls, seconds, limit)
+    if est is None:
         return "Estimated duration of the real run: unknown (nothing was measured)."
-    bound = "the --max-kms-rps limit" if limit and rate == limit else "the measured rate"
-    return (f"Estimated duration of the real run: {_duration(calls / rate)} "
-            f"(measured {measured:.0f} KMS requests/s; limit "
-            f"{f'{limit:g}/s' if limit else 'none'}; bound by {bound}).")
+    measured = measured_calls / seconds if seconds > 0 else 0.0
+    bound = "the --max-kms-rps limit" if limit and measured > limit else "the measured rate"
+    cost = kms_cost(calls)
+    return (f"Estimated duration of the real run: {_duration(est)} (measured {measured:.0f} "
+            f"KMS requests/s; limit {f'{limit:g}/s' if limit else 'none'}; bound by {bound}). "
+            f"Estimated KMS cost: ${cost['usd']:.2f} (${cost['usd_after_free_tier']:.2f} past "
+            "the 20,000 free requests a month).")
 
 
 def _duration(seconds: float) -> str:
@@ -269,6 +339,15 @@ def cli() -> None:
                    "must then pass the same context; off by default (the guide passes none).")
 @click.option("--new-run", is_flag=True,
               help="Abandon an unfinished run instead of resuming it (migrated values stay).")
+@click.option("--retry-failed", is_flag=True,
+              help="Retry only the values earlier runs recorded as failed (after fixing them "
+                   "or adding a legacy key).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), metavar="PATH",
+              help="Write a JSON report: counts, failures, KMS requests, estimated cost, "
+                   "duration (and, for a dry-run, the estimate for the real run).")
+@click.option("--no-backup", is_flag=True,
+              help="SQLite only: skip the backup copy taken before the first write.")
+@_progress_option
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @_log_options
 def migrate_cmd(**opts: Any) -> int:
@@ -288,12 +367,27 @@ def migrate_cmd(**opts: Any) -> int:
             "(older keys go in ENCRYPTION_KEY_LEGACY, comma-separated)"
         )
     dry = bool(opts["dry_run"])
+    if dry and opts["retry_failed"]:
+        raise ConfigError("--retry-failed writes; it cannot be combined with --dry-run")
     engine = make_engine(settings.db_url, read_only=dry)
     if not dry:
         _confirm("MIGRATE", settings.db_url, opts["yes"], "re-encrypt the secrets in")
-    with make_kms(settings) as kms:
-        result = migrate(settings, engine=engine, kms=kms, dry_run=dry, new_run=opts["new_run"])
+    started_at = datetime.now(UTC)
+    label = "dry-run" if dry else "migrate"
+    with make_kms(settings) as kms, graceful_stop() as stop:
+        result = migrate(settings, engine=engine, kms=kms, dry_run=dry, new_run=opts["new_run"],
+                         retry_failed=opts["retry_failed"],
+                         before_first_write=lambda: _backup_before_first_write(
+                             engine, settings.db_url, "migrate", opts["no_backup"]),
+                         progress=make_progress(label, not opts["no_progress"]),
+                         should_stop=stop.requested)
     print_migrate(result, settings)
+    if opts["report_path"]:
+        estimate = estimate_seconds(2 * sum(c.migrated for c in result.columns) + 1,
+                                    result.kms_requests, result.seconds, result.rate_limit)
+        path = write_report(opts["report_path"], build_report(
+            result, settings, started_at=started_at, estimate_seconds=estimate))
+        click.echo(f"report written to {path}")
     return EXIT_FAILURES if result.failed else EXIT_OK
 
 
@@ -320,6 +414,9 @@ def verify_cmd(**opts: Any) -> int:
 @_db_option
 @click.option("--batch-size", type=click.IntRange(1, 100_000), default=DEFAULT_BATCH_SIZE,
               show_default=True, help="Journal rows per batch (one transaction each).")
+@click.option("--no-backup", is_flag=True,
+              help="SQLite only: skip the backup copy taken before the first write.")
+@_progress_option
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @_log_options
 def rollback_cmd(**opts: Any) -> int:
@@ -332,7 +429,12 @@ def rollback_cmd(**opts: Any) -> int:
     url = resolve_db_url(opts.get("db"))
     engine = make_engine(url)
     _confirm("ROLLBACK", url, opts["yes"], "restore the Fernet tokens in")
-    result = rollback(engine, batch_size=opts["batch_size"])
+    with graceful_stop() as stop:
+        result = rollback(engine, batch_size=opts["batch_size"],
+                          before_first_write=lambda: _backup_before_first_write(
+                              engine, url, "rollback", opts["no_backup"]),
+                          progress=make_progress("rollback", not opts["no_progress"]),
+                          should_stop=stop.requested)
     print_rollback(result)
     return EXIT_FAILURES if result.failures else EXIT_OK
 

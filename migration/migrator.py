@@ -7,16 +7,19 @@ short write transaction, as lockbox's migrator does its computation outside it.
 
 from __future__ import annotations
 
+import bisect
 import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy import Engine, select
 
 from checkpoints import store
 from checkpoints.lock import LockHeld, LockLost, RunLock
 from checkpoints.store import BatchCounts, FailureRow, Run
+from checkpoints.tables import failures, runs
 
 from . import __version__
 from .applier import Rewrite, apply_migrate_batch
@@ -32,7 +35,8 @@ from .config import Settings, targets_fingerprint
 from .errors import ConfigError, FatalKMSError, ResumeMismatchError, RunLockedError
 from .kms import KMS, Pending
 from .logs import get_logger
-from .reader import BoundTarget, Row, bind_targets, fetch_batch
+from .progress import NullProgress, Progress
+from .reader import BoundTarget, Row, bind_targets, count_after, fetch_batch, fetch_keys
 
 __all__ = ["REASON_NO_KEY", "REASON_OVERSIZE", "ColumnSummary", "MigrateResult", "migrate"]
 
@@ -208,6 +212,7 @@ def _resume_or_start(
     targets_json: str,
     new_run: bool,
     run_lock: RunLock,
+    retry_failed: bool = False,
 ) -> tuple[Run, bool]:
     fingerprint = targets_fingerprint(settings.targets, settings.encryption_context)
     pairs = [(t.table, c) for t in settings.targets for c in t.columns]
@@ -218,6 +223,24 @@ def _resume_or_start(
                 f"rollback run {rb.id} is unfinished: finish it first (kms-migrate rollback), "
                 "then migrate again; nothing was written"
             )
+        if retry_failed:
+            mig = store.unfinished_run(conn, "migrate")
+            if mig is not None:
+                raise ResumeMismatchError(
+                    f"migrate run {mig.id} is unfinished: finish it first (kms-migrate "
+                    "migrate), then retry its failures; nothing was written"
+                )
+            old = store.unfinished_run(conn, "retry")
+            if old is not None:  # a retry re-reads the failures: nothing to resume
+                store.set_state(conn, old.id, "abandoned", note="superseded by a new retry")
+            retry = store.create_run(
+                conn, kind="retry", targets=pairs, targets_json=targets_json,
+                fingerprint=fingerprint, batch_size=settings.batch_size,
+                key_id=settings.key_id, key_arn=key_arn, region=settings.region,
+                tool_version=__version__,
+            )
+            run_lock.bind_run(conn, retry.id)
+            return retry, False
         run = store.unfinished_run(conn, "migrate")
         if run is not None and new_run:
             store.set_state(conn, run.id, "abandoned", note="abandoned by --new-run")
@@ -267,6 +290,10 @@ def migrate(
     dry_run: bool = False,
     new_run: bool = False,
     on_batch: BatchHook | None = None,
+    progress: Progress | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    retry_failed: bool = False,
+    before_first_write: Callable[[], None] | None = None,
 ) -> MigrateResult:
     """Re-encrypt every Fernet value of the targets with KMS; resume an unfinished run.
 
@@ -282,17 +309,21 @@ def migrate(
     log = get_logger(dry_run=dry_run, key_id=settings.key_id)
 
     run_lock: RunLock | None = None
+    if dry_run and retry_failed:
+        raise ConfigError("--retry-failed cannot be combined with --dry-run")
     if dry_run:
         positions: dict[tuple[str, str], store.Checkpoint | None] = {
             (bt.name, c): None for bt in bound for c in bt.target.columns
         }
     else:
+        if before_first_write is not None:
+            before_first_write()  # every check passed; e.g. the SQLite backup
         store.ensure_schema(engine)
         run_lock = acquire_lock(engine, "migrate")
         targets_json = json.dumps([t.as_dict() for t in settings.targets], sort_keys=True)
         try:
             run, result.resumed = _resume_or_start(
-                engine, settings, key.arn, targets_json, new_run, run_lock
+                engine, settings, key.arn, targets_json, new_run, run_lock, retry_failed
             )
         except BaseException:
             run_lock.release(engine)
@@ -317,8 +348,16 @@ def migrate(
                     if ck.done:
                         continue
                 after = bt.pk_value(ck.last_pk) if ck and ck.last_pk is not None else None
-                _migrate_column(engine, bt, column, after, settings, codec, kms, result,
-                                summary, log, on_batch, run_lock)
+                hooks = _Hooks(on_batch, progress or NullProgress(), should_stop)
+                if retry_failed:
+                    keys = failed_keys(engine, bt, column)
+                    fetch = _key_list_fetcher(engine, bt, column, keys, settings.batch_size)
+                    hooks.progress.start(bt.name, column, len(keys))
+                else:
+                    fetch = _keyset_fetcher(engine, bt, column, settings.batch_size)
+                    hooks.progress.start(bt.name, column, count_after(engine, bt, after))
+                _migrate_column(bt, column, after, fetch, settings, codec, kms, result,
+                                summary, log, hooks, run_lock, engine)
         state = "completed"
     except KeyboardInterrupt:
         state = "interrupted"
@@ -345,42 +384,79 @@ def migrate(
                     result.failures = store.failures_of(conn, result.run_id)
         if run_lock is not None:
             run_lock.release(engine)
+        if progress is not None:
+            progress.finish()
         log.info("run_finished", state=state, seconds=round(result.seconds, 3),
                  kms_requests=result.kms_requests, retries=result.retries)
     return result
 
 
+Fetcher = Callable[[Any], tuple[list[Row], bool]]  # after -> (rows, last page?)
+
+
+def _keyset_fetcher(engine: Engine, bt: BoundTarget, column: str, size: int) -> Fetcher:
+    def fetch(after: Any) -> tuple[list[Row], bool]:
+        rows = fetch_batch(engine, bt, column, after, size)
+        return rows, len(rows) < size
+    return fetch
+
+
+def _key_list_fetcher(
+    engine: Engine, bt: BoundTarget, column: str, keys: list[Any], size: int
+) -> Fetcher:
+    """Pages through a sorted list of keys (--retry-failed) instead of the whole table."""
+    def fetch(after: Any) -> tuple[list[Row], bool]:
+        start = 0 if after is None else bisect.bisect_right(keys, after)
+        page = keys[start:start + size]
+        return fetch_keys(engine, bt, column, page), start + size >= len(keys)
+    return fetch
+
+
+def failed_keys(engine: Engine, bt: BoundTarget, column: str) -> list[Any]:
+    """Every key of this column that a migrate or retry run recorded as failed, sorted."""
+    f, r = failures.c, runs.c
+    q = (
+        select(f.pk).distinct()
+        .select_from(failures.join(runs, r.id == f.run_id))
+        .where(f.table_name == bt.name, f.column_name == column, r.kind.in_(("migrate", "retry")))
+    )
+    with engine.connect() as conn:
+        return sorted(bt.pk_value(pk) for (pk,) in conn.execute(q))
+
+
 def _migrate_column(
-    engine: Engine,
     bt: BoundTarget,
     column: str,
     after: object,
+    fetch: Fetcher,
     settings: Settings,
     codec: FernetCodec,
     kms: KMS,
     result: MigrateResult,
     summary: ColumnSummary,
     log: object,
-    on_batch: BatchHook | None,
+    hooks: _Hooks,
     run_lock: RunLock | None,
+    engine: Engine,
 ) -> None:
     clog = log.bind(table=bt.name, column=column)  # type: ignore[attr-defined]
     batch_no = 0
-    rows = fetch_batch(engine, bt, column, after, settings.batch_size)
+    rows, done = fetch(after)
     ctx = settings.encryption_context
     prep = prepare_rows(rows, bt, column, codec, kms, ctx)
     upcoming: Prepared | None = None
     try:
         while True:
-            done = len(rows) < settings.batch_size
             batch_no += 1
+            batch_rows = rows
             last_pk = rows[-1].pk if rows else None
             rewrites, failures, counts = finish_rows(prep, bt, column)
+            next_done = True
             if not done:
                 # Read the next batch and start its KMS work now, so that it overlaps this
                 # batch's write. Safe: the two batches hold disjoint keys, and the next one
                 # writes nothing until this one has committed its checkpoint.
-                rows = fetch_batch(engine, bt, column, last_pk, settings.batch_size)
+                rows, next_done = fetch(last_pk)
                 upcoming = prepare_rows(rows, bt, column, codec, kms, ctx)
             if result.dry_run:
                 result.failures.extend(failures)
@@ -395,18 +471,28 @@ def _migrate_column(
             clog.info("batch_committed" if not result.dry_run else "batch_checked",
                       batch=batch_no, migrated=counts.migrated, skipped=counts.skipped,
                       already=counts.already, failed=counts.failed, conflicts=counts.conflicts)
-            if on_batch is not None:
-                on_batch(bt.name, column, counts)
+            hooks.progress.advance(bt.name, column, len(batch_rows))
+            if hooks.on_batch is not None:
+                hooks.on_batch(bt.name, column, counts)
             if done:
                 return
+            if hooks.should_stop is not None and hooks.should_stop():
+                raise KeyboardInterrupt  # asked to stop: this batch is committed, stop here
             assert upcoming is not None
-            prep, upcoming = upcoming, None
+            prep, upcoming, done = upcoming, None, next_done
     except BaseException:
         # Whatever stopped us, the batch read ahead writes nothing: drop its KMS work.
         prep.cancel()
         if upcoming is not None:
             upcoming.cancel()
         raise
+
+
+@dataclass(frozen=True)
+class _Hooks:
+    on_batch: BatchHook | None
+    progress: Progress
+    should_stop: Callable[[], bool] | None
 
 
 def _set_state_quietly(engine: Engine, run_id: int, state: str, note: str | None) -> None:

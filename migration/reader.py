@@ -11,13 +11,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Column, Connection, Engine, Integer, MetaData, String, Table, select
+from sqlalchemy import (
+    Column,
+    Connection,
+    Engine,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    func,
+    select,
+)
 from sqlalchemy.exc import NoSuchTableError
 
 from .config import Target
 from .errors import ConfigError
 
-__all__ = ["BoundTarget", "Row", "bind_target", "bind_targets", "fetch_batch"]
+__all__ = [
+    "BoundTarget", "Row", "bind_target", "bind_targets", "count_after", "fetch_batch", "fetch_keys",
+]
 
 
 @dataclass(frozen=True)
@@ -107,6 +119,25 @@ def bind_target(conn: Connection, target: Target) -> BoundTarget:
 def bind_targets(engine: Engine, targets: Sequence[Target]) -> list[BoundTarget]:
     with engine.connect() as conn:
         return [bind_target(conn, t) for t in targets]
+
+
+def count_after(engine: Engine, bt: BoundTarget, after: Any | None) -> int:
+    """How many rows are left after key `after` (for progress and ETA)."""
+    q = select(func.count()).select_from(bt.table)
+    if after is not None:
+        q = q.where(bt.pk > after)
+    with engine.connect() as conn:
+        return int(conn.execute(q).scalar_one())
+
+
+def fetch_keys(engine: Engine, bt: BoundTarget, column: str, keys: list[Any]) -> list[Row]:
+    """The rows of these keys (in key order; a key no longer in the table is left out)."""
+    if not keys:
+        return []
+    q = select(bt.pk, bt.col(column)).where(bt.pk.in_(keys)).order_by(bt.pk)
+    with engine.connect() as conn:
+        rows = [Row(pk, value) for pk, value in conn.execute(q)]
+    return sorted(rows, key=lambda r: r.pk)  # Python's order, as the key list is sorted
 
 
 def fetch_batch(

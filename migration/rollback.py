@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, func, select
 
 from checkpoints import store
 from checkpoints.lock import LockLost, RunLock
@@ -24,6 +26,7 @@ from .config import Target
 from .errors import ConfigError, RunLockedError
 from .logs import get_logger
 from .migrator import ColumnSummary, acquire_lock
+from .progress import NullProgress, Progress
 from .reader import BoundTarget, bind_target
 
 __all__ = ["RollbackResult", "rollback"]
@@ -56,7 +59,14 @@ def _pending_targets(engine: Engine) -> list[tuple[str, str]]:
     return [(t, c) for t, c in rows]
 
 
-def rollback(engine: Engine, *, batch_size: int = 500) -> RollbackResult:
+def rollback(
+    engine: Engine,
+    *,
+    batch_size: int = 500,
+    progress: Progress | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    before_first_write: Callable[[], None] | None = None,
+) -> RollbackResult:
     """Restore the original token of every migrated value not yet rolled back; resumable."""
     started = time.monotonic()
     result = RollbackResult()
@@ -67,10 +77,13 @@ def rollback(engine: Engine, *, batch_size: int = 500) -> RollbackResult:
             "nothing to roll back: this database has no kms-migrate journal (no migrate run "
             "has written to it); check --db"
         )
+    if before_first_write is not None:
+        before_first_write()
     store.ensure_schema(engine)
     run_lock = acquire_lock(engine, "rollback")
     try:
-        return _rollback(engine, batch_size, result, run_lock, started)
+        return _rollback(engine, batch_size, result, run_lock, started,
+                         progress or NullProgress(), should_stop)
     except LockLost as exc:
         raise RunLockedError(str(exc)) from None
     finally:
@@ -78,7 +91,13 @@ def rollback(engine: Engine, *, batch_size: int = 500) -> RollbackResult:
 
 
 def _rollback(
-    engine: Engine, batch_size: int, result: RollbackResult, run_lock: RunLock, started: float
+    engine: Engine,
+    batch_size: int,
+    result: RollbackResult,
+    run_lock: RunLock,
+    started: float,
+    progress: Progress,
+    should_stop: Callable[[], bool] | None,
 ) -> RollbackResult:
     with engine.begin() as conn:
         run = store.unfinished_run(conn, "rollback")
@@ -119,39 +138,19 @@ def _rollback(
                 with engine.connect() as conn:
                     bound[table] = bind_target(conn, Target(table, pk_name, (column,)))
             bt = bound[table]
+            if bt.target.columns != (column,):
+                bt = BoundTarget(Target(table, bt.target.primary_key, (column,)), bt.table,
+                                 bt.pk_is_int)
             after = int(ck.last_pk) if ck.last_pk is not None else 0
-            batch_no = 0
-            while True:
-                with engine.connect() as conn:
-                    entries = [
-                        (int(r.id), r.pk, r.original, r.migrated)
-                        for r in conn.execute(
-                            select(journal.c.id, journal.c.pk, journal.c.original,
-                                   journal.c.migrated)
-                            .where(journal.c.table_name == table,
-                                   journal.c.column_name == column,
-                                   journal.c.status == "migrated", journal.c.id > after)
-                            .order_by(journal.c.id).limit(batch_size)
-                        )
-                    ]
-                done = len(entries) < batch_size
-                if bt.target.columns != (column,):
-                    bt = BoundTarget(Target(table, bt.target.primary_key, (column,)),
-                                     bt.table, bt.pk_is_int)
-                counts = apply_rollback_batch(engine, bt, column, run.id, entries, done=done,
-                                              fence=run_lock.fence)
-                summary.add(counts)
-                batch_no += 1
-                log.info("batch_committed", table=table, column=column, batch=batch_no,
-                         restored=counts.migrated, conflicts=counts.conflicts)
-                if done:
-                    break
-                after = entries[-1][0]
+            progress.start(table, column, _journal_left(engine, table, column, after))
+            _rollback_column(engine, bt, column, after, batch_size, run.id, run_lock, summary,
+                             log, progress, should_stop)
         state = "completed"
     except KeyboardInterrupt:
         state = "interrupted"
         raise
     finally:
+        progress.finish()
         result.seconds = time.monotonic() - started
         try:
             with engine.begin() as conn:
@@ -162,6 +161,52 @@ def _rollback(
     with engine.connect() as conn:
         result.failures = store.failures_of(conn, run.id)
     return result
+
+
+def _journal_page(
+    engine: Engine, table: str, column: str, after: int, limit: int
+) -> list[tuple[int, str, str, str]]:
+    """The next journal entries still to roll back for one column, in journal order."""
+    j = journal.c
+    q = (
+        select(j.id, j.pk, j.original, j.migrated)
+        .where(j.table_name == table, j.column_name == column, j.status == "migrated",
+               j.id > after)
+        .order_by(j.id).limit(limit)
+    )
+    with engine.connect() as conn:
+        return [(int(r.id), r.pk, r.original, r.migrated) for r in conn.execute(q)]
+
+
+def _journal_left(engine: Engine, table: str, column: str, after: int) -> int:
+    j = journal.c
+    q = select(func.count()).select_from(journal).where(
+        j.table_name == table, j.column_name == column, j.status == "migrated", j.id > after)
+    with engine.connect() as conn:
+        return int(conn.execute(q).scalar_one())
+
+
+def _rollback_column(
+    engine: Engine, bt: BoundTarget, column: str, after: int, batch_size: int, run_id: int,
+    run_lock: RunLock, summary: ColumnSummary, log: Any, progress: Progress,
+    should_stop: Callable[[], bool] | None,
+) -> None:
+    batch_no = 0
+    while True:
+        entries = _journal_page(engine, bt.name, column, after, batch_size)
+        done = len(entries) < batch_size
+        counts = apply_rollback_batch(engine, bt, column, run_id, entries, done=done,
+                                      fence=run_lock.fence)
+        summary.add(counts)
+        batch_no += 1
+        log.info("batch_committed", table=bt.name, column=column, batch=batch_no,
+                 restored=counts.migrated, conflicts=counts.conflicts)
+        progress.advance(bt.name, column, len(entries))
+        if done:
+            return
+        if should_stop is not None and should_stop():
+            raise KeyboardInterrupt  # asked to stop: this batch is committed, stop here
+        after = entries[-1][0]
 
 
 def _pk_name(engine: Engine, table: str) -> str:
