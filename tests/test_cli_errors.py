@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 from cryptography.fernet import Fernet
-from helpers import make_db, snapshot
 from sqlalchemy import create_engine, inspect, text
 
 from migration import cli
+from tests.helpers import make_db, snapshot
 
 GUIDE_EXAMPLE_KEY = "my-super-secret-key-12345"
 AWS_SECRET = os.environ["AWS_SECRET_ACCESS_KEY"]  # set by conftest; must never be printed
