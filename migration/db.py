@@ -79,6 +79,11 @@ def make_engine(url: str, *, read_only: bool = False) -> Engine:
         raise ConfigError(f"no driver for {shown} ({exc}): install it or fix the URL") from None
     except (ArgumentError, SQLAlchemyError, TypeError) as exc:
         raise ConfigError(f"cannot use database URL {shown}: {type(exc).__name__}") from None
+    # Batch-insert journal and failure rows as multi-row INSERTs (SQLAlchemy's
+    # "insertmanyvalues"), not one statement per row: SQLite's driver gives the GIL up
+    # around every statement step, and with the KMS threads busy each row then waited
+    # for the GIL (a 500-row journal insert took ~400 ms instead of a few).
+    engine.dialect.use_insertmanyvalues_wo_returning = True
     if read_only:
         _make_read_only(engine)
     try:
