@@ -189,9 +189,10 @@ def _setup_logging(opts: dict[str, Any]) -> None:
                       stream)
 
 
-def _confirm(word: str, url: str, yes: bool, what: str) -> None:
-    """Ask the operator to type `word` before writing to a non-SQLite database."""
-    if yes or is_sqlite(url):
+def _confirm(word: str, url: str, yes: bool, what: str, *, always: bool = False) -> None:
+    """Ask the operator to type `word` before writing to a non-SQLite database (to any
+    database with `always`, for what cannot be undone)."""
+    if yes or (is_sqlite(url) and not always):
         return
     if not sys.stdin.isatty():
         raise ConfigError(
@@ -439,6 +440,49 @@ def rollback_cmd(**opts: Any) -> int:
     return EXIT_FAILURES if result.failures else EXIT_OK
 
 
+@cli.command("finalize")
+@_target_options
+@click.option("--encryption-context", is_flag=True,
+              help="Verify with the context migrate --encryption-context wrote with.")
+@click.option("--yes", is_flag=True,
+              help="Do not ask for confirmation (asked on every database, SQLite too).")
+@_log_options
+def finalize_cmd(**opts: Any) -> int:
+    """Delete the rollback journal once verify passes: the last step, and irreversible.
+
+    Why: the journal keeps the original Fernet token of every migrated value, and the old
+    ENCRYPTION_KEY still opens them: while it exists, a database dump plus a stolen .env
+    still decrypt every secret, the very exposure the migration removes.
+
+    When: after `kms-migrate verify` passes, the application reads and writes KMS, and you
+    no longer need `rollback`. It runs verify itself first (same options, KMS needed) and
+    deletes nothing unless verify passes and no migrate, retry or rollback run is unfinished.
+
+    Irreversible: afterwards `rollback` refuses; only a backup taken before the migration
+    still has the Fernet tokens. Deletes in batches (one transaction each); if interrupted,
+    run it again to delete the rest.
+    """
+    from .finalize import finalize
+
+    _setup_logging(opts)
+    settings = _settings(opts)
+    engine = make_engine(settings.db_url)
+    _confirm("FINALIZE", settings.db_url, opts["yes"], "delete the rollback journal of",
+             always=True)
+    with make_kms(settings) as kms, graceful_stop() as stop:
+        result = finalize(settings, engine=engine, kms=kms, batch_size=settings.batch_size,
+                          should_stop=stop.requested)
+    checked = sum(c.kms_ok for c in result.verify.columns)
+    click.echo(f"finalize run {result.run_id}" + (" (resumed)" if result.resumed else "")
+               + f": {safe_url(settings.db_url)}")
+    click.echo(f"verify: OK ({checked} KMS value(s) decrypted, no Fernet value left)")
+    click.echo(f"deleted {result.deleted} rollback journal row(s) in {result.batches} "
+               f"batch(es); {result.seconds:.2f} s")
+    click.echo("rollback is no longer possible. Backups taken before the migration still "
+               "hold the Fernet tokens: guard them like the old key, or destroy them.")
+    return EXIT_OK
+
+
 @cli.command("status")
 @_db_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -494,6 +538,90 @@ def demo_cmd(workdir: str | None, rows: int) -> int:
 
     configure_logging("warning")
     return run_demo(Path(workdir) if workdir else None, rows)
+
+
+@cli.command("preflight")
+@_target_options
+@click.option("--encryption-context", is_flag=True,
+              help="Do the round trip with an encryption context (table, column, pk), as "
+                   "migrate --encryption-context will: checks a policy that requires one.")
+@_log_options
+def preflight_cmd(**opts: Any) -> int:
+    """Check that a migration can start, one line per check; writes nothing.
+
+    Checks, in order: the database is reachable (read-only session); each target table
+    exists with its single-column primary key and text columns; ENCRYPTION_KEY (and
+    ENCRYPTION_KEY_LEGACY) are valid Fernet keys and open a sample of up to 20 Fernet tokens
+    per column; the KMS key exists (DescribeKey), is Enabled, is a symmetric ENCRYPT_DECRYPT
+    key, lives in --region; an Encrypt+Decrypt round trip of a random test value works; and
+    who the caller is (STS GetCallerIdentity, where allowed). Informational lines show an
+    unfinished run and the run lock.
+
+    Each line is "ok", "FAIL" (with the fix), "info" or "skip" (an earlier check failed).
+    Exit 0 when no check failed, 2 when any did. --batch-size, --concurrency and
+    --max-kms-rps are accepted for symmetry with migrate and not used.
+    """
+    from .preflight import format_check, preflight, summary
+
+    _setup_logging(opts)
+    settings = _settings(opts)
+    checks = preflight(settings, env=os.environ)
+    for check in checks:
+        click.echo(format_check(check))
+    click.echo(summary(checks))
+    failed = [c.name for c in checks if c.ok is False]
+    if failed:
+        click.echo(f"kms-migrate: preflight: {len(failed)} check(s) failed "
+                   f"({', '.join(failed)}); fix each as its FAIL line says, then re-run",
+                   err=True)
+        return EXIT_FATAL
+    return EXIT_OK
+
+
+@cli.command("iam-policy")
+@click.option("--key-id", metavar="KEY",
+              help="KMS key id, ARN or alias, resolved to the key ARN with DescribeKey "
+                   f"(default: $AWS_KMS_KEY_ID, else {DEFAULT_KEY_ID}). Without credentials, "
+                   "pass the key ARN itself.")
+@click.option("--region", metavar="R",
+              help=f"AWS region of the key (default: $AWS_REGION, else {DEFAULT_REGION}).")
+@click.option("--app-writes/--app-read-only", default=True, show_default=True,
+              help="Whether the application policy also allows kms:Encrypt (it writes new "
+                   "secrets with KMS, USE_AWS_KMS=true) or only kms:Decrypt.")
+@click.option("--which", type=click.Choice(["migration", "application", "both"]),
+              default="both", show_default=True,
+              help="Which policy to print: both as {\"migration\": ..., \"application\": ...}, "
+                   "or one bare policy document.")
+@click.option("--encryption-context", is_flag=True,
+              help="Allow Encrypt and Decrypt only with the encryption context keys table, "
+                   "column and pk and no other (for migrate --encryption-context and an "
+                   "application passing context=...). DescribeKey stays unconditioned.")
+def iam_policy_cmd(key_id: str | None, region: str | None, app_writes: bool, which: str,
+                   encryption_context: bool) -> int:
+    """Print least-privilege IAM policies (JSON) for the KMS key, naming its key ARN.
+
+    The migration's policy allows kms:Encrypt, kms:Decrypt and kms:DescribeKey; the
+    application's allows kms:Decrypt, plus kms:Encrypt unless --app-read-only. Both name
+    the one key by its key ARN (an alias ARN as Resource does not grant use of the key),
+    instead of the guide's key/* (every key of the account).
+
+    Attach each to its own IAM role or user (aws iam put-role-policy --policy-document
+    file://policy.json); the key policy must let IAM policies grant access (the default
+    key policy does). Remove the migration's policy once the migration is verified. The
+    output is plain JSON, as IAM requires (no comments).
+    """
+    from .iam import policies, resolve_key_arn
+
+    configure_logging("warning")
+    env = os.environ
+    key = key_id or env.get("AWS_KMS_KEY_ID") or DEFAULT_KEY_ID
+    reg = validate_region(region or env.get("AWS_REGION") or DEFAULT_REGION)
+    arn, note = resolve_key_arn(key, reg)
+    if note:
+        click.echo(f"kms-migrate: {note}", err=True)
+    doc = policies(arn, which, app_writes=app_writes, encryption_context=encryption_context)
+    click.echo(json.dumps(doc, indent=2))
+    return EXIT_OK
 
 
 def _on_sigterm(signum: int, frame: object) -> None:

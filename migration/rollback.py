@@ -77,6 +77,12 @@ def rollback(
             "nothing to roll back: this database has no kms-migrate journal (no migrate run "
             "has written to it); check --db"
         )
+    from .finalize import finalized_refusal  # local: keeps this edit to rollback() only
+
+    with engine.connect() as conn:
+        finalized = finalized_refusal(conn)
+    if finalized is not None:
+        raise ConfigError(finalized)
     if before_first_write is not None:
         before_first_write()
     store.ensure_schema(engine)

@@ -1,0 +1,676 @@
+"""`kms-migrate preflight`: every check, passing and failing, and the CLI's contract.
+
+Most tests call `migration.preflight.preflight` in-process against moto's in-process KMS
+and STS (the `kms` fixture), injecting KMS's real error responses with a botocore
+``before-send`` handler (tests/test_kms.py's Injector). The CLI runs in-process through
+``cli.main`` and, for the exit-code contract, as the installed ``kms-migrate`` in a
+subprocess against moto's server mode (and behind tests/kms_proxy.py for access denied).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from botocore.awsrequest import AWSResponse
+from cryptography.fernet import Fernet
+from sqlalchemy import create_engine, inspect, text
+
+from checkpoints import store
+from checkpoints.lock import RunLock
+from migration import cli
+from migration.config import Settings, Target
+from migration.db import safe_url
+from migration.preflight import Check, format_check, preflight, summary
+from migration.sample import create_coinflip_schema
+from tests.conftest import AWS_SECRET, Keys, KmsHandle, MotoServer, kms_migrate_bin
+from tests.helpers import make_db, settings_for
+from tests.kms_proxy import Rule, kms_proxy
+from tests.test_kms import Injector, inject
+
+ORDER_PREFIX = [
+    "database", "table users", "table wagers", "Fernet keys",
+    "Fernet sample users.encrypted_secret", "Fernet sample users.referral_payout_escrow_secret",
+    "Fernet sample wagers.creator_escrow_secret", "Fernet sample wagers.acceptor_escrow_secret",
+    "KMS key", "key enabled", "key usage", "key region", "Encrypt+Decrypt round trip",
+    "caller identity", "bookkeeping",
+]
+SAMPLED = re.compile(r"opened (\d+) of (\d+) sampled")
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+class _Raw:
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+
+    def stream(self, **_: Any) -> Iterator[bytes]:
+        body, self._body = self._body, b""
+        yield body
+
+    def read(self, *_: Any, **__: Any) -> bytes:
+        body, self._body = self._body, b""
+        return body
+
+
+def sts_error(code: str, status: int = 403) -> Any:
+    """A before-send handler answering STS's query-protocol (XML) error for `code`."""
+    body = (
+        '<ErrorResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/"><Error>'
+        f"<Type>Sender</Type><Code>{code}</Code><Message>User: arn:aws:iam::123456789012:"
+        "user/migrator is not authorized to perform: sts:GetCallerIdentity</Message></Error>"
+        "<RequestId>6f1c3c5e-0000-4000-8000-000000000000</RequestId></ErrorResponse>"
+    ).encode()
+
+    def handler(request: Any, **_: Any) -> AWSResponse:
+        headers = {"Content-Type": "text/xml", "Content-Length": str(len(body))}
+        return AWSResponse(request.url, status, headers, _Raw(body))
+
+    return handler
+
+
+def kms_client(region: str = "us-east-1") -> Any:
+    """A client as preflight makes it (botocore retries off), inside moto's mock."""
+    from migration.kms import make_client
+
+    return make_client(region, 1)
+
+
+def run(settings: Settings, keys: Keys | None = None, **kw: Any) -> dict[str, Check]:
+    """preflight() -> {name: check}; also checks no secret shows in any line."""
+    kw.setdefault("sleep", lambda s: None)
+    checks = preflight(settings, **kw)
+    lines = "\n".join(format_check(c) for c in checks) + summary(checks)
+    assert_clean(lines, keys)
+    out: dict[str, Check] = {}
+    for c in checks:
+        if c.name in out:  # a name appears twice only for bookkeeping lines
+            out[f"{c.name} #2"] = c
+        else:
+            out[c.name] = c
+    return out
+
+
+def assert_clean(textout: str, keys: Keys | None) -> None:
+    assert AWS_SECRET not in textout
+    assert "Traceback" not in textout
+    if keys is not None:
+        assert keys.current not in textout and keys.legacy not in textout
+
+
+def failed(checks: dict[str, Check]) -> set[str]:
+    return {n for n, c in checks.items() if c.ok is False}
+
+
+def skipped(checks: dict[str, Check]) -> set[str]:
+    return {n for n, c in checks.items() if c.ok is None and c.skipped}
+
+
+def file_digest(url: str) -> str:
+    path = url.removeprefix("sqlite:///")
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as excinfo:
+            cli.main(list(args))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    out, err = capsys.readouterr()
+    assert isinstance(excinfo.value.code, int)
+    return excinfo.value.code, out, err
+
+
+KEY_CHECKS = {"KMS key", "key enabled", "key usage", "key region", "Encrypt+Decrypt round trip"}
+
+
+# -- everything passes ------------------------------------------------------------------------
+
+def test_every_check_passes_on_a_good_setup(db_url: str, keys: Keys, kms: KmsHandle) -> None:
+    make_db(db_url, 40, keys.current, keys.legacy, bad_values=False)
+    checks = preflight(settings_for(db_url, keys.current, keys.legacy), sleep=lambda s: None)
+    names = [c.name for c in checks]
+    assert names[:len(ORDER_PREFIX)] == ORDER_PREFIX  # one line per check, in order
+    assert names[-1] == "bookkeeping"
+    assert all(c.ok is not False and not c.skipped for c in checks), checks
+    by = {c.name: c for c in checks}
+    assert by["database"].detail.startswith(f"reachable: {safe_url(db_url)}")
+    assert "primary key user_id (integer)" in by["table users"].detail
+    assert "primary key wager_id (text)" in by["table wagers"].detail
+    for name in ORDER_PREFIX[4:8]:
+        m = SAMPLED.search(by[name].detail)
+        assert m is not None and m.group(1) == m.group(2) and int(m.group(2)) > 0, by[name]
+    assert kms.arn in by["KMS key"].detail and "alias/coinflip-master-key" in by["KMS key"].detail
+    assert by["key enabled"].detail == "KeyState Enabled"
+    assert by["key usage"].detail == "ENCRYPT_DECRYPT, SYMMETRIC_DEFAULT"
+    assert by["key region"].detail == "us-east-1"
+    assert "intact" in by["Encrypt+Decrypt round trip"].detail
+    assert by["caller identity"].ok is True
+    assert "arn:aws:sts::123456789012:user/moto" in by["caller identity"].detail
+    assert "account 123456789012" in by["caller identity"].detail
+    assert by["bookkeeping"].ok is None and "no kms-migrate tables yet" in by["bookkeeping"].detail
+    text_ = "\n".join(format_check(c) for c in checks)
+    assert_clean(text_, keys)
+    assert summary(checks).startswith("preflight OK")
+
+
+def test_preflight_writes_nothing(sqlite_url: str, keys: Keys, kms: KmsHandle) -> None:
+    make_db(sqlite_url, 20, keys.current, keys.legacy)
+    before = file_digest(sqlite_url)
+    run(settings_for(sqlite_url, keys.current, keys.legacy), keys)
+    assert file_digest(sqlite_url) == before
+    eng = create_engine(sqlite_url)
+    assert not [t for t in inspect(eng).get_table_names() if t.startswith("kms_migrate")]
+    eng.dispose()
+
+
+def test_format_and_summary() -> None:
+    assert format_check(Check("a", True, "x")) == "ok    a: x"
+    assert format_check(Check("a", False, "x")) == "FAIL  a: x"
+    assert format_check(Check("a", None, "x")) == "info  a: x"
+    assert format_check(Check("a", None, "x", skipped=True)) == "skip  a: x"
+    assert summary([Check("a", True, ""), Check("b", None, "")]) == (
+        "preflight OK: 1 ok, 0 failed, 1 info, 0 skipped")
+    assert summary([Check("a", False, "")]).startswith("preflight FAILED: 0 ok, 1 failed")
+
+
+# -- database and targets ---------------------------------------------------------------------
+
+def test_unreachable_database_skips_targets_but_checks_kms(keys: Keys, kms: KmsHandle) -> None:
+    url = "postgresql+psycopg://migrator:pg-password-never-shown@127.0.0.1:1/coinflip"
+    checks = run(settings_for(url, keys.current, keys.legacy), keys)
+    db = checks["database"]
+    assert db.ok is False
+    assert "127.0.0.1" in db.detail and "***" in db.detail and "DATABASE_URL" in db.detail
+    assert "pg-password-never-shown" not in db.detail
+    assert failed(checks) == {"database"}
+    assert {"table users", "table wagers", "Fernet sample users", "Fernet sample wagers",
+            "bookkeeping"} <= skipped(checks)
+    # A database failure does not stop the key and KMS checks.
+    assert checks["Fernet keys"].ok is True
+    assert all(checks[n].ok is True for n in KEY_CHECKS)
+    assert checks["caller identity"].ok is True
+
+
+def test_missing_sqlite_file_fails_the_database_check(tmp_path: Path, keys: Keys,
+                                                      kms: KmsHandle) -> None:
+    url = f"sqlite:///{tmp_path / 'nope.db'}"
+    checks = run(settings_for(url, keys.current), keys)
+    assert checks["database"].ok is False and "does not exist" in checks["database"].detail
+    assert not (tmp_path / "nope.db").exists()  # not created by the check
+
+
+def test_missing_table(db_url: str, keys: Keys, kms: KmsHandle) -> None:
+    make_db(db_url, 10, keys.current, keys.legacy)
+    targets = (Target("users", "user_id", ("encrypted_secret",)),
+               Target("wallets", "wallet_id", ("secret",)))
+    checks = run(settings_for(db_url, keys.current, keys.legacy, targets=targets), keys)
+    assert checks["table users"].ok is True
+    assert checks["table wallets"].ok is False
+    assert "wallets does not exist" in checks["table wallets"].detail
+    assert "--config" in checks["table wallets"].detail
+    assert failed(checks) == {"table wallets"}
+    assert "Fernet sample wallets" in skipped(checks)
+    assert checks["Fernet sample users.encrypted_secret"].ok is True
+
+
+def test_missing_column(db_url: str, keys: Keys, kms: KmsHandle) -> None:
+    make_db(db_url, 10, keys.current, keys.legacy)
+    targets = (Target("users", "user_id", ("encrypted_secret", "escrow_secret")),)
+    checks = run(settings_for(db_url, keys.current, keys.legacy, targets=targets), keys)
+    assert checks["table users"].ok is False
+    assert "column users.escrow_secret does not exist" in checks["table users"].detail
+    assert failed(checks) == {"table users"}
+
+
+def test_table_without_primary_key(db_url: str, keys: Keys, kms: KmsHandle) -> None:
+    eng = create_engine(db_url)
+    with eng.begin() as conn:
+        conn.execute(text("CREATE TABLE vault (vault_id INTEGER, secret TEXT)"))
+    eng.dispose()
+    targets = (Target("vault", "vault_id", ("secret",)),)
+    checks = run(settings_for(db_url, keys.current, targets=targets), keys)
+    assert checks["table vault"].ok is False
+    assert "has no primary key" in checks["table vault"].detail
+    assert failed(checks) == {"table vault"}
+
+
+# -- Fernet keys ------------------------------------------------------------------------------
+
+def test_malformed_encryption_key(sqlite_url: str, keys: Keys, kms: KmsHandle) -> None:
+    make_db(sqlite_url, 10, keys.current, keys.legacy)
+    bad = "my-super-secret-key-12345"  # the guide's example value
+    checks = run(settings_for(sqlite_url, bad), keys)
+    fk = checks["Fernet keys"]
+    assert fk.ok is False and "ENCRYPTION_KEY is not a valid Fernet key" in fk.detail
+    assert bad not in "\n".join(format_check(c) for c in checks.values())
+    assert failed(checks) == {"Fernet keys"}
+    assert {n for n in skipped(checks) if n.startswith("Fernet sample")} == {
+        n for n in ORDER_PREFIX if n.startswith("Fernet sample")}
+    assert checks["KMS key"].ok is True  # the KMS checks still ran
+
+
+def test_malformed_legacy_key_is_named(sqlite_url: str, keys: Keys, kms: KmsHandle) -> None:
+    make_db(sqlite_url, 10, keys.current, keys.legacy)
+    checks = run(settings_for(sqlite_url, keys.current, "not-a-key"), keys)
+    assert checks["Fernet keys"].ok is False
+    assert "ENCRYPTION_KEY_LEGACY key #1" in checks["Fernet keys"].detail
+
+
+def test_missing_encryption_key(sqlite_url: str, keys: Keys, kms: KmsHandle) -> None:
+    make_db(sqlite_url, 10, keys.current, keys.legacy)
+    checks = run(Settings(db_url=sqlite_url, fernet_keys=()), keys, env={})
+    assert checks["Fernet keys"].ok is False
+    assert "ENCRYPTION_KEY is not set" in checks["Fernet keys"].detail
+    # Only a legacy key in the environment: still ENCRYPTION_KEY missing, not "valid".
+    checks = run(Settings(db_url=sqlite_url, fernet_keys=(keys.legacy,)), keys,
+                 env={"ENCRYPTION_KEY_LEGACY": keys.legacy})
+    assert checks["Fernet keys"].ok is False
+    assert "ENCRYPTION_KEY is not set" in checks["Fernet keys"].detail
+
+
+def test_missing_encryption_key_is_a_fail_line_in_the_cli(
+    sqlite_url: str, keys: Keys, kms: KmsHandle, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    make_db(sqlite_url, 10, keys.current, keys.legacy)
+    monkeypatch.delenv("ENCRYPTION_KEY", raising=False)
+    monkeypatch.setenv("ENCRYPTION_KEY_LEGACY", keys.legacy)
+    code, out, err = run_main(capsys, "preflight", "--db", sqlite_url)
+    assert code == 2, (out, err)
+    assert "FAIL  Fernet keys: ENCRYPTION_KEY is not set" in out
+    assert "Traceback" not in out + err
+    assert len(err.strip().splitlines()) == 1 and "Fernet keys" in err
+    assert_clean(out + err, keys)
+
+
+def test_keys_that_open_none_of_the_sample(sqlite_url: str, keys: Keys, kms: KmsHandle) -> None:
+    make_db(sqlite_url, 30, keys.current, keys.legacy)
+    other = Fernet.generate_key().decode()
+    checks = run(settings_for(sqlite_url, other), keys)
+    samples = [n for n in ORDER_PREFIX if n.startswith("Fernet sample")]
+    assert failed(checks) == set(samples)
+    for n in samples:
+        m = SAMPLED.search(checks[n].detail)
+        assert m is not None and m.group(1) == "0" and int(m.group(2)) > 0
+        assert "ENCRYPTION_KEY" in checks[n].detail
+    assert other not in "\n".join(c.detail for c in checks.values())
+
+
+def test_keys_that_open_part_of_the_sample_pass_with_a_note(
+    sqlite_url: str, keys: Keys, kms: KmsHandle,
+) -> None:
+    make_db(sqlite_url, 30, keys.current, keys.legacy, bad_values=False)
+    checks = run(settings_for(sqlite_url, keys.current), keys)  # the legacy key left out
+    assert not failed(checks)
+    partial = [c for n, c in checks.items() if n.startswith("Fernet sample")
+               and (m := SAMPLED.search(c.detail)) and m.group(1) != m.group(2)]
+    assert partial and all("ENCRYPTION_KEY_LEGACY" in c.detail for c in partial)
+
+
+def test_nothing_to_sample_is_ok_with_a_note(sqlite_url: str, keys: Keys,
+                                             kms: KmsHandle) -> None:
+    eng = create_engine(sqlite_url)
+    create_coinflip_schema(eng)
+    eng.dispose()
+    checks = run(settings_for(sqlite_url, keys.current), keys)
+    assert not failed(checks)
+    sample = checks["Fernet sample users.encrypted_secret"]
+    assert sample.ok is True and "no Fernet tokens to sample" in sample.detail
+
+
+# -- the KMS key ------------------------------------------------------------------------------
+
+@pytest.fixture
+def db(sqlite_url: str, keys: Keys) -> str:
+    make_db(sqlite_url, 10, keys.current, keys.legacy, bad_values=False)
+    return sqlite_url
+
+
+def test_alias_not_found(db: str, keys: Keys, kms: KmsHandle) -> None:
+    checks = run(settings_for(db, keys.current, keys.legacy, key_id="alias/no-such-key"), keys)
+    k = checks["KMS key"]
+    assert k.ok is False
+    for w in ("alias/no-such-key", "not found", "NotFoundException", "list-aliases",
+              "list-keys", "--region"):
+        assert w in k.detail, k.detail
+    assert failed(checks) == {"KMS key"}
+    assert KEY_CHECKS - {"KMS key"} <= skipped(checks)
+    assert checks["caller identity"].ok is True  # STS still asked
+    assert checks["database"].ok is True
+
+
+def test_access_denied_on_describe_key(db: str, keys: Keys, kms: KmsHandle) -> None:
+    client = kms_client()
+    inject(client, Injector(forever="AccessDeniedException"), "DescribeKey")
+    checks = run(settings_for(db, keys.current, keys.legacy), keys, kms_client=client)
+    k = checks["KMS key"]
+    assert k.ok is False
+    for w in ("AccessDeniedException", "kms:DescribeKey", "get-caller-identity",
+              "iam-policy", "alias/coinflip-master-key"):
+        assert w in k.detail, k.detail
+    assert failed(checks) == {"KMS key"}
+    assert {"key enabled", "key usage", "key region"} <= skipped(checks)
+    # Encrypt and Decrypt may still be allowed without DescribeKey: the round trip says.
+    assert checks["Encrypt+Decrypt round trip"].ok is True
+
+
+def test_access_denied_on_describe_key_through_the_proxy_cli(
+    sqlite_url: str, keys: Keys, server_kms: KmsHandle, moto_server: MotoServer,
+    cli_env: dict[str, str],
+) -> None:
+    make_db(sqlite_url, 10, keys.current, keys.legacy, bad_values=False)
+    with kms_proxy(moto_server.url) as (url, state):
+        state.rules.append(Rule("AccessDeniedException", target="DescribeKey"))
+        env = {**cli_env, "AWS_ENDPOINT_URL_KMS": url, "AWS_ENDPOINT_URL_STS": moto_server.url}
+        res = subprocess.run([kms_migrate_bin(), "preflight", "--db", sqlite_url], env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    assert re.search(r"^FAIL  KMS key: KMS denied DescribeKey .*AccessDeniedException",
+                     res.stdout, re.M), res.stdout
+    assert "ok    Encrypt+Decrypt round trip" in res.stdout
+    assert_clean(res.stdout + res.stderr, keys)
+
+
+def test_disabled_key(db: str, keys: Keys, kms: KmsHandle) -> None:
+    kms.client.disable_key(KeyId=kms.key_id)
+    checks = run(settings_for(db, keys.current, keys.legacy), keys)
+    e = checks["key enabled"]
+    assert e.ok is False and "KeyState Disabled" in e.detail and "enable-key" in e.detail
+    assert kms.arn in e.detail
+    assert failed(checks) == {"key enabled"}
+    assert checks["KMS key"].ok is True and checks["key usage"].ok is True
+    assert "Encrypt+Decrypt round trip" in skipped(checks)
+
+
+def test_pending_deletion(db: str, keys: Keys, kms: KmsHandle) -> None:
+    kms.client.schedule_key_deletion(KeyId=kms.key_id, PendingWindowInDays=7)
+    checks = run(settings_for(db, keys.current, keys.legacy), keys)
+    e = checks["key enabled"]
+    assert e.ok is False
+    for w in ("PendingDeletion", "deletion scheduled for", "cancel-key-deletion", "enable-key"):
+        assert w in e.detail, e.detail
+    assert failed(checks) == {"key enabled"}
+    assert "Encrypt+Decrypt round trip" in skipped(checks)
+
+
+def test_wrong_key_usage(db: str, keys: Keys, kms: KmsHandle) -> None:
+    meta = kms.client.create_key(KeyUsage="SIGN_VERIFY", KeySpec="RSA_2048")["KeyMetadata"]
+    checks = run(settings_for(db, keys.current, keys.legacy, key_id=meta["KeyId"]), keys)
+    u = checks["key usage"]
+    assert u.ok is False
+    for w in ("SIGN_VERIFY", "RSA_2048", "ENCRYPT_DECRYPT", "SYMMETRIC_DEFAULT"):
+        assert w in u.detail, u.detail
+    assert failed(checks) == {"key usage"}
+    assert "Encrypt+Decrypt round trip" in skipped(checks)
+
+
+def test_key_arn_in_another_region(db: str, keys: Keys, kms: KmsHandle) -> None:
+    eu = boto3.client("kms", region_name="eu-west-1")
+    arn = eu.create_key(KeyUsage="ENCRYPT_DECRYPT")["KeyMetadata"]["Arn"]
+    # Asked in us-east-1, KMS (and moto) do not find a key of eu-west-1.
+    checks = run(settings_for(db, keys.current, keys.legacy, key_id=arn), keys)
+    assert checks["KMS key"].ok is False and "NotFoundException" in checks["KMS key"].detail
+    r = checks["key region"]
+    assert r.ok is False and "eu-west-1" in r.detail and "--region eu-west-1" in r.detail
+    assert failed(checks) == {"KMS key", "key region"}
+    assert "Encrypt+Decrypt round trip" in skipped(checks)
+    # With the right region, everything passes.
+    checks = run(settings_for(db, keys.current, keys.legacy, key_id=arn, region="eu-west-1"),
+                 keys)
+    assert not failed(checks)
+    assert checks["key region"].detail == "eu-west-1"
+
+
+def test_described_key_of_another_region_fails_the_region_check(
+    db: str, keys: Keys, kms: KmsHandle,
+) -> None:
+    # An endpoint of another region (AWS_ENDPOINT_URL_KMS, a replica) answers DescribeKey.
+    eu_client = kms_client("eu-west-1")
+    arn = eu_client.create_key(KeyUsage="ENCRYPT_DECRYPT")["KeyMetadata"]["Arn"]
+    checks = run(settings_for(db, keys.current, keys.legacy, key_id=arn), keys,
+                 kms_client=eu_client)
+    r = checks["key region"]
+    assert r.ok is False and "lives in eu-west-1, not in --region us-east-1" in r.detail
+    assert failed(checks) == {"key region"}
+    assert "Encrypt+Decrypt round trip" in skipped(checks)
+
+
+def test_a_throttled_describe_key_is_retried(db: str, keys: Keys, kms: KmsHandle) -> None:
+    client = kms_client()
+    inj = inject(client, Injector("ThrottlingException"), "DescribeKey")
+    waits: list[float] = []
+    checks = run(settings_for(db, keys.current, keys.legacy), keys, kms_client=client,
+                 sleep=waits.append)
+    assert checks["KMS key"].ok is True and inj.calls == 2 and len(waits) == 1
+    inject(client, Injector(forever="ThrottlingException"), "DescribeKey")
+    checks = run(settings_for(db, keys.current, keys.legacy), keys, kms_client=client)
+    assert checks["KMS key"].ok is False
+    assert "ThrottlingException" in checks["KMS key"].detail
+    assert "3 attempts" in checks["KMS key"].detail
+
+
+def test_no_aws_credentials(db: str, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    checks = run(settings_for(db, keys.current, keys.legacy), keys)
+    assert checks["KMS key"].ok is False
+    assert "no AWS credentials found" in checks["KMS key"].detail
+    assert checks["caller identity"].ok is False
+    assert "no AWS credentials found" in checks["caller identity"].detail
+    assert checks["database"].ok is True and checks["Fernet keys"].ok is True
+
+
+# -- the round trip ---------------------------------------------------------------------------
+
+def test_round_trip_fails_when_encrypt_is_denied(db: str, keys: Keys, kms: KmsHandle) -> None:
+    client = kms_client()
+    inject(client, Injector(forever="AccessDeniedException"), "Encrypt")
+    checks = run(settings_for(db, keys.current, keys.legacy), keys, kms_client=client)
+    rt = checks["Encrypt+Decrypt round trip"]
+    assert rt.ok is False
+    assert "KMS denied Encrypt" in rt.detail and "kms:Encrypt" in rt.detail
+    assert failed(checks) == {"Encrypt+Decrypt round trip"}
+
+
+def test_round_trip_fails_when_decrypt_cannot_open_it(db: str, keys: Keys,
+                                                      kms: KmsHandle) -> None:
+    client = kms_client()
+    inject(client, Injector(forever="InvalidCiphertextException"), "Decrypt")
+    checks = run(settings_for(db, keys.current, keys.legacy), keys, kms_client=client)
+    rt = checks["Encrypt+Decrypt round trip"]
+    assert rt.ok is False and "InvalidCiphertextException" in rt.detail
+
+
+def test_round_trip_fails_when_decrypt_returns_another_value(
+    db: str, keys: Keys, kms: KmsHandle,
+) -> None:
+    client = kms_client()
+    body = json.dumps({"KeyId": kms.arn, "Plaintext": base64.b64encode(b"\0" * 32).decode(),
+                       "EncryptionAlgorithm": "SYMMETRIC_DEFAULT"}).encode()
+
+    def wrong(request: Any, **_: Any) -> AWSResponse:
+        headers = {"Content-Type": "application/x-amz-json-1.1",
+                   "Content-Length": str(len(body))}
+        return AWSResponse(request.url, 200, headers, _Raw(body))
+
+    client.meta.events.register_first("before-send.kms.Decrypt", wrong)
+    checks = run(settings_for(db, keys.current, keys.legacy), keys, kms_client=client)
+    rt = checks["Encrypt+Decrypt round trip"]
+    assert rt.ok is False and "another value" in rt.detail
+
+
+def test_round_trip_with_an_encryption_context(db: str, keys: Keys, kms: KmsHandle) -> None:
+    client = kms_client()
+    sent: list[bytes] = []
+
+    def spy(request: Any, **_: Any) -> None:
+        sent.append(request.body if isinstance(request.body, bytes) else b"")
+
+    client.meta.events.register_first("before-send.kms.Encrypt", spy)
+    checks = run(settings_for(db, keys.current, keys.legacy, encryption_context=True), keys,
+                 kms_client=client)
+    rt = checks["Encrypt+Decrypt round trip"]
+    assert rt.ok is True and "with an encryption context" in rt.detail
+    ctx = json.loads(sent[0])["EncryptionContext"]
+    assert set(ctx) == {"table", "column", "pk"}
+
+
+# -- STS --------------------------------------------------------------------------------------
+
+def test_caller_identity_allowed(db: str, keys: Keys, kms: KmsHandle) -> None:
+    checks = run(settings_for(db, keys.current, keys.legacy), keys)
+    c = checks["caller identity"]
+    assert c.ok is True
+    assert c.detail == "arn:aws:sts::123456789012:user/moto (account 123456789012)"
+
+
+def test_caller_identity_denied_is_informational(db: str, keys: Keys, kms: KmsHandle) -> None:
+    sts = boto3.client("sts", region_name="us-east-1")
+    sts.meta.events.register_first("before-send.sts.GetCallerIdentity", sts_error("AccessDenied"))
+    checks = run(settings_for(db, keys.current, keys.legacy), keys, sts_client=sts)
+    c = checks["caller identity"]
+    assert c.ok is None and not c.skipped
+    assert "not allowed" in c.detail and "AccessDenied" in c.detail
+    assert not failed(checks)
+
+
+def test_caller_identity_with_rejected_credentials_fails(db: str, keys: Keys,
+                                                         kms: KmsHandle) -> None:
+    sts = boto3.client("sts", region_name="us-east-1")
+    sts.meta.events.register_first("before-send.sts.GetCallerIdentity",
+                                   sts_error("InvalidClientTokenId"))
+    checks = run(settings_for(db, keys.current, keys.legacy), keys, sts_client=sts)
+    c = checks["caller identity"]
+    assert c.ok is False and "InvalidClientTokenId" in c.detail
+    assert "credential chain" in c.detail
+
+
+# -- bookkeeping (informational) --------------------------------------------------------------
+
+def test_bookkeeping_shows_an_unfinished_run_and_the_lock(sqlite_url: str, keys: Keys,
+                                                          kms: KmsHandle) -> None:
+    make_db(sqlite_url, 10, keys.current, keys.legacy)
+    settings = settings_for(sqlite_url, keys.current, keys.legacy)
+    eng = create_engine(sqlite_url)
+    store.ensure_schema(eng)
+    checks = run(settings, keys)
+    assert checks["bookkeeping"].detail == "no unfinished run: migrate starts a new one"
+    assert checks["run lock"].ok is None and checks["run lock"].detail == "free"
+    from migration.config import targets_fingerprint
+
+    with eng.begin() as conn:
+        run_ = store.create_run(
+            conn, kind="migrate", targets=[("users", "encrypted_secret")], targets_json="[]",
+            fingerprint=targets_fingerprint(settings.targets), batch_size=25,
+            key_id=settings.key_id, key_arn=kms.arn, region="us-east-1")
+    held = RunLock.acquire(eng, "migrate")
+    before = file_digest(sqlite_url)
+    try:
+        checks = run(settings, keys)
+        assert file_digest(sqlite_url) == before  # read only, bookkeeping included
+    finally:
+        held.release(eng)
+    b = checks["bookkeeping"]
+    assert b.ok is None and f"unfinished migrate run {run_.id} (running" in b.detail
+    assert "migrate resumes it" in b.detail and "refuses" not in b.detail
+    lk = checks["run lock"]
+    assert lk.ok is None and "held by a migrate" in lk.detail and "(this process)" in lk.detail
+    assert not failed(checks)
+    # Another key: migrate would refuse to resume that run.
+    other = kms.client.create_key()["KeyMetadata"]["Arn"]
+    checks = run(settings_for(sqlite_url, keys.current, keys.legacy, key_id=other), keys)
+    assert "refuses to resume it" in checks["bookkeeping"].detail
+    assert "another KMS key" in checks["bookkeeping"].detail
+    eng.dispose()
+
+
+# -- the CLI ----------------------------------------------------------------------------------
+
+def test_cli_prints_one_line_per_check_and_exits_0(
+    sqlite_url: str, keys: Keys, kms: KmsHandle, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    make_db(sqlite_url, 20, keys.current, keys.legacy, bad_values=False)
+    for k, v in keys.env().items():
+        monkeypatch.setenv(k, v)
+    code, out, err = run_main(capsys, "preflight", "--db", sqlite_url)
+    assert code == 0, (out, err)
+    lines = out.strip().splitlines()
+    assert all(re.match(r"^(ok|FAIL|info|skip) +\S", ln) for ln in lines[:-1]), out
+    assert lines[0].startswith("ok    database: reachable: sqlite:///")
+    assert lines[-1].startswith("preflight OK")
+    assert err == ""
+    assert_clean(out + err, keys)
+
+
+def test_cli_fails_with_exit_2_on_a_disabled_key(
+    sqlite_url: str, keys: Keys, kms: KmsHandle, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    make_db(sqlite_url, 20, keys.current, keys.legacy, bad_values=False)
+    for k, v in keys.env().items():
+        monkeypatch.setenv(k, v)
+    kms.client.disable_key(KeyId=kms.key_id)
+    code, out, err = run_main(capsys, "preflight", "--db", sqlite_url)
+    assert code == 2
+    assert "FAIL  key enabled: KeyState Disabled" in out
+    assert out.strip().splitlines()[-1].startswith("preflight FAILED: ")
+    assert err.startswith("kms-migrate: preflight: 1 check(s) failed (key enabled)")
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_cli_bad_region_is_refused_before_any_check(
+    capsys: pytest.CaptureFixture[str], sqlite_url: str,
+) -> None:
+    code, out, err = run_main(capsys, "preflight", "--db", sqlite_url, "--region", "mars")
+    assert code == 2 and out == "" and "not an AWS region name" in err
+
+
+def test_cli_help_says_what_it_does(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_main(capsys, "preflight", "--help")
+    assert code == 0
+    out = " ".join(out.split())  # click wraps to the terminal's width
+    for w in ("Check that a migration can start", "DescribeKey", "round trip",
+              "GetCallerIdentity", "Exit 0", "--db", "--config", "--key-id", "--region",
+              "--encryption-context", "--log-level"):
+        assert w in out, w
+    code, out, _ = run_main(capsys, "--help")
+    assert "preflight" in out and "iam-policy" in out
+
+
+@pytest.mark.e2e
+def test_real_cli_subprocess_fails_on_a_disabled_key(
+    sqlite_url: str, keys: Keys, server_kms: KmsHandle, moto_server: MotoServer,
+    cli_env: dict[str, str],
+) -> None:
+    make_db(sqlite_url, 20, keys.current, keys.legacy, bad_values=False)
+    env = {**cli_env, "AWS_ENDPOINT_URL_STS": moto_server.url}
+    argv = [kms_migrate_bin(), "preflight", "--db", sqlite_url, "--log-level", "debug"]
+    ok = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, (ok.stdout, ok.stderr)
+    assert "ok    caller identity: arn:aws:sts::123456789012:user/moto" in ok.stdout
+    server_kms.client.disable_key(KeyId=server_kms.key_id)
+    res = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    fail = [ln for ln in res.stdout.splitlines() if ln.startswith("FAIL")]
+    assert len(fail) == 1 and fail[0].startswith("FAIL  key enabled: KeyState Disabled")
+    assert "enable-key" in fail[0]
+    assert "skip  Encrypt+Decrypt round trip" in res.stdout
+    refusal = [ln for ln in res.stderr.splitlines() if ln.startswith("kms-migrate:")]
+    assert len(refusal) == 1 and "key enabled" in refusal[0]
+    assert "Traceback" not in res.stderr
+    for out in (ok.stdout, ok.stderr, res.stdout, res.stderr):
+        assert_clean(out, keys)
