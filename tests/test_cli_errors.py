@@ -329,12 +329,19 @@ def test_status_on_a_fresh_database_says_there_are_no_runs(capsys: Any, db_url: 
 
 HELP_OPTIONS = {
     "migrate": ["--db", "--config", "--key-id", "--region", "--batch-size", "--concurrency",
-                "--dry-run", "--new-run", "--yes", "--log-level", "--log-format", "--log-file"],
+                "--max-kms-rps", "--dry-run", "--new-run", "--retry-failed", "--report",
+                "--no-backup", "--no-progress", "--encryption-context", "--yes", "--log-level",
+                "--log-format", "--log-file"],
     "verify": ["--db", "--config", "--key-id", "--region", "--batch-size", "--concurrency",
-               "--log-level", "--log-format", "--log-file"],
-    "rollback": ["--db", "--batch-size", "--yes", "--log-level", "--log-format", "--log-file"],
+               "--max-kms-rps", "--encryption-context", "--log-level", "--log-format",
+               "--log-file"],
+    "rollback": ["--db", "--batch-size", "--no-backup", "--no-progress", "--yes", "--log-level",
+                 "--log-format", "--log-file"],
     "status": ["--db", "--json"],
     "demo": ["--dir", "--rows"],
+    "preflight": ["--db", "--config", "--key-id", "--region", "--encryption-context"],
+    "iam-policy": ["--key-id", "--region", "--which", "--app-read-only", "--encryption-context"],
+    "finalize": ["--db", "--config", "--key-id", "--region", "--encryption-context", "--yes"],
 }
 
 
