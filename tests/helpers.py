@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterable
+import signal
+from collections.abc import Iterable, Iterator
 from typing import Any
 
+import pytest
 from sqlalchemy import create_engine, select
 
 from migration.config import Settings
@@ -88,3 +90,36 @@ def dump_bookkeeping(url: str) -> str:
             out.extend(repr(tuple(r)) for r in conn.execute(select(md.tables[name])))
     eng.dispose()
     return "\n".join(out)
+
+
+def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """Call the console entry point in-process; return (exit code, stdout, stderr) of
+    this call only."""
+    from migration import cli
+
+    capsys.readouterr()  # drop what the setup (library calls, their logs) printed
+    previous = signal.getsignal(signal.SIGTERM)  # main() installs its own SIGTERM handler
+    try:
+        with pytest.raises(SystemExit) as excinfo:
+            cli.main(list(args))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    out, err = capsys.readouterr()
+    code = excinfo.value.code
+    assert isinstance(code, int), code
+    return code, out, err
+
+
+class RawBody:
+    """The urllib3-like raw body botocore's AWSResponse reads (.stream(), .read())."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+
+    def stream(self, **_: Any) -> Iterator[bytes]:
+        body, self._body = self._body, b""
+        yield body
+
+    def read(self, *_: Any, **__: Any) -> bytes:
+        body, self._body = self._body, b""
+        return body

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,28 +20,13 @@ import pytest
 from cryptography.fernet import Fernet
 from sqlalchemy import create_engine, inspect, text
 
-from migration import cli
-from tests.helpers import make_db, snapshot
+from tests.helpers import make_db, run_main, snapshot
 
 GUIDE_EXAMPLE_KEY = "my-super-secret-key-12345"
 AWS_SECRET = os.environ["AWS_SECRET_ACCESS_KEY"]  # set by conftest; must never be printed
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    """Call the console entry point in-process; return (exit code, stdout, stderr)."""
-    previous = signal.getsignal(signal.SIGTERM)  # main() installs its own SIGTERM handler
-    try:
-        with pytest.raises(SystemExit) as excinfo:
-            cli.main(list(args))
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    out, err = capsys.readouterr()
-    code = excinfo.value.code
-    assert isinstance(code, int), code
-    return code, out, err
-
 
 def assert_refused(code: int, out: str, err: str, *expected: str) -> str:
     """Exit 2, exactly one line on stderr, nothing on stdout, no traceback; return the line."""

@@ -8,7 +8,6 @@ in-process inside ``pytest.raises(SystemExit)`` with capsys, against moto's in-p
 from __future__ import annotations
 
 import io
-import signal
 import sys
 from typing import Any
 
@@ -19,7 +18,6 @@ from sqlalchemy import create_engine, func, select, update
 import migration.finalize as fin
 from checkpoints import store
 from checkpoints.tables import journal, runs
-from migration import cli
 from migration.config import Settings
 from migration.db import make_engine
 from migration.errors import ConfigError
@@ -30,7 +28,7 @@ from migration.sample import coinflip_metadata
 from migration.status import collect_status
 from migration.verify import verify
 from tests.conftest import Keys, KmsHandle
-from tests.helpers import make_db, make_kms, settings_for, snapshot
+from tests.helpers import make_db, make_kms, run_main, settings_for, snapshot
 
 # -- helpers ------------------------------------------------------------------------------
 
@@ -67,21 +65,6 @@ def _runs(url: str) -> list[tuple[str, str]]:
         out = [(r.kind, r.state) for r in conn.execute(select(runs).order_by(runs.c.id))]
     eng.dispose()
     return out
-
-
-def _run_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    """The console entry point in-process: (exit code, stdout, stderr)."""
-    capsys.readouterr()  # drop what the setup (library calls, their logs) printed
-    previous = signal.getsignal(signal.SIGTERM)  # main() installs its own SIGTERM handler
-    try:
-        with pytest.raises(SystemExit) as excinfo:
-            cli.main(list(args))
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    out, err = capsys.readouterr()
-    code = excinfo.value.code
-    assert isinstance(code, int), code
-    return code, out, err
 
 
 def _one_line(code: int, out: str, err: str, *fragments: str) -> str:
@@ -347,7 +330,7 @@ def test_cli_finalize_asks_even_on_sqlite_and_refuses_without_a_terminal(
     make_db(sqlite_url, 10, env_keys.current, env_keys.legacy, bad_values=False)
     _migrate(sqlite_url, env_keys, kms)
     before = _journal(sqlite_url)
-    _one_line(*_run_main(capsys, "finalize", "--db", sqlite_url),
+    _one_line(*run_main(capsys, "finalize", "--db", sqlite_url),
               "refusing to delete the rollback journal of", "without confirmation",
               "pass --yes")
     assert _journal(sqlite_url) == before
@@ -361,11 +344,11 @@ def test_cli_finalize_takes_the_typed_word_and_nothing_else(
     _migrate(sqlite_url, env_keys, kms)
     before = _journal(sqlite_url)
     monkeypatch.setattr(sys, "stdin", _Terminal("finalize\n"))
-    code, out, err = _run_main(capsys, "finalize", "--db", sqlite_url)
+    code, out, err = run_main(capsys, "finalize", "--db", sqlite_url)
     assert code == 2 and "cancelled (you did not type FINALIZE)" in err
     assert _journal(sqlite_url) == before
     monkeypatch.setattr(sys, "stdin", _Terminal("FINALIZE\n"))
-    code, out, err = _run_main(capsys, "finalize", "--db", sqlite_url)
+    code, out, err = run_main(capsys, "finalize", "--db", sqlite_url)
     assert code == 0, err
     assert "Type FINALIZE to proceed" in out
     assert f"deleted {len(before)} rollback journal row(s)" in out
@@ -378,7 +361,7 @@ def test_cli_finalize_with_yes_deletes_the_journal_then_rollback_exits_2(
     make_db(db_url, 20, env_keys.current, env_keys.legacy, bad_values=False)
     _migrate(db_url, env_keys, kms)
     rows = _journal(db_url)
-    code, out, err = _run_main(capsys, "finalize", "--db", db_url, "--yes",
+    code, out, err = run_main(capsys, "finalize", "--db", db_url, "--yes",
                                "--batch-size", "10")
     assert code == 0, err
     assert out.startswith("finalize run 2: ")
@@ -387,7 +370,7 @@ def test_cli_finalize_with_yes_deletes_the_journal_then_rollback_exits_2(
     assert "rollback is no longer possible" in out
     assert _journal(db_url) == []
     cells = snapshot(db_url)
-    line = _one_line(*_run_main(capsys, "rollback", "--db", db_url, "--yes"),
+    line = _one_line(*run_main(capsys, "rollback", "--db", db_url, "--yes"),
                      "the rollback journal was deleted by finalize (run 2, ",
                      "cannot roll back", "restore the backup taken before the migration")
     assert snapshot(db_url) == cells
@@ -402,7 +385,7 @@ def test_cli_finalize_refuses_while_verify_fails(
     make_db(sqlite_url, 10, env_keys.current, env_keys.legacy, bad_values=True)
     _migrate(sqlite_url, env_keys, kms)
     before = _journal(sqlite_url)
-    _one_line(*_run_main(capsys, "finalize", "--db", sqlite_url, "--yes"),
+    _one_line(*run_main(capsys, "finalize", "--db", sqlite_url, "--yes"),
               "verify did not pass (3 Fernet value(s) left", "nothing was deleted")
     assert _journal(sqlite_url) == before
     eng = create_engine(sqlite_url)

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 from typing import Any
 
 import pytest
 
-from migration import cli
 from migration.errors import ConfigError
 from migration.iam import (
     application_policy,
@@ -24,21 +22,10 @@ from migration.iam import (
     resolve_key_arn,
 )
 from tests.conftest import AWS_SECRET, Keys, KmsHandle
+from tests.helpers import run_main
 
 ALIAS = "alias/coinflip-master-key"
 KEY_ARN = "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
-
-
-def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        with pytest.raises(SystemExit) as excinfo:
-            cli.main(list(args))
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    out, err = capsys.readouterr()
-    assert isinstance(excinfo.value.code, int)
-    return excinfo.value.code, out, err
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import boto3
@@ -21,6 +20,7 @@ from botocore.awsrequest import AWSResponse
 
 from migration.errors import ConfigError, FatalKMSError
 from migration.kms import KMS, RetryPolicy, make_client, validate_region
+from tests.helpers import RawBody
 
 ALIAS = "alias/coinflip-master-key"
 
@@ -45,21 +45,6 @@ KMS_ERRORS: dict[str, tuple[int, str]] = {
 }
 
 
-class _Raw:
-    """The urllib3-like raw body AWSResponse reads (.stream() for content, .read())."""
-
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-
-    def stream(self, **_: Any) -> Iterator[bytes]:
-        body, self._body = self._body, b""
-        yield body
-
-    def read(self, *_: Any, **__: Any) -> bytes:
-        body, self._body = self._body, b""
-        return body
-
-
 def kms_error_response(url: str, code: str, status: int | None = None) -> AWSResponse:
     default_status, message = KMS_ERRORS[code]
     body = json.dumps({"__type": code, "message": message}).encode()
@@ -68,7 +53,7 @@ def kms_error_response(url: str, code: str, status: int | None = None) -> AWSRes
         "Content-Type": "application/x-amz-json-1.1",
         "Content-Length": str(len(body)),
     }
-    return AWSResponse(url, status or default_status, headers, _Raw(body))
+    return AWSResponse(url, status or default_status, headers, RawBody(body))
 
 
 class Injector:
@@ -162,7 +147,7 @@ def test_an_unknown_5xx_error_is_retried_as_transient(client: Any) -> None:
             if self.calls == 1:
                 body = b'{"__type":"SomethingNewException","message":"try later"}'
                 return AWSResponse(request.url, 502, {"Content-Type":
-                                                      "application/x-amz-json-1.1"}, _Raw(body))
+                                                      "application/x-amz-json-1.1"}, RawBody(body))
             return None
 
     inj = inject(client, Weird5xx(), "Encrypt")

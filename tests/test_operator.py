@@ -20,8 +20,7 @@ from checkpoints.tables import journal, runs
 from migration.progress import LineProgress
 from migration.sample import coinflip_metadata
 from tests.conftest import Keys, KmsHandle, MotoServer, kms_migrate_bin
-from tests.helpers import assert_no_leaks, dump_bookkeeping, make_db, snapshot
-from tests.test_cli_errors import run_main
+from tests.helpers import assert_no_leaks, dump_bookkeeping, make_db, run_main, snapshot
 
 
 @pytest.fixture

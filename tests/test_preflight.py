@@ -13,9 +13,7 @@ import base64
 import hashlib
 import json
 import re
-import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +25,12 @@ from sqlalchemy import create_engine, inspect, text
 
 from checkpoints import store
 from checkpoints.lock import RunLock
-from migration import cli
 from migration.config import Settings, Target
 from migration.db import safe_url
 from migration.preflight import Check, format_check, preflight, summary
 from migration.sample import create_coinflip_schema
 from tests.conftest import AWS_SECRET, Keys, KmsHandle, MotoServer, kms_migrate_bin
-from tests.helpers import make_db, settings_for
+from tests.helpers import RawBody, make_db, run_main, settings_for
 from tests.kms_proxy import Rule, kms_proxy
 from tests.test_kms import Injector, inject
 
@@ -49,19 +46,6 @@ SAMPLED = re.compile(r"opened (\d+) of (\d+) sampled")
 
 # -- helpers ----------------------------------------------------------------------------------
 
-class _Raw:
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-
-    def stream(self, **_: Any) -> Iterator[bytes]:
-        body, self._body = self._body, b""
-        yield body
-
-    def read(self, *_: Any, **__: Any) -> bytes:
-        body, self._body = self._body, b""
-        return body
-
-
 def sts_error(code: str, status: int = 403) -> Any:
     """A before-send handler answering STS's query-protocol (XML) error for `code`."""
     body = (
@@ -73,7 +57,7 @@ def sts_error(code: str, status: int = 403) -> Any:
 
     def handler(request: Any, **_: Any) -> AWSResponse:
         headers = {"Content-Type": "text/xml", "Content-Length": str(len(body))}
-        return AWSResponse(request.url, status, headers, _Raw(body))
+        return AWSResponse(request.url, status, headers, RawBody(body))
 
     return handler
 
@@ -118,18 +102,6 @@ def skipped(checks: dict[str, Check]) -> set[str]:
 def file_digest(url: str) -> str:
     path = url.removeprefix("sqlite:///")
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        with pytest.raises(SystemExit) as excinfo:
-            cli.main(list(args))
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    out, err = capsys.readouterr()
-    assert isinstance(excinfo.value.code, int)
-    return excinfo.value.code, out, err
 
 
 KEY_CHECKS = {"KMS key", "key enabled", "key usage", "key region", "Encrypt+Decrypt round trip"}
@@ -504,7 +476,7 @@ def test_round_trip_fails_when_decrypt_returns_another_value(
     def wrong(request: Any, **_: Any) -> AWSResponse:
         headers = {"Content-Type": "application/x-amz-json-1.1",
                    "Content-Length": str(len(body))}
-        return AWSResponse(request.url, 200, headers, _Raw(body))
+        return AWSResponse(request.url, 200, headers, RawBody(body))
 
     client.meta.events.register_first("before-send.kms.Decrypt", wrong)
     checks = run(settings_for(db, keys.current, keys.legacy), keys, kms_client=client)
