@@ -20,16 +20,16 @@ from datetime import UTC, datetime
 from sqlalchemy import Connection, Engine, delete, func, select, text, update
 
 from checkpoints import store
-from checkpoints.lock import LockLost, RunLock
+from checkpoints.lock import RunLock
 from checkpoints.store import Run
 from checkpoints.tables import journal, runs
 
 from . import __version__
 from .config import Settings
-from .errors import ConfigError, RunLockedError
+from .errors import ConfigError
 from .kms import KMS
 from .logs import get_logger
-from .migrator import acquire_lock
+from .migrator import lock_held
 from .verify import VerifyResult, verify
 
 __all__ = ["FinalizeResult", "finalize", "finalized_refusal"]
@@ -90,14 +90,9 @@ def finalize(
             "nothing was deleted"
         )
     store.ensure_schema(engine)  # an older bookkeeping schema may lack the lock table
-    run_lock = acquire_lock(engine, "finalize")
-    try:
+    with lock_held(engine, "finalize") as run_lock:
         return _finalize(engine, batch_size, result, run_lock, writers_seen, started,
                          should_stop)
-    except LockLost as exc:
-        raise RunLockedError(str(exc)) from None
-    finally:
-        run_lock.release(engine)
 
 
 def _finalize(

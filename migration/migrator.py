@@ -8,9 +8,10 @@ short write transaction, as lockbox's migrator does its computation outside it.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -203,6 +204,18 @@ def acquire_lock(engine: Engine, kind: str) -> RunLock:
         return RunLock.acquire(engine, kind)
     except LockHeld as exc:
         raise RunLockedError(str(exc)) from None
+
+
+@contextlib.contextmanager
+def lock_held(engine: Engine, kind: str) -> Iterator[RunLock]:
+    """Hold the run lock for a block; a lock lost to another process stops it (exit 2)."""
+    run_lock = acquire_lock(engine, kind)
+    try:
+        yield run_lock
+    except LockLost as exc:
+        raise RunLockedError(str(exc)) from None
+    finally:
+        run_lock.release(engine)
 
 
 def _resume_or_start(

@@ -16,16 +16,16 @@ from typing import Any
 from sqlalchemy import Engine, func, select
 
 from checkpoints import store
-from checkpoints.lock import LockLost, RunLock
+from checkpoints.lock import RunLock
 from checkpoints.store import FailureRow
 from checkpoints.tables import journal
 
 from . import __version__
 from .applier import apply_rollback_batch
 from .config import Target
-from .errors import ConfigError, RunLockedError
+from .errors import ConfigError
 from .logs import get_logger
-from .migrator import ColumnSummary, acquire_lock
+from .migrator import ColumnSummary, lock_held
 from .progress import NullProgress, Progress
 from .reader import BoundTarget, bind_target
 
@@ -86,14 +86,9 @@ def rollback(
     if before_first_write is not None:
         before_first_write()
     store.ensure_schema(engine)
-    run_lock = acquire_lock(engine, "rollback")
-    try:
+    with lock_held(engine, "rollback") as run_lock:
         return _rollback(engine, batch_size, result, run_lock, started,
                          progress or NullProgress(), should_stop)
-    except LockLost as exc:
-        raise RunLockedError(str(exc)) from None
-    finally:
-        run_lock.release(engine)
 
 
 def _rollback(
