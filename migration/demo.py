@@ -58,7 +58,13 @@ def _sha(path: Path) -> str:
 
 
 def run_demo(workdir: Path | None, rows: int) -> int:
-    from moto import mock_aws
+    try:
+        from moto import mock_aws
+    except ImportError:
+        raise KmsMigrateError(
+            "the demo emulates KMS with moto, which is not installed: "
+            "pip install 'kms-migrate[demo]' (or run `make demo` in a checkout)"
+        ) from None
 
     base = workdir or Path(tempfile.mkdtemp(prefix="kms-migrate-demo-"))
     base.mkdir(parents=True, exist_ok=True)
