@@ -48,21 +48,21 @@ def _changed(before: dict[Any, Any], after: dict[Any, Any]) -> set[Any]:
 
 
 def test_throttling_30_percent_completes_with_bounded_retries(
-    sqlite_url: str, keys: Keys, server_kms: KmsHandle, moto_server: MotoServer,
+    db_url: str, keys: Keys, server_kms: KmsHandle, moto_server: MotoServer,
     cli_env: dict[str, str], tmp_path: Path,
 ) -> None:
-    truth = make_db(sqlite_url, 50, keys.current, keys.legacy, bad_values=False)
+    truth = make_db(db_url, 50, keys.current, keys.legacy, bad_values=False)
     with kms_proxy(moto_server.url) as (url, state):
         state.rules.append(Rule("ThrottlingException", p=0.3))
         env = {**cli_env, "AWS_ENDPOINT_URL_KMS": url}
         log = tmp_path / "migrate.log"
-        res = run_cli(["migrate", "--db", sqlite_url, "--yes", "--batch-size", "20",
+        res = run_cli(["migrate", "--db", db_url, "--yes", "--batch-size", "20",
                        "--log-level", "debug", "--log-format", "json", "--log-file", str(log)],
                       env)
     assert res.returncode == 0, res.stderr
     logged = log.read_text()
     assert '"event": "batch_committed"' in logged  # the log file really has the debug events
-    assert_no_leaks([res.stdout, res.stderr, logged], dump_bookkeeping(sqlite_url), truth, keys)
+    assert_no_leaks([res.stdout, res.stderr, logged], dump_bookkeeping(db_url), truth, keys)
     retries = int(re.search(r"retries: (\d+)", res.stdout).group(1))  # type: ignore[union-attr]
     injected = sum(state.injected.values())
     assert injected > 0.2 * (2 * len(truth.plaintexts))  # the proxy really throttled ~30%
@@ -70,7 +70,7 @@ def test_throttling_30_percent_completes_with_bounded_retries(
     calls = sum(state.forwarded.values())
     assert calls == 2 * len(truth.plaintexts) + 1  # each call succeeded exactly once
     assert retries <= calls * (RetryPolicy().max_attempts - 1)  # bounded
-    after = snapshot(sqlite_url)
+    after = snapshot(db_url)
     assert all(server_kms.decrypt_text(after[c]) == p for c, p in truth.plaintexts.items())
 
 
@@ -95,11 +95,11 @@ DEAD_KEY_CASES = [
                          ids=[c[0] for c in DEAD_KEY_CASES])
 def test_dead_or_wrong_key_stops_fast_and_writes_nothing(
     name: str, rule: Rule | None, extra: list[str], action: str | None, words: list[str],
-    sqlite_url: str, keys: Keys, server_kms: KmsHandle, moto_server: MotoServer,
+    db_url: str, keys: Keys, server_kms: KmsHandle, moto_server: MotoServer,
     cli_env: dict[str, str],
 ) -> None:
-    truth = make_db(sqlite_url, 30, keys.current, keys.legacy, bad_values=False)
-    before = snapshot(sqlite_url)
+    truth = make_db(db_url, 30, keys.current, keys.legacy, bad_values=False)
+    before = snapshot(db_url)
     if action == "disable":
         server_kms.client.disable_key(KeyId=server_kms.key_id)
     elif action == "schedule_deletion":
@@ -109,7 +109,7 @@ def test_dead_or_wrong_key_stops_fast_and_writes_nothing(
             state.rules.append(rule)
         env = {**cli_env, "AWS_ENDPOINT_URL_KMS": url}
         t0 = time.monotonic()
-        res = run_cli(["migrate", "--db", sqlite_url, "--yes", "--log-level", "debug", *extra],
+        res = run_cli(["migrate", "--db", db_url, "--yes", "--log-level", "debug", *extra],
                       env)
         elapsed = time.monotonic() - t0
         assert_no_leaks([res.stdout, res.stderr], "", truth, keys)
@@ -123,8 +123,8 @@ def test_dead_or_wrong_key_stops_fast_and_writes_nothing(
             assert w.lower() in lines[0].lower(), lines[0]
         named = "alias/no-such-key" if "alias/no-such-key" in extra else "alias/coinflip-master-key"
         assert named in lines[0]
-        assert snapshot(sqlite_url) == before  # no batch half-written
-        assert _journal_cells(sqlite_url) == set()
+        assert snapshot(db_url) == before  # no batch half-written
+        assert _journal_cells(db_url) == set()
         # After the fix, re-running completes (resuming the stopped run where one exists).
         state.rules.clear()
         if action == "disable":
@@ -132,11 +132,11 @@ def test_dead_or_wrong_key_stops_fast_and_writes_nothing(
         elif action == "schedule_deletion":
             server_kms.client.cancel_key_deletion(KeyId=server_kms.key_id)
             server_kms.client.enable_key(KeyId=server_kms.key_id)
-        res2 = run_cli(["migrate", "--db", sqlite_url, "--yes"], env)
+        res2 = run_cli(["migrate", "--db", db_url, "--yes"], env)
     assert res2.returncode == 0, res2.stderr
     if rule is not None:
         assert "(resumed)" in res2.stdout  # the stopped run was resumed, not restarted
-    assert _journal_cells(sqlite_url) == set(truth.plaintexts)
+    assert _journal_cells(db_url) == set(truth.plaintexts)
 
 
 def test_key_disabled_mid_run_stops_at_the_failing_batch_then_resumes(
