@@ -123,3 +123,25 @@ class RawBody:
     def read(self, *_: Any, **__: Any) -> bytes:
         body, self._body = self._body, b""
         return body
+
+
+# The HTTP status and body of each KMS error as the KMS API reference gives them, for the
+# in-process injector (tests/test_kms.py) and the proxy (tests/kms_proxy.py).
+KMS_ERRORS: dict[str, tuple[int, str]] = {
+    "ThrottlingException": (400, "Rate exceeded"),
+    "KMSInternalException": (500, "An internal error occurred"),
+    "DependencyTimeoutException": (503, "The system timed out while trying to fulfill the "
+                                        "request"),
+    "KeyUnavailableException": (500, "The request was rejected because the specified KMS key "
+                                     "was not available"),
+    "DisabledException": (400, "arn:aws:kms:us-east-1:123456789012:key/x is disabled."),
+    "KMSInvalidStateException": (400, "arn:aws:kms:us-east-1:123456789012:key/x is pending "
+                                      "deletion."),
+    "AccessDeniedException": (400, "User: arn:aws:iam::123456789012:user/migrator is not "
+                                   "authorized to perform: kms:Encrypt"),
+    "NotFoundException": (400, "Alias arn:aws:kms:us-east-1:123456789012:"
+                               "alias/coinflip-master-key is not found."),
+    "InvalidCiphertextException": (400, ""),
+    "UnrecognizedClientException": (400, "The security token included in the request is "
+                                         "invalid."),
+}

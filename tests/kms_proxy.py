@@ -19,18 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-# HTTP statuses from the AWS KMS API reference ("Errors" of Encrypt/Decrypt/DescribeKey).
-KMS_ERRORS: dict[str, tuple[int, str]] = {
-    "ThrottlingException": (400, "Rate exceeded"),
-    "KMSInternalException": (500, "An internal error occurred"),
-    "DependencyTimeoutException": (503, "The system timed out while trying to fulfill the request"),
-    "DisabledException": (400, "arn:aws:kms:us-east-1:123456789012:key/x is disabled."),
-    "KMSInvalidStateException": (400, "arn:aws:kms:us-east-1:123456789012:key/x is pending "
-                                 "deletion."),
-    "AccessDeniedException": (400, "User: arn:aws:iam::123456789012:user/app is not authorized "
-                              "to perform: kms:Encrypt on this resource"),
-    "NotFoundException": (400, "Alias is not found."),
-}
+from tests.helpers import KMS_ERRORS
 
 
 @dataclass

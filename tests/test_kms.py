@@ -20,29 +20,10 @@ from botocore.awsrequest import AWSResponse
 
 from migration.errors import ConfigError, FatalKMSError
 from migration.kms import KMS, RetryPolicy, make_client, validate_region
-from tests.helpers import RawBody
+from tests.helpers import KMS_ERRORS, RawBody
 
 ALIAS = "alias/coinflip-master-key"
 
-# The HTTP status and body of each error as the KMS API reference gives them.
-KMS_ERRORS: dict[str, tuple[int, str]] = {
-    "ThrottlingException": (400, "Rate exceeded"),
-    "KMSInternalException": (500, "An internal error occurred"),
-    "DependencyTimeoutException": (503, "The system timed out while trying to fulfill the "
-                                        "request"),
-    "KeyUnavailableException": (500, "The request was rejected because the specified KMS key "
-                                     "was not available"),
-    "DisabledException": (400, "arn:aws:kms:us-east-1:123456789012:key/x is disabled."),
-    "KMSInvalidStateException": (400, "arn:aws:kms:us-east-1:123456789012:key/x is pending "
-                                      "deletion."),
-    "AccessDeniedException": (400, "User: arn:aws:iam::123456789012:user/migrator is not "
-                                   "authorized to perform: kms:Encrypt"),
-    "NotFoundException": (400, "Alias arn:aws:kms:us-east-1:123456789012:"
-                               "alias/coinflip-master-key is not found."),
-    "InvalidCiphertextException": (400, ""),
-    "UnrecognizedClientException": (400, "The security token included in the request is "
-                                         "invalid."),
-}
 
 
 def kms_error_response(url: str, code: str, status: int | None = None) -> AWSResponse:
