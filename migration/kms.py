@@ -392,10 +392,6 @@ class KMS:
             start = end
         return pending
 
-    @staticmethod
-    def gather(pending: Pending[R]) -> list[R]:
-        """Wait for submitted work (see `Pending.result`)."""
-        return pending.result()
 
     # -- the retry loop ----------------------------------------------------------------
 

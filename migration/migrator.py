@@ -165,14 +165,6 @@ def finish_rows(
     return rewrites, failures, counts
 
 
-def process_rows(
-    rows: list[Row], bt: BoundTarget, column: str, codec: FernetCodec, kms: KMS,
-    with_context: bool = False,
-) -> tuple[list[Rewrite], list[FailureRow], BatchCounts]:
-    """One batch's rewrites and failures, start to finish; nothing is written here."""
-    return finish_rows(prepare_rows(rows, bt, column, codec, kms, with_context), bt, column)
-
-
 def check_keys_open_something(
     engine: Engine, bound: Sequence[BoundTarget], codec: FernetCodec
 ) -> None:
