@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -149,5 +150,6 @@ def run_demo(workdir: Path | None, rows: int) -> int:
         print_rollback(rres)
         _check(_snapshot(url) == before, "every target column is byte-identical to before")
     click.echo(f"\ndemo OK: the sample database is at {db}")
-    click.echo("Try: kms-migrate status --db sqlite:///" + str(db))
+    exe = sys.argv[0] if sys.argv and sys.argv[0].endswith("kms-migrate") else "kms-migrate"
+    click.echo(f"Try: {exe} status --db sqlite:///{db}")
     return 0

@@ -192,3 +192,12 @@ def test_first_ctrl_c_finishes_the_batch_in_flight_then_exits_130(
                           "--no-backup", "--no-progress"], env=cli_env, capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 0 and "(resumed)" in res.stdout
+
+
+def test_demo_runs_end_to_end_and_checks_its_own_promises(
+    capsys: Any, tmp_path: Path
+) -> None:
+    code, out, err = run_main(capsys, "demo", "--dir", str(tmp_path / "demo"), "--rows", "30")
+    assert code == 0, err
+    assert out.count("  ok: ") == 7  # every step's promise was checked and held
+    assert "demo OK" in out and (tmp_path / "demo" / "coinflip.db").is_file()
