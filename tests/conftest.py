@@ -68,6 +68,15 @@ def keys() -> Keys:
     return Keys(Fernet.generate_key().decode(), Fernet.generate_key().decode())
 
 
+@pytest.fixture
+def env_keys(keys: Keys, monkeypatch: pytest.MonkeyPatch) -> Keys:
+    """The keys, exported as the CLI reads them (ENCRYPTION_KEY, ENCRYPTION_KEY_LEGACY)."""
+    monkeypatch.setenv("ENCRYPTION_KEY", keys.current)
+    monkeypatch.setenv("ENCRYPTION_KEY_LEGACY", keys.legacy)
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    return keys
+
+
 # -- KMS in-process (moto) ------------------------------------------------------------------
 
 @dataclass

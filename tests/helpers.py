@@ -54,6 +54,23 @@ def settings_for(url: str, current: str, legacy: str | None = None, **kw: Any) -
     return Settings(db_url=url, fernet_keys=keys, **kw)
 
 
+def interrupted_migrate(url: str, settings: Settings, client: Any, after_batches: int = 1) -> None:
+    """Run migrate until it has committed `after_batches` batches, then interrupt it the way
+    Ctrl-C would (KeyboardInterrupt from the batch hook); the run is left resumable."""
+    from migration.db import make_engine
+    from migration.migrator import migrate
+
+    committed = [0]
+
+    def stop(table: str, column: str, counts: object) -> None:
+        committed[0] += 1
+        if committed[0] == after_batches:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        migrate(settings, engine=make_engine(url), kms=make_kms(client, settings), on_batch=stop)
+
+
 def make_kms(client: Any, settings: Settings, sleep: Any = None) -> KMS:
     return KMS(client, settings.key_id, settings.region, concurrency=settings.concurrency,
                policy=RetryPolicy(max_attempts=5), sleep=sleep or (lambda s: None))

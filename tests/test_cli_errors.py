@@ -65,12 +65,6 @@ def write(tmp_path: Path, text_: str) -> str:
     return str(p)
 
 
-@pytest.fixture
-def env_keys(keys: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
-    monkeypatch.setenv("ENCRYPTION_KEY", keys.current)
-    monkeypatch.setenv("ENCRYPTION_KEY_LEGACY", keys.legacy)
-    monkeypatch.delenv("DATABASE_URL", raising=False)
-    return keys
 
 
 # -- usage errors -----------------------------------------------------------------------------

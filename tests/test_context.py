@@ -13,7 +13,7 @@ from migration.runtime import reset_cache
 from migration.sample import coinflip_metadata
 from migration.verify import verify
 from tests.conftest import Keys, KmsHandle
-from tests.helpers import make_db, make_kms, settings_for, snapshot
+from tests.helpers import interrupted_migrate, make_db, make_kms, settings_for, snapshot
 
 
 def test_context_binds_each_value_to_its_row_and_verify_reports_a_moved_one(
@@ -66,11 +66,7 @@ def test_a_run_is_not_resumed_with_another_context_setting(
     make_db(sqlite_url, 30, keys.current, bad_values=False)
     s = settings_for(sqlite_url, keys.current, batch_size=5)
 
-    def stop(table: str, column: str, counts: object) -> None:
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        migrate(s, engine=make_engine(sqlite_url), kms=make_kms(kms.client, s), on_batch=stop)
+    interrupted_migrate(sqlite_url, s, kms.client)
     s2 = settings_for(sqlite_url, keys.current, batch_size=5, encryption_context=True)
     with pytest.raises(ResumeMismatchError, match="encryption context"):
         migrate(s2, engine=make_engine(sqlite_url), kms=make_kms(kms.client, s2))

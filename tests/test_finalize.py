@@ -28,7 +28,7 @@ from migration.sample import coinflip_metadata
 from migration.status import collect_status
 from migration.verify import verify
 from tests.conftest import Keys, KmsHandle
-from tests.helpers import make_db, make_kms, run_main, settings_for, snapshot
+from tests.helpers import interrupted_migrate, make_db, make_kms, run_main, settings_for, snapshot
 
 # -- helpers ------------------------------------------------------------------------------
 
@@ -86,12 +86,6 @@ class _Terminal(io.StringIO):
         return True
 
 
-@pytest.fixture
-def env_keys(keys: Keys, monkeypatch: pytest.MonkeyPatch) -> Keys:
-    monkeypatch.setenv("ENCRYPTION_KEY", keys.current)
-    monkeypatch.setenv("ENCRYPTION_KEY_LEGACY", keys.legacy)
-    monkeypatch.delenv("DATABASE_URL", raising=False)
-    return keys
 
 
 # -- refusals -------------------------------------------------------------------------------
@@ -133,11 +127,7 @@ def test_finalize_refuses_while_a_migrate_run_is_unfinished(
     make_db(db_url, 30, keys.current, keys.legacy, bad_values=False)
     s = _settings(db_url, keys, batch_size=5)
 
-    def crash(table: str, column: str, counts: object) -> None:
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        migrate(s, engine=make_engine(db_url), kms=make_kms(kms.client, s), on_batch=crash)
+    interrupted_migrate(db_url, s, kms.client)
     before = _journal(db_url)
     assert before
     with pytest.raises(ConfigError) as err:

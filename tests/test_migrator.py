@@ -19,7 +19,7 @@ from migration.errors import ConfigError, FatalKMSError, ResumeMismatchError
 from migration.migrator import REASON_NO_KEY, REASON_OVERSIZE, migrate
 from migration.sample import coinflip_metadata
 from tests.conftest import Keys, KmsHandle
-from tests.helpers import make_db, make_kms, settings_for, snapshot
+from tests.helpers import interrupted_migrate, make_db, make_kms, settings_for, snapshot
 
 
 def _alembic_head() -> str:
@@ -106,16 +106,7 @@ def test_second_run_finds_everything_already_migrated(
 def test_resume_skips_committed_batches(db_url: str, kms: KmsHandle, keys: Keys) -> None:
     truth = make_db(db_url, 80, keys.current, keys.legacy)
     settings = settings_for(db_url, keys.current, keys.legacy, batch_size=10)
-    seen = []
-
-    def crash_after_four(table: str, column: str, counts: object) -> None:
-        seen.append(table)
-        if len(seen) == 4:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        migrate(settings, engine=make_engine(db_url), kms=make_kms(kms.client, settings),
-                on_batch=crash_after_four)
+    interrupted_migrate(db_url, settings, kms.client, after_batches=4)
     committed = len(_journal(db_url))
     assert 0 < committed < len(truth.plaintexts)
     k = make_kms(kms.client, settings)
@@ -140,12 +131,7 @@ def test_resume_refuses_another_key_or_targets(
     make_db(sqlite_url, 40, keys.current, keys.legacy)
     settings = settings_for(sqlite_url, keys.current, keys.legacy, batch_size=10)
 
-    def crash(table: str, column: str, counts: object) -> None:
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        migrate(settings, engine=make_engine(sqlite_url), kms=make_kms(kms.client, settings),
-                on_batch=crash)
+    interrupted_migrate(sqlite_url, settings, kms.client)
     other = kms.client.create_key()["KeyMetadata"]
     s2 = settings_for(sqlite_url, keys.current, keys.legacy, key_id=other["KeyId"])
     with pytest.raises(ResumeMismatchError, match="the KMS key"):

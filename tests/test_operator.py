@@ -23,13 +23,6 @@ from tests.conftest import Keys, KmsHandle, MotoServer, kms_migrate_bin
 from tests.helpers import assert_no_leaks, dump_bookkeeping, make_db, run_main, snapshot
 
 
-@pytest.fixture
-def env_keys(keys: Keys, monkeypatch: pytest.MonkeyPatch) -> Keys:
-    monkeypatch.setenv("ENCRYPTION_KEY", keys.current)
-    monkeypatch.setenv("ENCRYPTION_KEY_LEGACY", keys.legacy)
-    return keys
-
-
 def test_plain_progress_lines_come_often_at_first_then_every_30_s() -> None:
     now = [0.0]
     out = io.StringIO()

@@ -15,7 +15,7 @@ from migration.migrator import migrate
 from migration.rollback import rollback
 from migration.sample import coinflip_metadata
 from tests.conftest import Keys, KmsHandle
-from tests.helpers import make_db, make_kms, settings_for, snapshot
+from tests.helpers import interrupted_migrate, make_db, make_kms, settings_for, snapshot
 
 
 def _migrate(url: str, keys: Keys, kms: KmsHandle, **kw: Any) -> Any:
@@ -107,12 +107,7 @@ def test_rollback_abandons_an_unfinished_migrate_run(
     before = snapshot(sqlite_url)
     settings = settings_for(sqlite_url, keys.current, keys.legacy, batch_size=5)
 
-    def crash(table: str, column: str, counts: object) -> None:
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        migrate(settings, engine=make_engine(sqlite_url), kms=make_kms(kms.client, settings),
-                on_batch=crash)
+    interrupted_migrate(sqlite_url, settings, kms.client)
     rollback(make_engine(sqlite_url))
     assert snapshot(sqlite_url) == before
     # The next migrate starts a new run from the first row, not from the old checkpoint.

@@ -36,7 +36,7 @@ from migration.migrator import migrate
 from migration.sample import coinflip_metadata, create_coinflip_schema
 from tests import guide_kms_encryption as guide
 from tests.conftest import Keys, KmsHandle
-from tests.helpers import make_db, make_kms, settings_for, snapshot
+from tests.helpers import interrupted_migrate, make_db, make_kms, settings_for, snapshot
 
 SECRET = "5KQwrPbwdL6PhXujxW37FSSQZ1JiwsST4cqQzDeyXtP79zkvFD3"  # looks like a wallet key
 
@@ -89,16 +89,7 @@ def test_helper_reads_both_formats_in_a_half_migrated_table(
 ) -> None:
     truth = make_db(db_url, 40, keys.current, keys.legacy, bad_values=False)
     settings = settings_for(db_url, keys.current, keys.legacy, batch_size=10)
-    batches = []
-
-    def crash_after_two(table: str, column: str, counts: object) -> None:
-        batches.append(table)
-        if len(batches) == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        migrate(settings, engine=make_engine(db_url), kms=make_kms(kms.client, settings),
-                on_batch=crash_after_two)
+    interrupted_migrate(db_url, settings, kms.client, after_batches=2)
     mid = snapshot(db_url)
     column = {c: v for c, v in mid.items() if c[0] == "users" and c[2] == "encrypted_secret"}
     kinds = {classify(v) for c, v in column.items() if c in truth.plaintexts}

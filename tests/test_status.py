@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import pytest
-
 from migration.db import make_engine
 from migration.migrator import migrate
 from migration.status import collect_status
 from tests.conftest import Keys, KmsHandle
-from tests.helpers import make_db, make_kms, settings_for
+from tests.helpers import interrupted_migrate, make_db, make_kms, settings_for
 
 
 def test_status_of_a_fresh_database_is_none(sqlite_url: str, keys: Keys) -> None:
@@ -21,16 +19,7 @@ def test_status_shows_progress_remaining_and_failures(
 ) -> None:
     truth = make_db(db_url, 30, keys.current, keys.legacy)
     settings = settings_for(db_url, keys.current, keys.legacy, batch_size=10)
-    n = [0]
-
-    def crash(table: str, column: str, counts: object) -> None:
-        n[0] += 1
-        if n[0] == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        migrate(settings, engine=make_engine(db_url), kms=make_kms(kms.client, settings),
-                on_batch=crash)
+    interrupted_migrate(db_url, settings, kms.client, after_batches=2)
     mid = collect_status(make_engine(db_url, read_only=True))
     assert mid is not None
     assert mid.runs[0]["state"] == "interrupted"
