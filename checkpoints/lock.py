@@ -46,6 +46,12 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _workers_alive(conn: Connection, run_id: int) -> bool:
+    from .leases import live_workers
+
+    return bool(live_workers(conn, run_id, STALE_AFTER))
+
+
 def _aware(ts: datetime) -> datetime:
     return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
 
@@ -82,6 +88,8 @@ class RunLock:
                                     or age > SAME_HOST_STALE_AFTER))
                     or (not same_host and age > STALE_AFTER)
                 )
+                if dead and row.run_id is not None and _workers_alive(conn, row.run_id):
+                    dead = False  # a ranged run's workers keep it alive, whoever took it
                 if not dead:
                     what = f"{row.kind} run {row.run_id}" if row.run_id else f"a {row.kind}"
                     raise LockHeld(
@@ -118,6 +126,41 @@ class RunLock:
                 "this run's lock was taken over by another process (it was presumed dead): "
                 "stopping without writing this batch; check `kms-migrate status`"
             )
+
+    def shared_fence(self, conn: Connection) -> None:
+        """The fence of a worker of a ranged run, inside its batch transaction.
+
+        `FOR SHARE`: the workers of one run do not wait on each other, while a takeover
+        (an UPDATE of the row) waits for every batch in flight and then fences them all
+        out. SQLite, with one writer at a time, needs no row lock.
+        """
+        held = conn.execute(
+            select(lock.c.token).where(lock.c.name == NAME, lock.c.token == self.token)
+            .with_for_update(read=True)
+        ).first()
+        if held is None:
+            raise LockLost(
+                "this run's lock was taken over by another process (its workers were "
+                "presumed dead): stopping without writing this batch; check `kms-migrate "
+                "status`"
+            )
+
+    def touch(self, engine: Engine, every: timedelta) -> None:
+        """Heartbeat for a ranged run, from any of its workers, at most once per `every`
+        (a row most of them only read)."""
+        ts = now()
+        with engine.begin() as conn:
+            conn.execute(update(lock).where(
+                lock.c.name == NAME, lock.c.token == self.token,
+                lock.c.heartbeat_at < ts - every,
+            ).values(heartbeat_at=ts, host=socket.gethostname(), pid=os.getpid()))
+
+    @classmethod
+    def held_by(cls, engine: Engine) -> tuple[RunLock, int | None] | None:
+        """The lock as it is now (to join a ranged run); None when nobody holds it."""
+        with engine.connect() as conn:
+            row = conn.execute(select(lock).where(lock.c.name == NAME)).first()
+        return None if row is None else (cls(row.token, row.kind), row.run_id)
 
     def release(self, engine: Engine) -> None:
         try:

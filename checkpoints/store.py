@@ -14,9 +14,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Engine, func, insert, inspect, select, update
+
+if TYPE_CHECKING:
+    from .leases import Lease
 
 from .tables import VERSION_TABLE, checkpoints, failures, journal, runs
 
@@ -92,6 +95,7 @@ class Run:
     updated_at: datetime
     finished_at: datetime | None
     note: str | None
+    ranged: bool = False
 
     @property
     def targets(self) -> list[dict[str, Any]]:
@@ -232,11 +236,15 @@ def record_batch(
     done: bool = False,
     journal_rows: Iterable[JournalRow] = (),
     failure_rows: Iterable[FailureRow] = (),
+    lease: Lease | None = None,
 ) -> None:
     """Write a batch's journal rows, failures and checkpoint in the caller's transaction.
 
     Refuses (raises) unless exactly one checkpoint row moved, as Alembic checks its
     version-table update: a lost checkpoint update would let a resume redo a batch.
+    With a `lease` (a worker of a ranged run), the checkpoint is the range's, moved by a
+    compare-and-swap on the lease token (LeaseLost otherwise); the run row is not touched,
+    so the workers of one run never wait on each other's batches.
     """
     ts = now()
     jrows = [
@@ -253,6 +261,11 @@ def record_batch(
     ]
     if frows:
         conn.execute(insert(failures), frows)
+    if lease is not None:
+        from .leases import record_on_range
+
+        record_on_range(conn, lease, last_pk=last_pk, counts=counts, done=done)
+        return
     c = checkpoints.c
     values: dict[str, Any] = dict(
         batches=c.batches + 1,

@@ -11,6 +11,7 @@ from sqlalchemy import (
     Boolean,
     Column,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -18,9 +19,13 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    false,
 )
 
-__all__ = ["VERSION_TABLE", "checkpoints", "failures", "journal", "metadata", "runs"]
+__all__ = [
+    "VERSION_TABLE", "checkpoints", "failures", "journal", "lock", "metadata", "ranges", "runs",
+    "workers",
+]
 
 VERSION_TABLE = "kms_migrate_alembic_version"
 
@@ -54,6 +59,7 @@ runs = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Column("finished_at", DateTime(timezone=True)),
     Column("note", Text),
+    Column("ranged", Boolean, nullable=False, server_default=false()),
 )
 
 # One row per run and target column: where the run is (last primary key, or for a
@@ -124,4 +130,58 @@ lock = Table(
     Column("pid", Integer, nullable=False),
     Column("acquired_at", DateTime(timezone=True), nullable=False),
     Column("heartbeat_at", DateTime(timezone=True), nullable=False),
+)
+
+# A ranged run (`migrate --workers N`, or `rollback --workers N`) splits each target column
+# into key ranges: (lo, hi] of the primary key (for a rollback, of the journal id); lo NULL
+# is the start, hi NULL the end. A worker claims a range by setting `lease_token` (with
+# SELECT ... FOR UPDATE SKIP LOCKED on PostgreSQL) and records each batch on it with a
+# compare-and-swap on that token, so a worker whose lease was taken over writes nothing.
+# `last_pk` is the range's checkpoint; the counts are the range's share of the column's.
+ranges = Table(
+    "kms_migrate_ranges",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", Integer, ForeignKey("kms_migrate_runs.id"), nullable=False),
+    Column("table_name", String(255), nullable=False),
+    Column("column_name", String(255), nullable=False),
+    Column("lo", Text),
+    Column("hi", Text),
+    Column("last_pk", Text),
+    Column("done", Boolean, nullable=False),
+    Column("lease_token", String(64)),
+    Column("lease_until", DateTime(timezone=True)),
+    Column("worker_id", String(64)),
+    Column("claims", Integer, nullable=False),
+    Column("batches", Integer, nullable=False),
+    Column("migrated", Integer, nullable=False),
+    Column("skipped", Integer, nullable=False),
+    Column("already", Integer, nullable=False),
+    Column("failed", Integer, nullable=False),
+    Column("conflicts", Integer, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Index(None, "run_id", "done"),
+)
+
+# The worker processes of ranged runs: who they are, their heartbeat (the live ones share
+# the run's --max-kms-rps), the range they hold and their KMS request counts.
+# state: running -> finished | stopped | failed | interrupted
+workers = Table(
+    "kms_migrate_workers",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("run_id", Integer, ForeignKey("kms_migrate_runs.id"), nullable=False),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("range_id", Integer),
+    Column("rate", Float),
+    Column("kms_requests", Integer, nullable=False),
+    Column("retries", Integer, nullable=False),
+    Column("throttles", Integer, nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("heartbeat_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True)),
+    Column("note", Text),
+    Index(None, "run_id"),
 )

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, Engine, Table, Update, bindparam, case, select, update
 
 from checkpoints import store
+from checkpoints.leases import Lease
 from checkpoints.store import BatchCounts, FailureRow, JournalRow
 from checkpoints.tables import journal
 
@@ -129,8 +130,11 @@ def apply_migrate_batch(
     last_pk: object,
     done: bool,
     fence: Callable[[Connection], None] | None = None,
+    lease: Lease | None = None,
 ) -> BatchCounts:
-    """Commit one migrate batch; return its counts with the conflicts the CAS found."""
+    """Commit one migrate batch; return its counts with the conflicts the CAS found.
+
+    `lease`: the batch belongs to a range of a ranged run, whose checkpoint it moves."""
     journal_rows: list[JournalRow] = []
     with engine.begin() as conn:
         if fence is not None:
@@ -150,6 +154,7 @@ def apply_migrate_batch(
             conn, run_id, bt.name, column,
             last_pk=None if last_pk is None else bt.pk_text(last_pk),
             counts=final, done=done, journal_rows=journal_rows, failure_rows=failures,
+            lease=lease,
         )
     return final
 
@@ -163,6 +168,7 @@ def apply_rollback_batch(
     *,
     done: bool,
     fence: Callable[[Connection], None] | None = None,
+    lease: Lease | None = None,
 ) -> BatchCounts:
     """Commit one rollback batch of journal entries (id, pk, original, migrated).
 
@@ -199,6 +205,6 @@ def apply_rollback_batch(
         store.record_batch(
             conn, run_id, bt.name, column,
             last_pk=str(entries[-1][0]) if entries else None,
-            counts=counts, done=done, failure_rows=failures,
+            counts=counts, done=done, failure_rows=failures, lease=lease,
         )
     return counts

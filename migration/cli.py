@@ -60,6 +60,17 @@ from .report import build_report, kms_cost, write_report
 from .rollback import RollbackResult, rollback
 from .status import collect_status
 from .verify import VerifyResult, verify
+from .workers import (
+    DEFAULT_LEASE_SECONDS,
+    DEFAULT_ROWS_PER_RANGE,
+    WorkerSpec,
+    migrate_ranged,
+    refuse_sqlite_workers,
+    rollback_ranged,
+    settings_from_dict,
+    work,
+    worker_signals,
+)
 
 __all__ = ["cli", "main"]
 
@@ -74,6 +85,23 @@ def _log_options(f: F) -> F:
     f = click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
                      default="warning", show_default=True,
                      help="Least severe log events shown (batches log at info).")(f)
+    return f
+
+
+def _workers_options(f: F) -> F:
+    f = click.option("--rows-per-range", type=click.IntRange(1, 10_000_000),
+                     default=DEFAULT_ROWS_PER_RANGE, show_default=True,
+                     help="With --workers: rows per key range, the unit a worker claims "
+                          "(set when the run starts).")(f)
+    f = click.option("--lease-seconds", type=click.FloatRange(2, 3600),
+                     default=DEFAULT_LEASE_SECONDS, show_default=True,
+                     help="With --workers: how long a silent worker keeps its range before "
+                          "another worker takes it over (on the same host: as soon as its "
+                          "process is gone). Must exceed the clock skew between machines.")(f)
+    f = click.option("--workers", type=click.IntRange(1, 256), metavar="N",
+                     help="Run N worker processes on this machine, coordinated through the "
+                          "database (PostgreSQL; 1 on SQLite). The same command on another "
+                          "machine joins the run. --max-kms-rps is shared by all workers.")(f)
     return f
 
 
@@ -348,6 +376,7 @@ def cli() -> None:
                    "duration (and, for a dry-run, the estimate for the real run).")
 @click.option("--no-backup", is_flag=True,
               help="SQLite only: skip the backup copy taken before the first write.")
+@_workers_options
 @_progress_option
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @_log_options
@@ -370,18 +399,34 @@ def migrate_cmd(**opts: Any) -> int:
     dry = bool(opts["dry_run"])
     if dry and opts["retry_failed"]:
         raise ConfigError("--retry-failed writes; it cannot be combined with --dry-run")
+    workers = opts.get("workers")
+    if workers is not None:
+        if dry:
+            raise ConfigError("--workers applies to runs that write; a --dry-run runs in one "
+                              "process (leave --workers out)")
+        if opts["retry_failed"]:
+            raise ConfigError("--retry-failed runs in one process: leave --workers out")
+        refuse_sqlite_workers(settings.db_url, workers)
     engine = make_engine(settings.db_url, read_only=dry)
     if not dry:
         _confirm("MIGRATE", settings.db_url, opts["yes"], "re-encrypt the secrets in")
     started_at = datetime.now(UTC)
     label = "dry-run" if dry else "migrate"
     with make_kms(settings) as kms, graceful_stop() as stop:
-        result = migrate(settings, engine=engine, kms=kms, dry_run=dry, new_run=opts["new_run"],
-                         retry_failed=opts["retry_failed"],
-                         before_first_write=lambda: _backup_before_first_write(
-                             engine, settings.db_url, "migrate", opts["no_backup"]),
-                         progress=make_progress(label, not opts["no_progress"]),
-                         should_stop=stop.requested)
+        backup = lambda: _backup_before_first_write(  # noqa: E731
+            engine, settings.db_url, "migrate", opts["no_backup"])
+        progress = make_progress(label, not opts["no_progress"])
+        if workers is not None:
+            result = migrate_ranged(
+                settings, engine=engine, kms=kms, workers=workers, new_run=opts["new_run"],
+                lease_seconds=opts["lease_seconds"], rows_per_range=opts["rows_per_range"],
+                progress=progress, should_stop=stop.requested, before_first_write=backup,
+                log_opts=_log_opts(opts))
+        else:
+            result = migrate(settings, engine=engine, kms=kms, dry_run=dry,
+                             new_run=opts["new_run"], retry_failed=opts["retry_failed"],
+                             before_first_write=backup, progress=progress,
+                             should_stop=stop.requested)
     print_migrate(result, settings)
     if opts["report_path"]:
         estimate = estimate_seconds(2 * sum(c.migrated for c in result.columns) + 1,
@@ -417,6 +462,7 @@ def verify_cmd(**opts: Any) -> int:
               show_default=True, help="Journal rows per batch (one transaction each).")
 @click.option("--no-backup", is_flag=True,
               help="SQLite only: skip the backup copy taken before the first write.")
+@_workers_options
 @_progress_option
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @_log_options
@@ -428,14 +474,25 @@ def rollback_cmd(**opts: Any) -> int:
     """
     _setup_logging(opts)
     url = resolve_db_url(opts.get("db"))
+    workers = opts.get("workers")
+    if workers is not None:
+        refuse_sqlite_workers(url, workers)
     engine = make_engine(url)
     _confirm("ROLLBACK", url, opts["yes"], "restore the Fernet tokens in")
     with graceful_stop() as stop:
-        result = rollback(engine, batch_size=opts["batch_size"],
-                          before_first_write=lambda: _backup_before_first_write(
-                              engine, url, "rollback", opts["no_backup"]),
-                          progress=make_progress("rollback", not opts["no_progress"]),
-                          should_stop=stop.requested)
+        backup = lambda: _backup_before_first_write(  # noqa: E731
+            engine, url, "rollback", opts["no_backup"])
+        progress = make_progress("rollback", not opts["no_progress"])
+        if workers is not None:
+            result = rollback_ranged(
+                engine, settings=Settings(db_url=url, batch_size=opts["batch_size"]),
+                workers=workers, lease_seconds=opts["lease_seconds"],
+                rows_per_range=opts["rows_per_range"], progress=progress,
+                should_stop=stop.requested, before_first_write=backup,
+                log_opts=_log_opts(opts))
+        else:
+            result = rollback(engine, batch_size=opts["batch_size"], before_first_write=backup,
+                              progress=progress, should_stop=stop.requested)
     print_rollback(result)
     return EXIT_FAILURES if result.failures else EXIT_OK
 
@@ -622,6 +679,25 @@ def iam_policy_cmd(key_id: str | None, region: str | None, app_writes: bool, whi
     doc = policies(arn, which, app_writes=app_writes, encryption_context=encryption_context)
     click.echo(json.dumps(doc, indent=2))
     return EXIT_OK
+
+
+@cli.command("worker", hidden=True)
+def worker_cmd() -> int:
+    """One worker of a ranged run (started by migrate/rollback --workers; spec on stdin)."""
+    spec = WorkerSpec.from_json(sys.stdin.read())
+    _setup_logging(spec.log)
+    settings = settings_from_dict(spec.settings)
+    engine = make_engine(settings.db_url)
+    with make_kms(settings) as kms, worker_signals() as stop:
+        try:
+            work(spec, settings, engine=engine, kms=kms, should_stop=stop, watch_parent=True)
+        except KeyboardInterrupt:
+            return EXIT_INTERRUPTED  # the command that started it says so, once
+    return EXIT_OK
+
+
+def _log_opts(opts: dict[str, Any]) -> dict[str, Any]:
+    return {k: opts.get(k) for k in ("log_level", "log_format", "log_file")}
 
 
 def _on_sigterm(signum: int, frame: object) -> None:

@@ -184,6 +184,22 @@ class RateLimiter:
         if wait > 0:
             self._sleep(wait)
 
+    def set_max_rate(self, rate: float) -> None:
+        """Change the configured rate (a worker's share of a run's limit). Tokens earned so
+        far are kept; a rate cut by throttling keeps its proportion of the new rate."""
+        if rate <= 0:
+            raise ValueError("rate must be positive")
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate_at(now))
+            self._stamp = now
+            self._base = self._base * rate / self.max_rate
+            self.max_rate = rate
+            self.min_rate = min(self.min_rate, rate)
+            self._base = max(self.min_rate, self._base)
+            self.burst = max(1.0, min(rate, 32.0))
+            self._tokens = min(self._tokens, self.burst)
+
     def on_throttle(self) -> None:
         """KMS said slow down: cut the rate multiplicatively."""
         with self._lock:

@@ -15,9 +15,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Connection, Engine, select
 
 from checkpoints import store
+from checkpoints.leases import Lease
 from checkpoints.lock import LockHeld, LockLost, RunLock
 from checkpoints.store import BatchCounts, FailureRow, Run
 from checkpoints.tables import failures, runs
@@ -210,6 +211,37 @@ def lock_held(engine: Engine, kind: str) -> Iterator[RunLock]:
         run_lock.release(engine)
 
 
+def refuse_other_settings(run: Run, settings: Settings, key_arn: str) -> None:
+    """Raise ResumeMismatchError unless this command's key, targets and encryption context
+    are the run's own (to resume it, or to join it as a worker)."""
+    fingerprint = targets_fingerprint(settings.targets, settings.encryption_context)
+    pairs = [(t.table, c) for t in settings.targets for c in t.columns]
+    changed: list[str] = []
+    if run.key_arn != key_arn:
+        changed.append(
+            f"the KMS key (run used {run.key_id} = {run.key_arn}, now {settings.key_id} "
+            f"= {key_arn})"
+        )
+    if run.targets_fingerprint == targets_fingerprint(
+        settings.targets, not settings.encryption_context
+    ):
+        changed.append(
+            "the encryption context (run used "
+            f"{'none' if settings.encryption_context else '--encryption-context'}, "
+            f"now {'--encryption-context' if settings.encryption_context else 'none'})"
+        )
+    elif run.targets_fingerprint != fingerprint:
+        was = ", ".join(f"{t['table']}.{c}" for t in run.targets for c in t["columns"])
+        now = ", ".join(f"{t}.{c}" for t, c in pairs)
+        changed.append(f"the targets (run used {was}; now {now})")
+    if changed:
+        raise ResumeMismatchError(
+            f"unfinished migrate run {run.id} was started with other settings: "
+            f"{'; and '.join(changed)}. Re-run with the run's settings to finish it, "
+            "or add --new-run to abandon it and start a new run; nothing was written"
+        )
+
+
 def _resume_or_start(
     engine: Engine,
     settings: Settings,
@@ -218,6 +250,7 @@ def _resume_or_start(
     new_run: bool,
     run_lock: RunLock,
     retry_failed: bool = False,
+    ranged: bool = False,
 ) -> tuple[Run, bool]:
     fingerprint = targets_fingerprint(settings.targets, settings.encryption_context)
     pairs = [(t.table, c) for t in settings.targets for c in t.columns]
@@ -251,29 +284,12 @@ def _resume_or_start(
             store.set_state(conn, run.id, "abandoned", note="abandoned by --new-run")
             run = None
         if run is not None:
-            changed: list[str] = []
-            if run.key_arn != key_arn:
-                changed.append(
-                    f"the KMS key (run used {run.key_id} = {run.key_arn}, now {settings.key_id} "
-                    f"= {key_arn})"
-                )
-            if run.targets_fingerprint == targets_fingerprint(
-                settings.targets, not settings.encryption_context
-            ):
-                changed.append(
-                    "the encryption context (run used "
-                    f"{'none' if settings.encryption_context else '--encryption-context'}, "
-                    f"now {'--encryption-context' if settings.encryption_context else 'none'})"
-                )
-            elif run.targets_fingerprint != fingerprint:
-                was = ", ".join(f"{t['table']}.{c}" for t in run.targets for c in t["columns"])
-                now = ", ".join(f"{t}.{c}" for t, c in pairs)
-                changed.append(f"the targets (run used {was}; now {now})")
-            if changed:
+            refuse_other_settings(run, settings, key_arn)
+            if run.ranged and not ranged:
                 raise ResumeMismatchError(
-                    f"unfinished migrate run {run.id} was started with other settings: "
-                    f"{'; and '.join(changed)}. Re-run with the run's settings to finish it, "
-                    "or add --new-run to abandon it and start a new run; nothing was written"
+                    f"unfinished migrate run {run.id} was started with --workers: resume it "
+                    "with --workers (any number; 1 on SQLite), or add --new-run to abandon "
+                    "it; nothing was written"
                 )
             store.set_state(conn, run.id, "running")
             run_lock.bind_run(conn, run.id)
@@ -361,8 +377,10 @@ def migrate(
                 else:
                     fetch = _keyset_fetcher(engine, bt, column, settings.batch_size)
                     hooks.progress.start(bt.name, column, count_after(engine, bt, after))
+                write = None if dry_run else _writer(engine, bt, column, result.run_id,
+                                                     run_lock.fence if run_lock else None)
                 _migrate_column(bt, column, after, fetch, settings, codec, kms, result,
-                                summary, log, hooks, run_lock, engine)
+                                summary, log, hooks, write)
         state = "completed"
     except KeyboardInterrupt:
         state = "interrupted"
@@ -397,11 +415,31 @@ def migrate(
 
 
 Fetcher = Callable[[Any], tuple[list[Row], bool]]  # after -> (rows, last page?)
+# (rewrites, failures, counts, last_pk, done) -> the counts as committed
+Writer = Callable[[list[Rewrite], list[FailureRow], BatchCounts, Any, bool], BatchCounts]
 
 
-def _keyset_fetcher(engine: Engine, bt: BoundTarget, column: str, size: int) -> Fetcher:
+def _writer(
+    engine: Engine, bt: BoundTarget, column: str, run_id: int | None,
+    fence: Callable[[Connection], None] | None, lease: Lease | None = None,
+) -> Writer:
+    """How a batch commits: one transaction through the applier."""
+    assert run_id is not None
+
+    def write(rewrites: list[Rewrite], failures: list[FailureRow], counts: BatchCounts,
+              last_pk: Any, done: bool) -> BatchCounts:
+        return apply_migrate_batch(
+            engine, bt, column, run_id, rewrites=rewrites, failures=failures, counts=counts,
+            last_pk=last_pk, done=done, fence=fence, lease=lease,
+        )
+    return write
+
+
+def _keyset_fetcher(
+    engine: Engine, bt: BoundTarget, column: str, size: int, upto: Any | None = None
+) -> Fetcher:
     def fetch(after: Any) -> tuple[list[Row], bool]:
-        rows = fetch_batch(engine, bt, column, after, size)
+        rows = fetch_batch(engine, bt, column, after, size, upto)
         return rows, len(rows) < size
     return fetch
 
@@ -441,9 +479,10 @@ def _migrate_column(
     summary: ColumnSummary,
     log: object,
     hooks: _Hooks,
-    run_lock: RunLock | None,
-    engine: Engine,
+    write: Writer | None,
 ) -> None:
+    """Migrate one column from key `after` to the end of what `fetch` pages through; with
+    no `write` (a dry-run) the failures go to the result instead."""
     clog = log.bind(table=bt.name, column=column)  # type: ignore[attr-defined]
     batch_no = 0
     rows, done = fetch(after)
@@ -463,17 +502,12 @@ def _migrate_column(
                 # writes nothing until this one has committed its checkpoint.
                 rows, next_done = fetch(last_pk)
                 upcoming = prepare_rows(rows, bt, column, codec, kms, ctx)
-            if result.dry_run:
+            if write is None:
                 result.failures.extend(failures)
             else:
-                assert result.run_id is not None
-                counts = apply_migrate_batch(
-                    engine, bt, column, result.run_id, rewrites=rewrites, failures=failures,
-                    counts=counts, last_pk=last_pk, done=done,
-                    fence=run_lock.fence if run_lock else None,
-                )
+                counts = write(rewrites, failures, counts, last_pk, done)
             summary.add(counts)
-            clog.info("batch_committed" if not result.dry_run else "batch_checked",
+            clog.info("batch_checked" if write is None else "batch_committed",
                       batch=batch_no, migrated=counts.migrated, skipped=counts.skipped,
                       already=counts.already, failed=counts.failed, conflicts=counts.conflicts)
             hooks.progress.advance(bt.name, column, len(batch_rows))

@@ -121,11 +121,15 @@ def bind_targets(engine: Engine, targets: Sequence[Target]) -> list[BoundTarget]
         return [bind_target(conn, t) for t in targets]
 
 
-def count_after(engine: Engine, bt: BoundTarget, after: Any | None) -> int:
+def count_after(
+    engine: Engine, bt: BoundTarget, after: Any | None, upto: Any | None = None
+) -> int:
     """How many rows are left after key `after` (for progress and ETA)."""
     q = select(func.count()).select_from(bt.table)
     if after is not None:
         q = q.where(bt.pk > after)
+    if upto is not None:
+        q = q.where(bt.pk <= upto)
     with engine.connect() as conn:
         return int(conn.execute(q).scalar_one())
 
@@ -141,11 +145,15 @@ def fetch_keys(engine: Engine, bt: BoundTarget, column: str, keys: list[Any]) ->
 
 
 def fetch_batch(
-    engine: Engine, bt: BoundTarget, column: str, after: Any | None, limit: int
+    engine: Engine, bt: BoundTarget, column: str, after: Any | None, limit: int,
+    upto: Any | None = None,
 ) -> list[Row]:
-    """The next `limit` rows of one column, in primary-key order, after key `after`."""
+    """The next `limit` rows of one column, in primary-key order, after key `after`
+    (and up to key `upto`, the end of a range, when given)."""
     q = select(bt.pk, bt.col(column)).order_by(bt.pk).limit(limit)
     if after is not None:
         q = q.where(bt.pk > after)
+    if upto is not None:
+        q = q.where(bt.pk <= upto)
     with engine.connect() as conn:
         return [Row(pk, value) for pk, value in conn.execute(q)]

@@ -17,7 +17,7 @@ from sqlalchemy import Engine, func, select
 
 from checkpoints import store
 from checkpoints.lock import RunLock
-from checkpoints.store import FailureRow
+from checkpoints.store import FailureRow, Run
 from checkpoints.tables import journal
 
 from . import __version__
@@ -70,19 +70,7 @@ def rollback(
     """Restore the original token of every migrated value not yet rolled back; resumable."""
     started = time.monotonic()
     result = RollbackResult()
-    with engine.connect() as conn:
-        present = store.schema_present(conn)
-    if not present:
-        raise ConfigError(
-            "nothing to roll back: this database has no kms-migrate journal (no migrate run "
-            "has written to it); check --db"
-        )
-    from .finalize import finalized_refusal  # local: keeps this edit to rollback() only
-
-    with engine.connect() as conn:
-        finalized = finalized_refusal(conn)
-    if finalized is not None:
-        raise ConfigError(finalized)
+    check_can_roll_back(engine)
     if before_first_write is not None:
         before_first_write()
     store.ensure_schema(engine)
@@ -91,23 +79,35 @@ def rollback(
                          progress or NullProgress(), should_stop)
 
 
-def _rollback(
-    engine: Engine,
-    batch_size: int,
-    result: RollbackResult,
-    run_lock: RunLock,
-    started: float,
-    progress: Progress,
-    should_stop: Callable[[], bool] | None,
-) -> RollbackResult:
+def check_can_roll_back(engine: Engine) -> None:
+    """Refuse (ConfigError) when there is no journal, or it was finalized."""
+    with engine.connect() as conn:
+        present = store.schema_present(conn)
+    if not present:
+        raise ConfigError(
+            "nothing to roll back: this database has no kms-migrate journal (no migrate run "
+            "has written to it); check --db"
+        )
+    from .finalize import finalized_refusal  # local: finalize imports this module
+
+    with engine.connect() as conn:
+        finalized = finalized_refusal(conn)
+    if finalized is not None:
+        raise ConfigError(finalized)
+
+
+def start_rollback_run(engine: Engine, batch_size: int, run_lock: RunLock) -> tuple[Run, bool]:
+    """Resume the unfinished rollback run, or start one over every column the journal
+    still has migrated values of; abandon an unfinished migrate run (its checkpoint would
+    skip the rows restored now: a later migrate starts afresh)."""
+    resumed = False
     with engine.begin() as conn:
         run = store.unfinished_run(conn, "rollback")
         if run is not None:
             store.set_state(conn, run.id, "running")
-            result.resumed = True
+            resumed = True
         pending_mig = store.unfinished_run(conn, "migrate")
         if pending_mig is not None:
-            # Its checkpoint would skip the rows restored now: a later migrate starts afresh.
             store.set_state(conn, pending_mig.id, "abandoned",
                             note="abandoned by a rollback; the next migrate starts a new run")
     if run is None:
@@ -120,6 +120,19 @@ def _rollback(
             )
     with engine.begin() as conn:
         run_lock.bind_run(conn, run.id)
+    return run, resumed
+
+
+def _rollback(
+    engine: Engine,
+    batch_size: int,
+    result: RollbackResult,
+    run_lock: RunLock,
+    started: float,
+    progress: Progress,
+    should_stop: Callable[[], bool] | None,
+) -> RollbackResult:
+    run, result.resumed = start_rollback_run(engine, batch_size, run_lock)
     result.run_id = run.id
     log = get_logger(run_id=run.id, kind="rollback")
     log.info("run_started", resumed=result.resumed)
@@ -165,9 +178,10 @@ def _rollback(
 
 
 def _journal_page(
-    engine: Engine, table: str, column: str, after: int, limit: int
+    engine: Engine, table: str, column: str, after: int, limit: int, upto: int | None = None
 ) -> list[tuple[int, str, str, str]]:
-    """The next journal entries still to roll back for one column, in journal order."""
+    """The next journal entries still to roll back for one column, in journal order
+    (up to journal id `upto`, the end of a range, when given)."""
     j = journal.c
     q = (
         select(j.id, j.pk, j.original, j.migrated)
@@ -175,6 +189,8 @@ def _journal_page(
                j.id > after)
         .order_by(j.id).limit(limit)
     )
+    if upto is not None:
+        q = q.where(j.id <= upto)
     with engine.connect() as conn:
         return [(int(r.id), r.pk, r.original, r.migrated) for r in conn.execute(q)]
 

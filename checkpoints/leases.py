@@ -1,0 +1,353 @@
+"""Ranges and workers of a ranged run: plan, claim under a lease, record, release.
+
+Like the rest of the store, every function takes an open connection and never commits;
+the caller owns the transaction. Correctness never depends on clocks: a lease is taken
+and proven by its random token (every batch of a range is recorded with a compare-and-
+swap on it), and the clocks only decide when a silent worker is presumed dead.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    FromClause,
+    and_,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
+
+from .store import BatchCounts, now
+from .tables import ranges, workers
+
+__all__ = [
+    "MAX_RANGES",
+    "Lease",
+    "LeaseLost",
+    "RangeRow",
+    "WorkerRow",
+    "boundaries",
+    "claim",
+    "create_ranges",
+    "live_workers",
+    "pid_alive",
+    "record_on_range",
+    "register_worker",
+]
+
+MAX_RANGES = 4096  # per column: plenty for a few hundred workers, cheap to list
+
+
+class LeaseLost(Exception):
+    """The range's lease went to another worker (this one was presumed dead)."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A claimed range: `token` proves it in every batch transaction."""
+
+    range_id: int
+    token: str
+    seconds: float
+    table_name: str
+    column_name: str
+    lo: str | None
+    hi: str | None
+    last_pk: str | None
+
+
+@dataclass(frozen=True)
+class RangeRow:
+    id: int
+    table_name: str
+    column_name: str
+    lo: str | None
+    hi: str | None
+    last_pk: str | None
+    done: bool
+    worker_id: str | None
+    lease_until: datetime | None
+    claims: int
+    batches: int
+    migrated: int
+    skipped: int
+    already: int
+    failed: int
+    conflicts: int
+
+
+@dataclass(frozen=True)
+class WorkerRow:
+    id: str
+    host: str
+    pid: int
+    state: str
+    range_id: int | None
+    rate: float | None
+    kms_requests: int
+    retries: int
+    throttles: int
+    started_at: datetime
+    heartbeat_at: datetime
+    finished_at: datetime | None
+    note: str | None
+
+
+def aware(ts: datetime | None) -> datetime | None:
+    if ts is None:
+        return None
+    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def boundaries(
+    conn: Connection, source: FromClause, key: ColumnElement[Any],
+    where: Sequence[ColumnElement[bool]], rows_per_range: int,
+) -> list[Any]:
+    """Upper bounds splitting the rows matching `where` into ranges of about
+    `rows_per_range` keys each, in the database's own key order (one index scan).
+
+    The last range is left open (no bound), so rows inserted after the plan are covered.
+    """
+    n = int(conn.execute(
+        select(func.count()).select_from(source).where(*where)).scalar_one())
+    k = min(MAX_RANGES, math.ceil(n / max(1, rows_per_range)))
+    if k <= 1:
+        return []
+    tiles = select(key.label("k"), func.ntile(k).over(order_by=key).label("t")).where(
+        *where).subquery()
+    q = select(func.max(tiles.c.k)).group_by(tiles.c.t).order_by(func.max(tiles.c.k))
+    return [b for (b,) in conn.execute(q)][:-1]
+
+
+def create_ranges(
+    conn: Connection, run_id: int, table_name: str, column_name: str, start: str | None,
+    bounds: Sequence[str],
+) -> int:
+    """Insert the ranges (start, b1], (b1, b2], ..., (bn, end) of one column."""
+    los: list[str | None] = [start, *bounds]
+    his: list[str | None] = [*bounds, None]
+    ts = now()
+    conn.execute(insert(ranges), [
+        dict(run_id=run_id, table_name=table_name, column_name=column_name, lo=lo, hi=hi,
+             last_pk=None, done=False, claims=0, batches=0, migrated=0, skipped=0,
+             already=0, failed=0, conflicts=0, updated_at=ts)
+        for lo, hi in zip(los, his, strict=True)
+    ])
+    return len(los)
+
+
+def _lease(row: Any, token: str, seconds: float) -> Lease:
+    return Lease(row.id, token, seconds, row.table_name, row.column_name, row.lo, row.hi,
+                 row.last_pk)
+
+
+def claim(conn: Connection, run_id: int, worker_id: str, seconds: float) -> Lease | None:
+    """Take one range nobody holds (or whose lease expired); None when there is none.
+
+    `FOR UPDATE SKIP LOCKED`: two workers claiming at once each get a different range
+    without waiting on each other (SQLite, with its single writer, ignores the clause).
+    """
+    r = ranges.c
+    ts = now()
+    q = (
+        select(ranges).where(
+            r.run_id == run_id, r.done.is_(False),
+            or_(r.lease_token.is_(None), r.lease_until < ts),
+        ).order_by(r.id).limit(1).with_for_update(skip_locked=True)
+    )
+    row = conn.execute(q).first()
+    if row is None:
+        row = _orphan_on_this_host(conn, run_id)
+        if row is None:
+            return None
+    token = secrets.token_hex(16)
+    took = conn.execute(
+        update(ranges).where(r.id == row.id, _same_token(row.lease_token)).values(
+            lease_token=token, lease_until=ts + timedelta(seconds=seconds),
+            worker_id=worker_id, claims=r.claims + 1, updated_at=ts)
+    ).rowcount
+    if took != 1:
+        return None  # someone else took it in between: the caller asks again
+    conn.execute(update(workers).where(workers.c.id == worker_id).values(range_id=row.id))
+    return _lease(row, token, seconds)
+
+
+def _same_token(token: str | None) -> ColumnElement[bool]:
+    r = ranges.c
+    return r.lease_token.is_(None) if token is None else r.lease_token == token
+
+
+def _orphan_on_this_host(conn: Connection, run_id: int) -> Any:
+    """A range still leased to a worker of this host whose process is gone (SIGKILL,
+    OOM): no need to wait for its lease to expire, since this host can ask its kernel."""
+    r, w = ranges.c, workers.c
+    q = (
+        select(ranges, w.pid).select_from(ranges.join(workers, w.id == r.worker_id))
+        .where(r.run_id == run_id, r.done.is_(False), r.lease_token.is_not(None),
+               w.host == socket.gethostname(), w.pid != os.getpid())
+        .order_by(r.id)
+    )
+    for row in conn.execute(q):
+        if not pid_alive(row.pid):
+            return row
+    return None
+
+
+def renew(conn: Connection, lease: Lease) -> bool:
+    """Push the lease's expiry out; False if it is no longer ours."""
+    r = ranges.c
+    return conn.execute(
+        update(ranges).where(r.id == lease.range_id, r.lease_token == lease.token)
+        .values(lease_until=now() + timedelta(seconds=lease.seconds))
+    ).rowcount == 1
+
+
+def release(conn: Connection, lease: Lease) -> None:
+    r = ranges.c
+    conn.execute(update(ranges).where(r.id == lease.range_id, r.lease_token == lease.token)
+                 .values(lease_token=None, lease_until=None))
+
+
+def record_on_range(
+    conn: Connection, lease: Lease, *, last_pk: str | None, counts: BatchCounts, done: bool,
+) -> None:
+    """A batch's checkpoint on its range, in the batch's transaction: a compare-and-swap
+    on the lease token, so a worker that lost its lease cannot commit the batch."""
+    r = ranges.c
+    ts = now()
+    values: dict[str, Any] = dict(
+        batches=r.batches + 1, migrated=r.migrated + counts.migrated,
+        skipped=r.skipped + counts.skipped, already=r.already + counts.already,
+        failed=r.failed + counts.failed, conflicts=r.conflicts + counts.conflicts,
+        done=done, updated_at=ts, lease_until=ts + timedelta(seconds=lease.seconds),
+    )
+    if last_pk is not None:
+        values["last_pk"] = last_pk
+    if done:
+        values["lease_token"] = None
+    moved = conn.execute(
+        update(ranges).where(r.id == lease.range_id, r.lease_token == lease.token)
+        .values(**values)
+    ).rowcount
+    if moved != 1:
+        raise LeaseLost(
+            f"range {lease.range_id} was taken over by another worker (this one was presumed "
+            "dead): its batch was not written"
+        )
+
+
+def release_all(conn: Connection, run_id: int) -> None:
+    """Void every lease of a run (its lock was just taken: no holder can commit)."""
+    r = ranges.c
+    conn.execute(update(ranges).where(r.run_id == run_id, r.done.is_(False))
+                 .values(lease_token=None, lease_until=None))
+
+
+def undone(conn: Connection, run_id: int) -> int:
+    r = ranges.c
+    return int(conn.execute(select(func.count()).select_from(ranges).where(
+        r.run_id == run_id, r.done.is_(False))).scalar_one())
+
+
+def list_ranges(conn: Connection, run_id: int) -> list[RangeRow]:
+    rows = conn.execute(select(ranges).where(ranges.c.run_id == run_id)
+                        .order_by(ranges.c.table_name, ranges.c.column_name, ranges.c.id))
+    return [RangeRow(**{f: getattr(row, f) for f in RangeRow.__dataclass_fields__})
+            for row in rows]
+
+
+def range_totals(conn: Connection, run_id: int) -> dict[tuple[str, str], BatchCounts]:
+    r = ranges.c
+    q = select(r.table_name, r.column_name, func.sum(r.migrated), func.sum(r.skipped),
+               func.sum(r.already), func.sum(r.failed), func.sum(r.conflicts)).where(
+        r.run_id == run_id).group_by(r.table_name, r.column_name)
+    return {(t, c): BatchCounts(*(int(v or 0) for v in vals))
+            for t, c, *vals in conn.execute(q)}
+
+
+# -- workers ----------------------------------------------------------------------------
+
+def register_worker(conn: Connection, run_id: int) -> str:
+    worker_id = secrets.token_hex(8)
+    ts = now()
+    conn.execute(insert(workers).values(
+        id=worker_id, run_id=run_id, host=socket.gethostname(), pid=os.getpid(),
+        state="running", kms_requests=0, retries=0, throttles=0, started_at=ts,
+        heartbeat_at=ts))
+    return worker_id
+
+
+def heartbeat(conn: Connection, worker_id: str, **values: Any) -> None:
+    conn.execute(update(workers).where(workers.c.id == worker_id)
+                 .values(heartbeat_at=now(), **values))
+
+
+def finish_worker(conn: Connection, worker_id: str, state: str, note: str | None = None,
+                  **values: Any) -> None:
+    ts = now()
+    conn.execute(update(workers).where(workers.c.id == worker_id).values(
+        state=state, heartbeat_at=ts, finished_at=ts, range_id=None, note=note, **values))
+
+
+def live_workers(conn: Connection, run_id: int, stale_after: timedelta) -> list[WorkerRow]:
+    """Workers of a run still running: a fresh heartbeat, and on this host a live pid."""
+    w = workers.c
+    rows = conn.execute(select(workers).where(
+        w.run_id == run_id, w.state == "running",
+        and_(w.heartbeat_at > now() - stale_after)))
+    me = socket.gethostname()
+    out = []
+    for row in rows:
+        if row.host == me and not pid_alive(row.pid):
+            continue
+        out.append(WorkerRow(**{f: getattr(row, f) for f in WorkerRow.__dataclass_fields__}))
+    return out
+
+
+def list_workers(conn: Connection, run_id: int) -> list[WorkerRow]:
+    rows = conn.execute(select(workers).where(workers.c.run_id == run_id)
+                        .order_by(workers.c.started_at))
+    return [WorkerRow(**{f: getattr(row, f) for f in WorkerRow.__dataclass_fields__})
+            for row in rows]
+
+
+def mark_lost(conn: Connection, run_id: int) -> None:
+    """Workers a new holder of the run's lock found still marked running are gone."""
+    w = workers.c
+    ts = now()
+    conn.execute(update(workers).where(w.run_id == run_id, w.state == "running")
+                 .values(state="lost", finished_at=ts, range_id=None))
+
+
+def mark_dead_here(conn: Connection, run_id: int) -> int:
+    """Workers of this host still marked running whose process is gone: lost."""
+    w = workers.c
+    me = socket.gethostname()
+    dead = [row.id for row in conn.execute(select(w.id, w.pid).where(
+        w.run_id == run_id, w.state == "running", w.host == me)) if not pid_alive(row.pid)]
+    if dead:
+        conn.execute(update(workers).where(w.id.in_(dead)).values(
+            state="lost", finished_at=now(), range_id=None))
+    return len(dead)

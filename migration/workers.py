@@ -1,0 +1,750 @@
+"""Ranged runs: one migrate or rollback spread over processes and machines.
+
+The run's key space is split into ranges recorded in the bookkeeping tables
+(`checkpoints.leases`). A worker claims a range under a lease, works through it batch by
+batch with the same pipeline and applier as a single-process run (each batch's
+rewrites, journal, failures and the range's checkpoint in one transaction, the range
+moved by a compare-and-swap on the lease token), and claims the next. A worker that dies
+leaves its lease to expire (at once on its own host, where its pid can be checked); the
+next claimer resumes the range from its checkpoint.
+
+The run lock (`checkpoints.lock`) is shared by all the workers of the run: they prove it
+with `FOR SHARE` in every batch, so they never wait on each other, and a takeover fences
+all of them out at once. `migrate --workers N` starts N worker processes on this
+machine; the same command on another machine, against the same database, joins the run.
+
+The rate limit is divided among the live workers: each one sets its own token bucket to
+`--max-kms-rps / live workers`, re-counted at every heartbeat. A bucket kept in the
+database would cost a round trip and a write on one hot row per KMS call (or per batch
+of tokens), which is the contention the ranges exist to avoid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from datetime import timedelta
+from typing import Any, Protocol
+
+from sqlalchemy import Engine, func, select, update
+
+from checkpoints import leases, store
+from checkpoints.leases import Lease, LeaseLost
+from checkpoints.lock import LockHeld, LockLost, RunLock
+from checkpoints.store import BatchCounts, Run
+from checkpoints.tables import checkpoints, journal, runs
+
+from .applier import apply_rollback_batch
+from .codec import FernetCodec
+from .config import Settings, Target, fernet_keys_from_env
+from .errors import ConfigError, KmsMigrateError, RunLockedError
+from .kms import KMS
+from .logs import get_logger
+from .migrator import (
+    ColumnSummary,
+    MigrateResult,
+    _Hooks,
+    _keyset_fetcher,
+    _migrate_column,
+    _resume_or_start,
+    _writer,
+    check_keys_open_something,
+    refuse_other_settings,
+)
+from .progress import NullProgress, Progress
+from .reader import BoundTarget, bind_target, bind_targets, count_after
+from .rollback import RollbackResult, check_can_roll_back, start_rollback_run
+
+__all__ = [
+    "DEFAULT_LEASE_SECONDS",
+    "DEFAULT_ROWS_PER_RANGE",
+    "WorkerSpec",
+    "migrate_ranged",
+    "rollback_ranged",
+    "work",
+]
+
+DEFAULT_LEASE_SECONDS = 60.0
+DEFAULT_ROWS_PER_RANGE = 20_000
+MAX_HEARTBEAT = 5.0  # seconds between heartbeats, at most (a quarter of the lease below 20 s)
+
+
+class WorkersFailed(KmsMigrateError):
+    """Some worker stopped on an error (it printed its own line); the run is resumable."""
+
+
+def heartbeat_every(lease_seconds: float) -> float:
+    return min(MAX_HEARTBEAT, lease_seconds / 4)
+
+
+# -- what a worker is told ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker process needs but its Fernet keys, which it reads from its own
+    environment like any kms-migrate command. Sent on the worker's stdin (not argv, which
+    `ps` shows: the database URL may hold a password)."""
+
+    kind: str  # migrate | rollback
+    run_id: int
+    lock_token: str
+    lease_seconds: float
+    settings: dict[str, Any]
+    log: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkerSpec:
+        return cls(**json.loads(text))
+
+
+def settings_to_dict(settings: Settings) -> dict[str, Any]:
+    d = asdict(replace(settings, fernet_keys=()))
+    d.pop("fernet_keys")
+    d["targets"] = [t.as_dict() for t in settings.targets]
+    return d
+
+
+def settings_from_dict(d: dict[str, Any]) -> Settings:
+    targets = tuple(Target(t["table"], t["primary_key"], tuple(t["columns"]))
+                    for t in d["targets"])
+    return Settings(**{**d, "targets": targets}, fernet_keys=fernet_keys_from_env())
+
+
+# -- the worker -----------------------------------------------------------------------------
+
+@dataclass
+class WorkerOutcome:
+    worker_id: str
+    state: str  # finished | interrupted
+    ranges: int = 0
+    batches: int = 0
+
+
+class Heartbeat(threading.Thread):
+    """Every few seconds, in its own short transaction: renew the held lease, record the
+    worker's heartbeat and KMS counts, re-count the live workers to set this worker's
+    share of the rate limit, and notice a run stopped by another worker."""
+
+    def __init__(self, engine: Engine, spec: WorkerSpec, worker_id: str, kms: KMS,
+                 run_lock: RunLock, watch_parent: bool) -> None:
+        super().__init__(name="kms-migrate-heartbeat", daemon=True)
+        self.engine, self.spec, self.worker_id, self.kms = engine, spec, worker_id, kms
+        self.run_lock = run_lock
+        self.every = heartbeat_every(spec.lease_seconds)
+        self.lease: Lease | None = None
+        self.stop_reason: str | None = None
+        self.live = 1
+        self._done = threading.Event()
+        self._ppid = os.getppid() if watch_parent else None
+        self._max_rps = float(spec.settings.get("max_kms_rps") or 0)
+
+    def run(self) -> None:
+        while not self._done.wait(self.every):
+            self.beat()
+
+    def close(self) -> None:
+        self._done.set()
+
+    def wait(self, seconds: float) -> None:
+        self._done.wait(seconds)
+
+    def beat(self) -> None:
+        limiter = self.kms.limiter
+        try:
+            with self.engine.begin() as conn:
+                lease = self.lease
+                if lease is not None:
+                    leases.renew(conn, lease)
+                leases.heartbeat(
+                    conn, self.worker_id, kms_requests=self.kms.requests,
+                    retries=self.kms.retries,
+                    throttles=limiter.throttles if limiter else 0,
+                    rate=limiter.rate if limiter else None,
+                )
+                live = leases.live_workers(conn, self.spec.run_id,
+                                           timedelta(seconds=3 * self.every))
+                state = conn.execute(
+                    select(runs.c.state).where(runs.c.id == self.spec.run_id)).scalar()
+            self.run_lock.touch(self.engine, timedelta(seconds=self.every))
+        except Exception as exc:  # a database hiccup: the next beat tries again
+            get_logger(worker=self.worker_id).warning("heartbeat_failed",
+                                                      error=type(exc).__name__)
+            return
+        self.live = max(1, len(live))
+        if limiter is not None and self._max_rps > 0:
+            limiter.set_max_rate(self._max_rps / self.live)
+        if state not in store.UNFINISHED:
+            self.stop_reason = f"run {self.spec.run_id} is {state}"
+        if self._ppid is not None and os.getppid() != self._ppid:
+            self.stop_reason = "the command that started this worker is gone"
+
+
+def work(
+    spec: WorkerSpec,
+    settings: Settings,
+    *,
+    engine: Engine,
+    kms: KMS,
+    should_stop: Callable[[], bool] | None = None,
+    watch_parent: bool = False,
+) -> WorkerOutcome:
+    """Claim ranges of the run and work through them until every range is done.
+
+    Waits (polling) while other live workers still hold the last ranges, so that a range
+    whose worker dies is picked up and the run ends complete. Stops after the batch in
+    flight when `should_stop` says so, or when the run was stopped by another worker.
+    """
+    run_lock = RunLock(spec.lock_token, spec.kind)
+    with engine.begin() as conn:
+        run_lock.shared_fence(conn)  # still this run's lock: refuse to start otherwise
+        worker_id = leases.register_worker(conn, spec.run_id)
+    log = get_logger(run_id=spec.run_id, worker=worker_id, kind=spec.kind)
+    beat = Heartbeat(engine, spec, worker_id, kms, run_lock, watch_parent)
+    beat.beat()  # the rate share before the first call
+    beat.start()
+    outcome = WorkerOutcome(worker_id, "interrupted")
+    state, note = "interrupted", None
+
+    def stopping() -> bool:
+        return bool(beat.stop_reason) or (should_stop is not None and should_stop())
+
+    job = _Job(spec, settings, engine, kms, run_lock, log, stopping)
+    poll = min(1.0, spec.lease_seconds / 10)
+    log.info("worker_started", pid=os.getpid(), rate_share=round(
+        kms.limiter.max_rate, 1) if kms.limiter else None)
+    try:
+        while not stopping():
+            with engine.begin() as conn:
+                lease = leases.claim(conn, spec.run_id, worker_id, spec.lease_seconds)
+                left = leases.undone(conn, spec.run_id) if lease is None else 1
+            if lease is None:
+                if left == 0:
+                    outcome.state = state = "finished"
+                    break
+                beat.wait(poll)  # others hold the last ranges: take one over if they die
+                continue
+            beat.lease = lease
+            log.info("range_claimed", range=lease.range_id, table=lease.table_name,
+                     column=lease.column_name, resume_after=lease.last_pk or lease.lo)
+            try:
+                outcome.batches += job.run(lease)
+                outcome.ranges += 1
+            except LeaseLost:
+                log.warning("lease_lost", range=lease.range_id)
+            finally:
+                beat.lease = None
+                _release_quietly(engine, lease)
+        if state != "finished" and beat.stop_reason:
+            note = beat.stop_reason
+            log.warning("worker_stopping", reason=note)
+    except KeyboardInterrupt:
+        raise
+    except LockLost as exc:
+        state, note = "stopped", "lock taken over"
+        raise RunLockedError(str(exc)) from None
+    except KmsMigrateError as exc:
+        state, note = "failed", str(exc)
+        _stop_run_quietly(engine, spec.run_id, str(exc))  # the others stop after their batch
+        raise
+    finally:
+        beat.close()
+        _finish_quietly(engine, worker_id, state, note, kms)
+        log.info("worker_finished", state=state, ranges=outcome.ranges)
+    if state != "finished":
+        raise KeyboardInterrupt  # stopped between batches: resumable
+    return outcome
+
+
+class _Job:
+    """One range's work, for a migrate or a rollback worker."""
+
+    def __init__(self, spec: WorkerSpec, settings: Settings, engine: Engine, kms: KMS,
+                 run_lock: RunLock, log: Any, stopping: Callable[[], bool]) -> None:
+        self.spec, self.settings, self.engine, self.kms = spec, settings, engine, kms
+        self.run_lock, self.log, self.stopping = run_lock, log, stopping
+        self.bound: dict[tuple[str, str], BoundTarget] = {}
+        if spec.kind == "migrate":
+            for bt in bind_targets(engine, settings.targets):
+                for column in bt.target.columns:
+                    self.bound[(bt.name, column)] = bt
+            self.codec = FernetCodec(settings.fernet_keys)
+
+    def target(self, table: str, column: str) -> BoundTarget:
+        bt = self.bound.get((table, column))
+        if bt is None:  # a rollback: the journal names the tables
+            with self.engine.connect() as conn:
+                bt = bind_target(conn, Target(table, _pk_name(self.engine, table), (column,)))
+            self.bound[(table, column)] = bt
+        return bt
+
+    def run(self, lease: Lease) -> int:
+        bt = self.target(lease.table_name, lease.column_name)
+        if self.spec.kind == "rollback":
+            return self._rollback(bt, lease)
+        column = lease.column_name
+        start = lease.last_pk if lease.last_pk is not None else lease.lo
+        after = bt.pk_value(start) if start is not None else None
+        upto = bt.pk_value(lease.hi) if lease.hi is not None else None
+        fetch = _keyset_fetcher(self.engine, bt, column, self.settings.batch_size, upto)
+        write = _writer(self.engine, bt, column, self.spec.run_id, self.run_lock.shared_fence,
+                        lease)
+        result = MigrateResult(dry_run=False, run_id=self.spec.run_id)
+        summary = ColumnSummary(bt.name, column)
+        batches = 0
+
+        def on_batch(table: str, col: str, counts: BatchCounts) -> None:
+            nonlocal batches
+            batches += 1
+
+        hooks = _Hooks(on_batch, NullProgress(), self.stopping)
+        _migrate_column(bt, column, after, fetch, self.settings, self.codec, self.kms, result,
+                        summary, self.log.bind(range=lease.range_id), hooks, write)
+        return batches
+
+    def _rollback(self, bt: BoundTarget, lease: Lease) -> int:
+        from .rollback import _journal_page
+
+        column, size = lease.column_name, self.settings.batch_size
+        start = lease.last_pk if lease.last_pk is not None else lease.lo
+        after = int(start) if start is not None else 0
+        upto = int(lease.hi) if lease.hi is not None else None
+        batches = 0
+        while True:
+            entries = _journal_page(self.engine, bt.name, column, after, size, upto)
+            done = len(entries) < size
+            counts = apply_rollback_batch(self.engine, bt, column, self.spec.run_id, entries,
+                                          done=done, fence=self.run_lock.shared_fence,
+                                          lease=lease)
+            batches += 1
+            self.log.info("batch_committed", table=bt.name, column=column,
+                          range=lease.range_id, restored=counts.migrated,
+                          conflicts=counts.conflicts)
+            if done:
+                return batches
+            if self.stopping():
+                raise KeyboardInterrupt
+            after = entries[-1][0]
+
+
+def _pk_name(engine: Engine, table: str) -> str:
+    from .rollback import _pk_name as pk_name
+
+    return pk_name(engine, table)
+
+
+def _release_quietly(engine: Engine, lease: Lease) -> None:
+    with contextlib.suppress(Exception), engine.begin() as conn:
+        leases.release(conn, lease)
+
+
+def _finish_quietly(engine: Engine, worker_id: str, state: str, note: str | None,
+                    kms: KMS) -> None:
+    limiter = kms.limiter
+    with contextlib.suppress(Exception), engine.begin() as conn:
+        leases.finish_worker(conn, worker_id, state, note, kms_requests=kms.requests,
+                             retries=kms.retries,
+                             throttles=limiter.throttles if limiter else 0)
+
+
+def _stop_run_quietly(engine: Engine, run_id: int, note: str) -> None:
+    with contextlib.suppress(Exception), engine.begin() as conn:
+        conn.execute(update(runs).where(runs.c.id == run_id, runs.c.state == "running")
+                     .values(state="stopped", note=note, updated_at=store.now()))
+
+
+# -- the command that starts workers ----------------------------------------------------------
+
+class Proc(Protocol):
+    """What the supervisor needs of a worker process (subprocess.Popen has it)."""
+
+    pid: int
+
+    def poll(self) -> int | None: ...
+    def send_signal(self, sig: int) -> None: ...
+    def wait(self, timeout: float | None = None) -> int: ...
+
+
+Spawn = Callable[[WorkerSpec, int], Sequence[Proc]]
+
+
+def spawn_processes(spec: WorkerSpec, n: int) -> list[Proc]:
+    """N `kms-migrate worker` processes, each told its spec on stdin. They inherit the
+    environment (Fernet keys, AWS credentials) and ignore Ctrl-C: the command forwards a
+    stop to them as SIGTERM (first: after the batch in flight; second: at once)."""
+    procs: list[Proc] = []
+    for _ in range(n):
+        p = subprocess.Popen([sys.executable, "-m", "migration", "worker"],
+                             stdin=subprocess.PIPE, text=True)
+        assert p.stdin is not None
+        p.stdin.write(spec.to_json())
+        p.stdin.close()
+        procs.append(p)
+    return procs
+
+
+@dataclass
+class RangedStart:
+    run: Run
+    lock: RunLock
+    joined: bool
+    resumed: bool
+
+
+def _join_or_refuse(engine: Engine, kind: str, exc: LockHeld) -> tuple[RunLock, Run]:
+    """The lock is held: join when it is held by an unfinished ranged run of this kind."""
+    held = RunLock.held_by(engine)
+    if held is not None and held[1] is not None:
+        with engine.connect() as conn:
+            run = store.get_run(conn, held[1])
+        if (run is not None and run.kind == kind and run.ranged
+                and run.state in store.UNFINISHED):
+            return held[0], run
+    raise RunLockedError(str(exc)) from None
+
+
+def start_ranged_migrate(
+    settings: Settings, engine: Engine, key_arn: str, *, new_run: bool,
+    rows_per_range: int,
+) -> RangedStart:
+    """Take the run lock and start or resume a ranged run, or join the one running."""
+    store.ensure_schema(engine)
+    try:
+        run_lock = RunLock.acquire(engine, "migrate")
+    except LockHeld as exc:
+        run_lock, run = _join_or_refuse(engine, "migrate", exc)
+        refuse_other_settings(run, settings, key_arn)
+        if new_run:
+            raise RunLockedError(
+                f"migrate run {run.id} is running with workers: --new-run cannot abandon it "
+                "while they work; stop them first (Ctrl-C where they were started)"
+            ) from None
+        return RangedStart(run, run_lock, joined=True, resumed=True)
+    try:
+        targets_json = json.dumps([t.as_dict() for t in settings.targets], sort_keys=True)
+        run, resumed = _resume_or_start(engine, settings, key_arn, targets_json, new_run,
+                                        run_lock, ranged=True)
+        bound = bind_targets(engine, settings.targets)
+        with engine.begin() as conn:
+            _plan(conn, run, [(bt, c) for bt in bound for c in bt.target.columns],
+                  rows_per_range)
+            run = store.get_run(conn, run.id) or run
+    except BaseException:
+        run_lock.release(engine)
+        raise
+    return RangedStart(run, run_lock, joined=False, resumed=resumed)
+
+
+def _plan(conn: Any, run: Run, columns: Sequence[tuple[BoundTarget, str]],
+          rows_per_range: int) -> None:
+    """Split each unfinished column into ranges from its checkpoint on (once per run);
+    on a ranged run this command now holds the lock of, void the leases of the workers
+    that held it before (none of them can commit any more: the lock token changed)."""
+    if run.ranged:
+        leases.release_all(conn, run.id)
+        leases.mark_lost(conn, run.id)
+        return
+    cks = store.load_checkpoints(conn, run.id)
+    for bt, column in columns:
+        ck = cks.get((bt.name, column))
+        if ck is None or ck.done:
+            continue
+        where = [bt.pk > bt.pk_value(ck.last_pk)] if ck.last_pk is not None else []
+        bounds = leases.boundaries(conn, bt.table, bt.pk, where, rows_per_range)
+        leases.create_ranges(conn, run.id, bt.name, column, ck.last_pk,
+                             [bt.pk_text(b) for b in bounds])
+    conn.execute(update(runs).where(runs.c.id == run.id).values(ranged=True))
+
+
+def _plan_rollback(conn: Any, run: Run, rows_per_range: int) -> None:
+    if run.ranged:
+        leases.release_all(conn, run.id)
+        leases.mark_lost(conn, run.id)
+        return
+    j = journal.c
+    for (table, column), ck in sorted(store.load_checkpoints(conn, run.id).items()):
+        if ck.done:
+            continue
+        start = int(ck.last_pk) if ck.last_pk is not None else 0
+        where = [j.table_name == table, j.column_name == column, j.status == "migrated",
+                 j.id > start]
+        bounds = leases.boundaries(conn, journal, j.id, where, rows_per_range)
+        leases.create_ranges(conn, run.id, table, column, ck.last_pk, [str(b) for b in bounds])
+    conn.execute(update(runs).where(runs.c.id == run.id).values(ranged=True))
+
+
+def migrate_ranged(
+    settings: Settings,
+    *,
+    engine: Engine,
+    kms: KMS,
+    workers: int,
+    new_run: bool = False,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
+    rows_per_range: int = DEFAULT_ROWS_PER_RANGE,
+    progress: Progress | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    before_first_write: Callable[[], None] | None = None,
+    spawn: Spawn = spawn_processes,
+    log_opts: dict[str, Any] | None = None,
+) -> MigrateResult:
+    """`migrate --workers N`: start, resume or join a ranged run; run N workers here."""
+    started = time.monotonic()
+    bound = bind_targets(engine, settings.targets)
+    check_keys_open_something(engine, bound, FernetCodec(settings.fernet_keys))
+    key = kms.describe()
+    if before_first_write is not None:
+        before_first_write()
+    start = start_ranged_migrate(settings, engine, key.arn, new_run=new_run,
+                                 rows_per_range=rows_per_range)
+    result = MigrateResult(dry_run=False, run_id=start.run.id, resumed=start.resumed)
+    log = get_logger(run_id=start.run.id, kind="migrate")
+    log.info("workers_starting", workers=workers, joined=start.joined)
+    spec = WorkerSpec("migrate", start.run.id, start.lock.token, lease_seconds,
+                      settings_to_dict(settings), log_opts or {})
+    totals = _column_totals_migrate(engine, start.run.id, bound)
+    codes, pids = _run_workers(engine, spec, workers, totals, progress or NullProgress(),
+                               should_stop, spawn)
+    _conclude(engine, start, codes, pids, should_stop)
+    with engine.connect() as conn:
+        for (table, column), counts in _column_counts(conn, start.run.id).items():
+            summary = ColumnSummary(table, column)
+            summary.add(counts)
+            result.columns.append(summary)
+        result.failures = store.failures_of(conn, start.run.id)
+        result.kms_requests, result.retries, result.throttles = _kms_counts(conn, start.run.id,
+                                                                            pids)
+    result.kms_requests += kms.requests
+    result.rate_limit = settings.max_kms_rps or None
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def rollback_ranged(
+    engine: Engine,
+    *,
+    settings: Settings,
+    workers: int,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
+    rows_per_range: int = DEFAULT_ROWS_PER_RANGE,
+    progress: Progress | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    before_first_write: Callable[[], None] | None = None,
+    spawn: Spawn = spawn_processes,
+    log_opts: dict[str, Any] | None = None,
+) -> RollbackResult:
+    """`rollback --workers N`: the journal's id space split into ranges, per column."""
+    started = time.monotonic()
+    check_can_roll_back(engine)
+    if before_first_write is not None:
+        before_first_write()
+    store.ensure_schema(engine)
+    try:
+        run_lock = RunLock.acquire(engine, "rollback")
+    except LockHeld as exc:
+        run_lock, run = _join_or_refuse(engine, "rollback", exc)
+        start = RangedStart(run, run_lock, joined=True, resumed=True)
+    else:
+        try:
+            run, resumed = start_rollback_run(engine, settings.batch_size, run_lock)
+            with engine.begin() as conn:
+                _plan_rollback(conn, run, rows_per_range)
+        except BaseException:
+            run_lock.release(engine)
+            raise
+        start = RangedStart(run, run_lock, joined=False, resumed=resumed)
+    spec = WorkerSpec("rollback", start.run.id, start.lock.token, lease_seconds,
+                      settings_to_dict(settings), log_opts or {})
+    totals = _column_totals_rollback(engine, start.run.id)
+    codes, pids = _run_workers(engine, spec, workers, totals, progress or NullProgress(),
+                               should_stop, spawn)
+    _conclude(engine, start, codes, pids, should_stop)
+    result = RollbackResult(run_id=start.run.id, resumed=start.resumed)
+    with engine.connect() as conn:
+        for (table, column), counts in _column_counts(conn, start.run.id).items():
+            summary = ColumnSummary(table, column)
+            summary.add(counts)
+            result.columns.append(summary)
+        result.failures = store.failures_of(conn, start.run.id)
+    result.seconds = time.monotonic() - started
+    return result
+
+
+# -- supervising -----------------------------------------------------------------------------
+
+def _column_totals_migrate(engine: Engine, run_id: int,
+                           bound: Sequence[BoundTarget]) -> dict[tuple[str, str], int]:
+    """Rows each column still has to go through (for progress), from the ranges left."""
+    out: dict[tuple[str, str], int] = {}
+    with engine.connect() as conn:
+        rows = leases.list_ranges(conn, run_id)
+    by_name = {bt.name: bt for bt in bound}
+    for r in rows:
+        if r.done:
+            continue
+        bt = by_name[r.table_name]
+        start = r.last_pk if r.last_pk is not None else r.lo
+        n = count_after(engine, bt, bt.pk_value(start) if start is not None else None,
+                        bt.pk_value(r.hi) if r.hi is not None else None)
+        key = (r.table_name, r.column_name)
+        out[key] = out.get(key, 0) + n
+    return out
+
+
+def _column_totals_rollback(engine: Engine, run_id: int) -> dict[tuple[str, str], int]:
+    j = journal.c
+    with engine.connect() as conn:
+        q = select(j.table_name, j.column_name, func.count()).where(
+            j.status == "migrated").group_by(j.table_name, j.column_name)
+        return {(t, c): int(n) for t, c, n in conn.execute(q)}
+
+
+def _processed(engine: Engine, run_id: int) -> dict[tuple[str, str], int]:
+    with engine.connect() as conn:
+        totals = leases.range_totals(conn, run_id)
+    return {k: c.migrated + c.skipped + c.already + c.failed + c.conflicts
+            for k, c in totals.items()}
+
+
+def _run_workers(
+    engine: Engine, spec: WorkerSpec, n: int, totals: dict[tuple[str, str], int],
+    progress: Progress, should_stop: Callable[[], bool] | None, spawn: Spawn,
+) -> tuple[list[int], list[int]]:
+    """Start the workers, show progress from the ranges, forward a stop; their exit codes."""
+    base = _processed(engine, spec.run_id)
+    seen = dict(base)
+    for (table, column), total in sorted(totals.items()):
+        progress.start(table, column, total)
+    procs = list(spawn(spec, n))
+    forwarded = False
+    try:
+        try:
+            while any(p.poll() is None for p in procs):
+                if should_stop is not None and should_stop() and not forwarded:
+                    _signal_all(procs, signal.SIGTERM)  # first: after the batch in flight
+                    forwarded = True
+                _advance(engine, spec.run_id, seen, progress)
+                time.sleep(0.25)
+        except KeyboardInterrupt:
+            _signal_all(procs, signal.SIGTERM)  # a second stop: abort the batches in flight
+            if not forwarded:
+                _signal_all(procs, signal.SIGTERM)
+            for p in procs:
+                p.wait()
+            raise
+        _advance(engine, spec.run_id, seen, progress)
+    finally:
+        progress.finish()
+    return [p.poll() or 0 for p in procs], [p.pid for p in procs]
+
+
+def _advance(engine: Engine, run_id: int, seen: dict[tuple[str, str], int],
+             progress: Progress) -> None:
+    with contextlib.suppress(Exception):
+        for key, n in _processed(engine, run_id).items():
+            if n > seen.get(key, 0):
+                progress.advance(key[0], key[1], n - seen.get(key, 0))
+                seen[key] = n
+
+
+def _signal_all(procs: Sequence[Proc], sig: int) -> None:
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(sig)
+
+
+def _conclude(engine: Engine, start: RangedStart, codes: Sequence[int], pids: Sequence[int],
+              should_stop: Callable[[], bool] | None) -> None:
+    """After this machine's workers exited: complete the run when every range is done,
+    release the lock when no worker of the run is left anywhere; otherwise say why."""
+    run_id = start.run.id
+    with engine.begin() as conn:
+        leases.mark_dead_here(conn, run_id)
+        left = leases.undone(conn, run_id)
+        others = leases.live_workers(conn, run_id, timedelta(minutes=2))
+        if left == 0:
+            conn.execute(update(checkpoints).where(checkpoints.c.run_id == run_id)
+                         .values(done=True, updated_at=store.now()))
+            conn.execute(update(runs).where(runs.c.id == run_id, runs.c.state.in_(
+                store.UNFINISHED)).values(state="completed", finished_at=store.now(),
+                                          updated_at=store.now()))
+        elif not others and all(c != 2 for c in codes):
+            store.set_state(conn, run_id, "interrupted")
+    if left == 0 or not others:
+        start.lock.release(engine)
+    if left == 0:
+        return
+    failed = sum(1 for c in codes if c not in (0, 130))
+    if failed:
+        with engine.connect() as conn:
+            run = store.get_run(conn, run_id)
+        why = f" ({run.note})" if run is not None and run.note else ""
+        raise WorkersFailed(
+            f"{failed} of {len(codes)} worker(s) stopped on an error{why}; run {run_id} keeps "
+            "every committed batch: fix the cause, then re-run the same command to resume"
+        )
+    raise KeyboardInterrupt  # stopped between batches (the others, if any, go on): resumable
+
+
+def _column_counts(conn: Any, run_id: int) -> dict[tuple[str, str], BatchCounts]:
+    """A ranged run's counts per column: what it did before it was ranged (its column
+    checkpoints), plus its ranges."""
+    out: dict[tuple[str, str], BatchCounts] = {}
+    for key, ck in sorted(store.load_checkpoints(conn, run_id).items()):
+        out[key] = BatchCounts(ck.migrated, ck.skipped, ck.already, ck.failed, ck.conflicts)
+    for key, c in leases.range_totals(conn, run_id).items():
+        b = out.get(key, BatchCounts())
+        out[key] = BatchCounts(b.migrated + c.migrated, b.skipped + c.skipped,
+                               b.already + c.already, b.failed + c.failed,
+                               b.conflicts + c.conflicts)
+    return out
+
+
+def _kms_counts(conn: Any, run_id: int, pids: Sequence[int]) -> tuple[int, int, int]:
+    mine = [w for w in leases.list_workers(conn, run_id) if w.pid in set(pids)]
+    return (sum(w.kms_requests for w in mine), sum(w.retries for w in mine),
+            sum(w.throttles for w in mine))
+
+
+@contextlib.contextmanager
+def worker_signals() -> Iterator[Callable[[], bool]]:
+    """In a worker process: ignore Ctrl-C (the terminal sends it to the whole group; the
+    command forwards it), first SIGTERM stops after the batch, second aborts it."""
+    requested = False
+
+    def on_term(signum: int, frame: object) -> None:
+        nonlocal requested
+        if requested:
+            raise KeyboardInterrupt
+        requested = True
+
+    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    old_term = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield lambda: requested
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+
+
+def refuse_sqlite_workers(url: str, workers: int) -> None:
+    from .db import is_sqlite
+
+    if workers > 1 and is_sqlite(url):
+        raise ConfigError(
+            f"--workers {workers} needs PostgreSQL: SQLite lets one process write at a time, "
+            "so more workers would only queue on its lock; use --workers 1 (or leave it out) "
+            "on SQLite; nothing was written"
+        )
+
