@@ -1,0 +1,120 @@
+"""Scale-out end to end: `migrate --workers 3` on PostgreSQL, one worker SIGKILLed.
+
+The real CLI in a subprocess against moto's KMS server; the killed worker's range is
+claimed again by a surviving worker and resumed from its own checkpoint, and at the end
+every good value was migrated exactly once (one journal row each), the bad ones are
+untouched, and `rollback --workers 3` puts every original byte back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from tests.conftest import Keys, KmsHandle, MotoServer
+from tests.helpers import make_db, snapshot
+from tests.test_e2e import (  # noqa: F401  (cli and outputs are fixtures)
+    KILL_DEADLINE,
+    Outputs,
+    check_invariant,
+    cli,
+    journal_entries,
+    outputs,
+    poll_engine,
+    runs_of,
+    scalar,
+    scalar_rows,
+)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
+
+ROWS = 300  # users and wagers each: 1,200 target cells
+
+
+def _wait(what: str, cond: Any, proc: Any) -> None:
+    deadline = time.monotonic() + KILL_DEADLINE
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        if proc.finished():
+            done = proc.wait()
+            pytest.fail(f"the CLI exited (rc={done.rc}) before {what}:\n{done.out}\n{done.err}")
+        time.sleep(0.01)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def test_three_workers_one_sigkilled(
+    pg_url: str, keys: Keys, server_kms: KmsHandle, moto_server: MotoServer,
+    cli: Any,  # noqa: F811  (the fixture imported above)
+    outputs: Outputs,  # noqa: F811
+) -> None:
+    url = pg_url
+    truth = make_db(url, ROWS, keys.current, keys.legacy, bad_values=True)
+    before = snapshot(url)
+    eng = poll_engine(url)
+    common = ["--db", url, "--yes", "--batch-size", "10", "--workers", "3",
+              "--rows-per-range", "60", "--lease-seconds", "5", "--log-level", "info"]
+
+    mig = cli.start(["migrate", *common, "--concurrency", "4"])
+    # Kill a worker once all three are working and a quarter of the values is committed.
+    quarter = len(truth.plaintexts) // 4
+    _wait("three workers each holding a range and a quarter of the values committed", lambda: (
+        (scalar(eng, "SELECT count(*) FROM kms_migrate_workers WHERE state = 'running' "
+                     "AND range_id IS NOT NULL") or 0) == 3
+        and (scalar(eng, "SELECT count(*) FROM kms_migrate_journal") or 0) >= quarter), mig)
+    victim_pid, victim_range = scalar_rows(
+        eng, "SELECT pid, range_id FROM kms_migrate_workers WHERE state = 'running' "
+             "AND range_id IS NOT NULL ORDER BY started_at LIMIT 1")[0]
+    os.kill(victim_pid, signal.SIGKILL)
+    done = mig.wait(timeout=180)
+    assert done.rc == 1, done.err  # 1: the sample's bad values failed, everything else done
+    assert "Traceback" not in done.err
+
+    # The run completed, every range is done, and the victim's range was claimed again.
+    assert [(k, s) for _, k, s in runs_of(eng)] == [("migrate", "completed")]
+    assert scalar(eng, "SELECT count(*) FROM kms_migrate_ranges WHERE NOT done") == 0
+    ranges = scalar(eng, "SELECT count(*) FROM kms_migrate_ranges")
+    assert ranges >= 4 * (ROWS // 60)  # 4 columns, 5 or so ranges each
+    assert scalar(eng, "SELECT claims FROM kms_migrate_ranges WHERE id = :r",
+                  r=victim_range) >= 2
+    states = Counter(s for (s,) in scalar_rows(eng, "SELECT state FROM kms_migrate_workers"))
+    assert states == {"finished": 2, "lost": 1}
+    assert scalar(eng, "SELECT count(*) FROM kms_migrate_lock") == 0  # released
+
+    # Exactly once: every good value migrated, one journal row each, the original in it.
+    changed, entries = check_invariant(eng, url, before, truth, server_kms)
+    assert changed == len(truth.plaintexts)
+    per_cell = Counter(e.cell for e in entries)
+    assert set(per_cell) == set(truth.plaintexts) and max(per_cell.values()) == 1
+    after = snapshot(url)
+    for cell in before:
+        if cell not in truth.plaintexts:
+            assert after[cell] == before[cell]
+    fails = Counter(scalar_rows(eng, "SELECT table_name, pk, column_name "
+                                     "FROM kms_migrate_failures"))
+    assert set(fails) == set(truth.bad) and max(fails.values()) == 1
+    summary = {line.split()[0]: line.split()[1:] for line in done.out.splitlines()
+               if line.startswith(("users.", "wagers."))}
+    assert sum(int(v[0]) for v in summary.values()) == len(truth.plaintexts)
+
+    # status shows each worker and each range.
+    st = cli.run(["status", "--db", url, "--json"])
+    assert st.rc == 0, st.err
+    status = json.loads(st.out)
+    assert len(status["workers"]) == 3 and len(status["ranges"]) == ranges
+    assert {w["state"] for w in status["workers"]} == {"finished", "lost"}
+
+    # Rollback with three workers: every original byte is back.
+    rb = cli.run(["rollback", "--db", url, "--yes", "--batch-size", "10", "--workers", "3",
+                  "--rows-per-range", "60", "--lease-seconds", "5"], timeout=180)
+    assert rb.rc == 0, rb.err
+    assert snapshot(url) == before
+    assert {e.status for e in journal_entries(eng)} == {"rolled_back"}
+    assert [(k, s) for _, k, s in runs_of(eng)] == [("migrate", "completed"),
+                                                     ("rollback", "completed")]
