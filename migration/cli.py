@@ -571,6 +571,8 @@ def status_cmd(db: str | None, as_json: bool) -> int:
             [(f"{p.table}.{p.column}", p.migrated, p.skipped, p.already, p.failed, p.conflicts,
               "done" if p.done else (p.remaining if p.remaining is not None else "?"),
               p.last_pk or "") for p in report.progress]))
+    if report.ranged_run_id is not None:
+        _print_ranged(report)
     if report.failures:
         click.echo(f"\nfailures of run {report.run_id} ({report.failures_total}):")
         for f in report.failures:
@@ -578,6 +580,36 @@ def status_cmd(db: str | None, as_json: bool) -> int:
     if report.journal:
         click.echo("\njournal: " + ", ".join(f"{k}={v}" for k, v in report.journal.items()))
     return EXIT_OK
+
+
+RANGE_LINES = 200
+
+
+def _print_ranged(report: Any) -> None:
+    click.echo(f"\nworkers of run {report.ranged_run_id}:")
+    click.echo(_table(
+        ["worker", "host", "pid", "state", "range", "rate share", "kms requests", "heartbeat"],
+        [(w["id"], w["host"], w["pid"], w["state"], w["range_id"] or "",
+          w["rate_share"] if w["rate_share"] is not None else "", w["kms_requests"],
+          f"{w['heartbeat_age_s']:g} s ago" if w["state"] == "running" else "")
+         for w in report.workers]))
+    states: dict[str, int] = {}
+    for r in report.ranges:
+        states[r["state"]] = states.get(r["state"], 0) + 1
+    click.echo(f"\nranges of run {report.ranged_run_id}: "
+               + ", ".join(f"{n} {s}" for s, n in sorted(states.items())))
+    shown = report.ranges if len(report.ranges) <= RANGE_LINES else [
+        r for r in report.ranges if r["state"] != "done"][:RANGE_LINES]
+    if shown:
+        click.echo(_table(
+            ["range", "column", "after", "up to", "state", "at", "worker", "claims",
+             "migrated", "failed"],
+            [(r["id"], f"{r['table']}.{r['column']}", r["after"] or "(start)",
+              r["upto"] or "(end)", r["state"], r["last_pk"] or "", r["worker_id"] or "",
+              r["claims"], r["migrated"], r["failed"]) for r in shown]))
+    if len(shown) < len(report.ranges):
+        click.echo(f"({len(report.ranges) - len(shown)} more ranges: kms-migrate status "
+                   "--json lists all)")
 
 
 @cli.command("demo")

@@ -7,7 +7,9 @@ from typing import Any
 
 from sqlalchemy import Engine, func, select
 
-from checkpoints import store
+from checkpoints import leases, store
+from checkpoints.leases import RangeRow, WorkerRow
+from checkpoints.store import BatchCounts
 
 from .config import Target
 from .reader import bind_target
@@ -38,6 +40,9 @@ class StatusReport:
     failures: list[dict[str, str]] = field(default_factory=list)
     failures_total: int = 0
     journal: dict[str, int] = field(default_factory=dict)
+    ranged_run_id: int | None = None  # the newest run spread over workers (--workers)
+    workers: list[dict[str, Any]] = field(default_factory=list)
+    ranges: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,16 +71,33 @@ def collect_status(engine: Engine, failure_limit: int = 50) -> StatusReport | No
         if latest is not None:
             report.run_id = latest.id
             pks = {t["table"]: t.get("primary_key") for t in latest.targets}
+            in_ranges = leases.range_totals(conn, latest.id) if latest.ranged else {}
+            rows = leases.list_ranges(conn, latest.id) if latest.ranged else []
             for (table, column), ck in sorted(store.load_checkpoints(conn, latest.id).items()):
+                rc = in_ranges.get((table, column), BatchCounts())
+                if ck.done:
+                    remaining: int | None = 0
+                elif latest.ranged:
+                    remaining = _remaining_in_ranges(conn, table, pks.get(table), column, rows)
+                else:
+                    remaining = _remaining(conn, table, pks.get(table), column, ck.last_pk)
                 report.progress.append(ColumnProgress(
-                    table, column, ck.done, ck.last_pk, ck.batches, ck.migrated, ck.skipped,
-                    ck.already, ck.failed, ck.conflicts,
-                    0 if ck.done else _remaining(conn, table, pks.get(table), column, ck.last_pk),
+                    table, column, ck.done, None if latest.ranged else ck.last_pk,
+                    ck.batches + sum(x.batches for x in rows
+                                     if (x.table_name, x.column_name) == (table, column)),
+                    ck.migrated + rc.migrated, ck.skipped + rc.skipped,
+                    ck.already + rc.already, ck.failed + rc.failed,
+                    ck.conflicts + rc.conflicts, remaining,
                 ))
             report.failures = [
                 asdict(f) for f in store.failures_of(conn, latest.id, limit=failure_limit)
             ]
             report.failures_total = store.count_failures(conn, latest.id)
+        ranged = next((r for r in all_runs if r.ranged), None)
+        if ranged is not None:
+            report.ranged_run_id = ranged.id
+            report.workers = [_worker(w) for w in leases.list_workers(conn, ranged.id)]
+            report.ranges = [_range(x) for x in leases.list_ranges(conn, ranged.id)]
         report.journal = {
             f"{t}.{c}:{s}": n for (t, c, s), n in sorted(store.journal_counts(conn).items())
         }
@@ -93,3 +115,57 @@ def _remaining(conn: Any, table: str, pk: str | None, column: str, last: str | N
     if last is not None:
         q = q.where(bt.pk > bt.pk_value(last))
     return int(conn.execute(q).scalar_one())
+
+
+def _remaining_in_ranges(conn: Any, table: str, pk: str | None, column: str,
+                         rows: list[RangeRow]) -> int | None:
+    """Rows of one column still ahead of the checkpoints of its unfinished ranges."""
+    if not pk:
+        return None
+    try:
+        bt = bind_target(conn, Target(table, pk, (column,)))
+    except Exception:  # status reports what it can
+        return None
+    total = 0
+    for r in rows:
+        if r.done or (r.table_name, r.column_name) != (table, column):
+            continue
+        q = select(func.count()).select_from(bt.table)
+        start = r.last_pk if r.last_pk is not None else r.lo
+        if start is not None:
+            q = q.where(bt.pk > bt.pk_value(start))
+        if r.hi is not None:
+            q = q.where(bt.pk <= bt.pk_value(r.hi))
+        total += int(conn.execute(q).scalar_one())
+    return total
+
+
+def _worker(w: WorkerRow) -> dict[str, Any]:
+    beat = leases.aware(w.heartbeat_at)
+    age = (store.now() - beat).total_seconds() if beat else None
+    return {
+        "id": w.id, "host": w.host, "pid": w.pid, "state": w.state, "range_id": w.range_id,
+        "rate_share": round(w.rate, 1) if w.rate is not None else None,
+        "kms_requests": w.kms_requests, "retries": w.retries, "throttles": w.throttles,
+        "started_at": w.started_at.isoformat(),
+        "heartbeat_age_s": round(age, 1) if age is not None else None,
+        "finished_at": w.finished_at.isoformat() if w.finished_at else None,
+        "note": w.note,
+    }
+
+
+def _range(r: RangeRow) -> dict[str, Any]:
+    until = leases.aware(r.lease_until)
+    if r.done:
+        lease = "done"
+    elif r.worker_id is None or until is None:
+        lease = "waiting"
+    else:
+        lease = "held" if until > store.now() else "expired"
+    return {
+        "id": r.id, "table": r.table_name, "column": r.column_name, "after": r.lo,
+        "upto": r.hi, "last_pk": r.last_pk, "state": lease, "worker_id": r.worker_id,
+        "claims": r.claims, "batches": r.batches, "migrated": r.migrated,
+        "skipped": r.skipped, "already": r.already, "failed": r.failed,
+        "conflicts": r.conflicts,
+    }
