@@ -1,0 +1,307 @@
+"""Ranged runs in-process: leases, fencing, rate shares, joining, and whole runs whose
+workers are threads (the subprocess version, with a SIGKILL, is test_workers_e2e.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+from collections import Counter
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, inspect, select, text, update
+
+from checkpoints import leases, store
+from checkpoints.leases import LeaseLost
+from checkpoints.lock import LockLost, RunLock
+from checkpoints.store import BatchCounts
+from checkpoints.tables import journal, lock, ranges, workers
+from migration.db import make_engine
+from migration.errors import ResumeMismatchError
+from migration.kms import RateLimiter
+from migration.migrator import migrate
+from migration.workers import (
+    Heartbeat,
+    WorkerSpec,
+    migrate_ranged,
+    rollback_ranged,
+    settings_to_dict,
+    start_ranged_migrate,
+    work,
+)
+from tests.conftest import Keys, KmsHandle
+from tests.helpers import (
+    interrupted_migrate,
+    make_db,
+    make_kms,
+    run_main,
+    settings_for,
+    snapshot,
+)
+
+
+def _run_with_ranges(url: str, n: int) -> tuple[Any, int]:
+    """A bare migrate run with `n` ranges of users.encrypted_secret (no rows needed)."""
+    eng = create_engine(url)
+    store.ensure_schema(eng)
+    with eng.begin() as conn:
+        run = store.create_run(conn, kind="migrate", targets=[("users", "encrypted_secret")],
+                               targets_json="[]", fingerprint="f", batch_size=10)
+        leases.create_ranges(conn, run.id, "users", "encrypted_secret", None,
+                             [str(10 * i) for i in range(1, n)])
+    return eng, run.id
+
+
+def _register(eng: Any, run_id: int) -> str:
+    with eng.begin() as conn:
+        return leases.register_worker(conn, run_id)
+
+
+def _claim(eng: Any, run_id: int, worker: str, seconds: float = 60) -> leases.Lease | None:
+    with eng.begin() as conn:
+        return leases.claim(conn, run_id, worker, seconds)
+
+
+def test_each_range_goes_to_one_worker_and_an_expired_lease_moves(db_url: str) -> None:
+    eng, run_id = _run_with_ranges(db_url, 3)
+    a, b = _register(eng, run_id), _register(eng, run_id)
+    got = [_claim(eng, run_id, w) for w in (a, b, a)]
+    assert all(g is not None for g in got)
+    assert len({g.range_id for g in got if g}) == 3
+    assert _claim(eng, run_id, b) is None  # all three held
+    first = got[0]
+    assert first is not None and (first.lo, first.hi) == (None, "10")
+    # Its lease expires (its worker went silent): another worker takes it over...
+    with eng.begin() as conn:
+        conn.execute(update(ranges).where(ranges.c.id == first.range_id)
+                     .values(lease_until=store.now() - timedelta(seconds=1)))
+    again = _claim(eng, run_id, b)
+    assert again is not None and again.range_id == first.range_id
+    assert again.token != first.token
+    # ...and the old holder can no longer commit a batch on it; the new one can.
+    with pytest.raises(LeaseLost), eng.begin() as conn:
+        leases.record_on_range(conn, first, last_pk="5", counts=BatchCounts(migrated=5),
+                               done=False)
+    with eng.begin() as conn:
+        leases.record_on_range(conn, again, last_pk="5", counts=BatchCounts(migrated=5),
+                               done=False)
+        row = conn.execute(select(ranges).where(ranges.c.id == first.range_id)).one()
+    assert (row.last_pk, row.migrated, row.claims) == ("5", 5, 2)
+
+
+@pytest.mark.postgres
+def test_concurrent_claims_skip_locked_ranges_instead_of_waiting(pg_url: str) -> None:
+    eng, run_id = _run_with_ranges(pg_url, 2)
+    a, b = _register(eng, run_id), _register(eng, run_id)
+    with eng.connect() as held:
+        tx = held.begin()
+        first = leases.claim(held, run_id, a, 60)  # not committed: its row stays locked
+        assert first is not None
+        with eng.connect() as other:
+            other.execute(text("SET lock_timeout = '2s'"))  # would fail if claim waited
+            second = leases.claim(other, run_id, b, 60)
+            other.commit()
+        tx.commit()
+    assert second is not None and second.range_id != first.range_id
+
+
+@pytest.mark.postgres
+def test_workers_share_the_lock_and_a_takeover_fences_them_all(pg_url: str) -> None:
+    eng = make_engine(pg_url)
+    store.ensure_schema(eng)
+    run_lock = RunLock.acquire(eng, "migrate")
+    with eng.connect() as c1, eng.connect() as c2:
+        c1.begin()
+        run_lock.shared_fence(c1)
+        c2.begin()
+        c2.execute(text("SET lock_timeout = '2s'"))
+        run_lock.shared_fence(c2)  # a second worker's batch does not wait on the first
+        c2.commit()
+        c1.commit()
+    with eng.begin() as conn:  # taken over (as RunLock.acquire does from a dead holder)
+        conn.execute(update(lock).values(token="someone-else"))
+    with pytest.raises(LockLost), eng.begin() as conn:
+        run_lock.shared_fence(conn)
+
+
+def test_a_dead_workers_range_on_this_host_is_reclaimed_at_once(db_url: str) -> None:
+    eng, run_id = _run_with_ranges(db_url, 1)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    ghost = _register(eng, run_id)
+    with eng.begin() as conn:
+        conn.execute(update(workers).where(workers.c.id == ghost).values(pid=dead.pid))
+    assert _claim(eng, run_id, ghost, seconds=3600) is not None  # a lease for an hour
+    alive = _register(eng, run_id)
+    took = _claim(eng, run_id, alive)
+    assert took is not None and took.range_id is not None
+
+
+def test_live_workers_share_the_rate_limit(db_url: str, kms: KmsHandle, keys: Keys) -> None:
+    eng, run_id = _run_with_ranges(db_url, 1)
+    run_lock = RunLock("t", "migrate")
+    settings = settings_for(db_url, keys.current, max_kms_rps=1000)
+    spec = WorkerSpec("migrate", run_id, "t", 60, settings_to_dict(settings))
+    me = _register(eng, run_id)
+    other = _register(eng, run_id)  # another live worker (this pid, a fresh heartbeat)
+    k = make_kms(kms.client, settings)
+    k.limiter = RateLimiter(1000)
+    beat = Heartbeat(eng, spec, me, k, run_lock, watch_parent=False)
+    beat.beat()
+    assert k.limiter.max_rate == pytest.approx(500)
+    with eng.begin() as conn:
+        leases.finish_worker(conn, other, "finished")
+    beat.beat()
+    assert k.limiter.max_rate == pytest.approx(1000)
+
+
+# -- whole ranged runs, workers as threads --------------------------------------------------
+
+class ThreadWorker:
+    """A worker run in a thread of this process, looking like a process to the supervisor."""
+
+    def __init__(self, spec: WorkerSpec, settings: Any, client: Any) -> None:
+        self.pid = os.getpid()
+        self.rc: int | None = None
+        self.stop = threading.Event()
+
+        def run() -> None:
+            try:
+                work(spec, settings, engine=make_engine(settings.db_url),
+                     kms=make_kms(client, settings), should_stop=self.stop.is_set)
+                self.rc = 0
+            except KeyboardInterrupt:
+                self.rc = 130
+            except Exception:
+                self.rc = 2
+                raise
+
+        self.thread = threading.Thread(target=run)
+        self.thread.start()
+
+    def poll(self) -> int | None:
+        return None if self.thread.is_alive() else self.rc
+
+    def send_signal(self, sig: int) -> None:
+        self.stop.set()
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.thread.join(timeout)
+        return self.rc or 0
+
+
+def thread_spawn(settings: Any, client: Any) -> Any:
+    def spawn(spec: WorkerSpec, n: int) -> Sequence[ThreadWorker]:
+        return [ThreadWorker(spec, settings, client) for _ in range(n)]
+    return spawn
+
+
+def _journal_per_cell(url: str) -> Counter[tuple[str, str, str]]:
+    eng = create_engine(url)
+    with eng.connect() as conn:
+        rows = conn.execute(select(journal.c.table_name, journal.c.pk, journal.c.column_name)
+                            .where(journal.c.status == "migrated")).all()
+    return Counter((t, p, c) for t, p, c in rows)
+
+
+def test_ranged_run_resumes_a_single_process_run_and_migrates_each_value_once(
+    db_url: str, keys: Keys, kms: KmsHandle,
+) -> None:
+    truth = make_db(db_url, 60, keys.current, keys.legacy, bad_values=True)
+    before = snapshot(db_url)
+    settings = settings_for(db_url, keys.current, keys.legacy, batch_size=7)
+    interrupted_migrate(db_url, settings, kms.client, after_batches=2)
+    n = 3 if db_url.startswith("postgresql") else 1
+    result = migrate_ranged(settings, engine=make_engine(db_url),
+                            kms=make_kms(kms.client, settings), workers=n, rows_per_range=11,
+                            spawn=thread_spawn(settings, kms.client))
+    assert result.resumed
+    per_cell = _journal_per_cell(db_url)
+    assert set(per_cell) == set(truth.plaintexts) and max(per_cell.values()) == 1
+    assert sum(c.migrated for c in result.columns) == len(truth.plaintexts)
+    assert result.failed == len(truth.bad)
+    after = snapshot(db_url)
+    for cell, plaintext in truth.plaintexts.items():
+        assert kms.decrypt_text(after[cell]) == plaintext
+    eng = make_engine(db_url)
+    with eng.connect() as conn:
+        assert leases.undone(conn, result.run_id or 0) == 0
+        run = store.get_run(conn, result.run_id or 0)
+        assert run is not None and run.state == "completed" and run.ranged
+        assert conn.execute(select(lock)).first() is None  # released
+    # A plain migrate afterwards finds nothing left; rollback with workers restores all.
+    rb = rollback_ranged(eng, settings=settings, workers=n, rows_per_range=13,
+                         spawn=thread_spawn(settings, kms.client))
+    assert rb.restored == len(truth.plaintexts) and not rb.failures
+    assert snapshot(db_url) == before
+
+
+def test_a_single_process_migrate_will_not_resume_a_ranged_run(
+    db_url: str, keys: Keys, kms: KmsHandle,
+) -> None:
+    make_db(db_url, 30, keys.current, keys.legacy)
+    settings = settings_for(db_url, keys.current, keys.legacy, batch_size=5)
+    eng = make_engine(db_url)
+    k = make_kms(kms.client, settings)
+    start = start_ranged_migrate(settings, eng, k.describe().arn, new_run=False,
+                                 rows_per_range=10)
+    start.lock.release(eng)  # as if its workers were interrupted
+    with pytest.raises(ResumeMismatchError, match="started with --workers"):
+        migrate(settings, engine=eng, kms=k)
+
+
+def test_the_same_command_elsewhere_joins_the_running_ranged_run(
+    db_url: str, keys: Keys, kms: KmsHandle,
+) -> None:
+    make_db(db_url, 30, keys.current, keys.legacy)
+    settings = settings_for(db_url, keys.current, keys.legacy, batch_size=5)
+    eng = make_engine(db_url)
+    arn = make_kms(kms.client, settings).describe().arn
+    first = start_ranged_migrate(settings, eng, arn, new_run=False, rows_per_range=10)
+    assert not first.joined
+    other = subprocess.Popen(["sleep", "30"])  # the lock now looks held by a live process
+    try:
+        with eng.begin() as conn:
+            conn.execute(update(lock).values(pid=other.pid))
+        second = start_ranged_migrate(settings, eng, arn, new_run=False, rows_per_range=10)
+        assert second.joined and second.run.id == first.run.id
+        assert second.lock.token == first.lock.token
+        with eng.connect() as conn:  # joining planned nothing twice
+            assert conn.execute(text("SELECT count(*) FROM kms_migrate_ranges")).scalar() == 12
+        changed = settings_for(db_url, keys.current, keys.legacy, batch_size=5,
+                               encryption_context=True)
+        with pytest.raises(ResumeMismatchError, match="encryption context"):
+            start_ranged_migrate(changed, eng, arn, new_run=False, rows_per_range=10)
+    finally:
+        other.kill()
+        other.wait()
+
+
+# -- the command line ------------------------------------------------------------------------
+
+def test_workers_above_one_are_refused_on_sqlite(
+    sqlite_url: str, env_keys: Keys, capsys: pytest.CaptureFixture[str],
+) -> None:
+    make_db(sqlite_url, 10, env_keys.current)
+    before = snapshot(sqlite_url)
+    code, _, err = run_main(capsys, "migrate", "--db", sqlite_url, "--yes", "--workers", "2")
+    assert code == 2
+    assert err.count("\n") == 1 and "--workers 2 needs PostgreSQL" in err
+    assert snapshot(sqlite_url) == before
+    eng = create_engine(sqlite_url)
+    assert not [t for t in inspect(eng).get_table_names() if t.startswith("kms_migrate")]
+    code, _, err = run_main(capsys, "rollback", "--db", sqlite_url, "--yes", "--workers", "3")
+    assert code == 2 and "needs PostgreSQL" in err
+
+
+@pytest.mark.parametrize("extra", [["--dry-run"], ["--retry-failed"]])
+def test_workers_with_a_single_process_mode_are_refused(
+    sqlite_url: str, env_keys: Keys, capsys: pytest.CaptureFixture[str], extra: list[str],
+) -> None:
+    make_db(sqlite_url, 10, env_keys.current)
+    code, _, err = run_main(capsys, "migrate", "--db", sqlite_url, "--yes", "--workers", "1",
+                            *extra)
+    assert code == 2 and err.count("\n") == 1 and "--workers" in err
