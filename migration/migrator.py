@@ -440,7 +440,9 @@ def _keyset_fetcher(
 ) -> Fetcher:
     def fetch(after: Any) -> tuple[list[Row], bool]:
         rows = fetch_batch(engine, bt, column, after, size, upto)
-        return rows, len(rows) < size
+        # The range's last key read: done, without an empty batch to find out.
+        at_end = upto is not None and bool(rows) and rows[-1].pk == upto
+        return rows, len(rows) < size or at_end
     return fetch
 
 

@@ -184,7 +184,7 @@ class Heartbeat(threading.Thread):
         self.live = max(1, len(live))
         if limiter is not None and self._max_rps > 0:
             limiter.set_max_rate(self._max_rps / self.live)
-        if state not in store.UNFINISHED:
+        if state != "running":  # stopped by another worker's fatal error, or abandoned
             self.stop_reason = f"run {self.spec.run_id} is {state}"
         if self._ppid is not None and os.getppid() != self._ppid:
             self.stop_reason = "the command that started this worker is gone"
@@ -322,7 +322,7 @@ class _Job:
         batches = 0
         while True:
             entries = _journal_page(self.engine, bt.name, column, after, size, upto)
-            done = len(entries) < size
+            done = len(entries) < size or (upto is not None and entries[-1][0] == upto)
             counts = apply_rollback_batch(self.engine, bt, column, self.spec.run_id, entries,
                                           done=done, fence=self.run_lock.shared_fence,
                                           lease=lease)

@@ -305,3 +305,36 @@ def test_workers_with_a_single_process_mode_are_refused(
     code, _, err = run_main(capsys, "migrate", "--db", sqlite_url, "--yes", "--workers", "1",
                             *extra)
     assert code == 2 and err.count("\n") == 1 and "--workers" in err
+
+
+def test_a_fatal_kms_error_in_one_worker_stops_the_run_resumably(
+    pg_url: str, keys: Keys, kms: KmsHandle,
+) -> None:
+    from migration.kms import make_client
+    from migration.workers import WorkersFailed
+    from tests.test_kms import Injector, inject
+
+    truth = make_db(pg_url, 40, keys.current, keys.legacy, bad_values=False)
+    before = snapshot(pg_url)
+    settings = settings_for(pg_url, keys.current, keys.legacy, batch_size=5)
+    # The key is disabled once the command's checks passed: the workers' Encrypt calls
+    # get KMS's DisabledException (moto itself keeps serving a disabled key).
+    disabled = make_client("us-east-1", 4)
+    inject(disabled, Injector(forever="DisabledException"), "Encrypt")
+    spawn_after_disabling = thread_spawn(settings, disabled)
+
+    eng = make_engine(pg_url)
+    with pytest.raises(WorkersFailed, match="disabled") as excinfo:
+        migrate_ranged(settings, engine=eng, kms=make_kms(kms.client, settings), workers=2,
+                       rows_per_range=10, spawn=spawn_after_disabling)
+    assert "re-run the same command to resume" in str(excinfo.value)
+    assert snapshot(pg_url) == before  # nothing was written
+    with eng.connect() as conn:
+        run = store.list_runs(conn)[0]
+        states = {w.state for w in leases.list_workers(conn, run.id)}
+        assert conn.execute(select(lock)).first() is None
+    assert run.state == "stopped" and "failed" in states
+    result = migrate_ranged(settings, engine=eng, kms=make_kms(kms.client, settings), workers=2,
+                            rows_per_range=10, spawn=thread_spawn(settings, kms.client))
+    assert result.resumed and result.run_id == run.id
+    assert sum(c.migrated for c in result.columns) == len(truth.plaintexts)

@@ -62,15 +62,20 @@ def test_three_workers_one_sigkilled(
               "--rows-per-range", "60", "--lease-seconds", "5", "--log-level", "info"]
 
     mig = cli.start(["migrate", *common, "--concurrency", "4"])
-    # Kill a worker once all three are working and a quarter of the values is committed.
+    # Kill a worker once all three are working and a quarter of the values is committed,
+    # at the start of a range (at most 2 of its 6 batches committed), so that the kill
+    # lands while it holds that range.
     quarter = len(truth.plaintexts) // 4
-    _wait("three workers each holding a range and a quarter of the values committed", lambda: (
-        (scalar(eng, "SELECT count(*) FROM kms_migrate_workers WHERE state = 'running' "
-                     "AND range_id IS NOT NULL") or 0) == 3
-        and (scalar(eng, "SELECT count(*) FROM kms_migrate_journal") or 0) >= quarter), mig)
-    victim_pid, victim_range = scalar_rows(
-        eng, "SELECT pid, range_id FROM kms_migrate_workers WHERE state = 'running' "
-             "AND range_id IS NOT NULL ORDER BY started_at LIMIT 1")[0]
+    holding = ("SELECT w.pid, r.id FROM kms_migrate_workers w JOIN kms_migrate_ranges r "
+               "ON r.id = w.range_id AND r.worker_id = w.id WHERE w.state = 'running' "
+               "AND NOT r.done AND r.batches <= 2 ORDER BY r.id LIMIT 1")
+    _wait("three workers working, a quarter of the values committed, one at a range's start",
+          lambda: (
+              (scalar(eng, "SELECT count(*) FROM kms_migrate_workers WHERE state = 'running'")
+               or 0) == 3
+              and (scalar(eng, "SELECT count(*) FROM kms_migrate_journal") or 0) >= quarter
+              and bool(scalar_rows(eng, holding))), mig)
+    victim_pid, victim_range = scalar_rows(eng, holding)[0]
     os.kill(victim_pid, signal.SIGKILL)
     done = mig.wait(timeout=180)
     assert done.rc == 1, done.err  # 1: the sample's bad values failed, everything else done
@@ -118,3 +123,40 @@ def test_three_workers_one_sigkilled(
     assert {e.status for e in journal_entries(eng)} == {"rolled_back"}
     assert [(k, s) for _, k, s in runs_of(eng)] == [("migrate", "completed"),
                                                      ("rollback", "completed")]
+
+
+def test_ctrl_c_stops_every_worker_after_its_batch_and_the_run_resumes(
+    pg_url: str, keys: Keys, server_kms: KmsHandle,
+    cli: Any,  # noqa: F811  (the fixture imported above)
+    outputs: Outputs,  # noqa: F811
+) -> None:
+    url = pg_url
+    truth = make_db(url, 150, keys.current, keys.legacy, bad_values=False)
+    before = snapshot(url)
+    eng = poll_engine(url)
+    common = ["--db", url, "--yes", "--batch-size", "10", "--workers", "2",
+              "--rows-per-range", "40", "--concurrency", "2"]
+    mig = cli.start(["migrate", *common])
+    tenth = len(truth.plaintexts) // 10
+    _wait("two workers running and a tenth of the values committed", lambda: (
+        (scalar(eng, "SELECT count(*) FROM kms_migrate_workers WHERE state = 'running'")
+         or 0) == 2
+        and (scalar(eng, "SELECT count(*) FROM kms_migrate_journal") or 0) >= tenth), mig)
+    mig.signal(signal.SIGINT)  # Ctrl-C: the command forwards it to its workers
+    done = mig.wait(timeout=60)
+    assert done.rc == 130, done.err
+    assert "Traceback" not in done.err
+    assert done.err.count("re-run the same command to resume") == 1  # once, not per worker
+    assert [(k, s) for _, k, s in runs_of(eng)] == [("migrate", "interrupted")]
+    states = [s for (s,) in scalar_rows(eng, "SELECT state FROM kms_migrate_workers")]
+    assert states == ["interrupted", "interrupted"]
+    assert scalar(eng, "SELECT count(*) FROM kms_migrate_lock") == 0
+    changed, entries = check_invariant(eng, url, before, truth, server_kms)
+    assert 0 < changed < len(truth.plaintexts) and len(entries) == changed
+
+    res = cli.run(["migrate", *common], timeout=120)
+    assert res.rc == 0, res.err
+    assert "(resumed)" in res.out
+    changed, entries = check_invariant(eng, url, before, truth, server_kms)
+    assert changed == len(truth.plaintexts) == len(entries)
+    assert max(Counter(e.cell for e in entries).values()) == 1
