@@ -96,6 +96,7 @@ class Run:
     finished_at: datetime | None
     note: str | None
     ranged: bool = False
+    max_kms_rps: float | None = None
 
     @property
     def targets(self) -> list[dict[str, Any]]:

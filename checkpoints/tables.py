@@ -60,6 +60,9 @@ runs = Table(
     Column("finished_at", DateTime(timezone=True)),
     Column("note", Text),
     Column("ranged", Boolean, nullable=False, server_default=false()),
+    # A ranged run's --max-kms-rps, for the whole run: workers joining from another
+    # machine share this limit rather than their own command's.
+    Column("max_kms_rps", Float),
 )
 
 # One row per run and target column: where the run is (last primary key, or for a

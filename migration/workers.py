@@ -424,6 +424,10 @@ def start_ranged_migrate(
     except LockHeld as exc:
         run_lock, run = _join_or_refuse(engine, "migrate", exc)
         refuse_other_settings(run, settings, key_arn)
+        if run.max_kms_rps is not None and run.max_kms_rps != settings.max_kms_rps:
+            get_logger(run_id=run.id).warning(
+                "joining_with_the_runs_rate_limit", max_kms_rps=run.max_kms_rps,
+                given=settings.max_kms_rps)
         if new_run:
             raise RunLockedError(
                 f"migrate run {run.id} is running with workers: --new-run cannot abandon it "
@@ -438,6 +442,8 @@ def start_ranged_migrate(
         with engine.begin() as conn:
             _plan(conn, run, [(bt, c) for bt in bound for c in bt.target.columns],
                   rows_per_range)
+            conn.execute(update(runs).where(runs.c.id == run.id)
+                         .values(max_kms_rps=settings.max_kms_rps))
             run = store.get_run(conn, run.id) or run
     except BaseException:
         run_lock.release(engine)
@@ -507,6 +513,8 @@ def migrate_ranged(
         before_first_write()
     start = start_ranged_migrate(settings, engine, key.arn, new_run=new_run,
                                  rows_per_range=rows_per_range)
+    if start.run.max_kms_rps is not None:  # the run's limit, whoever started it
+        settings = replace(settings, max_kms_rps=start.run.max_kms_rps)
     result = MigrateResult(dry_run=False, run_id=start.run.id, resumed=start.resumed)
     log = get_logger(run_id=start.run.id, kind="migrate")
     log.info("workers_starting", workers=workers, joined=start.joined)

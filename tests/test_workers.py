@@ -266,8 +266,10 @@ def test_the_same_command_elsewhere_joins_the_running_ranged_run(
     try:
         with eng.begin() as conn:
             conn.execute(update(lock).values(pid=other.pid))
-        second = start_ranged_migrate(settings, eng, arn, new_run=False, rows_per_range=10)
+        slower = settings_for(db_url, keys.current, keys.legacy, batch_size=5, max_kms_rps=123)
+        second = start_ranged_migrate(slower, eng, arn, new_run=False, rows_per_range=10)
         assert second.joined and second.run.id == first.run.id
+        assert second.run.max_kms_rps == settings.max_kms_rps  # one limit for the whole run
         assert second.lock.token == first.lock.token
         with eng.connect() as conn:  # joining planned nothing twice
             assert conn.execute(text("SELECT count(*) FROM kms_migrate_ranges")).scalar() == 12

@@ -25,6 +25,7 @@ def upgrade() -> None:
     with op.batch_alter_table("kms_migrate_runs") as batch:
         batch.add_column(sa.Column("ranged", sa.Boolean, nullable=False,
                                    server_default=sa.false()))
+        batch.add_column(sa.Column("max_kms_rps", sa.Float))
     op.create_table(
         "kms_migrate_ranges",
         sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
@@ -81,4 +82,5 @@ def downgrade() -> None:
     op.drop_index("ix_kms_migrate_ranges_run_id_done", "kms_migrate_ranges")
     op.drop_table("kms_migrate_ranges")
     with op.batch_alter_table("kms_migrate_runs") as batch:
+        batch.drop_column("max_kms_rps")
         batch.drop_column("ranged")
