@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn, TextIO, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 from sqlalchemy import Engine
@@ -53,7 +53,7 @@ from .errors import (
     KmsMigrateError,
 )
 from .kms import KMS, RateLimiter, make_client, validate_region
-from .logs import configure_logging
+from .logs import configure_from_options, configure_logging
 from .migrator import MigrateResult, migrate
 from .progress import make_progress
 from .report import build_report, kms_cost, write_report
@@ -205,16 +205,7 @@ def make_kms(settings: Settings) -> KMS:
 
 
 def _setup_logging(opts: dict[str, Any]) -> None:
-    stream: TextIO | None = None
-    if opts.get("log_file"):
-        try:
-            stream = open(opts["log_file"], "a", encoding="utf-8", buffering=1)  # noqa: SIM115
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot open --log-file {opts['log_file']}: {exc.strerror}"
-            ) from None
-    configure_logging(opts.get("log_level") or "warning", opts.get("log_format") or "console",
-                      stream)
+    configure_from_options(opts)
 
 
 def _confirm(word: str, url: str, yes: bool, what: str, *, always: bool = False) -> None:
@@ -441,6 +432,14 @@ def migrate_cmd(**opts: Any) -> int:
 @_target_options
 @click.option("--encryption-context", is_flag=True,
               help="Decrypt with the context migrate --encryption-context wrote with.")
+@click.option("--workers", type=click.IntRange(1, 256), default=1, show_default=True,
+              metavar="N",
+              help="Verify with N processes on this machine, each taking key ranges (verify "
+                   "writes nothing, so it needs no coordination through the database); "
+                   "--max-kms-rps is divided among them.")
+@click.option("--rows-per-range", type=click.IntRange(1, 10_000_000),
+              default=DEFAULT_ROWS_PER_RANGE, show_default=True,
+              help="With --workers: rows per key range, the unit a process takes.")
 @_log_options
 def verify_cmd(**opts: Any) -> int:
     """Decrypt every KMS value in the target columns with KMS; report what is left or broken.
@@ -451,7 +450,8 @@ def verify_cmd(**opts: Any) -> int:
     settings = _settings(opts)
     engine = make_engine(settings.db_url, read_only=True)
     with make_kms(settings) as kms:
-        result = verify(settings, engine=engine, kms=kms)
+        result = verify(settings, engine=engine, kms=kms, workers=opts["workers"],
+                        rows_per_range=opts["rows_per_range"], log_opts=_log_opts(opts))
     print_verify(result)
     return EXIT_OK if result.ok else EXIT_FAILURES
 

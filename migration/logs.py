@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any, TextIO
 
 import structlog
 
-__all__ = ["configure_logging", "get_logger"]
+__all__ = ["configure_from_options", "configure_logging", "get_logger"]
 
 SENSITIVE = frozenset({
     "plaintext", "value", "values", "token", "tokens", "secret", "password", "key_material",
@@ -54,6 +54,22 @@ def configure_logging(
     )
     # Alembic and botocore log through the standard library; keep them quiet but for warnings.
     logging.basicConfig(level=logging.WARNING, stream=file or sys.stderr)
+
+
+def configure_from_options(opts: Mapping[str, Any]) -> None:
+    """Logging as the command line's --log-level/--log-format/--log-file say (also how a
+    worker process is told); a log file that cannot be opened is a ConfigError."""
+    from .errors import ConfigError
+
+    stream: TextIO | None = None
+    path = opts.get("log_file")
+    if path:
+        try:
+            stream = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+        except OSError as exc:
+            raise ConfigError(f"cannot open --log-file {path}: {exc.strerror}") from None
+    configure_logging(opts.get("log_level") or "warning", opts.get("log_format") or "console",
+                      stream)
 
 
 def get_logger(**bind: Any) -> Any:
