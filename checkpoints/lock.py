@@ -13,11 +13,12 @@ import os
 import secrets
 import socket
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 from sqlalchemy import Connection, Engine, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from .leases import aware, live_workers, pid_alive
 from .store import now
 from .tables import lock
 
@@ -36,24 +37,8 @@ class LockLost(Exception):
     """This process's lock was taken over; it must not write again."""
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _workers_alive(conn: Connection, run_id: int) -> bool:
-    from .leases import live_workers
-
     return bool(live_workers(conn, run_id, STALE_AFTER))
-
-
-def _aware(ts: datetime) -> datetime:
-    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
 
 
 @dataclass
@@ -81,10 +66,10 @@ class RunLock:
                 row = conn.execute(select(lock).where(lock.c.name == NAME)).first()
                 if row is None:
                     continue  # released in between: try the INSERT again
-                age = now() - _aware(row.heartbeat_at)
+                age = now() - (aware(row.heartbeat_at) or now())
                 same_host = row.host == me["host"]
                 dead = (
-                    (same_host and (row.pid == me["pid"] or not _pid_alive(row.pid)
+                    (same_host and (row.pid == me["pid"] or not pid_alive(row.pid)
                                     or age > SAME_HOST_STALE_AFTER))
                     or (not same_host and age > STALE_AFTER)
                 )

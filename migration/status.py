@@ -75,12 +75,11 @@ def collect_status(engine: Engine, failure_limit: int = 50) -> StatusReport | No
             rows = leases.list_ranges(conn, latest.id) if latest.ranged else []
             for (table, column), ck in sorted(store.load_checkpoints(conn, latest.id).items()):
                 rc = in_ranges.get((table, column), BatchCounts())
-                if ck.done:
-                    remaining: int | None = 0
-                elif latest.ranged:
-                    remaining = _remaining_in_ranges(conn, table, pks.get(table), column, rows)
-                else:
-                    remaining = _remaining(conn, table, pks.get(table), column, ck.last_pk)
+                spans = [(x.last_pk if x.last_pk is not None else x.lo, x.hi) for x in rows
+                         if not x.done and (x.table_name, x.column_name) == (table, column)]
+                remaining = 0 if ck.done else _remaining(
+                    conn, table, pks.get(table), column,
+                    spans if latest.ranged else [(ck.last_pk, None)])
                 report.progress.append(ColumnProgress(
                     table, column, ck.done, None if latest.ranged else ck.last_pk,
                     ck.batches + sum(x.batches for x in rows
@@ -104,22 +103,10 @@ def collect_status(engine: Engine, failure_limit: int = 50) -> StatusReport | No
         return report
 
 
-def _remaining(conn: Any, table: str, pk: str | None, column: str, last: str | None) -> int | None:
-    if not pk:
-        return None
-    try:
-        bt = bind_target(conn, Target(table, pk, (column,)))
-    except Exception:  # status reports what it can
-        return None
-    q = select(func.count()).select_from(bt.table)
-    if last is not None:
-        q = q.where(bt.pk > bt.pk_value(last))
-    return int(conn.execute(q).scalar_one())
-
-
-def _remaining_in_ranges(conn: Any, table: str, pk: str | None, column: str,
-                         rows: list[RangeRow]) -> int | None:
-    """Rows of one column still ahead of the checkpoints of its unfinished ranges."""
+def _remaining(conn: Any, table: str, pk: str | None, column: str,
+               spans: list[tuple[str | None, str | None]]) -> int | None:
+    """Rows of one column still ahead of its checkpoints: `spans` are (after, upto] key
+    spans, one per unfinished range, or (last_pk, None) for a single-process run."""
     if not pk:
         return None
     try:
@@ -127,15 +114,12 @@ def _remaining_in_ranges(conn: Any, table: str, pk: str | None, column: str,
     except Exception:  # status reports what it can
         return None
     total = 0
-    for r in rows:
-        if r.done or (r.table_name, r.column_name) != (table, column):
-            continue
+    for after, upto in spans:
         q = select(func.count()).select_from(bt.table)
-        start = r.last_pk if r.last_pk is not None else r.lo
-        if start is not None:
-            q = q.where(bt.pk > bt.pk_value(start))
-        if r.hi is not None:
-            q = q.where(bt.pk <= bt.pk_value(r.hi))
+        if after is not None:
+            q = q.where(bt.pk > bt.pk_value(after))
+        if upto is not None:
+            q = q.where(bt.pk <= bt.pk_value(upto))
         total += int(conn.execute(q).scalar_one())
     return total
 

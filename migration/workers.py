@@ -516,19 +516,13 @@ def migrate_ranged(
     if start.run.max_kms_rps is not None:  # the run's limit, whoever started it
         settings = replace(settings, max_kms_rps=start.run.max_kms_rps)
     result = MigrateResult(dry_run=False, run_id=start.run.id, resumed=start.resumed)
-    log = get_logger(run_id=start.run.id, kind="migrate")
-    log.info("workers_starting", workers=workers, joined=start.joined)
     spec = WorkerSpec("migrate", start.run.id, start.lock.token, lease_seconds,
                       settings_to_dict(settings), log_opts or {})
-    totals = _column_totals_migrate(engine, start.run.id, bound)
-    codes, pids = _run_workers(engine, spec, workers, totals, progress or NullProgress(),
-                               should_stop, spawn)
-    _conclude(engine, start, codes, pids, should_stop)
+    pids = _work_here(engine, start, spec, workers,
+                      _column_totals_migrate(engine, start.run.id, bound), progress,
+                      should_stop, spawn)
     with engine.connect() as conn:
-        for (table, column), counts in _column_counts(conn, start.run.id).items():
-            summary = ColumnSummary(table, column)
-            summary.add(counts)
-            result.columns.append(summary)
+        result.columns = _summaries(conn, start.run.id)
         result.failures = store.failures_of(conn, start.run.id)
         result.kms_requests, result.retries, result.throttles = _kms_counts(conn, start.run.id,
                                                                             pids)
@@ -573,16 +567,11 @@ def rollback_ranged(
         start = RangedStart(run, run_lock, joined=False, resumed=resumed)
     spec = WorkerSpec("rollback", start.run.id, start.lock.token, lease_seconds,
                       settings_to_dict(settings), log_opts or {})
-    totals = _column_totals_rollback(engine, start.run.id)
-    codes, pids = _run_workers(engine, spec, workers, totals, progress or NullProgress(),
-                               should_stop, spawn)
-    _conclude(engine, start, codes, pids, should_stop)
+    _work_here(engine, start, spec, workers, _column_totals_rollback(engine, start.run.id),
+               progress, should_stop, spawn)
     result = RollbackResult(run_id=start.run.id, resumed=start.resumed)
     with engine.connect() as conn:
-        for (table, column), counts in _column_counts(conn, start.run.id).items():
-            summary = ColumnSummary(table, column)
-            summary.add(counts)
-            result.columns.append(summary)
+        result.columns = _summaries(conn, start.run.id)
         result.failures = store.failures_of(conn, start.run.id)
     result.seconds = time.monotonic() - started
     return result
@@ -644,12 +633,13 @@ def _run_workers(
                 _advance(engine, spec.run_id, seen, progress)
                 time.sleep(0.25)
         except KeyboardInterrupt:
-            _signal_all(procs, signal.SIGTERM)  # a second stop: abort the batches in flight
+            # A second stop: abort the batches in flight (a worker takes its second
+            # SIGTERM as that), then conclude as after any stop: the run is resumable.
             if not forwarded:
                 _signal_all(procs, signal.SIGTERM)
+            _signal_all(procs, signal.SIGTERM)
             for p in procs:
                 p.wait()
-            raise
         _advance(engine, spec.run_id, seen, progress)
     finally:
         progress.finish()
@@ -672,8 +662,7 @@ def _signal_all(procs: Sequence[Proc], sig: int) -> None:
                 p.send_signal(sig)
 
 
-def _conclude(engine: Engine, start: RangedStart, codes: Sequence[int], pids: Sequence[int],
-              should_stop: Callable[[], bool] | None) -> None:
+def _conclude(engine: Engine, start: RangedStart, codes: Sequence[int]) -> None:
     """After this machine's workers exited: complete the run when every range is done,
     release the lock when no worker of the run is left anywhere; otherwise say why."""
     run_id = start.run.id
@@ -693,16 +682,41 @@ def _conclude(engine: Engine, start: RangedStart, codes: Sequence[int], pids: Se
         start.lock.release(engine)
     if left == 0:
         return
-    failed = sum(1 for c in codes if c not in (0, 130))
+    failed = sum(1 for c in codes if c not in (0, 130))  # 2, or killed by a signal
     if failed:
         with engine.connect() as conn:
             run = store.get_run(conn, run_id)
         why = f" ({run.note})" if run is not None and run.note else ""
         raise WorkersFailed(
-            f"{failed} of {len(codes)} worker(s) stopped on an error{why}; run {run_id} keeps "
+            f"{failed} of {len(codes)} worker(s) stopped on an error or were killed{why}; run "
+            f"{run_id} keeps "
             "every committed batch: fix the cause, then re-run the same command to resume"
         )
     raise KeyboardInterrupt  # stopped between batches (the others, if any, go on): resumable
+
+
+def _work_here(
+    engine: Engine, start: RangedStart, spec: WorkerSpec, n: int,
+    totals: dict[tuple[str, str], int], progress: Progress | None,
+    should_stop: Callable[[], bool] | None, spawn: Spawn,
+) -> list[int]:
+    """Run this machine's N workers of the run to their end, then conclude (which raises
+    unless the whole run is done); the workers' pids."""
+    get_logger(run_id=spec.run_id, kind=spec.kind).info(
+        "workers_starting", workers=n, joined=start.joined)
+    codes, pids = _run_workers(engine, spec, n, totals, progress or NullProgress(),
+                               should_stop, spawn)
+    _conclude(engine, start, codes)
+    return pids
+
+
+def _summaries(conn: Any, run_id: int) -> list[ColumnSummary]:
+    out = []
+    for (table, column), counts in _column_counts(conn, run_id).items():
+        summary = ColumnSummary(table, column)
+        summary.add(counts)
+        out.append(summary)
+    return out
 
 
 def _column_counts(conn: Any, run_id: int) -> dict[tuple[str, str], BatchCounts]:

@@ -48,6 +48,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.fixture(autouse=True)
+def _logging_to_stderr() -> None:
+    """Each test starts with logging on stderr: a command run in-process by an earlier test
+    may have pointed it at a --log-file that is closed by now."""
+    from migration.logs import configure_logging
+
+    configure_logging("warning")
+
+
 # -- Fernet ---------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
