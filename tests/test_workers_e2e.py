@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Keys, KmsHandle, MotoServer
-from tests.helpers import make_db, snapshot
+from tests.helpers import assert_no_leaks, dump_bookkeeping, make_db, snapshot
 from tests.test_e2e import (  # noqa: F401  (cli and outputs are fixtures)
     KILL_DEADLINE,
     Outputs,
@@ -59,7 +59,7 @@ def test_three_workers_one_sigkilled(
     before = snapshot(url)
     eng = poll_engine(url)
     common = ["--db", url, "--yes", "--batch-size", "10", "--workers", "3",
-              "--rows-per-range", "60", "--lease-seconds", "5", "--log-level", "info"]
+              "--rows-per-range", "60", "--lease-seconds", "5", "--log-level", "debug"]
 
     mig = cli.start(["migrate", *common, "--concurrency", "4"])
     # Kill a worker once all three are working and a quarter of the values is committed,
@@ -123,6 +123,10 @@ def test_three_workers_one_sigkilled(
     assert {e.status for e in journal_entries(eng)} == {"rolled_back"}
     assert [(k, s) for _, k, s in runs_of(eng)] == [("migrate", "completed"),
                                                      ("rollback", "completed")]
+    # No plaintext, Fernet key or AWS secret in any output (debug logs of every worker
+    # included) or in any bookkeeping table, ranges and workers included.
+    assert "range_claimed" in done.err
+    assert_no_leaks(outputs.texts, dump_bookkeeping(url), truth, keys)
 
 
 def test_ctrl_c_stops_every_worker_after_its_batch_and_the_run_resumes(
