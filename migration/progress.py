@@ -22,6 +22,10 @@ class Progress(Protocol):
     def finish(self) -> None: ...
 
 
+def _name(table: str, column: str) -> str:
+    return f"{table}.{column}" if column else table
+
+
 class NullProgress:
     def start(self, table: str, column: str, total: int | None) -> None:
         pass
@@ -81,10 +85,10 @@ class LineProgress:
             pct = 100.0 * self.done / self.total
             left = max(self.total - self.done, 0)
             eta = _eta(left / rate) if rate > 0 else "?"
-            msg = (f"{self.label} {table}.{column}: {self.done}/{self.total} rows "
+            msg = (f"{self.label} {_name(table, column)}: {self.done}/{self.total} rows "
                    f"({pct:.1f}%), {rate:.0f} rows/s, ETA {eta}")
         else:
-            msg = f"{self.label} {table}.{column}: {self.done} rows, {rate:.0f} rows/s"
+            msg = f"{self.label} {_name(table, column)}: {self.done} rows, {rate:.0f} rows/s"
         print(msg, file=self.out, flush=True)
 
     def finish(self) -> None:
@@ -119,8 +123,8 @@ class RichProgress:
 
     def start(self, table: str, column: str, total: int | None) -> None:
         key = (table, column)
-        self._tasks[key] = self._bar.add_task(f"{self._label} {table}.{column}", total=total,
-                                              rate="")
+        self._tasks[key] = self._bar.add_task(f"{self._label} {_name(table, column)}",
+                                              total=total, rate="")
         self._starts[key], self._done[key] = time.monotonic(), 0
 
     def advance(self, table: str, column: str, rows: int) -> None:

@@ -617,11 +617,13 @@ def _run_workers(
     engine: Engine, spec: WorkerSpec, n: int, totals: dict[tuple[str, str], int],
     progress: Progress, should_stop: Callable[[], bool] | None, spawn: Spawn,
 ) -> tuple[list[int], list[int]]:
-    """Start the workers, show progress from the ranges, forward a stop; their exit codes."""
-    base = _processed(engine, spec.run_id)
-    seen = dict(base)
-    for (table, column), total in sorted(totals.items()):
-        progress.start(table, column, total)
+    """Start the workers, show progress from the ranges, forward a stop; their exit codes.
+
+    The columns advance together, so progress is one count over all of them (the ranges'
+    processed rows, polled from the database, whichever machine's worker did them)."""
+    seen = [sum(_processed(engine, spec.run_id).values())]
+    name = f"{len(totals)} column(s), all workers"
+    progress.start(name, "", sum(totals.values()))
     procs = list(spawn(spec, n))
     forwarded = False
     try:
@@ -630,7 +632,7 @@ def _run_workers(
                 if should_stop is not None and should_stop() and not forwarded:
                     _signal_all(procs, signal.SIGTERM)  # first: after the batch in flight
                     forwarded = True
-                _advance(engine, spec.run_id, seen, progress)
+                _advance(engine, spec.run_id, seen, progress, name)
                 time.sleep(0.25)
         except KeyboardInterrupt:
             # A second stop: abort the batches in flight (a worker takes its second
@@ -640,19 +642,19 @@ def _run_workers(
             _signal_all(procs, signal.SIGTERM)
             for p in procs:
                 p.wait()
-        _advance(engine, spec.run_id, seen, progress)
+        _advance(engine, spec.run_id, seen, progress, name)
     finally:
         progress.finish()
     return [p.poll() or 0 for p in procs], [p.pid for p in procs]
 
 
-def _advance(engine: Engine, run_id: int, seen: dict[tuple[str, str], int],
-             progress: Progress) -> None:
-    with contextlib.suppress(Exception):
-        for key, n in _processed(engine, run_id).items():
-            if n > seen.get(key, 0):
-                progress.advance(key[0], key[1], n - seen.get(key, 0))
-                seen[key] = n
+def _advance(engine: Engine, run_id: int, seen: list[int], progress: Progress,
+             name: str) -> None:
+    with contextlib.suppress(Exception):  # progress is best effort: never stop a run for it
+        n = sum(_processed(engine, run_id).values())
+        if n > seen[0]:
+            progress.advance(name, "", n - seen[0])
+            seen[0] = n
 
 
 def _signal_all(procs: Sequence[Proc], sig: int) -> None:

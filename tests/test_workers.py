@@ -199,6 +199,23 @@ def thread_spawn(settings: Any, client: Any) -> Any:
     return spawn
 
 
+class Recorder:
+    def __init__(self) -> None:
+        self.started: list[tuple[str, int | None]] = []
+        self.advanced = 0
+        self.finished = False
+
+    def start(self, table: str, column: str, total: int | None) -> None:
+        self.started.append((table, total))
+
+    def advance(self, table: str, column: str, rows: int) -> None:
+        assert (table, column) == (self.started[-1][0], "")
+        self.advanced += rows
+
+    def finish(self) -> None:
+        self.finished = True
+
+
 def _journal_per_cell(url: str) -> Counter[tuple[str, str, str]]:
     eng = create_engine(url)
     with eng.connect() as conn:
@@ -215,10 +232,16 @@ def test_ranged_run_resumes_a_single_process_run_and_migrates_each_value_once(
     settings = settings_for(db_url, keys.current, keys.legacy, batch_size=7)
     interrupted_migrate(db_url, settings, kms.client, after_batches=2)
     n = 3 if db_url.startswith("postgresql") else 1
+    progress = Recorder()
     result = migrate_ranged(settings, engine=make_engine(db_url),
                             kms=make_kms(kms.client, settings), workers=n, rows_per_range=11,
-                            spawn=thread_spawn(settings, kms.client))
+                            spawn=thread_spawn(settings, kms.client), progress=progress)
     assert result.resumed
+    # One count over all columns: the rows left after the interrupted run's checkpoint,
+    # all of them seen by the end.
+    [(name, total)] = progress.started
+    assert "4 column(s)" in name and 0 < total < 4 * 60
+    assert progress.advanced == total and progress.finished
     per_cell = _journal_per_cell(db_url)
     assert set(per_cell) == set(truth.plaintexts) and max(per_cell.values()) == 1
     assert sum(c.migrated for c in result.columns) == len(truth.plaintexts)
