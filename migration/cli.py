@@ -248,7 +248,8 @@ def _failure_lines(failures: Sequence[Any], limit: int = 100) -> list[str]:
 
 def print_migrate(result: MigrateResult, settings: Settings) -> None:
     head = "DRY RUN (nothing was written)" if result.dry_run else (
-        f"run {result.run_id}" + (" (resumed)" if result.resumed else ""))
+        f"run {result.run_id}" + (" (joined)" if result.joined else
+                                  " (resumed)" if result.resumed else ""))
     click.echo(f"migrate {head}: {safe_url(settings.db_url)}, key {settings.key_id}")
     rows = [(f"{c.table}.{c.column}", c.migrated, c.skipped, c.already, c.failed, c.conflicts)
             for c in result.columns]

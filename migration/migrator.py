@@ -73,6 +73,7 @@ class MigrateResult:
     dry_run: bool
     run_id: int | None = None
     resumed: bool = False
+    joined: bool = False  # joined a ranged run another command started (--workers)
     columns: list[ColumnSummary] = field(default_factory=list)
     failures: list[FailureRow] = field(default_factory=list)
     kms_requests: int = 0

@@ -206,9 +206,16 @@ def work(
     flight when `should_stop` says so, or when the run was stopped by another worker.
     """
     run_lock = RunLock(spec.lock_token, spec.kind)
-    with engine.begin() as conn:
-        run_lock.shared_fence(conn)  # still this run's lock: refuse to start otherwise
-        worker_id = leases.register_worker(conn, spec.run_id)
+    try:
+        with engine.begin() as conn:
+            run_lock.shared_fence(conn)  # still this run's lock: refuse to start otherwise
+            worker_id = leases.register_worker(conn, spec.run_id)
+    except LockLost:
+        with engine.connect() as conn:
+            run = store.get_run(conn, spec.run_id)
+        if run is not None and run.state == "completed":
+            return WorkerOutcome("", "finished")  # joined as the last range was done
+        raise
     log = get_logger(run_id=spec.run_id, worker=worker_id, kind=spec.kind)
     beat = Heartbeat(engine, spec, worker_id, kms, run_lock, watch_parent)
     beat.beat()  # the rate share before the first call
@@ -515,7 +522,8 @@ def migrate_ranged(
                                  rows_per_range=rows_per_range)
     if start.run.max_kms_rps is not None:  # the run's limit, whoever started it
         settings = replace(settings, max_kms_rps=start.run.max_kms_rps)
-    result = MigrateResult(dry_run=False, run_id=start.run.id, resumed=start.resumed)
+    result = MigrateResult(dry_run=False, run_id=start.run.id, resumed=start.resumed,
+                           joined=start.joined)
     spec = WorkerSpec("migrate", start.run.id, start.lock.token, lease_seconds,
                       settings_to_dict(settings), log_opts or {})
     pids = _work_here(engine, start, spec, workers,

@@ -164,3 +164,38 @@ def test_ctrl_c_stops_every_worker_after_its_batch_and_the_run_resumes(
     changed, entries = check_invariant(eng, url, before, truth, server_kms)
     assert changed == len(truth.plaintexts) == len(entries)
     assert max(Counter(e.cell for e in entries).values()) == 1
+
+
+def test_the_same_command_started_again_joins_the_run(
+    pg_url: str, keys: Keys, server_kms: KmsHandle,
+    cli: Any,  # noqa: F811  (the fixture imported above)
+    outputs: Outputs,  # noqa: F811
+) -> None:
+    """As a second machine would: the same command, while the first one runs, adds its
+    workers to the same run instead of refusing or starting another."""
+    url = pg_url
+    truth = make_db(url, 200, keys.current, keys.legacy, bad_values=False)
+    before = snapshot(url)
+    eng = poll_engine(url)
+    common = ["--db", url, "--yes", "--batch-size", "10", "--rows-per-range", "25",
+              "--concurrency", "2"]
+    first = cli.start(["migrate", *common, "--workers", "2"])
+    _wait("the first command's workers committing", lambda: (
+        scalar(eng, "SELECT count(*) FROM kms_migrate_journal") or 0) >= 20, first)
+    second = cli.start(["migrate", *common, "--workers", "1"])
+    a, b = first.wait(timeout=180), second.wait(timeout=180)
+    assert (a.rc, b.rc) == (0, 0), (a.err, b.err)
+    assert "run 1:" in a.out and "run 1 (joined)" in b.out
+    assert [(k, s) for _, k, s in runs_of(eng)] == [("migrate", "completed")]
+    assert scalar(eng, "SELECT count(DISTINCT pid) FROM kms_migrate_workers "
+                       "WHERE run_id = 1") == 3  # 2 + 1 workers, all in the one run
+    # The joined worker (the last started) did real work, and no value was done twice.
+    joined_ranges = scalar(eng, "SELECT count(*) FROM kms_migrate_ranges r JOIN "
+                                "kms_migrate_workers w ON w.id = r.worker_id WHERE "
+                                "w.started_at = (SELECT max(started_at) FROM "
+                                "kms_migrate_workers)")
+    assert joined_ranges >= 1
+    changed, entries = check_invariant(eng, url, before, truth, server_kms)
+    assert changed == len(truth.plaintexts) == len(entries)
+    assert max(Counter(e.cell for e in entries).values()) == 1
+    assert scalar(eng, "SELECT count(*) FROM kms_migrate_lock") == 0
