@@ -166,6 +166,7 @@ class ThreadWorker:
     def __init__(self, spec: WorkerSpec, settings: Any, client: Any) -> None:
         self.pid = os.getpid()
         self.rc: int | None = None
+        self.error: Exception | None = None
         self.stop = threading.Event()
 
         def run() -> None:
@@ -175,9 +176,8 @@ class ThreadWorker:
                 self.rc = 0
             except KeyboardInterrupt:
                 self.rc = 130
-            except Exception:
-                self.rc = 2
-                raise
+            except Exception as exc:  # as a worker process would: exit 2, its line printed
+                self.rc, self.error = 2, exc
 
         self.thread = threading.Thread(target=run)
         self.thread.start()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from collections import Counter
 from typing import Any
 
@@ -20,7 +19,6 @@ import pytest
 from tests.conftest import Keys, KmsHandle, MotoServer
 from tests.helpers import assert_no_leaks, dump_bookkeeping, make_db, snapshot
 from tests.test_e2e import (  # noqa: F401  (cli and outputs are fixtures)
-    KILL_DEADLINE,
     Outputs,
     check_invariant,
     cli,
@@ -30,23 +28,12 @@ from tests.test_e2e import (  # noqa: F401  (cli and outputs are fixtures)
     runs_of,
     scalar,
     scalar_rows,
+    wait_until,
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
 
 ROWS = 300  # users and wagers each: 1,200 target cells
-
-
-def _wait(what: str, cond: Any, proc: Any) -> None:
-    deadline = time.monotonic() + KILL_DEADLINE
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        if proc.finished():
-            done = proc.wait()
-            pytest.fail(f"the CLI exited (rc={done.rc}) before {what}:\n{done.out}\n{done.err}")
-        time.sleep(0.01)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def test_three_workers_one_sigkilled(
@@ -69,12 +56,13 @@ def test_three_workers_one_sigkilled(
     holding = ("SELECT w.pid, r.id FROM kms_migrate_workers w JOIN kms_migrate_ranges r "
                "ON r.id = w.range_id AND r.worker_id = w.id WHERE w.state = 'running' "
                "AND NOT r.done AND r.batches <= 2 ORDER BY r.id LIMIT 1")
-    _wait("three workers working, a quarter of the values committed, one at a range's start",
-          lambda: (
-              (scalar(eng, "SELECT count(*) FROM kms_migrate_workers WHERE state = 'running'")
-               or 0) == 3
-              and (scalar(eng, "SELECT count(*) FROM kms_migrate_journal") or 0) >= quarter
-              and bool(scalar_rows(eng, holding))), mig)
+    wait_until(
+        mig, "three workers working, a quarter of the values committed, one at a range's start",
+        lambda: (
+            (scalar(eng, "SELECT count(*) FROM kms_migrate_workers WHERE state = 'running'")
+             or 0) == 3
+            and (scalar(eng, "SELECT count(*) FROM kms_migrate_journal") or 0) >= quarter
+            and bool(scalar_rows(eng, holding))))
     victim_pid, victim_range = scalar_rows(eng, holding)[0]
     os.kill(victim_pid, signal.SIGKILL)
     done = mig.wait(timeout=180)
@@ -142,10 +130,10 @@ def test_ctrl_c_stops_every_worker_after_its_batch_and_the_run_resumes(
               "--rows-per-range", "40", "--concurrency", "2"]
     mig = cli.start(["migrate", *common])
     tenth = len(truth.plaintexts) // 10
-    _wait("two workers running and a tenth of the values committed", lambda: (
+    wait_until(mig, "two workers running and a tenth of the values committed", lambda: (
         (scalar(eng, "SELECT count(*) FROM kms_migrate_workers WHERE state = 'running'")
          or 0) == 2
-        and (scalar(eng, "SELECT count(*) FROM kms_migrate_journal") or 0) >= tenth), mig)
+        and (scalar(eng, "SELECT count(*) FROM kms_migrate_journal") or 0) >= tenth))
     mig.signal(signal.SIGINT)  # Ctrl-C: the command forwards it to its workers
     done = mig.wait(timeout=60)
     assert done.rc == 130, done.err
@@ -180,8 +168,8 @@ def test_the_same_command_started_again_joins_the_run(
     common = ["--db", url, "--yes", "--batch-size", "10", "--rows-per-range", "25",
               "--concurrency", "2"]
     first = cli.start(["migrate", *common, "--workers", "2"])
-    _wait("the first command's workers committing", lambda: (
-        scalar(eng, "SELECT count(*) FROM kms_migrate_journal") or 0) >= 20, first)
+    wait_until(first, "the first command's workers committing", lambda: (
+        scalar(eng, "SELECT count(*) FROM kms_migrate_journal") or 0) >= 20)
     second = cli.start(["migrate", *common, "--workers", "1"])
     a, b = first.wait(timeout=180), second.wait(timeout=180)
     assert (a.rc, b.rc) == (0, 0), (a.err, b.err)
