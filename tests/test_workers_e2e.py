@@ -103,10 +103,19 @@ def test_three_workers_one_sigkilled(
     assert len(status["workers"]) == 3 and len(status["ranges"]) == ranges
     assert {w["state"] for w in status["workers"]} == {"finished", "lost"}
 
-    # Rollback with three workers: every original byte is back.
-    rb = cli.run(["rollback", "--db", url, "--yes", "--batch-size", "10", "--workers", "3",
-                  "--rows-per-range", "60", "--lease-seconds", "5"], timeout=180)
-    assert rb.rc == 0, rb.err
+    # Rollback with three workers, one SIGKILLed too: every original byte is back.
+    rb = cli.start(["rollback", "--db", url, "--yes", "--batch-size", "10", "--workers", "3",
+                    "--rows-per-range", "60", "--lease-seconds", "5"])
+    holding = holding.replace("r.batches <= 2", "r.batches <= 2 AND r.run_id = 2")
+    wait_until(rb, "a rollback worker at a range's start, a quarter restored", lambda: (
+        (scalar(eng, "SELECT count(*) FROM kms_migrate_journal WHERE status = 'rolled_back'")
+         or 0) >= quarter and bool(scalar_rows(eng, holding))))
+    victim_pid, victim_range = scalar_rows(eng, holding)[0]
+    os.kill(victim_pid, signal.SIGKILL)
+    rbd = rb.wait(timeout=180)
+    assert rbd.rc == 0, rbd.err
+    assert scalar(eng, "SELECT claims FROM kms_migrate_ranges WHERE id = :r",
+                  r=victim_range) >= 2
     assert snapshot(url) == before
     assert {e.status for e in journal_entries(eng)} == {"rolled_back"}
     assert [(k, s) for _, k, s in runs_of(eng)] == [("migrate", "completed"),
