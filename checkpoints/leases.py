@@ -123,16 +123,21 @@ def pid_alive(pid: int) -> bool:
 
 def boundaries(
     conn: Connection, source: FromClause, key: ColumnElement[Any],
-    where: Sequence[ColumnElement[bool]], rows_per_range: int,
+    where: Sequence[ColumnElement[bool]], rows_per_range: int, *, min_ranges: int = 1,
+    min_rows: int = 1,
 ) -> list[Any]:
     """Upper bounds splitting the rows matching `where` into ranges of about
     `rows_per_range` keys each, in the database's own key order (one index scan).
 
-    The last range is left open (no bound), so rows inserted after the plan are covered.
+    At least `min_ranges` ranges (so that every worker gets some, and the last ones end
+    together) as long as each keeps `min_rows` rows (a batch). The last range is left
+    open (no bound), so rows inserted after the plan are covered.
     """
     n = int(conn.execute(
         select(func.count()).select_from(source).where(*where)).scalar_one())
-    k = min(MAX_RANGES, math.ceil(n / max(1, rows_per_range)))
+    k = max(math.ceil(n / max(1, rows_per_range)),
+            min(min_ranges, math.ceil(n / max(1, min_rows))))
+    k = min(MAX_RANGES, k)
     if k <= 1:
         return []
     tiles = select(key.label("k"), func.ntile(k).over(order_by=key).label("t")).where(

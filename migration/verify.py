@@ -151,8 +151,8 @@ def _verify_column(
                          [(b, c) for (_, b), c in zip(blobs, ctxs, strict=True)])
         _tally(check, problems, bt.name, column, blobs, opened, arn, reason)
         log.info("batch_verified", table=bt.name, column=column, rows=len(rows))
-        if len(rows) < settings.batch_size:
-            return
+        if len(rows) < settings.batch_size or (upto is not None and rows[-1].pk == upto):
+            return  # the end of the column, or of the range
         after = rows[-1].pk
 
 
@@ -203,7 +203,8 @@ def _verify_ranged(
     tasks: list[_Task] = []
     with engine.connect() as conn:
         for bt in bound:
-            bounds = leases.boundaries(conn, bt.table, bt.pk, [], rows_per_range)
+            bounds = leases.boundaries(conn, bt.table, bt.pk, [], rows_per_range,
+                                       min_ranges=4 * workers, min_rows=settings.batch_size)
             los: list[Any | None] = [None, *bounds]
             his: list[Any | None] = [*bounds, None]
             for column in bt.target.columns:

@@ -422,7 +422,7 @@ def _join_or_refuse(engine: Engine, kind: str, exc: LockHeld) -> tuple[RunLock, 
 
 def start_ranged_migrate(
     settings: Settings, engine: Engine, key_arn: str, *, new_run: bool,
-    rows_per_range: int,
+    rows_per_range: int, workers: int = 1,
 ) -> RangedStart:
     """Take the run lock and start or resume a ranged run, or join the one running."""
     store.ensure_schema(engine)
@@ -448,7 +448,7 @@ def start_ranged_migrate(
         bound = bind_targets(engine, settings.targets)
         with engine.begin() as conn:
             _plan(conn, run, [(bt, c) for bt in bound for c in bt.target.columns],
-                  rows_per_range)
+                  _Sizing(rows_per_range, RANGES_PER_WORKER * workers, settings.batch_size))
             conn.execute(update(runs).where(runs.c.id == run.id)
                          .values(max_kms_rps=settings.max_kms_rps))
             run = store.get_run(conn, run.id) or run
@@ -458,8 +458,18 @@ def start_ranged_migrate(
     return RangedStart(run, run_lock, joined=False, resumed=resumed)
 
 
+RANGES_PER_WORKER = 4  # per column, at the least: the last ranges end close together
+
+
+@dataclass(frozen=True)
+class _Sizing:
+    rows_per_range: int
+    min_ranges: int
+    min_rows: int  # a batch: a range smaller than that is not worth a claim
+
+
 def _plan(conn: Any, run: Run, columns: Sequence[tuple[BoundTarget, str]],
-          rows_per_range: int) -> None:
+          sizing: _Sizing) -> None:
     """Split each unfinished column into ranges from its checkpoint on (once per run);
     on a ranged run this command now holds the lock of, void the leases of the workers
     that held it before (none of them can commit any more: the lock token changed)."""
@@ -473,13 +483,14 @@ def _plan(conn: Any, run: Run, columns: Sequence[tuple[BoundTarget, str]],
         if ck is None or ck.done:
             continue
         where = [bt.pk > bt.pk_value(ck.last_pk)] if ck.last_pk is not None else []
-        bounds = leases.boundaries(conn, bt.table, bt.pk, where, rows_per_range)
+        bounds = leases.boundaries(conn, bt.table, bt.pk, where, sizing.rows_per_range,
+                                   min_ranges=sizing.min_ranges, min_rows=sizing.min_rows)
         leases.create_ranges(conn, run.id, bt.name, column, ck.last_pk,
                              [bt.pk_text(b) for b in bounds])
     conn.execute(update(runs).where(runs.c.id == run.id).values(ranged=True))
 
 
-def _plan_rollback(conn: Any, run: Run, rows_per_range: int) -> None:
+def _plan_rollback(conn: Any, run: Run, sizing: _Sizing) -> None:
     if run.ranged:
         leases.release_all(conn, run.id)
         leases.mark_lost(conn, run.id)
@@ -491,7 +502,8 @@ def _plan_rollback(conn: Any, run: Run, rows_per_range: int) -> None:
         start = int(ck.last_pk) if ck.last_pk is not None else 0
         where = [j.table_name == table, j.column_name == column, j.status == "migrated",
                  j.id > start]
-        bounds = leases.boundaries(conn, journal, j.id, where, rows_per_range)
+        bounds = leases.boundaries(conn, journal, j.id, where, sizing.rows_per_range,
+                                   min_ranges=sizing.min_ranges, min_rows=sizing.min_rows)
         leases.create_ranges(conn, run.id, table, column, ck.last_pk, [str(b) for b in bounds])
     conn.execute(update(runs).where(runs.c.id == run.id).values(ranged=True))
 
@@ -519,7 +531,7 @@ def migrate_ranged(
     if before_first_write is not None:
         before_first_write()
     start = start_ranged_migrate(settings, engine, key.arn, new_run=new_run,
-                                 rows_per_range=rows_per_range)
+                                 rows_per_range=rows_per_range, workers=workers)
     if start.run.max_kms_rps is not None:  # the run's limit, whoever started it
         settings = replace(settings, max_kms_rps=start.run.max_kms_rps)
     result = MigrateResult(dry_run=False, run_id=start.run.id, resumed=start.resumed,
@@ -568,7 +580,8 @@ def rollback_ranged(
         try:
             run, resumed = start_rollback_run(engine, settings.batch_size, run_lock)
             with engine.begin() as conn:
-                _plan_rollback(conn, run, rows_per_range)
+                _plan_rollback(conn, run, _Sizing(rows_per_range, RANGES_PER_WORKER * workers,
+                                                  settings.batch_size))
         except BaseException:
             run_lock.release(engine)
             raise

@@ -100,8 +100,11 @@ def test_parallel_verify_matches_one_process(
         per_column[(e["table"], e["column"])] = per_column.get(
             (e["table"], e["column"]), 0) + e["rows"]
     assert per_column == {(c.table, c.column): ROWS for c in one.columns}
-    # 4 ranges a column (ntile: 20 rows each), each read in batches of 10, 10 and 0.
-    assert len(batches) == 4 * 4 * 3
+    # 8 ranges a column: 80 rows at 25 a range would be 4, but each of the 3 workers gets
+    # 4 ranges a column as long as each keeps a batch (10 rows); each range is read in one
+    # batch of 10, ending at its last key, but the last, open-ended one, which needs an
+    # empty batch to find its end.
+    assert len(batches) == (8 + 1) * 4
     assert_no_leaks([log.read_text()], dump_bookkeeping(db_url), truth, keys)
 
 

@@ -9,10 +9,11 @@ import threading
 from collections import Counter
 from collections.abc import Sequence
 from datetime import timedelta
+from itertools import pairwise
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, inspect, select, text, update
+from sqlalchemy import MetaData, Table, create_engine, inspect, select, text, update
 
 from checkpoints import leases, store
 from checkpoints.leases import LeaseLost
@@ -295,7 +296,8 @@ def test_the_same_command_elsewhere_joins_the_running_ranged_run(
         assert second.run.max_kms_rps == settings.max_kms_rps  # one limit for the whole run
         assert second.lock.token == first.lock.token
         with eng.connect() as conn:  # joining planned nothing twice
-            assert conn.execute(text("SELECT count(*) FROM kms_migrate_ranges")).scalar() == 12
+            # 4 columns of 30 rows: 3 ranges of 10, or 4 for the one worker (each >= 5 rows)
+            assert conn.execute(text("SELECT count(*) FROM kms_migrate_ranges")).scalar() == 16
         changed = settings_for(db_url, keys.current, keys.legacy, batch_size=5,
                                encryption_context=True)
         with pytest.raises(ResumeMismatchError, match="encryption context"):
@@ -363,3 +365,22 @@ def test_a_fatal_kms_error_in_one_worker_stops_the_run_resumably(
                             rows_per_range=10, spawn=thread_spawn(settings, kms.client))
     assert result.resumed and result.run_id == run.id
     assert sum(c.migrated for c in result.columns) == len(truth.plaintexts)
+
+
+def test_ranges_follow_rows_per_range_and_give_every_worker_some(db_url: str, keys: Keys) -> None:
+    make_db(db_url, 100, keys.current, bad_values=False)
+    eng = create_engine(db_url)
+    users = Table("users", MetaData(), autoload_with=eng)
+    with eng.connect() as conn:
+        def sizes(**kw: int) -> list[int]:
+            bounds = leases.boundaries(conn, users, users.c.user_id, [], **kw)
+            edges = [0, *bounds, 100]
+            return [b - a for a, b in pairwise(edges)]
+
+        assert sizes(rows_per_range=25) == [25, 25, 25, 25]
+        assert sizes(rows_per_range=1000) == [100]  # one open range
+        assert sizes(rows_per_range=1000, min_ranges=8, min_rows=10) == [13] * 4 + [12] * 4
+        assert len(sizes(rows_per_range=1000, min_ranges=50, min_rows=10)) == 10  # >= a batch
+        after_40 = leases.boundaries(conn, users, users.c.user_id, [users.c.user_id > 40],
+                                     rows_per_range=20)
+        assert after_40 == [60, 80]  # (40, 60], (60, 80], (80, end)
