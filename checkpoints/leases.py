@@ -196,7 +196,9 @@ def claim(conn: Connection, run_id: int, worker_id: str, seconds: float) -> Leas
     if took != 1:
         return None  # someone else took it in between: the caller asks again
     conn.execute(update(workers).where(workers.c.id == worker_id).values(range_id=row.id))
-    return _lease(row, token, seconds)
+    # Read it again now that the row is ours: a batch its dead holder had already sent
+    # COMMIT for may have moved its checkpoint after the first read.
+    return _lease(conn.execute(select(ranges).where(r.id == row.id)).one(), token, seconds)
 
 
 def _same_token(token: str | None) -> ColumnElement[bool]:
