@@ -718,7 +718,11 @@ def iam_policy_cmd(key_id: str | None, region: str | None, app_writes: bool, whi
 @cli.command("worker", hidden=True)
 def worker_cmd() -> int:
     """One worker of a ranged run (started by migrate/rollback --workers; spec on stdin)."""
-    spec = WorkerSpec.from_json(sys.stdin.read())
+    try:
+        spec = WorkerSpec.from_json(sys.stdin.read())
+    except (ValueError, TypeError):
+        raise ConfigError("kms-migrate worker is started by migrate or rollback --workers, "
+                          "which hand it its instructions on stdin; run one of those") from None
     _setup_logging(spec.log)
     settings = settings_from_dict(spec.settings)
     engine = make_engine(settings.db_url)

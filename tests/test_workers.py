@@ -384,3 +384,13 @@ def test_ranges_follow_rows_per_range_and_give_every_worker_some(db_url: str, ke
         after_40 = leases.boundaries(conn, users, users.c.user_id, [users.c.user_id > 40],
                                      rows_per_range=20)
         assert after_40 == [60, 80]  # (40, 60], (60, 80], (80, end)
+
+
+def test_the_internal_worker_command_run_by_hand_says_what_to_run(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("not json"))
+    code, _, err = run_main(capsys, "worker")
+    assert code == 2 and err.count("\n") == 1 and "migrate or rollback --workers" in err
