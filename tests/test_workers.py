@@ -394,3 +394,25 @@ def test_the_internal_worker_command_run_by_hand_says_what_to_run(
     monkeypatch.setattr("sys.stdin", io.StringIO("not json"))
     code, _, err = run_main(capsys, "worker")
     assert code == 2 and err.count("\n") == 1 and "migrate or rollback --workers" in err
+
+
+@pytest.mark.e2e
+def test_one_worker_process_on_sqlite_migrates_and_rolls_back(
+    sqlite_url: str, keys: Keys, server_kms: KmsHandle, cli_env: dict[str, str],
+) -> None:
+    from tests.conftest import kms_migrate_bin
+
+    truth = make_db(sqlite_url, 40, keys.current, keys.legacy, bad_values=False)
+    before = snapshot(sqlite_url)
+    common = ["--db", sqlite_url, "--yes", "--batch-size", "7", "--workers", "1",
+              "--no-backup"]
+    mig = subprocess.run([kms_migrate_bin(), "migrate", *common], env=cli_env,
+                         capture_output=True, text=True, timeout=120)
+    assert mig.returncode == 0, mig.stderr
+    after = snapshot(sqlite_url)
+    assert all(server_kms.decrypt_text(after[c]) == p for c, p in truth.plaintexts.items())
+    assert set(_journal_per_cell(sqlite_url)) == set(truth.plaintexts)
+    rb = subprocess.run([kms_migrate_bin(), "rollback", *common], env=cli_env,
+                        capture_output=True, text=True, timeout=120)
+    assert rb.returncode == 0, rb.stderr
+    assert snapshot(sqlite_url) == before
