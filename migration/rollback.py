@@ -13,9 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Connection, Engine, func, select
 
 from checkpoints import store
+from checkpoints.leases import Lease
 from checkpoints.lock import RunLock
 from checkpoints.store import FailureRow, Run
 from checkpoints.tables import journal
@@ -157,8 +158,8 @@ def _rollback(
                                  bt.pk_is_int)
             after = int(ck.last_pk) if ck.last_pk is not None else 0
             progress.start(table, column, _journal_left(engine, table, column, after))
-            _rollback_column(engine, bt, column, after, batch_size, run.id, run_lock, summary,
-                             log, progress, should_stop)
+            _rollback_column(engine, bt, column, after, batch_size, run.id, run_lock.fence,
+                             summary, log, progress, should_stop)
         state = "completed"
     except KeyboardInterrupt:
         state = "interrupted"
@@ -205,22 +206,26 @@ def _journal_left(engine: Engine, table: str, column: str, after: int) -> int:
 
 def _rollback_column(
     engine: Engine, bt: BoundTarget, column: str, after: int, batch_size: int, run_id: int,
-    run_lock: RunLock, summary: ColumnSummary, log: Any, progress: Progress,
-    should_stop: Callable[[], bool] | None,
-) -> None:
+    fence: Callable[[Connection], None], summary: ColumnSummary, log: Any, progress: Progress,
+    should_stop: Callable[[], bool] | None, *, upto: int | None = None,
+    lease: Lease | None = None,
+) -> int:
+    """Replay one column's journal from id `after` (to id `upto`, the end of a range of a
+    ranged run, whose checkpoint `lease` then moves); the number of batches."""
     batch_no = 0
     while True:
-        entries = _journal_page(engine, bt.name, column, after, batch_size)
-        done = len(entries) < batch_size
+        entries = _journal_page(engine, bt.name, column, after, batch_size, upto)
+        # The end of the column, or the range's last id: done, without an empty batch.
+        done = len(entries) < batch_size or (upto is not None and entries[-1][0] == upto)
         counts = apply_rollback_batch(engine, bt, column, run_id, entries, done=done,
-                                      fence=run_lock.fence)
+                                      fence=fence, lease=lease)
         summary.add(counts)
         batch_no += 1
         log.info("batch_committed", table=bt.name, column=column, batch=batch_no,
                  restored=counts.migrated, conflicts=counts.conflicts)
         progress.advance(bt.name, column, len(entries))
         if done:
-            return
+            return batch_no
         if should_stop is not None and should_stop():
             raise KeyboardInterrupt  # asked to stop: this batch is committed, stop here
         after = entries[-1][0]

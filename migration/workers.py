@@ -42,7 +42,6 @@ from checkpoints.lock import LockHeld, LockLost, RunLock
 from checkpoints.store import BatchCounts, Run
 from checkpoints.tables import checkpoints, journal, runs
 
-from .applier import apply_rollback_batch
 from .codec import FernetCodec
 from .config import Settings, Target, fernet_keys_from_env
 from .errors import ConfigError, KmsMigrateError, RunLockedError
@@ -61,7 +60,13 @@ from .migrator import (
 )
 from .progress import NullProgress, Progress
 from .reader import BoundTarget, bind_target, bind_targets, count_after
-from .rollback import RollbackResult, check_can_roll_back, start_rollback_run
+from .rollback import (
+    RollbackResult,
+    _pk_name,
+    _rollback_column,
+    check_can_roll_back,
+    start_rollback_run,
+)
 
 __all__ = [
     "DEFAULT_LEASE_SECONDS",
@@ -255,8 +260,6 @@ def work(
         if state != "finished" and beat.stop_reason:
             note = beat.stop_reason
             log.warning("worker_stopping", reason=note)
-    except KeyboardInterrupt:
-        raise
     except LockLost as exc:
         state, note = "stopped", "lock taken over"
         raise RunLockedError(str(exc)) from None
@@ -320,34 +323,14 @@ class _Job:
         return batches
 
     def _rollback(self, bt: BoundTarget, lease: Lease) -> int:
-        from .rollback import _journal_page
-
-        column, size = lease.column_name, self.settings.batch_size
+        column = lease.column_name
         start = lease.last_pk if lease.last_pk is not None else lease.lo
-        after = int(start) if start is not None else 0
-        upto = int(lease.hi) if lease.hi is not None else None
-        batches = 0
-        while True:
-            entries = _journal_page(self.engine, bt.name, column, after, size, upto)
-            done = len(entries) < size or (upto is not None and entries[-1][0] == upto)
-            counts = apply_rollback_batch(self.engine, bt, column, self.spec.run_id, entries,
-                                          done=done, fence=self.run_lock.shared_fence,
-                                          lease=lease)
-            batches += 1
-            self.log.info("batch_committed", table=bt.name, column=column,
-                          range=lease.range_id, restored=counts.migrated,
-                          conflicts=counts.conflicts)
-            if done:
-                return batches
-            if self.stopping():
-                raise KeyboardInterrupt
-            after = entries[-1][0]
-
-
-def _pk_name(engine: Engine, table: str) -> str:
-    from .rollback import _pk_name as pk_name
-
-    return pk_name(engine, table)
+        return _rollback_column(
+            self.engine, bt, column, int(start) if start is not None else 0,
+            self.settings.batch_size, self.spec.run_id, self.run_lock.shared_fence,
+            ColumnSummary(bt.name, column), self.log.bind(range=lease.range_id),
+            NullProgress(), self.stopping,
+            upto=int(lease.hi) if lease.hi is not None else None, lease=lease)
 
 
 def _release_quietly(engine: Engine, lease: Lease) -> None:
