@@ -89,12 +89,12 @@ def _log_options(f: F) -> F:
 
 
 def _workers_options(f: F) -> F:
-    f = click.option("--rows-per-range", type=click.IntRange(1, 10_000_000),
+    f = click.option("--rows-per-range", type=click.IntRange(1, 10_000_000), metavar="N",
                      default=DEFAULT_ROWS_PER_RANGE, show_default=True,
                      help="With --workers: rows per key range, the unit a worker claims "
                           "(set when the run starts; a small column still gets 4 ranges per "
                           "worker, of a batch at least).")(f)
-    f = click.option("--lease-seconds", type=click.FloatRange(2, 3600),
+    f = click.option("--lease-seconds", type=click.FloatRange(2, 3600), metavar="S",
                      default=DEFAULT_LEASE_SECONDS, show_default=True,
                      help="With --workers: how long a silent worker keeps its range before "
                           "another worker takes it over (on the same host: as soon as its "
