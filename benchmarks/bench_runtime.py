@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,7 @@ import boto3  # noqa: E402
 import botocore  # noqa: E402
 from botocore.awsrequest import AWSPreparedRequest, AWSResponse  # noqa: E402
 
+from benchmarks.fake_kms import RawBody  # noqa: E402
 from migration import runtime  # noqa: E402
 from migration.codec import encode_kms  # noqa: E402
 from tests import guide_kms_encryption as guide  # noqa: E402
@@ -60,16 +61,6 @@ KEY_ARN = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-123456
 PLAINTEXT = "5KQwrPbwdL6PhXujxW37FSSQZ1JiwsST4cqQzDeyXtP79zkvFD3xYjRmNq8sV2bLcE6hTgWu4pZ"
 # Shaped like a real KMS blob (version byte 0x01, ~170 bytes), so never Fernet-shaped.
 STORED = encode_kms(b"\x01\x02\x03\x00x" + os.urandom(165))
-
-
-class _Raw:
-    """The raw stream botocore reads a response body from."""
-
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-
-    def stream(self, **_: Any) -> Iterator[bytes]:
-        yield self._body
 
 
 class SimulatedKMS:
@@ -103,7 +94,7 @@ class SimulatedKMS:
         headers = {"x-amzn-RequestId": str(uuid.uuid4()),
                    "Content-Type": "application/x-amz-json-1.1",
                    "Content-Length": str(len(body))}
-        return AWSResponse(request.url, 200, headers, _Raw(body))
+        return AWSResponse(request.url, 200, headers, RawBody(body))
 
 
 def run(fn: Callable[[str], str], calls: int, threads: int) -> float:

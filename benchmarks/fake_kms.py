@@ -20,7 +20,10 @@ ARN = "arn:aws:kms:us-east-1:111122223333:key/00000000-0000-4000-8000-00000000be
 PREFIX = b"\x01\x02\x02\x00bench"
 
 
-class _Raw:
+class RawBody:
+    """The urllib3-like raw body botocore's AWSResponse reads (.stream(), .read()); also
+    used by the tests' in-process KMS error injection."""
+
     def __init__(self, body: bytes) -> None:
         self._body = body
 
@@ -72,4 +75,4 @@ class LatencyKMS:
         headers = {"x-amzn-RequestId": "00000000-0000-4000-8000-000000000000",
                    "Content-Type": "application/x-amz-json-1.1",
                    "Content-Length": str(len(payload))}
-        return AWSResponse(request.url, 200, headers, _Raw(payload))
+        return AWSResponse(request.url, 200, headers, RawBody(payload))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import signal
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import pytest
@@ -125,21 +125,6 @@ def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, 
     code = excinfo.value.code
     assert isinstance(code, int), code
     return code, out, err
-
-
-class RawBody:
-    """The urllib3-like raw body botocore's AWSResponse reads (.stream(), .read())."""
-
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-
-    def stream(self, **_: Any) -> Iterator[bytes]:
-        body, self._body = self._body, b""
-        yield body
-
-    def read(self, *_: Any, **__: Any) -> bytes:
-        body, self._body = self._body, b""
-        return body
 
 
 # The HTTP status and body of each KMS error as the KMS API reference gives them, for the

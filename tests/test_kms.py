@@ -18,9 +18,10 @@ import botocore.exceptions
 import pytest
 from botocore.awsrequest import AWSResponse
 
+from benchmarks.fake_kms import RawBody
 from migration.errors import ConfigError, FatalKMSError
 from migration.kms import KMS, RetryPolicy, make_client, validate_region
-from tests.helpers import KMS_ERRORS, RawBody
+from tests.helpers import KMS_ERRORS
 
 ALIAS = "alias/coinflip-master-key"
 

@@ -23,6 +23,7 @@ from botocore.awsrequest import AWSResponse
 from cryptography.fernet import Fernet
 from sqlalchemy import create_engine, inspect, text
 
+from benchmarks.fake_kms import RawBody
 from checkpoints import store
 from checkpoints.lock import RunLock
 from migration.config import Settings, Target
@@ -30,7 +31,7 @@ from migration.db import safe_url
 from migration.preflight import Check, format_check, preflight, summary
 from migration.sample import create_coinflip_schema
 from tests.conftest import AWS_SECRET, Keys, KmsHandle, MotoServer, kms_migrate_bin
-from tests.helpers import RawBody, make_db, run_main, settings_for
+from tests.helpers import make_db, run_main, settings_for
 from tests.kms_proxy import Rule, kms_proxy
 from tests.test_kms import Injector, inject
 
