@@ -3,14 +3,19 @@
 The guide's helper picks KMS or Fernet by ``USE_AWS_KMS`` for reading too, so while a
 column holds both formats (during the migration) one of its two branches always breaks.
 This one reads by format instead: a value starting with ``gAAAAA`` is a Fernet token,
-anything else must be standard base64 of a KMS ``CiphertextBlob`` (see ``codec``). Only
+anything else must be base64 of a KMS ``CiphertextBlob`` (see ``codec``; surrounding
+whitespace and line breaks are skipped, as the guide's non-strict decoding skips them). Only
 writing follows ``USE_AWS_KMS``. The application can therefore switch before, during and
 after the migration without downtime.
 
 Configuration is the guide's environment, read at call time (an application that sets its
 environment after importing this module works): ``USE_AWS_KMS``, ``AWS_KMS_KEY_ID``
 (default ``alias/coinflip-master-key``), ``AWS_REGION`` (default ``us-east-1``),
-``ENCRYPTION_KEY`` and ``ENCRYPTION_KEY_LEGACY`` (comma-separated, all tried on read).
+``AWS_KMS_KEY_ID_PREVIOUS`` (comma-separated keys being rotated out, still accepted on
+read), ``ENCRYPTION_KEY`` and ``ENCRYPTION_KEY_LEGACY`` (comma-separated, all tried on read;
+writing needs only ``ENCRYPTION_KEY``). A KMS value opens only when Decrypt used
+``AWS_KMS_KEY_ID`` or one of ``AWS_KMS_KEY_ID_PREVIOUS``: KMS itself would open one made
+under any key the caller may use.
 AWS credentials are never read here: boto3's default chain resolves them (IAM roles work).
 
 One boto3 client per process and region is created lazily under a lock and shared by every
@@ -18,21 +23,25 @@ thread (boto3 clients are thread-safe; sessions are not, so each client gets its
 session). A forked child (gunicorn --preload, celery prefork) drops the parent's client and
 makes its own. Fernet keys are parsed once per distinct set of keys.
 
-Errors: a value that is neither format, or that no Fernet key and not KMS opens, raises
-:class:`SecretDecryptError`, whose message never carries the value and which is raised
-with no chained exception (a ``UnicodeDecodeError`` would hold the bytes). Missing or
-malformed configuration raises ``ValueError`` as the guide does; KMS outages, throttling
+Errors: a value that is neither format, that no Fernet key and not KMS opens, or that
+was made under another KMS key, raises :class:`SecretDecryptError`, whose message never
+carries the value and which is raised with no chained exception (a ``UnicodeDecodeError``
+would hold the bytes). A secret that cannot be encoded as UTF-8 (a lone surrogate) raises
+a ``ValueError`` without it, again with nothing chained (``UnicodeEncodeError`` holds the
+whole string). Missing or malformed configuration raises ``ValueError`` naming the
+variable and the key's position, never the key, as the guide does; KMS outages, throttling
 beyond the retries, access denied or a disabled key propagate as botocore's own
 exceptions, whose messages name the operation and key, never the data.
 """
 
 from __future__ import annotations
 
+import base64
 import binascii
 import logging
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import boto3
@@ -94,9 +103,29 @@ _NO_FERNET_KEY_OPENS = (
     "ENCRYPTION_KEY nor ENCRYPTION_KEY_LEGACY)"
 )
 _NOT_UTF8 = "the decrypted secret is not UTF-8 text"
+_NOT_ENCODABLE = (
+    "the secret cannot be encoded as UTF-8 (it holds a lone surrogate, e.g. from a "
+    "surrogateescape decode): pass the secret as valid text"
+)
+
+_OTHER_KEY = (
+    "the value was made under a KMS key that is neither AWS_KMS_KEY_ID nor one of "
+    "AWS_KMS_KEY_ID_PREVIOUS: it was not written by this application (planted or restored "
+    "from elsewhere); if it is from a key being rotated out, add that key to "
+    "AWS_KMS_KEY_ID_PREVIOUS"
+)
+# Pinned Decrypt answers meaning "the ciphertext is not under this key": real KMS says
+# IncorrectKeyException; moto (and a key policy that does not cover it) AccessDenied.
+_NOT_THIS_KEY = frozenset({
+    "IncorrectKeyException", "AccessDeniedException", "NotFoundException",
+    "InvalidCiphertextException",
+})
 
 _client_lock = threading.Lock()
 _clients: dict[str, Any] = {}
+_arn_lock = threading.Lock()
+# (region, key id as configured: an alias or a key id) -> the key ARNs KMS confirmed for it.
+_confirmed_arns: dict[tuple[str, str], frozenset[str]] = {}
 _fernet_lock = threading.Lock()
 _fernets: dict[tuple[str, ...], MultiFernet] = {}
 _FERNET_CACHE_MAX = 8
@@ -130,18 +159,53 @@ def kms_client(region: str | None = None) -> Any:
 
 
 def reset_cache() -> None:
-    """Forget the cached KMS clients and Fernet keys (tests; after rotating keys in place)."""
+    """Forget the cached KMS clients, key ARNs and Fernet keys (tests; after rotating keys
+    in place)."""
     with _client_lock:
         _clients.clear()
+    with _arn_lock:
+        _confirmed_arns.clear()
     with _fernet_lock:
         _fernets.clear()
+
+
+def previous_key_ids_env() -> tuple[str, ...]:
+    """``AWS_KMS_KEY_ID_PREVIOUS``: the keys being rotated out, still accepted on read."""
+    raw = os.environ.get("AWS_KMS_KEY_ID_PREVIOUS", "")
+    return tuple(k.strip() for k in raw.split(",") if k.strip())
+
+
+def _is_key_arn(key_id: str) -> bool:
+    return key_id.startswith("arn:") and ":key/" in key_id
+
+
+def _is_alias(key_id: str) -> bool:
+    return key_id.startswith("alias/") or (key_id.startswith("arn:") and ":alias/" in key_id)
+
+
+def _names(key_id: str, arn: str, region: str) -> bool:
+    """Whether the configured `key_id` is the key whose ARN is `arn`, without a call: a key
+    ARN is compared, a bare key id matched against the ARN's, an alias only once KMS has
+    confirmed which key it names (cached)."""
+    if _is_key_arn(key_id):
+        return arn == key_id
+    if not _is_alias(key_id):
+        return arn.endswith(f":key/{key_id}")
+    return arn in _confirmed_arns.get((region, key_id), frozenset())
+
+
+def _confirm(region: str, key_id: str, arn: str) -> None:
+    with _arn_lock:
+        known = _confirmed_arns.get((region, key_id), frozenset())
+        _confirmed_arns[(region, key_id)] = known | {arn}
 
 
 def _forget_after_fork() -> None:
     # A client's connection pool must not be shared across fork, and a lock held by another
     # thread at fork time would never be released in the child: start over with new ones.
-    global _client_lock, _clients, _fernet_lock, _fernets
+    global _client_lock, _clients, _fernet_lock, _fernets, _arn_lock
     _client_lock, _clients = threading.Lock(), {}
+    _arn_lock = threading.Lock()  # the ARNs stay: what KMS confirmed is still true
     _fernet_lock, _fernets = threading.Lock(), {}
 
 
@@ -149,16 +213,27 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_after_fork)
 
 
-def _fernet_keys(encryption_key: str | None) -> tuple[str, ...]:
-    """The current key (the argument, else ENCRYPTION_KEY) first, then the legacy keys."""
-    return fernet_keys_from_env({
-        "ENCRYPTION_KEY": encryption_key or os.environ.get("ENCRYPTION_KEY", ""),
+def _fernet_keys(encryption_key: str | None) -> tuple[tuple[str, str], ...]:
+    """(name, key): the current key (the argument, else ENCRYPTION_KEY) first, then the
+    legacy keys, each named by where it comes from and its position (never its value)."""
+    current = (encryption_key or "").strip()
+    current_name = "the encryption_key argument" if current else "ENCRYPTION_KEY"
+    env_current = fernet_keys_from_env({
+        "ENCRYPTION_KEY": os.environ.get("ENCRYPTION_KEY", ""),
+    })
+    legacy = fernet_keys_from_env({
         "ENCRYPTION_KEY_LEGACY": os.environ.get("ENCRYPTION_KEY_LEGACY", ""),
     })
+    named: list[tuple[str, str]] = []
+    if current or env_current:
+        named.append((current_name, current or env_current[0]))
+    named.extend((f"ENCRYPTION_KEY_LEGACY key #{i}", k) for i, k in enumerate(legacy, 1))
+    return tuple(named)
 
 
-def _multi_fernet(keys: tuple[str, ...]) -> MultiFernet:
-    """A MultiFernet over `keys`, parsed once and cached until the keys change."""
+def _multi_fernet(named: tuple[tuple[str, str], ...]) -> MultiFernet:
+    """A MultiFernet over the keys of `named`, parsed once and cached until they change."""
+    keys = tuple(k for _, k in named)
     cached = _fernets.get(keys)
     if cached is not None:
         return cached
@@ -168,18 +243,17 @@ def _multi_fernet(keys: tuple[str, ...]) -> MultiFernet:
             "ENCRYPTION_KEY_LEGACY, comma-separated)"
         )
     fernets: list[Fernet] = []
-    bad: int | None = None
-    for i, key in enumerate(keys):
+    bad: str | None = None
+    for name, key in named:
         try:
             fernets.append(Fernet(key.encode("utf-8")))
-        except (ValueError, binascii.Error, UnicodeEncodeError):
-            bad = i
+        except (ValueError, binascii.Error, UnicodeEncodeError, TypeError):
+            bad = name
             break
     if bad is not None:  # raised here, outside the except, so no error holds the key
         raise ValueError(
-            f"Fernet key #{bad + 1} of ENCRYPTION_KEY / ENCRYPTION_KEY_LEGACY (or the "
-            "encryption_key argument) is not a valid Fernet key: it must be 32 bytes in "
-            "url-safe base64, 44 characters ending in '='"
+            f"{bad} is not a valid Fernet key: it must be 32 bytes in url-safe base64, 44 "
+            "characters ending in '=' (fix or remove it)"
         )
     multi = MultiFernet(fernets)
     with _fernet_lock:
@@ -194,7 +268,14 @@ def _multi_fernet(keys: tuple[str, ...]) -> MultiFernet:
 def _plain_bytes(plaintext: str) -> bytes:
     if not isinstance(plaintext, str):
         raise TypeError(f"encrypt_secret takes a str, not {type(plaintext).__name__}")
-    return plaintext.encode("utf-8")
+    data: bytes | None
+    try:
+        data = plaintext.encode("utf-8")
+    except UnicodeEncodeError:  # its .object, args and repr hold the whole secret
+        data = None
+    if data is None:  # raised here, outside the except, so nothing chains to that error
+        raise ValueError(_NOT_ENCODABLE)
+    return data
 
 
 def _utf8(data: bytes) -> str:
@@ -213,6 +294,16 @@ def _context(context: Mapping[str, str] | None) -> dict[str, str] | None:
             "an encryption context maps str to str: build it with "
             "encryption_context(table, column, pk)"
         )
+    encodable = True
+    try:
+        for k, v in context.items():
+            k.encode("utf-8")
+            v.encode("utf-8")
+    except UnicodeEncodeError:  # it would hold the text
+        encodable = False
+    if not encodable:
+        raise ValueError("the encryption context holds text that cannot be encoded as UTF-8 "
+                         "(a lone surrogate): pass valid text")
     return dict(context)
 
 
@@ -231,6 +322,23 @@ def _as_text(value: object) -> str:
     return text
 
 
+def _decode_kms_lenient(text: str) -> bytes | None:
+    """The blob behind stored base64, decoded as the guide's helper decodes it.
+
+    The guide uses non-strict ``base64.b64decode``, which skips characters outside the
+    alphabet (newlines, spaces), so a value it wrote or reads is read here too. Anything
+    that does not decode to a KMS ciphertext is refused by KMS itself.
+    """
+    blob = decode_kms(text)  # the stored format, strict
+    if blob is not None:
+        return blob
+    try:
+        blob = base64.b64decode(text.encode("utf-8"), validate=False)
+    except (binascii.Error, UnicodeEncodeError, ValueError):
+        blob = None
+    return blob or None
+
+
 def _decrypt(
     value: object,
     encryption_key: str | None,
@@ -238,7 +346,9 @@ def _decrypt(
     kms: KMSEncryption | None,
 ) -> str:
     """Open a stored value by its format: Fernet with the keys, anything else with KMS."""
-    text = _as_text(value)
+    # Surrounding whitespace (a trailing newline from a file or a form) is read, as the
+    # guide's helper reads it: Fernet and its non-strict base64 both skip it.
+    text = _as_text(value).strip()
     kind = classify(text)
     if kind is ValueKind.EMPTY:
         raise SecretDecryptError(_EMPTY)
@@ -254,7 +364,7 @@ def _decrypt(
         if opened is None:
             raise SecretDecryptError(_NO_FERNET_KEY_OPENS)
         return _utf8(opened)
-    blob = decode_kms(text)
+    blob = _decode_kms_lenient(text)
     if blob is None or len(blob) > KMS_MAX_CIPHERTEXT:
         raise SecretDecryptError(_NOT_A_FORMAT)
     return (kms or KMSEncryption())._decrypt_blob(blob, context)
@@ -265,16 +375,22 @@ def _decrypt(
 class KMSEncryption:
     """The guide's KMS manager, on the process's shared client, reading both formats.
 
-    ``region`` defaults to ``AWS_REGION`` (else us-east-1) and ``key_id`` to
-    ``AWS_KMS_KEY_ID`` (else alias/coinflip-master-key), read when the object is made.
-    ``client`` is for tests and special set-ups; by default the shared client is used.
+    ``region`` defaults to ``AWS_REGION`` (else us-east-1), ``key_id`` to
+    ``AWS_KMS_KEY_ID`` (else alias/coinflip-master-key) and ``previous_key_ids`` to
+    ``AWS_KMS_KEY_ID_PREVIOUS`` (comma-separated), read when the object is made. Writing
+    uses ``key_id``; reading accepts a KMS value only when it was made under ``key_id`` or
+    one of ``previous_key_ids``. ``client`` is for tests and special set-ups; by default
+    the shared client is used.
     """
 
     def __init__(
-        self, region: str | None = None, key_id: str | None = None, client: Any = None
+        self, region: str | None = None, key_id: str | None = None, client: Any = None,
+        previous_key_ids: Sequence[str] | None = None,
     ) -> None:
         self.region = region or os.environ.get("AWS_REGION") or DEFAULT_REGION
         self.key_id = key_id or os.environ.get("AWS_KMS_KEY_ID") or DEFAULT_KEY_ID
+        previous = previous_key_ids if previous_key_ids is not None else previous_key_ids_env()
+        self.previous_key_ids = tuple(k for k in previous if k and k != self.key_id)
         self._client = client
 
     @property
@@ -297,7 +413,11 @@ class KMSEncryption:
         ctx = _context(context)
         if ctx:
             params["EncryptionContext"] = ctx
-        blob: bytes = self.kms.encrypt(**params)["CiphertextBlob"]
+        response = self.kms.encrypt(**params)
+        arn = response.get("KeyId")
+        if isinstance(arn, str) and _is_alias(self.key_id):
+            _confirm(self.region, self.key_id, arn)  # KMS just said which key it names
+        blob: bytes = response["CiphertextBlob"]
         return encode_kms(blob)
 
     def decrypt_secret(self, ciphertext: str, context: Mapping[str, str] | None = None) -> str:
@@ -326,8 +446,42 @@ class KMSEncryption:
                 "another key, or was written with another encryption context than the one "
                 "given (a ciphertext bound to one row does not open in another)"
             )
+        arn = str(response.get("KeyId") or "")
+        if not self._accepts(arn, params):
+            raise SecretDecryptError(_OTHER_KEY)
         plaintext: bytes = response["Plaintext"]
         return _utf8(plaintext)
+
+    def _accepts(self, arn: str, params: Mapping[str, Any]) -> bool:
+        """Whether the key `arn` that Decrypt used is one this object was given.
+
+        KMS's Decrypt opens a ciphertext under any key the caller may use, and the guide's
+        policy allows every key of the account, so a value planted under another key would
+        open. Key ARNs and key ids are compared with no call. An alias is resolved to its
+        key once per process: by a Decrypt of this very value pinned to the alias (KMS
+        refuses it unless the alias names the key), which needs no kms:DescribeKey, and
+        cached (an Encrypt under the alias resolves it too).
+        """
+        allowed = (self.key_id, *self.previous_key_ids)
+        if arn and any(_names(k, arn, self.region) for k in allowed):
+            return True
+        if not arn:
+            return False
+        for key_id in allowed:
+            if not _is_alias(key_id):
+                continue
+            confirmed: dict[str, Any] | None
+            try:
+                confirmed = self.kms.decrypt(**params, KeyId=key_id)
+            except botocore.exceptions.ClientError as exc:
+                code = str(exc.response.get("Error", {}).get("Code", ""))
+                if code not in _NOT_THIS_KEY:
+                    raise  # the service, not the key: throttling, outage
+                confirmed = None
+            if confirmed is not None and confirmed.get("KeyId") == arn:
+                _confirm(self.region, key_id, arn)
+                return True
+        return False
 
 
 def get_kms_encryption() -> KMSEncryption | None:
@@ -349,11 +503,14 @@ def encrypt_secret(
     if use_aws_kms():
         return KMSEncryption().encrypt_secret(plaintext, context=context)
     data = _plain_bytes(plaintext)
-    current = encryption_key or os.environ.get("ENCRYPTION_KEY", "").strip()
+    current = (encryption_key or "").strip()
+    name = "the encryption_key argument" if current else "ENCRYPTION_KEY"
+    current = current or os.environ.get("ENCRYPTION_KEY", "").strip()
     if not current:
         raise ValueError("ENCRYPTION_KEY not set: export the application's Fernet key")
-    # MultiFernet encrypts with its first key: the current one.
-    return _multi_fernet(_fernet_keys(current)).encrypt(data).decode("ascii")
+    # Writing needs the current key only: a malformed legacy key (needed only to read old
+    # tokens) does not stop the application from storing new secrets.
+    return _multi_fernet(((name, current),)).encrypt(data).decode("ascii")
 
 
 def decrypt_secret(

@@ -17,6 +17,7 @@ import signal
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -28,7 +29,7 @@ from checkpoints import leases
 from .codec import ValueKind, classify, decode_kms, encryption_context
 from .config import Settings
 from .db import is_sqlite, make_engine, safe_url, sqlite_path
-from .errors import ConfigError, DatabaseError
+from .errors import ConfigError, DatabaseError, KmsMigrateError
 from .kms import KMS, KeyInfo, RateLimiter, make_client
 from .logs import configure_from_options, get_logger
 from .reader import BoundTarget, bind_targets, fetch_batch
@@ -222,19 +223,28 @@ def _verify_ranged(
         initargs=(child_settings, workers, arn, log_opts),
     )
     futures: list[Future[_RangeOutcome]] = []
-    clean = False
+    clean = broken = False
     try:
         futures = [pool.submit(_verify_range, task) for task in tasks]
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)
         for f in done:
             exc = f.exception()
-            if exc is not None:
+            if isinstance(exc, BrokenProcessPool):
+                broken = True
+            elif exc is not None:
                 raise exc  # the first error (a fatal KMS error, say), as the child raised it
-        clean = True
+        clean = not broken
+    except BrokenProcessPool:  # submit() on a pool a process already left
+        broken = True
     finally:
         if not clean:
             _stop_pool(pool, futures)
         pool.shutdown(wait=True, cancel_futures=True)
+    if broken:  # raised outside the except: one line for the CLI, no traceback
+        raise KmsMigrateError(
+            "a verify process died mid-run (killed by a signal or the out-of-memory "
+            "killer); verify writes nothing, so nothing is lost: run verify again (with "
+            "fewer --workers if memory is short)")
     for task, f in zip(tasks, futures, strict=True):  # column order, then key order
         out = f.result()
         result.columns[task.index].add(out.check)

@@ -19,6 +19,8 @@ import botocore.exceptions
 import pytest
 from botocore.stub import Stubber
 from cryptography.fernet import Fernet
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import Engine, create_engine, insert, select, update
 
 import migration
@@ -35,7 +37,7 @@ from migration.db import make_engine
 from migration.migrator import migrate
 from migration.sample import coinflip_metadata, create_coinflip_schema
 from tests import guide_kms_encryption as guide
-from tests.conftest import Keys, KmsHandle
+from tests.conftest import ALIAS, Keys, KmsHandle
 from tests.helpers import interrupted_migrate, make_db, make_kms, settings_for, snapshot
 
 SECRET = "5KQwrPbwdL6PhXujxW37FSSQZ1JiwsST4cqQzDeyXtP79zkvFD3"  # looks like a wallet key
@@ -47,6 +49,7 @@ def fresh_runtime(monkeypatch: pytest.MonkeyPatch, keys: Keys) -> Iterator[None]
     runtime.reset_cache()
     monkeypatch.delenv("USE_AWS_KMS", raising=False)
     monkeypatch.delenv("AWS_KMS_KEY_ID", raising=False)
+    monkeypatch.delenv("AWS_KMS_KEY_ID_PREVIOUS", raising=False)
     monkeypatch.setenv("ENCRYPTION_KEY", keys.current)
     monkeypatch.setenv("ENCRYPTION_KEY_LEGACY", keys.legacy)
     yield
@@ -491,3 +494,272 @@ def test_forked_child_makes_its_own_client(
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert runtime._clients  # the parent keeps its own
+
+
+# -- only the configured KMS keys (issue 16, item 2) ------------------------------------
+
+def _value_under(client: Any, key_id: str, plaintext: bytes = b"planted secret") -> str:
+    return encode_kms(client.encrypt(KeyId=key_id, Plaintext=plaintext)["CiphertextBlob"])
+
+
+def _new_key(client: Any, alias: str | None = None) -> dict[str, str]:
+    meta: dict[str, str] = client.create_key(Description="another key")["KeyMetadata"]
+    if alias:
+        client.create_alias(AliasName=alias, TargetKeyId=meta["KeyId"])
+    return meta
+
+
+def _kms_calls(client: Any) -> list[str]:
+    """The KMS operations `client` makes from now on."""
+    calls: list[str] = []
+    client.meta.events.register(
+        "before-call.kms.*", lambda model, **_: calls.append(model.name))
+    return calls
+
+
+def test_a_ciphertext_under_another_kms_key_is_refused(
+    kms: KmsHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A value planted under someone else's key (the guide's policy allows `key/*`) opens
+    with KMS, but the helper refuses it, however the application's key is configured."""
+    foreign = _new_key(kms.client)
+    planted = _value_under(kms.client, foreign["KeyId"])
+    assert kms.decrypt_text(planted) == "planted secret"  # KMS itself opens it
+    monkeypatch.setenv("USE_AWS_KMS", "true")
+    assert guide.decrypt_secret(planted) == "planted secret"  # the guide's helper opens it
+
+    alias_arn = kms.arn.split(":key/")[0] + ":" + ALIAS
+    for configured in (None, kms.key_id, kms.arn, ALIAS, alias_arn):
+        runtime.reset_cache()
+        if configured is None:
+            monkeypatch.delenv("AWS_KMS_KEY_ID", raising=False)  # the default alias
+        else:
+            monkeypatch.setenv("AWS_KMS_KEY_ID", configured)
+        own = _value_under(kms.client, kms.key_id, SECRET.encode())
+        for _ in range(2):  # before and after the key's ARN is known
+            assert decrypt_secret(own) == SECRET
+            for call in (decrypt_secret, KMSEncryption().decrypt_secret,
+                         KMSEncryption(client=kms.client).decrypt_secret):
+                with pytest.raises(SecretDecryptError, match="AWS_KMS_KEY_ID") as err:
+                    call(planted)
+                _assert_no_value(err.value, planted)
+                assert "planted secret" not in repr(err.value)
+        assert decrypt_secret(encrypt_secret(SECRET)) == SECRET
+
+
+def test_previous_keys_are_accepted_only_when_configured(
+    kms: KmsHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rotation: the new key is AWS_KMS_KEY_ID, the old one AWS_KMS_KEY_ID_PREVIOUS."""
+    new = _new_key(kms.client, "alias/coinflip-master-key-2")
+    third = _new_key(kms.client)
+    old_value = _value_under(kms.client, kms.key_id, b"old")  # under the old key (ALIAS)
+    third_value = _value_under(kms.client, third["KeyId"], b"third")
+    monkeypatch.setenv("USE_AWS_KMS", "true")
+    monkeypatch.setenv("AWS_KMS_KEY_ID", "alias/coinflip-master-key-2")
+    new_value = encrypt_secret("new")
+    assert kms.client.decrypt(CiphertextBlob=base64.b64decode(new_value))["KeyId"] == new["Arn"]
+
+    assert decrypt_secret(new_value) == "new"
+    for value in (old_value, third_value):
+        with pytest.raises(SecretDecryptError, match="AWS_KMS_KEY_ID_PREVIOUS"):
+            decrypt_secret(value)
+    for previous in (ALIAS, f" {kms.arn} ", f"{third['Arn']}, {ALIAS}", f"{kms.key_id},"):
+        runtime.reset_cache()
+        monkeypatch.setenv("AWS_KMS_KEY_ID_PREVIOUS", previous)
+        assert decrypt_secret(old_value) == "old"
+        assert KMSEncryption().decrypt_secret(old_value) == "old"
+        assert decrypt_secret(new_value) == "new"
+        if third["Arn"] in previous:
+            assert decrypt_secret(third_value) == "third"
+        else:
+            with pytest.raises(SecretDecryptError):
+                decrypt_secret(third_value)
+        # Writing still uses the current key only.
+        written = encrypt_secret("again")
+        assert kms.client.decrypt(
+            CiphertextBlob=base64.b64decode(written))["KeyId"] == new["Arn"]
+    # The constructor takes them too.
+    monkeypatch.delenv("AWS_KMS_KEY_ID_PREVIOUS")
+    enc = KMSEncryption(key_id=new["Arn"], previous_key_ids=[kms.key_id])
+    assert enc.decrypt_secret(old_value) == "old"
+    with pytest.raises(SecretDecryptError):
+        KMSEncryption(key_id=new["Arn"]).decrypt_secret(old_value)
+
+
+def test_an_alias_is_resolved_once_then_one_call_a_value(
+    kms: KmsHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    values = [_value_under(kms.client, kms.key_id, f"s{i}".encode()) for i in range(5)]
+    calls = _kms_calls(runtime.kms_client())
+    assert [decrypt_secret(v) for v in values] == [f"s{i}" for i in range(5)]
+    assert len(calls) <= len(values) + 1 and calls.count("Decrypt") >= len(values)
+    del calls[:]
+    assert [decrypt_secret(v) for v in values] == [f"s{i}" for i in range(5)]
+    assert calls == ["Decrypt"] * len(values)
+
+
+def test_kms_incorrect_key_answer_is_a_secret_decrypt_error() -> None:
+    """Real KMS answers a Decrypt pinned to another key with IncorrectKeyException (moto
+    answers AccessDeniedException): either way the value is refused, not the service."""
+    client = boto3.client("kms", region_name="us-east-1")
+    foreign_arn = "arn:aws:kms:us-east-1:999999999999:key/11111111-2222-3333-4444-555555555555"
+    value = encode_kms(b"\x01" + b"x" * 60)
+    with Stubber(client) as stub:
+        stub.add_response("decrypt", {"KeyId": foreign_arn, "Plaintext": b"planted"})
+        stub.add_client_error("decrypt", service_error_code="IncorrectKeyException")
+        with pytest.raises(SecretDecryptError, match="AWS_KMS_KEY_ID") as err:
+            KMSEncryption(key_id=ALIAS, client=client).decrypt_secret(value)
+        _assert_no_value(err.value, value)
+        stub.assert_no_pending_responses()
+    with Stubber(client) as stub:  # a key ARN needs no call to compare
+        stub.add_response("decrypt", {"KeyId": foreign_arn, "Plaintext": b"planted"})
+        with pytest.raises(SecretDecryptError):
+            KMSEncryption(key_id=foreign_arn.replace("9999", "1234"),
+                          client=client).decrypt_secret(value)
+        stub.add_response("decrypt", {"KeyId": foreign_arn, "Plaintext": b"ok"})
+        assert KMSEncryption(key_id=foreign_arn, client=client).decrypt_secret(value) == "ok"
+
+
+# -- no error carries the secret (issue 16, item 7) -------------------------------------
+
+MARK = "Qz7MARKxK9"  # in every secret below: any copy of it, in any form, shows this
+
+
+def _exception_texts(exc: BaseException) -> list[str]:
+    """Every text an exception chain exposes: str, repr, args, attributes (a
+    UnicodeError's .object), following __cause__ and __context__."""
+    texts: list[str] = []
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        texts += [str(e), repr(e), type(e).__name__]
+        texts += [repr(a) for a in e.args] + [str(a) for a in e.args]
+        for name in ("object", "reason", "doc", "msg", "response"):
+            if hasattr(e, name):
+                texts.append(repr(getattr(e, name)))
+        texts += [repr(v) for v in vars(e).values()] if hasattr(e, "__dict__") else []
+        todo += [e.__cause__, e.__context__]
+    return texts
+
+
+def _assert_chain_clean(exc: BaseException, *needles: str) -> None:
+    for text in _exception_texts(exc):
+        for needle in needles:
+            assert needle not in text, (type(exc).__name__, text[:200])
+
+
+def test_a_lone_surrogate_in_the_secret_raises_a_valueerror_without_it(
+    kms: KmsHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = f"{MARK}-wallet-\ud800-key"
+    for flag in (None, "true"):
+        if flag:
+            monkeypatch.setenv("USE_AWS_KMS", flag)
+        for call in (encrypt_secret, KMSEncryption().encrypt_secret):
+            with pytest.raises(ValueError, match="UTF-8") as err:
+                call(secret)
+            assert not isinstance(err.value, UnicodeError)
+            assert err.value.__context__ is None and err.value.__cause__ is None
+            _assert_chain_clean(err.value, MARK)
+
+
+# Any character, lone surrogates (category Cs, which st.characters() leaves out) included.
+_char_st = st.one_of(
+    st.characters(), st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF))
+_secret_st = st.builds(
+    lambda pre, mid, post: f"{pre}{MARK}{mid}{post}",
+    st.sampled_from(["", "gAAAAA", " ", "AQICAH", "\n"]),
+    st.lists(_char_st, max_size=12).map("".join),  # (st.text drops the surrogates)
+    st.lists(_char_st, max_size=4).map("".join),
+)
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(secret=_secret_st, big=st.booleans())
+def test_no_error_of_the_helper_carries_the_secret(
+    kms: KmsHandle, keys: Keys, monkeypatch: pytest.MonkeyPatch, secret: str, big: bool
+) -> None:
+    """Every call, on both paths, with the secret as plaintext, as stored value, as
+    Fernet key and as context: whatever it raises, no error in the chain holds it."""
+    if big:
+        secret = secret * (4200 // len(secret) + 1)  # over KMS's 4096 bytes
+    calls: list[tuple[str | None, Any]] = [
+        (None, lambda: encrypt_secret(secret)),
+        ("true", lambda: encrypt_secret(secret)),
+        (None, lambda: KMSEncryption().encrypt_secret(secret)),
+        (None, lambda: encrypt_secret("x", secret)),  # the secret as the Fernet key
+        (None, lambda: decrypt_secret(secret)),  # a plaintext stored by mistake
+        ("true", lambda: decrypt_secret(secret)),
+        (None, lambda: decrypt_secret(secret.encode("utf-8", "surrogatepass"))),  # type: ignore[arg-type]
+        (None, lambda: KMSEncryption().decrypt_secret(secret)),
+        (None, lambda: decrypt_secret(Fernet(keys.current.encode()).encrypt(b"x").decode(),
+                                      secret)),
+        ("true", lambda: encrypt_secret("x", context={"k": secret})),
+        (None, lambda: decrypt_secret(encode_kms(b"\x01" * 40), context={"k": secret})),
+    ]
+    for flag, call in calls:
+        if flag:
+            monkeypatch.setenv("USE_AWS_KMS", flag)
+        else:
+            monkeypatch.delenv("USE_AWS_KMS", raising=False)
+        try:
+            out = call()
+        except Exception as exc:  # whatever it is, it must be clean
+            _assert_chain_clean(exc, MARK)
+        else:
+            assert MARK not in out
+    # Round trip when it can: what is encrypted comes back.
+    if secret.isprintable() and "\ud800" not in secret and not big:
+        try:
+            secret.encode("utf-8")
+        except UnicodeEncodeError:
+            return
+        assert decrypt_secret(encrypt_secret(secret)) == secret
+
+
+# -- what the guide's helper reads (issue 16, item 11) ----------------------------------
+
+@pytest.mark.parametrize("pad", [(" ", ""), ("", "\n"), ("\t", "\r\n"), ("\n", " \n")])
+def test_values_the_guides_helper_reads_with_whitespace(
+    kms: KmsHandle, monkeypatch: pytest.MonkeyPatch, pad: tuple[str, str]
+) -> None:
+    before, after = pad
+    token = encrypt_secret(SECRET)
+    monkeypatch.setenv("USE_AWS_KMS", "true")
+    kms_value = encrypt_secret(SECRET)
+    assert guide.decrypt_secret(f"{before}{kms_value}{after}") == SECRET
+    assert decrypt_secret(f"{before}{kms_value}{after}") == SECRET
+    assert KMSEncryption().decrypt_secret(f"{before}{kms_value}{after}") == SECRET
+    assert decrypt_secret(f"{before}{token}{after}") == SECRET
+    monkeypatch.delenv("USE_AWS_KMS")
+    assert guide.decrypt_secret(f"{before}{token}{after}") == SECRET
+    assert decrypt_secret(f"{before}{token}{after}") == SECRET
+    assert decrypt_secret(f"{before}{kms_value}{after}".encode()) == SECRET  # type: ignore[arg-type]
+
+
+def test_a_malformed_legacy_key_does_not_break_fernet_encryption(
+    keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bad = "not-a-fernet-key-but-a-secret"
+    monkeypatch.setenv("ENCRYPTION_KEY_LEGACY", f"{keys.legacy},{bad}")
+    token = encrypt_secret(SECRET)  # needs only ENCRYPTION_KEY
+    assert Fernet(keys.current.encode()).decrypt(token.encode()).decode() == SECRET
+    assert guide.encrypt_secret(SECRET)  # as the guide's helper, which ignores LEGACY
+    other = Fernet.generate_key().decode()
+    assert Fernet(other.encode()).decrypt(encrypt_secret(SECRET, other).encode())
+    # Reading tries every key, so it says which one is malformed: by position, not value.
+    with pytest.raises(ValueError, match="ENCRYPTION_KEY_LEGACY key #2") as err:
+        decrypt_secret(token)
+    _assert_chain_clean(err.value, bad, keys.current, keys.legacy)
+    # A malformed current key still stops encryption, naming it.
+    monkeypatch.setenv("ENCRYPTION_KEY", bad)
+    monkeypatch.setenv("ENCRYPTION_KEY_LEGACY", keys.legacy)
+    with pytest.raises(ValueError, match="ENCRYPTION_KEY is not a valid") as err:
+        encrypt_secret(SECRET)
+    _assert_chain_clean(err.value, bad)

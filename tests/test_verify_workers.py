@@ -9,9 +9,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import pickle
 import signal
 import subprocess
+import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
@@ -240,3 +242,69 @@ def test_each_child_gets_a_share_of_the_rate(
     task = verify_module._Task(0, "users", "encrypted_secret", None, None)
     with pytest.raises(ConfigError, match="does not exist"):
         verify_module._verify_range(task)  # an initializer's error is each task's error
+
+
+def _children(pid: int) -> list[int]:
+    """The live child processes of `pid`, from /proc (no psutil here)."""
+    kids: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # after "(comm)": state, ppid, ...
+        if int(fields[1]) == pid and fields[0] != "Z":
+            kids.append(int(entry.name))
+    return kids
+
+
+def _is_pool_worker(pid: int) -> bool:
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"multiprocessing.spawn" in b" ".join(cmd) or any(
+        b"spawn_main" in part for part in cmd)
+
+
+@pytest.mark.postgres
+def test_a_pool_process_killed_during_verify_is_one_line_and_exit_2(
+    pg_url: str, keys: Keys, server_kms: KmsHandle, moto_server: MotoServer,
+    monkeypatch: pytest.MonkeyPatch, cli_env: dict[str, str],
+) -> None:
+    """A verify pool process SIGKILLed (OOM killer, an operator) mid-run: not a traceback
+    and exit 1 ("values are left or broken"), but one line, exit 2, and what to do."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL_KMS", moto_server.url)
+    truth = make_db(pg_url, 150, keys.current, bad_values=False)
+    _migrate(settings_for(pg_url, keys.current, concurrency=16), server_kms.client)
+    proc = subprocess.Popen(
+        [kms_migrate_bin(), "verify", "--db", pg_url, "--workers", "2",
+         "--rows-per-range", "10", "--batch-size", "5", "--max-kms-rps", "40"],
+        env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed: int | None = None
+    deadline = time.monotonic() + 60
+    try:
+        while killed is None and time.monotonic() < deadline and proc.poll() is None:
+            workers = [p for p in _children(proc.pid) if _is_pool_worker(p)]
+            if len(workers) == 2:
+                time.sleep(1.5)  # well into the ranges: initialised and decrypting
+                killed = workers[-1]
+                os.kill(killed, signal.SIGKILL)
+            else:
+                time.sleep(0.05)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert killed is not None, "the pool processes were never seen"
+    assert proc.returncode == 2, (proc.returncode, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("kms-migrate: error: "), err
+    assert "verify process" in lines[0] and "run verify again" in lines[0], err
+    assert "Traceback" not in out + err
+    assert "verify: OK" not in out
+    assert_no_leaks([out, err], dump_bookkeeping(pg_url), truth, keys)
