@@ -33,6 +33,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from .codec import KMS_MAX_PLAINTEXT
 from .errors import ConfigError, FatalKMSError, TransientKMSError
 
 __all__ = [
@@ -44,6 +45,8 @@ __all__ = [
     "make_client",
     "validate_region",
 ]
+
+REASON_EMPTY = f"plaintext is empty (KMS Encrypt takes 1 to {KMS_MAX_PLAINTEXT} bytes)"
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -71,6 +74,9 @@ CREDENTIAL_CODES = frozenset({
 })
 # Per-value answers of Decrypt: the ciphertext is not one this key (or any) opens.
 UNDECRYPTABLE_CODES = frozenset({"InvalidCiphertextException", "IncorrectKeyException"})
+# Per-value answers of Encrypt or Decrypt once the key is described: the request's data (a
+# plaintext, a ciphertext, an encryption context) broke a constraint. See `KMS._classify`.
+VALUE_CODES = frozenset({"ValidationException"})
 CONNECTION_ERRORS: tuple[type[Exception], ...] = (
     botocore.exceptions.ConnectionError,  # EndpointConnectionError, ConnectTimeoutError, ...
     botocore.exceptions.ReadTimeoutError,
@@ -332,22 +338,31 @@ class KMS:
         return blob
 
     def decrypt(self, blob: bytes, context: Mapping[str, str] | None = None) -> bytes | None:
-        """KMS Decrypt; None when KMS says this ciphertext is not one it can open."""
+        """KMS Decrypt with the run's key (pinned once described); None when KMS says this
+        ciphertext is not one it can open (corrupt, under another key, another context, or
+        refused as invalid)."""
         opened = self.decrypt_with_key(blob, context)
-        return None if opened is None else opened[0]
+        if opened is None:
+            return None
+        if self.key is not None and opened[1] and opened[1] != self.key.arn:
+            return None  # a KMS that ignored the pinned KeyId: not the run's key either way
+        return opened[0]
 
     def decrypt_with_key(
-        self, blob: bytes, context: Mapping[str, str] | None = None
+        self, blob: bytes, context: Mapping[str, str] | None = None, *, pinned: bool = True
     ) -> tuple[bytes, str] | None:
         """KMS Decrypt returning the plaintext and the ARN of the key that opened it.
 
-        None when KMS says it cannot open this ciphertext (corrupt, another key, or another
-        encryption context than the one given).
+        Pinned (``KeyId`` = the run's key ARN) once the key is described, so that KMS opens
+        only what that key encrypted. None when KMS says it cannot open this ciphertext
+        (corrupt, another key, or another encryption context than the one given).
         """
-        extra = {"EncryptionContext": dict(context)} if context else {}
+        extra: dict[str, Any] = {"EncryptionContext": dict(context)} if context else {}
+        if pinned and self.key is not None:
+            extra["KeyId"] = self.key.arn
         try:
             resp = self._call("Decrypt", CiphertextBlob=blob, **extra)
-        except _Undecryptable:
+        except _PerValue:
             return None
         return resp["Plaintext"], str(resp.get("KeyId", ""))
 
@@ -365,9 +380,16 @@ class KMS:
         """Encrypt, then decrypt the new ciphertext and compare in constant time.
 
         Returns the blob, or a failure reason (never carrying the value) when the
-        round trip does not give the plaintext back.
+        round trip does not give the plaintext back or KMS refuses this value's data.
         """
-        blob = self.encrypt(plaintext, context)
+        if not plaintext:
+            return REASON_EMPTY  # KMS would answer ValidationException: decided here
+        if len(plaintext) > KMS_MAX_PLAINTEXT:
+            return f"plaintext is over KMS's {KMS_MAX_PLAINTEXT}-byte Encrypt limit"
+        try:
+            blob = self.encrypt(plaintext, context)
+        except _PerValue as exc:
+            return f"KMS refused this value ({exc})"
         back = self.decrypt(blob, context)
         if back is None:
             return "KMS could not decrypt the ciphertext it had just produced"
@@ -456,6 +478,12 @@ class KMS:
                 raise TransientKMSError(code) from None
             if op == "Decrypt" and code in UNDECRYPTABLE_CODES:
                 raise _Undecryptable(code) from None
+            # A ValidationException can be about the request as a whole (a malformed key id),
+            # but the key is DescribeKey'd before any Encrypt or Decrypt (self.key is set by
+            # `describe`, or handed down by the process that described it): from then on the
+            # key id is known good, and a ValidationException is about this value's data.
+            if op in {"Encrypt", "Decrypt"} and code in VALUE_CODES and self.key is not None:
+                raise _PerValue(code) from None
             raise FatalKMSError(_message(code, op, self.key_id, self.region)) from None
         except CONNECTION_ERRORS as exc:
             raise TransientKMSError(type(exc).__name__) from None
@@ -472,7 +500,11 @@ class KMS:
             ) from None
 
 
-class _Undecryptable(Exception):
+class _PerValue(Exception):
+    """KMS refused this one value's data (a per-value outcome, never a run-level stop)."""
+
+
+class _Undecryptable(_PerValue):
     """Decrypt answered that this ciphertext cannot be opened (a per-value outcome)."""
 
 

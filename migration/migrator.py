@@ -35,12 +35,14 @@ from .codec import (
 )
 from .config import Settings, targets_fingerprint
 from .errors import ConfigError, FatalKMSError, ResumeMismatchError, RunLockedError
-from .kms import KMS, Pending
+from .kms import KMS, REASON_EMPTY, Pending
 from .logs import get_logger
 from .progress import NullProgress, Progress
 from .reader import BoundTarget, Row, bind_targets, count_after, fetch_batch, fetch_keys
 
-__all__ = ["REASON_NO_KEY", "REASON_OVERSIZE", "ColumnSummary", "MigrateResult", "migrate"]
+__all__ = [
+    "REASON_EMPTY", "REASON_NO_KEY", "REASON_OVERSIZE", "ColumnSummary", "MigrateResult", "migrate",
+]
 
 REASON_NO_KEY = (
     "no Fernet key opens this token (corrupt, or made with a key that is in neither "
@@ -133,6 +135,8 @@ def prepare_rows(
             plaintext = codec.decrypt(row.value)
             if plaintext is None:
                 failures.append(FailureRow(bt.name, column, bt.pk_text(row.pk), REASON_NO_KEY))
+            elif not plaintext:
+                failures.append(FailureRow(bt.name, column, bt.pk_text(row.pk), REASON_EMPTY))
             elif len(plaintext) > KMS_MAX_PLAINTEXT:
                 failures.append(FailureRow(bt.name, column, bt.pk_text(row.pk), REASON_OVERSIZE))
             else:

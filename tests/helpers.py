@@ -144,6 +144,11 @@ KMS_ERRORS: dict[str, tuple[int, str]] = {
     "NotFoundException": (400, "Alias arn:aws:kms:us-east-1:123456789012:"
                                "alias/coinflip-master-key is not found."),
     "InvalidCiphertextException": (400, ""),
+    "IncorrectKeyException": (400, "The key ID in the request does not identify a KMS key "
+                                   "that can perform this operation."),
+    "ValidationException": (400, "1 validation error detected: Value at 'plaintext' failed to "
+                                 "satisfy constraint: Member must have length greater than or "
+                                 "equal to 1"),
     "UnrecognizedClientException": (400, "The security token included in the request is "
                                          "invalid."),
 }
