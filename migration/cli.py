@@ -322,12 +322,16 @@ def print_rollback(result: RollbackResult) -> None:
 
 
 def print_verify(result: VerifyResult) -> None:
-    rows = [(f"{c.table}.{c.column}", c.kms_ok, c.fernet_left, c.empty, c.undecryptable)
-            for c in result.columns]
-    click.echo(_table(["column", "kms ok", "fernet left", "null/empty", "undecryptable"], rows))
-    other = sum(c.other_key for c in result.columns)
-    if other:
-        click.echo(f"note: {other} value(s) opened under another KMS key than the one given")
+    rows = [(f"{c.table}.{c.column}", c.kms_ok, c.fernet_left, c.empty, c.undecryptable,
+             c.other_key) for c in result.columns]
+    click.echo(_table(["column", "kms ok", "fernet left", "null/empty", "undecryptable",
+                       "other key"], rows))
+    for arn, n in sorted(result.other_keys().items()):
+        click.echo(f"{n} value(s) under KMS key {arn}" if arn else
+                   f"{n} value(s) under a KMS key this caller cannot use")
+    if result.other_keys():
+        click.echo("  (the configured key cannot decrypt them: re-encrypt them under it, or "
+                   "check --key-id)")
     click.echo(f"KMS requests: {result.kms_requests}; {result.seconds:.2f} s")
     if result.problems:
         click.echo(f"Problems ({len(result.problems)}):")

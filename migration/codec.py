@@ -22,6 +22,7 @@ from .errors import ConfigError
 
 __all__ = [
     "FERNET_PREFIX",
+    "KMS_MAX_CIPHERTEXT",
     "KMS_MAX_PLAINTEXT",
     "FernetCodec",
     "ValueKind",
@@ -33,6 +34,7 @@ __all__ = [
 
 FERNET_PREFIX = "gAAAAA"
 KMS_MAX_PLAINTEXT = 4096
+KMS_MAX_CIPHERTEXT = 6144  # KMS Decrypt refuses a longer CiphertextBlob
 
 
 class ValueKind(enum.Enum):

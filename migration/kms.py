@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hmac
 import re
+import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -33,12 +34,13 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from .codec import KMS_MAX_PLAINTEXT
+from .codec import KMS_MAX_CIPHERTEXT, KMS_MAX_PLAINTEXT
 from .errors import ConfigError, FatalKMSError, TransientKMSError
 
 __all__ = [
     "KMS",
     "KeyInfo",
+    "Opening",
     "Pending",
     "RateLimiter",
     "RetryPolicy",
@@ -117,6 +119,20 @@ class KeyInfo:
 
     key_id: str
     arn: str
+
+
+@dataclass(frozen=True)
+class Opening:
+    """What KMS said about one stored ciphertext (verify); never holds the plaintext.
+
+    ok: the run's key opened it. other_key: it is under another KMS key, whose ARN this is
+    ("" when this caller may not use that key, so KMS did not name it). problem: why KMS
+    did not open it ("" for the caller's own words: it cannot decrypt it).
+    """
+
+    ok: bool = False
+    other_key: str | None = None
+    problem: str | None = None
 
 
 @dataclass(frozen=True)
@@ -281,6 +297,7 @@ class KMS:
         self.retries = 0
         self.requests = 0
         self.key: KeyInfo | None = None
+        self._decrypt_allowed: bool | None = None  # see _can_decrypt
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -371,6 +388,79 @@ class KMS:
     ) -> tuple[bytes, str] | None:
         """`decrypt_with_key` of a (blob, context) pair, for `submit`/`map`."""
         return self.decrypt_with_key(item[0], item[1])
+
+    def open_stored(self, item: tuple[bytes, Mapping[str, str] | None]) -> Opening:
+        """Whether the run's key opens a stored ciphertext (verify); the plaintext is
+        dropped at once. For `submit`/`map` over (blob, encryption context) pairs.
+
+        The Decrypt is pinned to the run's key, so a value under another key is never
+        counted as good. Per-value answers (too long, invalid, another key, a key this caller
+        cannot use) are an Opening with the reason; key, credential, network and quota
+        problems raise FatalKMSError as every other call does.
+        """
+        blob, context = item
+        if len(blob) > KMS_MAX_CIPHERTEXT:  # KMS refuses it unseen (ValidationException)
+            return Opening(problem=f"too long to be a KMS ciphertext ({len(blob)} bytes; KMS "
+                                   f"takes at most {KMS_MAX_CIPHERTEXT})")
+        if self.key is None:
+            raise AssertionError("open_stored needs the run's key described first")
+        arn = self.key.arn
+        extra: dict[str, Any] = {"EncryptionContext": dict(context)} if context else {}
+        try:
+            opened_by = str(self._call("Decrypt", CiphertextBlob=blob, KeyId=arn,
+                                       **extra).get("KeyId") or arn)
+        except _Undecryptable as exc:
+            if str(exc) == "IncorrectKeyException":  # KMS says: another key encrypted it
+                return self._other_key(blob, extra, denied=None)
+            return Opening(problem="")  # the caller's own words (context or not)
+        except _PerValue as exc:
+            return Opening(problem=f"KMS refused it as invalid ({exc})")
+        except _AccessDenied as exc:
+            # Either this caller may not decrypt with the run's key at all (run-level), or
+            # the value is under a key it may not use (per-value; moto answers a pinned
+            # Decrypt of another key's ciphertext so too): `_other_key` tells them apart.
+            return self._other_key(blob, extra, denied=exc)
+        if opened_by != arn:  # a KMS that ignored the pinned KeyId
+            return Opening(other_key=opened_by)
+        return Opening(ok=True)
+
+    def _other_key(
+        self, blob: bytes, extra: dict[str, Any], denied: FatalKMSError | None
+    ) -> Opening:
+        """Name the key a ciphertext is under with one unpinned Decrypt (its plaintext is
+        discarded at once). `denied`: the pinned Decrypt was refused with this error, which
+        is raised again when the run's key itself turns out to be the one refused."""
+        assert self.key is not None
+        try:
+            opened_by = str(self._call("Decrypt", CiphertextBlob=blob, **extra).get("KeyId")
+                            or "")
+        except _AccessDenied:
+            if denied is None or self._can_decrypt():
+                return Opening(other_key="")
+            raise denied from None
+        except _PerValue:
+            return Opening(problem="")
+        if opened_by and opened_by != self.key.arn:
+            return Opening(other_key=opened_by)
+        if denied is not None:  # the run's key opens it, but not when pinned: a policy matter
+            raise denied from None
+        return Opening(problem="")
+
+    def _can_decrypt(self) -> bool:
+        """Whether this caller may Decrypt with the run's key: one Encrypt and pinned Decrypt
+        of a random test value (never shown), asked once per run and only when a denied
+        Decrypt is otherwise ambiguous."""
+        with self._lock:
+            known = self._decrypt_allowed
+        if known is None:
+            probe = secrets.token_bytes(32)
+            try:
+                known = isinstance(self.round_trip(probe), bytes)
+            except _AccessDenied:
+                known = False
+            with self._lock:
+                self._decrypt_allowed = known
+        return known
 
     def round_trip_in_context(self, item: tuple[bytes, Mapping[str, str]]) -> bytes | str:
         """`round_trip` of a (plaintext, encryption context) pair, for `submit`/`map`."""
@@ -484,6 +574,8 @@ class KMS:
             # key id is known good, and a ValidationException is about this value's data.
             if op in {"Encrypt", "Decrypt"} and code in VALUE_CODES and self.key is not None:
                 raise _PerValue(code) from None
+            if code == "AccessDeniedException":
+                raise _AccessDenied(_message(code, op, self.key_id, self.region)) from None
             raise FatalKMSError(_message(code, op, self.key_id, self.region)) from None
         except CONNECTION_ERRORS as exc:
             raise TransientKMSError(type(exc).__name__) from None
@@ -498,6 +590,10 @@ class KMS:
                 f"KMS call {op} failed ({type(exc).__name__}) for key {self.key_id} in region "
                 f"{self.region}: check the endpoint and credentials; nothing was written"
             ) from None
+
+
+class _AccessDenied(FatalKMSError):
+    """KMS denied the call: fatal, unless `KMS.open_stored` shows it is about one value."""
 
 
 class _PerValue(Exception):
