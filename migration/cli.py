@@ -268,6 +268,14 @@ def print_migrate(result: MigrateResult, settings: Settings) -> None:
                    "requests (Encrypt + verifying Decrypt per value, one DescribeKey), "
                    f"and leave {result.failed} failed value(s) untouched.")
         click.echo(estimate_line(calls, result.kms_requests, result.seconds, result.rate_limit))
+    for c in result.columns:
+        if c.unfit:
+            kind = "will not fit their KMS text" if result.dry_run else "did not fit their KMS text"
+            on = " on AWS KMS" if result.dry_run else ""
+            click.echo(f"{c.table}.{c.column} is {c.column_type}: {c.unfit} value(s) {kind} "
+                       f"(up to {c.unfit_need} characters{on}): widen the column to at least "
+                       f"{c.unfit_need} characters"
+                       + ("" if result.dry_run else ", then migrate --retry-failed"))
     if result.conflicts:
         click.echo(f"{result.conflicts} value(s) changed by the application while being migrated "
                    "were left as written; run migrate again to pick them up.")

@@ -21,12 +21,16 @@ from migration.migrator import REASON_EMPTY, REASON_NO_KEY, REASON_OVERSIZE, mig
 from migration.sample import coinflip_metadata
 from tests.conftest import Keys, KmsHandle
 from tests.helpers import (
+    VAULT_LENGTH,
+    VAULT_SIZES,
     interrupted_migrate,
     make_db,
     make_kms,
+    make_vault,
     run_main,
     settings_for,
     snapshot,
+    vault_values,
 )
 
 
@@ -396,3 +400,38 @@ def test_kms_validation_exception_on_one_value_is_its_failure(
     failed = result.failures[0]
     cell = (failed.table_name, failed.pk, failed.column_name)
     assert classify(snapshot(sqlite_url)[cell]) is ValueKind.FERNET
+
+
+# -- a VARCHAR(n) that fits the Fernet token but not the KMS text (issue 11, defect 11) --------
+
+def test_a_kms_text_too_long_for_its_column_fails_that_value_not_the_batch(
+    capsys: Any, db_url: str, kms: KmsHandle, env_keys: Keys, tmp_path: Path
+) -> None:
+    config = make_vault(db_url, env_keys.current, tmp_path)
+    before = vault_values(db_url)
+    assert all(len(v) <= VAULT_LENGTH for v in before.values())
+    code, out, err = run_main(capsys, "migrate", "--db", db_url, "--config", config, "--yes",
+                              "--no-backup", "--no-progress")
+    assert code == 1, err
+    assert (f"vault pk=1 secret: its KMS ciphertext (276 characters) does not fit the column "
+            f"(VARCHAR({VAULT_LENGTH}))") in out
+    after = vault_values(db_url)
+    assert after[1] == before[1]
+    for i in (2, 3):
+        assert classify(after[i]) is ValueKind.OTHER and len(after[i]) <= VAULT_LENGTH
+        assert len(kms.decrypt_text(after[i])) == VAULT_SIZES[i]
+
+
+def test_dry_run_reports_the_values_that_will_not_fit_on_real_kms(
+    capsys: Any, db_url: str, kms: KmsHandle, env_keys: Keys, tmp_path: Path
+) -> None:
+    config = make_vault(db_url, env_keys.current, tmp_path)
+    before = vault_values(db_url)
+    code, out, err = run_main(capsys, "migrate", "--db", db_url, "--config", config,
+                              "--dry-run", "--no-progress")
+    assert code == 1, err
+    assert (f"vault.secret is VARCHAR({VAULT_LENGTH}): 2 value(s) will not fit their KMS "
+            "text") in out
+    assert "vault pk=1 secret: " in out and "vault pk=2 secret: " in out
+    assert "vault pk=3 secret: " not in out
+    assert vault_values(db_url) == before
