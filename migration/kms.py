@@ -435,7 +435,7 @@ class KMS:
             opened_by = str(self._call("Decrypt", CiphertextBlob=blob, **extra).get("KeyId")
                             or "")
         except _AccessDenied:
-            if denied is None or self._can_decrypt():
+            if denied is None or self._can_decrypt(extra.get("EncryptionContext")):
                 return Opening(other_key="")
             raise denied from None
         except _PerValue:
@@ -446,16 +446,17 @@ class KMS:
             raise denied from None
         return Opening(problem="")
 
-    def _can_decrypt(self) -> bool:
+    def _can_decrypt(self, context: Mapping[str, str] | None) -> bool:
         """Whether this caller may Decrypt with the run's key: one Encrypt and pinned Decrypt
-        of a random test value (never shown), asked once per run and only when a denied
-        Decrypt is otherwise ambiguous."""
+        of a random test value (never shown), in the value's own encryption context (a key
+        policy may require one), asked once per run and only when a denied Decrypt is
+        otherwise ambiguous."""
         with self._lock:
             known = self._decrypt_allowed
         if known is None:
             probe = secrets.token_bytes(32)
             try:
-                known = isinstance(self.round_trip(probe), bytes)
+                known = isinstance(self.round_trip(probe, context), bytes)
             except _AccessDenied:
                 known = False
             with self._lock:

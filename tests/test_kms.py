@@ -505,3 +505,18 @@ def test_access_denied_on_encrypt_stays_fatal_once_described(kms: Any, client: A
     k.describe()
     with pytest.raises(FatalKMSError, match="AccessDeniedException"):
         k.round_trip(b"x")
+
+
+def test_moto_s_own_validation_exception_for_an_empty_plaintext_is_per_value(
+    kms: Any, client: Any
+) -> None:
+    from migration import kms as kms_module
+
+    k = make(client, None)
+    k.describe()
+    # round_trip decides an empty plaintext without calling KMS; Encrypt itself, given one,
+    # gets moto's real ValidationException (1 to 4096 bytes), classified as the value's.
+    with pytest.raises(kms_module._PerValue, match="ValidationException"):
+        k.encrypt(b"")
+    with pytest.raises(kms_module._PerValue, match="ValidationException"):
+        k.encrypt(b"x" * 4097)
