@@ -41,10 +41,11 @@ FERNET_PREFIX = "gAAAAA"
 KMS_MAX_PLAINTEXT = 4096
 KMS_MAX_CIPHERTEXT = 6144  # KMS Decrypt refuses a longer CiphertextBlob
 # What an AWS KMS CiphertextBlob (SYMMETRIC_DEFAULT key) adds to the plaintext: a header
-# naming the key material, the nonce and the GCM tag. Observed: 152 bytes (GenerateDataKey's
-# 32-byte AES-256 data key comes back as a 184-byte blob, the Encrypt of n bytes as n + 152);
-# rounded up to 160 so that a column sized by it has room to spare. moto's blobs are shorter
-# (n + 64), so sizing by what a rehearsal against moto produced would be too small.
+# naming the key material, the nonce and the GCM tag. AWS does not document the format; the
+# figure commonly reported is 152 bytes (GenerateDataKey's 32-byte AES-256 data key comes
+# back as a 184-byte CiphertextBlob). Rounded up to 160, so that a column sized by it has
+# room to spare. moto's blobs are shorter (plaintext + 64 bytes, moto 5), so sizing by what
+# a rehearsal against moto produced would be too small.
 KMS_BLOB_OVERHEAD = 160
 FERNET_OVERHEAD = 57  # version, timestamp, IV and HMAC around the AES-CBC ciphertext
 
