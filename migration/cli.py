@@ -268,6 +268,14 @@ def print_migrate(result: MigrateResult, settings: Settings) -> None:
                    "requests (Encrypt + verifying Decrypt per value, one DescribeKey), "
                    f"and leave {result.failed} failed value(s) untouched.")
         click.echo(estimate_line(calls, result.kms_requests, result.seconds, result.rate_limit))
+    for c in result.columns:
+        if c.unfit:
+            kind = "will not fit their KMS text" if result.dry_run else "did not fit their KMS text"
+            on = " on AWS KMS" if result.dry_run else ""
+            click.echo(f"{c.table}.{c.column} is {c.column_type}: {c.unfit} value(s) {kind} "
+                       f"(up to {c.unfit_need} characters{on}): widen the column to at least "
+                       f"{c.unfit_need} characters"
+                       + ("" if result.dry_run else ", then migrate --retry-failed"))
     if result.conflicts:
         click.echo(f"{result.conflicts} value(s) changed by the application while being migrated "
                    "were left as written; run migrate again to pick them up.")
@@ -322,12 +330,16 @@ def print_rollback(result: RollbackResult) -> None:
 
 
 def print_verify(result: VerifyResult) -> None:
-    rows = [(f"{c.table}.{c.column}", c.kms_ok, c.fernet_left, c.empty, c.undecryptable)
-            for c in result.columns]
-    click.echo(_table(["column", "kms ok", "fernet left", "null/empty", "undecryptable"], rows))
-    other = sum(c.other_key for c in result.columns)
-    if other:
-        click.echo(f"note: {other} value(s) opened under another KMS key than the one given")
+    rows = [(f"{c.table}.{c.column}", c.kms_ok, c.fernet_left, c.empty, c.undecryptable,
+             c.other_key) for c in result.columns]
+    click.echo(_table(["column", "kms ok", "fernet left", "null/empty", "undecryptable",
+                       "other key"], rows))
+    for arn, n in sorted(result.other_keys().items()):
+        click.echo(f"{n} value(s) under KMS key {arn}" if arn else
+                   f"{n} value(s) under a KMS key this caller cannot use")
+    if result.other_keys():
+        click.echo("  (the configured key cannot decrypt them: re-encrypt them under it, or "
+                   "check --key-id)")
     click.echo(f"KMS requests: {result.kms_requests}; {result.seconds:.2f} s")
     if result.problems:
         click.echo(f"Problems ({len(result.problems)}):")

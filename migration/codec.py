@@ -22,17 +22,32 @@ from .errors import ConfigError
 
 __all__ = [
     "FERNET_PREFIX",
+    "KMS_BLOB_OVERHEAD",
+    "KMS_MAX_CIPHERTEXT",
     "KMS_MAX_PLAINTEXT",
     "FernetCodec",
     "ValueKind",
     "classify",
+    "column_length",
     "decode_kms",
     "encode_kms",
     "encryption_context",
+    "fernet_token_length",
+    "kms_text_length",
+    "max_plaintext_fitting",
 ]
 
 FERNET_PREFIX = "gAAAAA"
 KMS_MAX_PLAINTEXT = 4096
+KMS_MAX_CIPHERTEXT = 6144  # KMS Decrypt refuses a longer CiphertextBlob
+# What an AWS KMS CiphertextBlob (SYMMETRIC_DEFAULT key) adds to the plaintext: a header
+# naming the key material, the nonce and the GCM tag. AWS does not document the format; the
+# figure commonly reported is 152 bytes (GenerateDataKey's 32-byte AES-256 data key comes
+# back as a 184-byte CiphertextBlob). Rounded up to 160, so that a column sized by it has
+# room to spare. moto's blobs are shorter (plaintext + 64 bytes, moto 5), so sizing by what
+# a rehearsal against moto produced would be too small.
+KMS_BLOB_OVERHEAD = 160
+FERNET_OVERHEAD = 57  # version, timestamp, IV and HMAC around the AES-CBC ciphertext
 
 
 class ValueKind(enum.Enum):
@@ -48,6 +63,29 @@ def classify(value: object) -> ValueKind:
     if isinstance(value, str) and value.startswith(FERNET_PREFIX):
         return ValueKind.FERNET
     return ValueKind.OTHER
+
+
+def kms_text_length(plaintext_len: int) -> int:
+    """The stored length (characters) of the AWS KMS ciphertext of a plaintext this long,
+    sized conservatively (KMS_BLOB_OVERHEAD), base64 with padding."""
+    return 4 * -(-(plaintext_len + KMS_BLOB_OVERHEAD) // 3)
+
+
+def max_plaintext_fitting(length: int) -> int:
+    """The longest plaintext whose AWS KMS text fits `length` characters (negative: none)."""
+    return 3 * (length // 4) - KMS_BLOB_OVERHEAD
+
+
+def fernet_token_length(plaintext_len: int) -> int:
+    """The length of a Fernet token of a plaintext this long (AES-CBC pads to 16 bytes)."""
+    raw = FERNET_OVERHEAD + 16 * (plaintext_len // 16 + 1)
+    return 4 * -(-raw // 3)
+
+
+def column_length(column: object) -> int | None:
+    """The declared length of a text column (VARCHAR(n), CHAR(n)), None when unbounded."""
+    length = getattr(getattr(column, "type", None), "length", None)
+    return length if isinstance(length, int) and length > 0 else None
 
 
 def encode_kms(blob: bytes) -> str:

@@ -83,9 +83,11 @@ def finalize(
     if not result.verify.ok:
         left = sum(c.fernet_left for c in result.verify.columns)
         bad = sum(c.undecryptable for c in result.verify.columns)
+        other = sum(c.other_key for c in result.verify.columns)
         raise ConfigError(
             f"verify did not pass ({left} Fernet value(s) left, {bad} undecryptable "
-            "value(s)): the rollback journal is still needed; run `kms-migrate verify` with "
+            f"value(s), {other} under another KMS key): the rollback journal is still "
+            "needed; run `kms-migrate verify` with "
             "the same options for the list, migrate or fix them, then finalize again; "
             "nothing was deleted"
         )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hmac
 import re
+import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -33,17 +34,21 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from .codec import KMS_MAX_CIPHERTEXT, KMS_MAX_PLAINTEXT
 from .errors import ConfigError, FatalKMSError, TransientKMSError
 
 __all__ = [
     "KMS",
     "KeyInfo",
+    "Opening",
     "Pending",
     "RateLimiter",
     "RetryPolicy",
     "make_client",
     "validate_region",
 ]
+
+REASON_EMPTY = f"plaintext is empty (KMS Encrypt takes 1 to {KMS_MAX_PLAINTEXT} bytes)"
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -71,6 +76,9 @@ CREDENTIAL_CODES = frozenset({
 })
 # Per-value answers of Decrypt: the ciphertext is not one this key (or any) opens.
 UNDECRYPTABLE_CODES = frozenset({"InvalidCiphertextException", "IncorrectKeyException"})
+# Per-value answers of Encrypt or Decrypt once the key is described: the request's data (a
+# plaintext, a ciphertext, an encryption context) broke a constraint. See `KMS._classify`.
+VALUE_CODES = frozenset({"ValidationException"})
 CONNECTION_ERRORS: tuple[type[Exception], ...] = (
     botocore.exceptions.ConnectionError,  # EndpointConnectionError, ConnectTimeoutError, ...
     botocore.exceptions.ReadTimeoutError,
@@ -111,6 +119,20 @@ class KeyInfo:
 
     key_id: str
     arn: str
+
+
+@dataclass(frozen=True)
+class Opening:
+    """What KMS said about one stored ciphertext (verify); never holds the plaintext.
+
+    ok: the run's key opened it. other_key: it is under another KMS key, whose ARN this is
+    ("" when this caller may not use that key, so KMS did not name it). problem: why KMS
+    did not open it ("" for the caller's own words: it cannot decrypt it).
+    """
+
+    ok: bool = False
+    other_key: str | None = None
+    problem: str | None = None
 
 
 @dataclass(frozen=True)
@@ -275,6 +297,7 @@ class KMS:
         self.retries = 0
         self.requests = 0
         self.key: KeyInfo | None = None
+        self._decrypt_allowed: bool | None = None  # see _can_decrypt
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -332,22 +355,31 @@ class KMS:
         return blob
 
     def decrypt(self, blob: bytes, context: Mapping[str, str] | None = None) -> bytes | None:
-        """KMS Decrypt; None when KMS says this ciphertext is not one it can open."""
+        """KMS Decrypt with the run's key (pinned once described); None when KMS says this
+        ciphertext is not one it can open (corrupt, under another key, another context, or
+        refused as invalid)."""
         opened = self.decrypt_with_key(blob, context)
-        return None if opened is None else opened[0]
+        if opened is None:
+            return None
+        if self.key is not None and opened[1] and opened[1] != self.key.arn:
+            return None  # a KMS that ignored the pinned KeyId: not the run's key either way
+        return opened[0]
 
     def decrypt_with_key(
-        self, blob: bytes, context: Mapping[str, str] | None = None
+        self, blob: bytes, context: Mapping[str, str] | None = None, *, pinned: bool = True
     ) -> tuple[bytes, str] | None:
         """KMS Decrypt returning the plaintext and the ARN of the key that opened it.
 
-        None when KMS says it cannot open this ciphertext (corrupt, another key, or another
-        encryption context than the one given).
+        Pinned (``KeyId`` = the run's key ARN) once the key is described, so that KMS opens
+        only what that key encrypted. None when KMS says it cannot open this ciphertext
+        (corrupt, another key, or another encryption context than the one given).
         """
-        extra = {"EncryptionContext": dict(context)} if context else {}
+        extra: dict[str, Any] = {"EncryptionContext": dict(context)} if context else {}
+        if pinned and self.key is not None:
+            extra["KeyId"] = self.key.arn
         try:
             resp = self._call("Decrypt", CiphertextBlob=blob, **extra)
-        except _Undecryptable:
+        except _PerValue:
             return None
         return resp["Plaintext"], str(resp.get("KeyId", ""))
 
@@ -357,6 +389,80 @@ class KMS:
         """`decrypt_with_key` of a (blob, context) pair, for `submit`/`map`."""
         return self.decrypt_with_key(item[0], item[1])
 
+    def open_stored(self, item: tuple[bytes, Mapping[str, str] | None]) -> Opening:
+        """Whether the run's key opens a stored ciphertext (verify); the plaintext is
+        dropped at once. For `submit`/`map` over (blob, encryption context) pairs.
+
+        The Decrypt is pinned to the run's key, so a value under another key is never
+        counted as good. Per-value answers (too long, invalid, another key, a key this caller
+        cannot use) are an Opening with the reason; key, credential, network and quota
+        problems raise FatalKMSError as every other call does.
+        """
+        blob, context = item
+        if len(blob) > KMS_MAX_CIPHERTEXT:  # KMS refuses it unseen (ValidationException)
+            return Opening(problem=f"too long to be a KMS ciphertext ({len(blob)} bytes; KMS "
+                                   f"takes at most {KMS_MAX_CIPHERTEXT})")
+        if self.key is None:
+            raise AssertionError("open_stored needs the run's key described first")
+        arn = self.key.arn
+        extra: dict[str, Any] = {"EncryptionContext": dict(context)} if context else {}
+        try:
+            opened_by = str(self._call("Decrypt", CiphertextBlob=blob, KeyId=arn,
+                                       **extra).get("KeyId") or arn)
+        except _Undecryptable as exc:
+            if str(exc) == "IncorrectKeyException":  # KMS says: another key encrypted it
+                return self._other_key(blob, extra, denied=None)
+            return Opening(problem="")  # the caller's own words (context or not)
+        except _PerValue as exc:
+            return Opening(problem=f"KMS refused it as invalid ({exc})")
+        except _AccessDenied as exc:
+            # Either this caller may not decrypt with the run's key at all (run-level), or
+            # the value is under a key it may not use (per-value; moto answers a pinned
+            # Decrypt of another key's ciphertext so too): `_other_key` tells them apart.
+            return self._other_key(blob, extra, denied=exc)
+        if opened_by != arn:  # a KMS that ignored the pinned KeyId
+            return Opening(other_key=opened_by)
+        return Opening(ok=True)
+
+    def _other_key(
+        self, blob: bytes, extra: dict[str, Any], denied: FatalKMSError | None
+    ) -> Opening:
+        """Name the key a ciphertext is under with one unpinned Decrypt (its plaintext is
+        discarded at once). `denied`: the pinned Decrypt was refused with this error, which
+        is raised again when the run's key itself turns out to be the one refused."""
+        assert self.key is not None
+        try:
+            opened_by = str(self._call("Decrypt", CiphertextBlob=blob, **extra).get("KeyId")
+                            or "")
+        except _AccessDenied:
+            if denied is None or self._can_decrypt(extra.get("EncryptionContext")):
+                return Opening(other_key="")
+            raise denied from None
+        except _PerValue:
+            return Opening(problem="")
+        if opened_by and opened_by != self.key.arn:
+            return Opening(other_key=opened_by)
+        if denied is not None:  # the run's key opens it, but not when pinned: a policy matter
+            raise denied from None
+        return Opening(problem="")
+
+    def _can_decrypt(self, context: Mapping[str, str] | None) -> bool:
+        """Whether this caller may Decrypt with the run's key: one Encrypt and pinned Decrypt
+        of a random test value (never shown), in the value's own encryption context (a key
+        policy may require one), asked once per run and only when a denied Decrypt is
+        otherwise ambiguous."""
+        with self._lock:
+            known = self._decrypt_allowed
+        if known is None:
+            probe = secrets.token_bytes(32)
+            try:
+                known = isinstance(self.round_trip(probe, context), bytes)
+            except _AccessDenied:
+                known = False
+            with self._lock:
+                self._decrypt_allowed = known
+        return known
+
     def round_trip_in_context(self, item: tuple[bytes, Mapping[str, str]]) -> bytes | str:
         """`round_trip` of a (plaintext, encryption context) pair, for `submit`/`map`."""
         return self.round_trip(item[0], item[1])
@@ -365,9 +471,16 @@ class KMS:
         """Encrypt, then decrypt the new ciphertext and compare in constant time.
 
         Returns the blob, or a failure reason (never carrying the value) when the
-        round trip does not give the plaintext back.
+        round trip does not give the plaintext back or KMS refuses this value's data.
         """
-        blob = self.encrypt(plaintext, context)
+        if not plaintext:
+            return REASON_EMPTY  # KMS would answer ValidationException: decided here
+        if len(plaintext) > KMS_MAX_PLAINTEXT:
+            return f"plaintext is over KMS's {KMS_MAX_PLAINTEXT}-byte Encrypt limit"
+        try:
+            blob = self.encrypt(plaintext, context)
+        except _PerValue as exc:
+            return f"KMS refused this value ({exc})"
         back = self.decrypt(blob, context)
         if back is None:
             return "KMS could not decrypt the ciphertext it had just produced"
@@ -456,6 +569,14 @@ class KMS:
                 raise TransientKMSError(code) from None
             if op == "Decrypt" and code in UNDECRYPTABLE_CODES:
                 raise _Undecryptable(code) from None
+            # A ValidationException can be about the request as a whole (a malformed key id),
+            # but the key is DescribeKey'd before any Encrypt or Decrypt (self.key is set by
+            # `describe`, or handed down by the process that described it): from then on the
+            # key id is known good, and a ValidationException is about this value's data.
+            if op in {"Encrypt", "Decrypt"} and code in VALUE_CODES and self.key is not None:
+                raise _PerValue(code) from None
+            if code == "AccessDeniedException":
+                raise _AccessDenied(_message(code, op, self.key_id, self.region)) from None
             raise FatalKMSError(_message(code, op, self.key_id, self.region)) from None
         except CONNECTION_ERRORS as exc:
             raise TransientKMSError(type(exc).__name__) from None
@@ -472,7 +593,15 @@ class KMS:
             ) from None
 
 
-class _Undecryptable(Exception):
+class _AccessDenied(FatalKMSError):
+    """KMS denied the call: fatal, unless `KMS.open_stored` shows it is about one value."""
+
+
+class _PerValue(Exception):
+    """KMS refused this one value's data (a per-value outcome, never a run-level stop)."""
+
+
+class _Undecryptable(_PerValue):
     """Decrypt answered that this ciphertext cannot be opened (a per-value outcome)."""
 
 

@@ -30,17 +30,21 @@ from .codec import (
     FernetCodec,
     ValueKind,
     classify,
+    column_length,
     encode_kms,
     encryption_context,
+    kms_text_length,
 )
 from .config import Settings, targets_fingerprint
 from .errors import ConfigError, FatalKMSError, ResumeMismatchError, RunLockedError
-from .kms import KMS, Pending
+from .kms import KMS, REASON_EMPTY, Pending
 from .logs import get_logger
 from .progress import NullProgress, Progress
 from .reader import BoundTarget, Row, bind_targets, count_after, fetch_batch, fetch_keys
 
-__all__ = ["REASON_NO_KEY", "REASON_OVERSIZE", "ColumnSummary", "MigrateResult", "migrate"]
+__all__ = [
+    "REASON_EMPTY", "REASON_NO_KEY", "REASON_OVERSIZE", "ColumnSummary", "MigrateResult", "migrate",
+]
 
 REASON_NO_KEY = (
     "no Fernet key opens this token (corrupt, or made with a key that is in neither "
@@ -59,6 +63,11 @@ class ColumnSummary:
     already: int = 0
     failed: int = 0
     conflicts: int = 0
+    # Values whose KMS text does not fit the column's declared length (failed, counted
+    # in `failed` too), and the length the longest of them needs.
+    unfit: int = 0
+    unfit_need: int = 0
+    column_type: str = ""  # as declared, e.g. VARCHAR(255)
 
     def add(self, c: BatchCounts) -> None:
         self.migrated += c.migrated
@@ -108,17 +117,35 @@ class Prepared:
     failures: list[FailureRow]
     skipped: int
     already: int
+    unfit: list[int] = field(default_factory=list)  # the length each unfit value needs
 
     def cancel(self) -> None:
         self.pending.cancel()
 
 
+def reason_unfit(need: int, bt: BoundTarget, column: str, *, estimated: bool) -> str:
+    """Why a value is left: its KMS text is longer than the column (never the value)."""
+    kind = bt.col(column).type
+    if estimated:
+        return (f"its KMS ciphertext will not fit the column ({kind}): about {need} "
+                "characters on AWS KMS; widen the column first")
+    return (f"its KMS ciphertext ({need} characters) does not fit the column ({kind}): "
+            "widen the column, then migrate --retry-failed")
+
+
 def prepare_rows(
     rows: list[Row], bt: BoundTarget, column: str, codec: FernetCodec, kms: KMS,
-    with_context: bool = False,
+    with_context: bool = False, *, size_for_aws: bool = False,
 ) -> Prepared:
-    """Classify and Fernet-decrypt a batch, and start its KMS round trips (non-blocking)."""
+    """Classify and Fernet-decrypt a batch, and start its KMS round trips (non-blocking).
+
+    With `size_for_aws` (a dry-run), a value whose KMS text would not fit the column's
+    declared length on real AWS KMS (codec.kms_text_length) fails here: a rehearsal
+    against moto, whose ciphertexts are shorter, must not hide it.
+    """
     skipped = already = 0
+    unfit: list[int] = []
+    length = column_length(bt.col(column)) if size_for_aws else None
     failures: list[FailureRow] = []
     waiting: list[Row] = []
     plaintexts: list[bytes] = []
@@ -133,8 +160,15 @@ def prepare_rows(
             plaintext = codec.decrypt(row.value)
             if plaintext is None:
                 failures.append(FailureRow(bt.name, column, bt.pk_text(row.pk), REASON_NO_KEY))
+            elif not plaintext:
+                failures.append(FailureRow(bt.name, column, bt.pk_text(row.pk), REASON_EMPTY))
             elif len(plaintext) > KMS_MAX_PLAINTEXT:
                 failures.append(FailureRow(bt.name, column, bt.pk_text(row.pk), REASON_OVERSIZE))
+            elif length is not None and kms_text_length(len(plaintext)) > length:
+                need = kms_text_length(len(plaintext))
+                unfit.append(need)
+                failures.append(FailureRow(bt.name, column, bt.pk_text(row.pk),
+                                           reason_unfit(need, bt, column, estimated=True)))
             else:
                 waiting.append(row)
                 plaintexts.append(plaintext)
@@ -147,19 +181,31 @@ def prepare_rows(
     else:
         pending = kms.submit(kms.round_trip, plaintexts)
     del plaintexts
-    return Prepared(rows, waiting, pending, failures, skipped, already)
+    return Prepared(rows, waiting, pending, failures, skipped, already, unfit)
 
 
 def finish_rows(
     prep: Prepared, bt: BoundTarget, column: str
 ) -> tuple[list[Rewrite], list[FailureRow], BatchCounts]:
-    """Wait for a batch's KMS work; turn it into compare-and-swap rewrites and failures."""
+    """Wait for a batch's KMS work; turn it into compare-and-swap rewrites and failures.
+
+    A new ciphertext longer than the column's declared length is that value's failure,
+    decided here: written, it would fail the whole batch's transaction (PostgreSQL: "value
+    too long") on every re-run, or be cut short by a database that truncates.
+    """
     results = prep.pending.result()
     rewrites: list[Rewrite] = []
     failures = list(prep.failures)
+    length = column_length(bt.col(column))
     for row, result in zip(prep.waiting, results, strict=True):
         if isinstance(result, bytes):
-            rewrites.append(Rewrite(row.pk, old=row.value, new=encode_kms(result)))
+            text = encode_kms(result)
+            if length is not None and len(text) > length:
+                prep.unfit.append(len(text))
+                failures.append(FailureRow(bt.name, column, bt.pk_text(row.pk),
+                                           reason_unfit(len(text), bt, column, estimated=False)))
+                continue
+            rewrites.append(Rewrite(row.pk, old=row.value, new=text))
         else:
             failures.append(FailureRow(bt.name, column, bt.pk_text(row.pk), result))
     counts = BatchCounts(migrated=len(rewrites), skipped=prep.skipped, already=prep.already,
@@ -490,7 +536,9 @@ def _migrate_column(
     batch_no = 0
     rows, done = fetch(after)
     ctx = settings.encryption_context
-    prep = prepare_rows(rows, bt, column, codec, kms, ctx)
+    dry = write is None  # a dry-run sizes the KMS texts for real AWS KMS
+    summary.column_type = str(bt.col(column).type)
+    prep = prepare_rows(rows, bt, column, codec, kms, ctx, size_for_aws=dry)
     upcoming: Prepared | None = None
     try:
         while True:
@@ -498,13 +546,15 @@ def _migrate_column(
             batch_rows = rows
             last_pk = rows[-1].pk if rows else None
             rewrites, failures, counts = finish_rows(prep, bt, column)
+            summary.unfit += len(prep.unfit)
+            summary.unfit_need = max([summary.unfit_need, *prep.unfit])
             next_done = True
             if not done:
                 # Read the next batch and start its KMS work now, so that it overlaps this
                 # batch's write. Safe: the two batches hold disjoint keys, and the next one
                 # writes nothing until this one has committed its checkpoint.
                 rows, next_done = fetch(last_pk)
-                upcoming = prepare_rows(rows, bt, column, codec, kms, ctx)
+                upcoming = prepare_rows(rows, bt, column, codec, kms, ctx, size_for_aws=dry)
             if write is None:
                 result.failures.extend(failures)
             else:

@@ -25,13 +25,23 @@ from typing import Any
 import boto3
 import botocore.exceptions
 from botocore.config import Config
-from sqlalchemy import Engine, inspect, select
+from sqlalchemy import Engine, func, inspect, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from checkpoints import store
 from checkpoints.tables import VERSION_TABLE, lock
 
-from .codec import FERNET_PREFIX, FernetCodec, encryption_context
+from .codec import (
+    FERNET_PREFIX,
+    KMS_BLOB_OVERHEAD,
+    KMS_MAX_PLAINTEXT,
+    FernetCodec,
+    column_length,
+    encryption_context,
+    fernet_token_length,
+    kms_text_length,
+    max_plaintext_fitting,
+)
 from .config import Settings, targets_fingerprint
 from .db import make_engine, safe_url
 from .errors import ConfigError, KmsMigrateError
@@ -104,6 +114,7 @@ def preflight(
         bound = _check_targets(engine, settings, checks)
         codec = _check_fernet_keys(settings, env, checks)
         _check_samples(engine, settings, bound, codec, checks)
+        _check_fit(engine, settings, bound, codec, checks)
         arn = _check_kms(settings, kms_client, checks, sleep)
         _check_caller(settings, sts_client, arn, checks)
         _check_bookkeeping(engine, settings, arn, checks)
@@ -229,6 +240,71 @@ def _sample_column(
                      f"the other {sampled - opened} (corrupt, or made with another key: add "
                      "it to ENCRYPTION_KEY_LEGACY): migrate would fail them, left untouched")
     return Check(name, True, f"opened {opened} of {sampled} sampled")
+
+
+def _check_fit(
+    engine: Engine | None,
+    settings: Settings,
+    bound: Mapping[str, BoundTarget],
+    codec: FernetCodec | None,
+    checks: list[Check],
+) -> None:
+    """One line per target column with a declared length (VARCHAR(n)): can it hold the
+    AWS KMS text of every value? Unbounded columns (TEXT) get no line."""
+    if engine is None:
+        return  # the database line already says why
+    for target in settings.targets:
+        bt = bound.get(target.table)
+        if bt is None:
+            continue  # its table line already says why
+        for column in target.columns:
+            length = column_length(bt.col(column))
+            if length is None:
+                continue
+            name = f"column fit {target.table}.{column}"
+            if codec is None:
+                checks.append(_skip(name, "no valid Fernet keys to size the values with"))
+                continue
+            checks.append(_fit_column(engine, bt, column, length, codec, name))
+
+
+def _fit_column(
+    engine: Engine, bt: BoundTarget, column: str, length: int, codec: FernetCodec, name: str
+) -> Check:
+    """Count the values whose KMS text, sized for real AWS KMS (plaintext + KMS_BLOB_OVERHEAD
+    bytes, base64), is longer than the column. Sized by the plaintext, never shown: only
+    tokens long enough to hold a plaintext that does not fit are read and opened."""
+    col = bt.col(column)
+    kind = col.type
+    fits = max_plaintext_fitting(length)
+    shortest = fernet_token_length(max(fits + 1, 1))
+    q = select(col).where(col.like(f"{FERNET_PREFIX}%"), func.length(col) >= shortest)
+    unfit = need = 0
+    try:
+        with engine.connect() as conn:
+            for (value,) in conn.execute(q):
+                size = _plaintext_size(codec, value)
+                # Empty, oversize or unopened values fail for their own reason.
+                if 1 <= size <= KMS_MAX_PLAINTEXT and kms_text_length(size) > length:
+                    unfit += 1
+                    need = max(need, kms_text_length(size))
+    except SQLAlchemyError as exc:
+        return Check(name, False, f"cannot read the column ({type(exc).__name__}): check "
+                     "that the database user may read it")
+    if unfit:
+        return Check(name, False, (
+            f"{kind} cannot hold the AWS KMS text of {unfit} value(s) (up to {need} "
+            f"characters: plaintext + {KMS_BLOB_OVERHEAD} bytes, base64): widen it to at least "
+            f"{need} characters, {AGAIN}; migrate would fail those values, left untouched"))
+    return Check(name, True, f"{kind} holds the AWS KMS text of every value (plaintexts "
+                 f"up to {max(fits, 0)} bytes fit)")
+
+
+def _plaintext_size(codec: FernetCodec, token: object) -> int:
+    """The length of the plaintext a token holds (0 when no key opens it); the plaintext
+    itself is dropped at once."""
+    plaintext = codec.decrypt(token) if isinstance(token, str) else None
+    return len(plaintext) if plaintext is not None else 0
 
 
 # -- KMS --------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from .codec import ValueKind, classify, decode_kms, encryption_context
 from .config import Settings
 from .db import is_sqlite, make_engine, safe_url, sqlite_path
 from .errors import ConfigError, DatabaseError, KmsMigrateError
-from .kms import KMS, KeyInfo, RateLimiter, make_client
+from .kms import KMS, KeyInfo, Opening, RateLimiter, make_client
 from .logs import configure_from_options, get_logger
 from .reader import BoundTarget, bind_targets, fetch_batch
 from .workers import DEFAULT_ROWS_PER_RANGE
@@ -48,7 +48,10 @@ class ColumnCheck:
     fernet_left: int = 0
     empty: int = 0
     undecryptable: int = 0
-    other_key: int = 0  # opened by KMS, but under another key than the one configured
+    # Under another KMS key than the one configured: a problem (the application's key-scoped
+    # policy cannot decrypt them). Counted per key ARN ("" when this caller may not use it).
+    other_key: int = 0
+    other_keys: dict[str, int] = field(default_factory=dict)
 
     def add(self, other: ColumnCheck) -> None:
         """Add the counts of another part (a key range) of the same column."""
@@ -57,6 +60,8 @@ class ColumnCheck:
         self.empty += other.empty
         self.undecryptable += other.undecryptable
         self.other_key += other.other_key
+        for arn, n in other.other_keys.items():
+            self.other_keys[arn] = self.other_keys.get(arn, 0) + n
 
 
 @dataclass
@@ -68,7 +73,16 @@ class VerifyResult:
 
     @property
     def ok(self) -> bool:
-        return not any(c.fernet_left or c.undecryptable for c in self.columns)
+        return not any(c.fernet_left or c.undecryptable or c.other_key for c in self.columns)
+
+    def other_keys(self) -> dict[str, int]:
+        """How many values each other KMS key holds, over every column ("" for a key this
+        caller may not use)."""
+        out: dict[str, int] = {}
+        for c in self.columns:
+            for arn, n in c.other_keys.items():
+                out[arn] = out.get(arn, 0) + n
+        return out
 
 
 def verify(
@@ -148,9 +162,9 @@ def _verify_column(
                     blobs.append((pk, blob))
                     ctxs.append(encryption_context(bt.name, column, pk)
                                 if settings.encryption_context else None)
-        opened = kms.map(kms.decrypt_in_context,
+        opened = kms.map(kms.open_stored,
                          [(b, c) for (_, b), c in zip(blobs, ctxs, strict=True)])
-        _tally(check, problems, bt.name, column, blobs, opened, arn, reason)
+        _tally(check, problems, bt.name, column, blobs, opened, reason)
         log.info("batch_verified", table=bt.name, column=column, rows=len(rows))
         if len(rows) < settings.batch_size or (upto is not None and rows[-1].pk == upto):
             return  # the end of the column, or of the range
@@ -163,18 +177,20 @@ def _tally(
     table: str,
     column: str,
     blobs: Sequence[tuple[str, bytes]],
-    opened: Sequence[tuple[bytes, str] | None],
-    arn: str,
+    opened: Sequence[Opening],
     reason: str,
 ) -> None:
     for (pk, _), out in zip(blobs, opened, strict=True):
-        if out is None:
-            check.undecryptable += 1
-            problems.append((table, column, pk, reason))
-        else:
+        if out.ok:
             check.kms_ok += 1
-            if out[1] and out[1] != arn:
-                check.other_key += 1
+        elif out.other_key is not None:
+            check.other_key += 1
+            check.other_keys[out.other_key] = check.other_keys.get(out.other_key, 0) + 1
+            problems.append((table, column, pk, f"under another KMS key ({out.other_key})"
+                             if out.other_key else "under a KMS key this caller cannot use"))
+        else:
+            check.undecryptable += 1
+            problems.append((table, column, pk, out.problem or reason))
 
 
 # -- the parallel mode ----------------------------------------------------------------------

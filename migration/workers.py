@@ -45,7 +45,7 @@ from checkpoints.tables import checkpoints, journal, runs
 from .codec import FernetCodec
 from .config import Settings, Target, fernet_keys_from_env
 from .errors import ConfigError, KmsMigrateError, RunLockedError
-from .kms import KMS
+from .kms import KMS, KeyInfo
 from .logs import get_logger
 from .migrator import (
     ColumnSummary,
@@ -289,6 +289,13 @@ class _Job:
                 for column in bt.target.columns:
                     self.bound[(bt.name, column)] = bt
             self.codec = FernetCodec(settings.fernet_keys)
+            with engine.connect() as conn:
+                run = store.get_run(conn, spec.run_id)
+            if kms.key is None and run is not None and run.key_arn:
+                # The run's key as the command that started the run described it (a run
+                # refuses another key): Decrypt is pinned to it, and from now on KMS's
+                # ValidationException is about a value (see KMS._classify), as in migrate.
+                kms.key = KeyInfo(key_id=settings.key_id, arn=run.key_arn)
 
     def target(self, table: str, column: str) -> BoundTarget:
         bt = self.bound.get((table, column))

@@ -442,3 +442,81 @@ def test_validate_region_accepts_every_region_botocore_knows() -> None:
     assert "us-east-1" in regions and len(regions) > 20
     for region in regions:
         assert validate_region(region) == region
+
+
+# -- per-value answers: one value's problem is that value's failure ----------------------------
+
+def test_empty_plaintext_is_a_reason_without_calling_kms(kms: Any, client: Any) -> None:
+    k = make(client, None)
+    k.describe()
+    reason = k.round_trip(b"")
+    assert isinstance(reason, str)
+    assert "empty" in reason
+    assert k.requests == 1  # DescribeKey only: KMS Encrypt takes 1 to 4096 bytes
+
+
+def test_validation_exception_on_encrypt_is_that_values_failure(kms: Any, client: Any) -> None:
+    inj = inject(client, Injector("ValidationException"), "Encrypt")
+    k = make(client, None)
+    k.describe()
+    reason = k.round_trip(b"plaintext-never-in-messages")
+    assert isinstance(reason, str)
+    assert "ValidationException" in reason
+    assert "plaintext-never-in-messages" not in reason
+    assert k.retries == 0 and inj.calls == 1 and k.requests == 2  # DescribeKey, Encrypt
+    assert isinstance(k.round_trip(b"the next value"), bytes)  # and the run goes on
+
+
+def test_validation_exception_before_the_key_is_described_stays_fatal(client: Any) -> None:
+    # Until DescribeKey has accepted the key id, a ValidationException may be about the
+    # request as a whole (a malformed key id): not a value's problem.
+    inject(client, Injector("ValidationException"), "Encrypt")
+    with pytest.raises(FatalKMSError, match="ValidationException"):
+        make(client, None).encrypt(b"x")
+
+
+@pytest.mark.parametrize("code", ["ValidationException", "InvalidCiphertextException",
+                                  "IncorrectKeyException"])
+def test_per_value_answers_of_the_verifying_decrypt_are_reasons(
+    kms: Any, client: Any, code: str
+) -> None:
+    inject(client, Injector(code), "Decrypt")
+    k = make(client, None)
+    k.describe()
+    reason = k.round_trip(b"x")
+    assert isinstance(reason, str)
+    assert isinstance(k.round_trip(b"y"), bytes)
+
+
+def test_the_verifying_decrypt_is_pinned_to_the_run_key(kms: Any, client: Any) -> None:
+    k = make(client, None)
+    k.describe()
+    seen: list[str | None] = []
+    client.meta.events.register_first(
+        "before-parameter-build.kms.Decrypt",
+        lambda params, **_: seen.append(params.get("KeyId")))
+    assert isinstance(k.round_trip(b"x"), bytes)
+    assert seen == [kms.arn]
+
+
+def test_access_denied_on_encrypt_stays_fatal_once_described(kms: Any, client: Any) -> None:
+    inject(client, Injector("AccessDeniedException"), "Encrypt")
+    k = make(client, None)
+    k.describe()
+    with pytest.raises(FatalKMSError, match="AccessDeniedException"):
+        k.round_trip(b"x")
+
+
+def test_moto_s_own_validation_exception_for_an_empty_plaintext_is_per_value(
+    kms: Any, client: Any
+) -> None:
+    from migration import kms as kms_module
+
+    k = make(client, None)
+    k.describe()
+    # round_trip decides an empty plaintext without calling KMS; Encrypt itself, given one,
+    # gets moto's real ValidationException (1 to 4096 bytes), classified as the value's.
+    with pytest.raises(kms_module._PerValue, match="ValidationException"):
+        k.encrypt(b"")
+    with pytest.raises(kms_module._PerValue, match="ValidationException"):
+        k.encrypt(b"x" * 4097)

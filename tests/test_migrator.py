@@ -16,10 +16,22 @@ from checkpoints.tables import checkpoints, journal, runs
 from migration.codec import ValueKind, classify
 from migration.db import make_engine
 from migration.errors import ConfigError, FatalKMSError, ResumeMismatchError
-from migration.migrator import REASON_NO_KEY, REASON_OVERSIZE, migrate
+from migration.kms import make_client
+from migration.migrator import REASON_EMPTY, REASON_NO_KEY, REASON_OVERSIZE, migrate
 from migration.sample import coinflip_metadata
 from tests.conftest import Keys, KmsHandle
-from tests.helpers import interrupted_migrate, make_db, make_kms, settings_for, snapshot
+from tests.helpers import (
+    VAULT_LENGTH,
+    VAULT_SIZES,
+    interrupted_migrate,
+    make_db,
+    make_kms,
+    make_vault,
+    run_main,
+    settings_for,
+    snapshot,
+    vault_values,
+)
 
 
 def _alembic_head() -> str:
@@ -338,3 +350,88 @@ def test_own_alembic_version_table_leaves_the_apps_alone(
         n = conn.execute(select(func.count()).select_from(runs)).scalar_one()
     assert n == 1
     eng.dispose()
+
+
+# -- per-value problems stay per-value (issue 11, defect 1) -----------------------------------
+
+def _set_cell(url: str, cell: tuple[str, str, str], value: str) -> None:
+    _, users, wagers = coinflip_metadata()
+    table, pk, column = cell
+    t, key = (users, users.c.user_id) if table == "users" else (wagers, wagers.c.wager_id)
+    eng = create_engine(url)
+    with eng.begin() as conn:
+        conn.execute(update(t).where(key == (int(pk) if table == "users" else pk))
+                     .values({column: value}))
+    eng.dispose()
+
+
+def test_an_empty_plaintext_fails_that_value_and_the_run_goes_on(
+    capsys: Any, db_url: str, kms: KmsHandle, env_keys: Keys
+) -> None:
+    truth = make_db(db_url, 30, env_keys.current, bad_values=False)
+    cell = sorted(truth.plaintexts)[0]
+    empty = Fernet(env_keys.current.encode()).encrypt(b"").decode()
+    _set_cell(db_url, cell, empty)
+    for _ in range(2):  # and again: a re-run must not turn it into a run-level stop
+        code, out, err = run_main(capsys, "migrate", "--db", db_url, "--yes", "--no-backup",
+                                  "--no-progress")
+        assert code == 1, err
+        table, pk, column = cell
+        assert f"{table} pk={pk} {column}: {REASON_EMPTY}" in out
+    after = snapshot(db_url)
+    assert after[cell] == empty
+    for other, plaintext in truth.plaintexts.items():
+        if other != cell:
+            assert kms.decrypt_text(after[other]) == plaintext
+
+
+def test_kms_validation_exception_on_one_value_is_its_failure(
+    sqlite_url: str, kms: KmsHandle, keys: Keys
+) -> None:
+    from tests.test_kms import Injector, inject
+
+    truth = make_db(sqlite_url, 10, keys.current, bad_values=False)
+    settings = settings_for(sqlite_url, keys.current, concurrency=1)
+    client = make_client("us-east-1", 1)
+    inject(client, Injector("ValidationException"), "Encrypt")
+    result = migrate(settings, engine=make_engine(sqlite_url), kms=make_kms(client, settings))
+    assert [f.reason for f in result.failures] == ["KMS refused this value (ValidationException)"]
+    assert sum(c.migrated for c in result.columns) == len(truth.plaintexts) - 1
+    failed = result.failures[0]
+    cell = (failed.table_name, failed.pk, failed.column_name)
+    assert classify(snapshot(sqlite_url)[cell]) is ValueKind.FERNET
+
+
+# -- a VARCHAR(n) that fits the Fernet token but not the KMS text (issue 11, defect 11) --------
+
+def test_a_kms_text_too_long_for_its_column_fails_that_value_not_the_batch(
+    capsys: Any, db_url: str, kms: KmsHandle, env_keys: Keys, tmp_path: Path
+) -> None:
+    config = make_vault(db_url, env_keys.current, tmp_path)
+    before = vault_values(db_url)
+    assert all(len(v) <= VAULT_LENGTH for v in before.values())
+    code, out, err = run_main(capsys, "migrate", "--db", db_url, "--config", config, "--yes",
+                              "--no-backup", "--no-progress")
+    assert code == 1, err
+    assert (f"vault pk=1 secret: its KMS ciphertext (276 characters) does not fit the column "
+            f"(VARCHAR({VAULT_LENGTH}))") in out
+    after = vault_values(db_url)
+    assert after[1] == before[1]
+    for i in (2, 3):
+        assert classify(after[i]) is ValueKind.OTHER and len(after[i]) <= VAULT_LENGTH
+        assert len(kms.decrypt_text(after[i])) == VAULT_SIZES[i]
+
+
+def test_dry_run_reports_the_values_that_will_not_fit_on_real_kms(
+    capsys: Any, db_url: str, kms: KmsHandle, env_keys: Keys, tmp_path: Path
+) -> None:
+    config = make_vault(db_url, env_keys.current, tmp_path)
+    before = vault_values(db_url)
+    code, out, err = run_main(capsys, "migrate", "--db", db_url, "--config", config,
+                              "--dry-run", "--no-progress")
+    assert code == 1, err
+    assert (f"vault.secret is VARCHAR({VAULT_LENGTH}): 2 value(s) will not fit their KMS "
+            "text") in out
+    assert "vault pk=1 secret: " in out and "vault pk=2 secret: " in out
+    assert "vault pk=3 secret: " not in out
+    assert vault_values(db_url) == before

@@ -31,7 +31,7 @@ from migration.db import safe_url
 from migration.preflight import Check, format_check, preflight, summary
 from migration.sample import create_coinflip_schema
 from tests.conftest import AWS_SECRET, Keys, KmsHandle, MotoServer, kms_migrate_bin
-from tests.helpers import make_db, run_main, settings_for
+from tests.helpers import VAULT_LENGTH, make_db, make_vault, run_main, settings_for
 from tests.kms_proxy import Rule, kms_proxy
 from tests.test_kms import Injector, inject
 
@@ -647,3 +647,15 @@ def test_real_cli_subprocess_fails_on_a_disabled_key(
     assert "Traceback" not in res.stderr
     for out in (ok.stdout, ok.stderr, res.stdout, res.stderr):
         assert_clean(out, keys)
+
+
+def test_preflight_reports_a_column_too_short_for_real_kms_ciphertexts(
+    capsys: pytest.CaptureFixture[str], db_url: str, env_keys: Keys, kms: KmsHandle,
+    tmp_path: Path,
+) -> None:
+    config = make_vault(db_url, env_keys.current, tmp_path)
+    code, out, err = run_main(capsys, "preflight", "--db", db_url, "--config", config)
+    assert code == 2, (out, err)
+    assert (f"FAIL  column fit vault.secret: VARCHAR({VAULT_LENGTH}) cannot hold the AWS KMS "
+            "text of 2 value(s)") in out
+    assert_clean(out + err, env_keys)

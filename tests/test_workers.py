@@ -416,3 +416,23 @@ def test_one_worker_process_on_sqlite_migrates_and_rolls_back(
                         capture_output=True, text=True, timeout=120)
     assert rb.returncode == 0, rb.stderr
     assert snapshot(sqlite_url) == before
+
+
+def test_a_validation_exception_in_a_worker_fails_that_value_not_the_run(
+    db_url: str, keys: Keys, kms: KmsHandle,
+) -> None:
+    # Issue 11, defect 1, in the workers: they take the run's described key, so KMS's
+    # ValidationException about one value is that value's failure there too.
+    from migration.kms import make_client
+    from tests.test_kms import Injector, inject
+
+    truth = make_db(db_url, 30, keys.current, bad_values=False)
+    settings = settings_for(db_url, keys.current, batch_size=5)
+    client = make_client("us-east-1", 4)
+    inject(client, Injector("ValidationException"), "Encrypt")
+    n = 2 if db_url.startswith("postgresql") else 1
+    result = migrate_ranged(settings, engine=make_engine(db_url),
+                            kms=make_kms(kms.client, settings), workers=n, rows_per_range=10,
+                            spawn=thread_spawn(settings, client))
+    assert result.failed == 1
+    assert sum(c.migrated for c in result.columns) == len(truth.plaintexts) - 1
