@@ -415,7 +415,10 @@ def migrate(
     return result
 
 
-Fetcher = Callable[[Any], tuple[list[Row], bool]]  # after -> (rows, last page?)
+# after -> (rows, cursor, last page?). The cursor is the key the page covered up to: the
+# next page starts after it. It comes from what was asked for, not from the rows found, so
+# it advances even when a page finds no row (keys deleted since they were listed).
+Fetcher = Callable[[Any], tuple[list[Row], Any, bool]]
 # (rewrites, failures, counts, last_pk, done) -> the counts as committed
 Writer = Callable[[list[Rewrite], list[FailureRow], BatchCounts, Any, bool], BatchCounts]
 
@@ -439,11 +442,12 @@ def _writer(
 def _keyset_fetcher(
     engine: Engine, bt: BoundTarget, column: str, size: int, upto: Any | None = None
 ) -> Fetcher:
-    def fetch(after: Any) -> tuple[list[Row], bool]:
+    def fetch(after: Any) -> tuple[list[Row], Any, bool]:
         rows = fetch_batch(engine, bt, column, after, size, upto)
         # The range's last key read: done, without an empty batch to find out.
         at_end = upto is not None and bool(rows) and rows[-1].pk == upto
-        return rows, len(rows) < size or at_end
+        cursor = rows[-1].pk if rows else after  # no row: the last page (len < size)
+        return rows, cursor, len(rows) < size or at_end
     return fetch
 
 
@@ -451,10 +455,13 @@ def _key_list_fetcher(
     engine: Engine, bt: BoundTarget, column: str, keys: list[Any], size: int
 ) -> Fetcher:
     """Pages through a sorted list of keys (--retry-failed) instead of the whole table."""
-    def fetch(after: Any) -> tuple[list[Row], bool]:
+    def fetch(after: Any) -> tuple[list[Row], Any, bool]:
         start = 0 if after is None else bisect.bisect_right(keys, after)
         page = keys[start:start + size]
-        return fetch_keys(engine, bt, column, page), start + size >= len(keys)
+        # The cursor is the page's last key, found or not: a page whose rows were all
+        # deleted since still moves on (falling back to None would start over, forever).
+        cursor = page[-1] if page else after
+        return fetch_keys(engine, bt, column, page), cursor, start + size >= len(keys)
     return fetch
 
 
@@ -488,7 +495,7 @@ def _migrate_column(
     no `write` (a dry-run) the failures go to the result instead."""
     clog = log.bind(table=bt.name, column=column)  # type: ignore[attr-defined]
     batch_no = 0
-    rows, done = fetch(after)
+    rows, cursor, done = fetch(after)
     ctx = settings.encryption_context
     prep = prepare_rows(rows, bt, column, codec, kms, ctx)
     upcoming: Prepared | None = None
@@ -496,14 +503,19 @@ def _migrate_column(
         while True:
             batch_no += 1
             batch_rows = rows
-            last_pk = rows[-1].pk if rows else None
+            last_pk = cursor
+            if not done and (last_pk is None or last_pk == after):
+                # Every loop ends: a page that is not the last must move the cursor on.
+                raise RuntimeError(
+                    f"paging {bt.name}.{column} did not advance past key {after!r}")
             rewrites, failures, counts = finish_rows(prep, bt, column)
             next_done = True
             if not done:
                 # Read the next batch and start its KMS work now, so that it overlaps this
                 # batch's write. Safe: the two batches hold disjoint keys, and the next one
                 # writes nothing until this one has committed its checkpoint.
-                rows, next_done = fetch(last_pk)
+                after = last_pk
+                rows, cursor, next_done = fetch(last_pk)
                 upcoming = prepare_rows(rows, bt, column, codec, kms, ctx)
             if write is None:
                 result.failures.extend(failures)
