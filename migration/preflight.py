@@ -36,7 +36,7 @@ from .config import Settings, targets_fingerprint
 from .db import make_engine, safe_url
 from .errors import ConfigError, KmsMigrateError
 from .kms import CONNECTION_ERRORS, CREDENTIAL_CODES, TRANSIENT_CODES, make_client
-from .reader import BoundTarget, bind_target
+from .reader import BoundTarget, bind_target, refuse_null_keys
 
 __all__ = ["SAMPLE_SIZE", "Check", "format_check", "preflight", "summary"]
 
@@ -146,6 +146,7 @@ def _check_targets(
         try:
             with engine.connect() as conn:
                 bt = bind_target(conn, target)
+                refuse_null_keys(conn, bt)  # keyset paging cannot pass a NULL key
         except ConfigError as exc:
             checks.append(Check(name, False, str(exc)))
             continue

@@ -29,6 +29,7 @@ from .errors import ConfigError
 
 __all__ = [
     "BoundTarget", "Row", "bind_target", "bind_targets", "count_after", "fetch_batch", "fetch_keys",
+    "null_key_count", "refuse_null_keys",
 ]
 
 
@@ -117,8 +118,35 @@ def bind_target(conn: Connection, target: Target) -> BoundTarget:
 
 
 def bind_targets(engine: Engine, targets: Sequence[Target]) -> list[BoundTarget]:
+    """Bind every target for a command that pages through them (migrate, verify): refused,
+    before anything is written, when a target has rows with a NULL primary key."""
     with engine.connect() as conn:
-        return [bind_target(conn, t) for t in targets]
+        bound = [bind_target(conn, t) for t in targets]
+        for bt in bound:
+            refuse_null_keys(conn, bt)
+        return bound
+
+
+def null_key_count(conn: Connection, bt: BoundTarget) -> int:
+    """Rows whose primary key is NULL (SQLite allows it in a non-integer PRIMARY KEY)."""
+    return int(conn.execute(
+        select(func.count()).select_from(bt.table).where(bt.pk.is_(None))).scalar_one())
+
+
+def refuse_null_keys(conn: Connection, bt: BoundTarget) -> None:
+    """Raise ConfigError when the target has NULL-key rows.
+
+    Keyset paging (``pk > :last``) can neither reach nor pass a NULL key, and a
+    compare-and-swap (``pk = :pk``) never matches one: such rows could be neither migrated
+    nor named by key, and a run over them would loop or leave them as endless conflicts.
+    """
+    n = null_key_count(conn, bt)
+    if n:
+        raise ConfigError(
+            f"table {bt.name} has {n} row(s) whose primary key {bt.target.primary_key} is "
+            "NULL: kms-migrate pages and rewrites rows by key; give those rows a key (or "
+            "delete them) and re-run; nothing was written"
+        )
 
 
 def count_after(
@@ -151,8 +179,8 @@ def fetch_batch(
     """The next `limit` rows of one column, in primary-key order, after key `after`
     (and up to key `upto`, the end of a range, when given)."""
     q = select(bt.pk, bt.col(column)).order_by(bt.pk).limit(limit)
-    if after is not None:
-        q = q.where(bt.pk > after)
+    # A NULL key sorts first on SQLite, and no cursor can get past it: never read one.
+    q = q.where(bt.pk > after) if after is not None else q.where(bt.pk.is_not(None))
     if upto is not None:
         q = q.where(bt.pk <= upto)
     with engine.connect() as conn:

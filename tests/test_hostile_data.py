@@ -4,11 +4,14 @@ range, statements fit the database's parameter limit, conflicts are named and re
 
 from __future__ import annotations
 
+import re
 import subprocess
+from pathlib import Path
 from typing import Any
 
+import pytest
 from cryptography.fernet import Fernet
-from sqlalchemy import create_engine, delete, select, update
+from sqlalchemy import create_engine, delete, inspect, select, text, update
 
 from checkpoints.tables import checkpoints, runs
 from migration.sample import coinflip_metadata
@@ -73,3 +76,73 @@ def test_retry_failed_ends_when_whole_pages_of_failed_keys_were_deleted(
     ck = _retry_checkpoint(db_url)
     assert ck.done and ck.batches == 3  # ten listed keys, four a page: three batches
     assert ck.last_pk == str(bad[-1])
+
+
+# -- defect 3: NULL primary keys (SQLite allows them in a non-integer PRIMARY KEY) -----------
+
+def vault_table(url: str, tmp_path: Path, values: list[tuple[Any, str | None]],
+                text_key: bool = True) -> str:
+    """Create the application's own table `vaults` (key, secret) from raw SQL, as a schema
+    not made by SQLAlchemy (whose primary keys are NOT NULL) would be, fill it, and return
+    a --config naming it."""
+    key_type = "VARCHAR(64)" if text_key else "INTEGER"
+    eng = create_engine(url)
+    with eng.begin() as conn:
+        conn.execute(text(f"CREATE TABLE vaults (vault_id {key_type} PRIMARY KEY, "
+                          "secret TEXT)"))
+        if values:
+            conn.execute(text("INSERT INTO vaults (vault_id, secret) VALUES (:k, :v)"),
+                         [{"k": k, "v": v} for k, v in values])
+    eng.dispose()
+    config = tmp_path / "vaults.toml"
+    config.write_text('[[targets]]\ntable = "vaults"\nprimary_key = "vault_id"\n'
+                      'columns = ["secret"]\n')
+    return str(config)
+
+
+def vault_values(url: str) -> dict[Any, Any]:
+    eng = create_engine(url)
+    with eng.connect() as conn:
+        out = dict(conn.execute(text("SELECT vault_id, secret FROM vaults")).all())
+    eng.dispose()
+    return out
+
+
+def _bookkeeping_tables(url: str) -> list[str]:
+    eng = create_engine(url)
+    names = [t for t in inspect(eng).get_table_names() if t.startswith("kms_migrate")]
+    eng.dispose()
+    return names
+
+
+@pytest.mark.parametrize("null_rows", [5, 2], ids=["more-than-a-batch", "fewer-than-a-batch"])
+def test_null_primary_keys_are_refused_up_front(
+    sqlite_url: str, keys: Keys, server_kms: KmsHandle, moto_server: MotoServer,
+    cli_env: dict[str, str], tmp_path: Path, null_rows: int,
+) -> None:
+    """More NULL-key rows than a batch looped forever (the same batch, fetched again and
+    again); fewer were conflicts on every run, with exit 0. Both: refused, exit 2."""
+    make_db(sqlite_url, 1, keys.current)  # the SQLite file
+    f = Fernet(keys.current.encode())
+    values: list[tuple[Any, str | None]] = [(None, f.encrypt(b"null-key secret").decode())
+                                            for _ in range(null_rows)]
+    values += [(f"v{i:02d}", f.encrypt(b"keyed secret").decode()) for i in range(10)]
+    config = vault_table(sqlite_url, tmp_path, values)
+    before = vault_values(sqlite_url)
+    common = ["--db", sqlite_url, "--config", config, "--batch-size", "4"]
+    for args in (["migrate", "--yes", "--no-progress", *common],
+                 ["migrate", "--dry-run", "--no-progress", *common], ["verify", *common]):
+        res = run_cli(args, cli_env)
+        assert res.returncode == 2, (args, res.stdout, res.stderr)
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+        assert re.search(rf"table vaults has {null_rows} row\(s\) whose primary key vault_id "
+                         "is NULL", lines[0]), lines[0]
+    assert vault_values(sqlite_url) == before
+    assert _bookkeeping_tables(sqlite_url) == []
+    assert not list(tmp_path.glob("*.kms-migrate-backup-*"))  # no backup either: no write
+    env = {**cli_env, "AWS_ENDPOINT_URL_STS": moto_server.url}
+    pre = run_cli(["preflight", "--db", sqlite_url, "--config", config], env)
+    assert pre.returncode == 2, (pre.stdout, pre.stderr)
+    assert re.search(rf"^FAIL  table vaults: table vaults has {null_rows} row\(s\) whose "
+                     "primary key vault_id is NULL", pre.stdout, re.M), pre.stdout
