@@ -38,7 +38,15 @@ from .errors import ConfigError, FatalKMSError, ResumeMismatchError, RunLockedEr
 from .kms import KMS, Pending
 from .logs import get_logger
 from .progress import NullProgress, Progress
-from .reader import BoundTarget, Row, bind_targets, count_after, fetch_batch, fetch_keys
+from .reader import (
+    BoundTarget,
+    Row,
+    bind_targets,
+    count_after,
+    fetch_batch,
+    fetch_keys,
+    spread_sample,
+)
 
 __all__ = ["REASON_NO_KEY", "REASON_OVERSIZE", "ColumnSummary", "MigrateResult", "migrate"]
 
@@ -47,7 +55,7 @@ REASON_NO_KEY = (
     "ENCRYPTION_KEY nor ENCRYPTION_KEY_LEGACY)"
 )
 REASON_OVERSIZE = f"plaintext is over KMS's {KMS_MAX_PLAINTEXT}-byte Encrypt limit"
-SAMPLE_SIZE = 20
+SAMPLE_IN_CHUNK = 500  # keys per IN list when leaving out recorded failures
 
 
 @dataclass
@@ -170,27 +178,52 @@ def finish_rows(
 def check_keys_open_something(
     engine: Engine, bound: Sequence[BoundTarget], codec: FernetCodec
 ) -> None:
-    """Refuse to start when the Fernet keys open none of a sample of Fernet values.
+    """Refuse to start when the Fernet keys open none of a spread sample of Fernet values.
 
     Without this, a wrong ENCRYPTION_KEY makes a run that "succeeds" with every value
-    failed: the classic silent no-op of re-encryption tools.
+    failed: the classic silent no-op of re-encryption tools. The sample is spread over
+    each column's key range (the oldest rows are the likeliest to be under a legacy or
+    unknown key), and leaves out values a run already recorded as failed: those are
+    named in the failure list, and must not stop the migration of the others.
     """
     sampled = 0
     with engine.connect() as conn:
         for bt in bound:
             for column in bt.target.columns:
-                col = bt.col(column)
-                q = select(col).where(col.like("gAAAAA%")).limit(SAMPLE_SIZE)
-                for (value,) in conn.execute(q):
-                    sampled += 1
-                    if codec.decrypt(value) is not None:
-                        return
+                tokens = fernet_sample(conn, bt, column)
+                sampled += len(tokens)
+                if any(codec.decrypt(r.value) is not None for r in tokens):
+                    return
     if sampled:
         raise ConfigError(
-            f"the Fernet keys open none of the {sampled} Fernet tokens sampled from the "
+            f"the Fernet keys open none of the {sampled} Fernet tokens sampled across the "
             "targets: set ENCRYPTION_KEY (and ENCRYPTION_KEY_LEGACY) to the keys the "
             "application encrypted them with; nothing was written"
         )
+
+
+def fernet_sample(conn: Connection, bt: BoundTarget, column: str) -> list[Row]:
+    """The Fernet tokens of a sample spread over one column's key range, less the values
+    a run already recorded as failed (the key check's sample, and preflight's)."""
+    tokens = [r for r in spread_sample(conn, bt, column) if classify(r.value) is ValueKind.FERNET]
+    if tokens and store.schema_present(conn):
+        known = _recorded_failures(conn, bt, column, [r.pk for r in tokens])
+        tokens = [r for r in tokens if bt.pk_text(r.pk) not in known]
+    return tokens
+
+
+def _recorded_failures(
+    conn: Connection, bt: BoundTarget, column: str, pks: Sequence[Any]
+) -> set[str]:
+    """Which of these keys a run recorded as failed in this column (as key text)."""
+    texts = [bt.pk_text(pk) for pk in pks]
+    f = failures.c
+    out: set[str] = set()
+    for i in range(0, len(texts), SAMPLE_IN_CHUNK):
+        out.update(conn.execute(
+            select(f.pk).where(f.table_name == bt.name, f.column_name == column,
+                               f.pk.in_(texts[i:i + SAMPLE_IN_CHUNK]))).scalars())
+    return out
 
 
 def acquire_lock(engine: Engine, kind: str) -> RunLock:

@@ -14,9 +14,10 @@ from cryptography.fernet import Fernet
 from sqlalchemy import create_engine, delete, inspect, select, text, update
 
 from checkpoints.tables import checkpoints, runs
+from migration.config import load_targets
 from migration.sample import coinflip_metadata
 from tests.conftest import Keys, KmsHandle, MotoServer, kms_migrate_bin
-from tests.helpers import make_db, snapshot
+from tests.helpers import make_db, run_main, settings_for, snapshot
 
 # A command that loops forever is cut off here and fails its test.
 LOOP_TIMEOUT = 60.0
@@ -146,3 +147,82 @@ def test_null_primary_keys_are_refused_up_front(
     assert pre.returncode == 2, (pre.stdout, pre.stderr)
     assert re.search(rf"^FAIL  table vaults: table vaults has {null_rows} row\(s\) whose "
                      "primary key vault_id is NULL", pre.stdout, re.M), pre.stdout
+
+
+# -- defect 6: the Fernet key check samples across the key range -----------------------------
+
+def _named(out: str, table: str) -> set[str]:
+    """The keys named on the failure lines of `table` (`  table pk=K column: why`)."""
+    return {ln.split()[1][3:] for ln in out.splitlines() if ln.startswith(f"  {table} pk=")}
+
+
+def test_unknown_key_rows_first_do_not_block_the_good_ones(
+    db_url: str, kms: KmsHandle, env_keys: Keys, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """25 values under an unknown key first, 175 good ones after: the key check used to
+    sample the first 20 and refuse (exit 2) migrate and even --dry-run; and once 20 or
+    more were recorded as failed, every later migrate refused too."""
+    good = Fernet(env_keys.current.encode())
+    unknown = Fernet(Fernet.generate_key())
+    values: list[tuple[Any, str | None]] = [
+        (i, (unknown if i <= 25 else good).encrypt(f"secret {i}".encode()).decode())
+        for i in range(1, 201)]
+    config = vault_table(db_url, tmp_path, values, text_key=False)
+    common = ["--db", db_url, "--config", config, "--no-progress"]
+    bad = {str(i) for i in range(1, 26)}
+    code, out, err = run_main(capsys, "migrate", "--dry-run", *common)
+    assert code == 1, out + err
+    assert _named(out, "vaults") == bad
+    from migration.preflight import preflight
+
+    checks = {c.name: c for c in preflight(settings_for(
+        db_url, env_keys.current, targets=load_targets(config)), sleep=lambda s: None)}
+    sample = checks["Fernet sample vaults.secret"]
+    assert sample.ok is True and "opened 175 of 200 sampled" in sample.detail, sample
+    code, out, err = run_main(capsys, "migrate", "--yes", "--no-backup", *common)
+    assert code == 1, out + err
+    assert _named(out, "vaults") == bad
+    after = vault_values(db_url)
+    assert all(kms.decrypt_text(after[i]) == f"secret {i}" for i in range(26, 201))
+    # 25 recorded failures, and nothing else left in Fernet: the next migrate still runs
+    # (and names them again) instead of refusing on them.
+    code, out, err = run_main(capsys, "migrate", "--yes", "--no-backup", *common)
+    assert code == 1, out + err
+    assert _named(out, "vaults") == bad
+    assert vault_values(db_url) == after
+
+
+def test_keys_that_open_none_of_a_spread_sample_still_refuse(
+    db_url: str, kms: KmsHandle, env_keys: Keys, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    unknown = Fernet(Fernet.generate_key())
+    values: list[tuple[Any, str | None]] = [
+        (i, unknown.encrypt(b"x").decode()) for i in range(1, 301)]
+    config = vault_table(db_url, tmp_path, values, text_key=False)
+    for extra in (["--dry-run"], ["--yes", "--no-backup"]):
+        code, out, err = run_main(capsys, "migrate", *extra, "--db", db_url, "--config", config,
+                                  "--no-progress")
+        assert code == 2 and "open none of the" in err, out + err
+    assert _bookkeeping_tables(db_url) == []
+
+
+@pytest.mark.parametrize("text_key", [False, True], ids=["integer-key", "text-key"])
+def test_the_key_sample_spans_the_key_range(db_url: str, tmp_path: Path, text_key: bool) -> None:
+    from migration.config import Target
+    from migration.reader import bind_target, spread_sample
+
+    n = 5000
+    keys = [f"k{i:05d}" if text_key else i for i in range(n)]
+    vault_table(db_url, tmp_path, [(k, "gAAAAA") for k in keys], text_key=text_key)
+    eng = create_engine(db_url)
+    with eng.connect() as conn:
+        bt = bind_target(conn, Target("vaults", "vault_id", ("secret",)))
+        rows = spread_sample(conn, bt, "secret", probes=20, window=5)
+    eng.dispose()
+    where = sorted(keys.index(r.pk) for r in rows)
+    assert len(rows) <= 100 and len(where) == len(set(where))
+    assert where[0] == 0 and where[-1] > 0.9 * n  # the front, and the far end
+    # Every tenth of the key range is sampled.
+    assert {w * 10 // n for w in where} == set(range(10))
