@@ -34,6 +34,7 @@ from .codec import (
     encryption_context,
 )
 from .config import Settings, targets_fingerprint
+from .db import max_bind_params
 from .errors import ConfigError, FatalKMSError, ResumeMismatchError, RunLockedError
 from .kms import KMS, Pending
 from .logs import get_logger
@@ -219,10 +220,11 @@ def _recorded_failures(
     texts = [bt.pk_text(pk) for pk in pks]
     f = failures.c
     out: set[str] = set()
-    for i in range(0, len(texts), SAMPLE_IN_CHUNK):
+    step = max(1, min(SAMPLE_IN_CHUNK, max_bind_params(conn) - 2))
+    for i in range(0, len(texts), step):
         out.update(conn.execute(
             select(f.pk).where(f.table_name == bt.name, f.column_name == column,
-                               f.pk.in_(texts[i:i + SAMPLE_IN_CHUNK]))).scalars())
+                               f.pk.in_(texts[i:i + step]))).scalars())
     return out
 
 

@@ -25,6 +25,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import NoSuchTableError
 
 from .config import Target
+from .db import max_bind_params
 from .errors import ConfigError
 
 __all__ = [
@@ -239,9 +240,12 @@ def fetch_keys(engine: Engine, bt: BoundTarget, column: str, keys: list[Any]) ->
     """The rows of these keys (in key order; a key no longer in the table is left out)."""
     if not keys:
         return []
-    q = select(bt.pk, bt.col(column)).where(bt.pk.in_(keys)).order_by(bt.pk)
+    rows: list[Row] = []
     with engine.connect() as conn:
-        rows = [Row(pk, value) for pk, value in conn.execute(q)]
+        step = max_bind_params(conn)  # one parameter per key of the IN list
+        for i in range(0, len(keys), step):
+            q = select(bt.pk, bt.col(column)).where(bt.pk.in_(keys[i:i + step]))
+            rows.extend(Row(pk, value) for pk, value in conn.execute(q))
     return sorted(rows, key=lambda r: r.pk)  # Python's order, as the key list is sorted
 
 

@@ -5,13 +5,15 @@ range, statements fit the database's parameter limit, conflicts are named and re
 from __future__ import annotations
 
 import re
+import sqlite3
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography.fernet import Fernet
-from sqlalchemy import create_engine, delete, inspect, select, text, update
+from sqlalchemy import Engine, create_engine, delete, event, inspect, select, text, update
 
 from checkpoints.tables import checkpoints, runs
 from migration.config import load_targets
@@ -226,3 +228,51 @@ def test_the_key_sample_spans_the_key_range(db_url: str, tmp_path: Path, text_ke
     assert where[0] == 0 and where[-1] > 0.9 * n  # the front, and the far end
     # Every tenth of the key range is sampled.
     assert {w * 10 // n for w in where} == set(range(10))
+
+
+# -- defect 9: SQLite before 3.32 allows 999 bound parameters --------------------------------
+
+@pytest.fixture
+def sqlite_999_parameters() -> Iterator[None]:
+    """Every SQLite connection opened during the test allows 999 bound parameters, as
+    SQLite before 3.32 (still shipped by LTS distributions) does."""
+    def lower(dbapi_conn: Any, record: Any) -> None:
+        if isinstance(dbapi_conn, sqlite3.Connection):
+            dbapi_conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+
+    event.listen(Engine, "connect", lower)
+    yield
+    event.remove(Engine, "connect", lower)
+
+
+def test_large_batches_fit_sqlites_old_999_parameter_limit(
+    sqlite_url: str, kms: KmsHandle, env_keys: Keys, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    sqlite_999_parameters: None,
+) -> None:
+    """The compare-and-swap binds 3 parameters per row: a 500-row batch stopped with "too
+    many SQL variables". Migrate, retry (an IN list of 1000 keys) and rollback, each in
+    batches of 1000, on a connection that allows 999."""
+    make_db(sqlite_url, 1, env_keys.current)  # the SQLite file
+    good = Fernet(env_keys.current.encode())
+    third = Fernet.generate_key()  # a key the operator forgot to configure
+    values: list[tuple[Any, str | None]] = [
+        (i, (Fernet(third) if i <= 1000 else good).encrypt(f"secret {i}".encode()).decode())
+        for i in range(1, 1201)]
+    config = vault_table(sqlite_url, tmp_path, values, text_key=False)
+    before = vault_values(sqlite_url)
+    common = ["--db", sqlite_url, "--config", config, "--no-progress", "--batch-size", "500"]
+    code, out, err = run_main(capsys, "migrate", "--yes", "--no-backup", *common)
+    assert code == 1 and "too many SQL variables" not in out + err, out + err
+    assert "Failed values (1000)" in out  # the first 100 are listed
+    common[-1] = "1000"
+    monkeypatch.setenv("ENCRYPTION_KEY_LEGACY", f"{env_keys.legacy},{third.decode()}")  # fix
+    code, out, err = run_main(capsys, "migrate", "--yes", "--no-backup", "--retry-failed",
+                              *common)
+    assert code == 0, out + err
+    after = vault_values(sqlite_url)
+    assert all(kms.decrypt_text(after[i]) == f"secret {i}" for i in range(1, 1201))
+    code, out, err = run_main(capsys, "rollback", "--yes", "--no-backup", *common[:-5],
+                              "--batch-size", "1000", "--no-progress")
+    assert code == 0, out + err
+    assert vault_values(sqlite_url) == before
