@@ -22,7 +22,12 @@ from checkpoints.tables import journal
 from .db import max_bind_params
 from .reader import BoundTarget
 
-__all__ = ["Rewrite", "apply_migrate_batch", "apply_rollback_batch"]
+__all__ = ["REASON_CONFLICT", "Rewrite", "apply_migrate_batch", "apply_rollback_batch"]
+
+REASON_CONFLICT = (
+    "changed by the application while being migrated; left as the application wrote it "
+    "(migrate --retry-failed picks it up)"
+)
 
 
 @dataclass(frozen=True)
@@ -144,13 +149,19 @@ def apply_migrate_batch(
 
     `lease`: the batch belongs to a range of a ranged run, whose checkpoint it moves."""
     journal_rows: list[JournalRow] = []
+    conflicted: list[FailureRow] = []
     with engine.begin() as conn:
         if fence is not None:
             fence(conn)  # first: holds the lock row until commit, raises if the lock was lost
         for rw, took in zip(rewrites, cas_many(conn, bt, column, rewrites), strict=True):
             if took:
                 journal_rows.append(JournalRow(bt.pk_text(rw.pk), original=rw.old, migrated=rw.new))
-        conflicts = len(rewrites) - len(journal_rows)
+            else:
+                # Recorded with the failures, so that it is named, counts as left (exit 1)
+                # and `migrate --retry-failed` finds it.
+                conflicted.append(FailureRow(bt.name, column, bt.pk_text(rw.pk),
+                                             REASON_CONFLICT))
+        conflicts = len(conflicted)
         final = BatchCounts(
             migrated=len(journal_rows),
             skipped=counts.skipped,
@@ -161,8 +172,8 @@ def apply_migrate_batch(
         store.record_batch(
             conn, run_id, bt.name, column,
             last_pk=None if last_pk is None else bt.pk_text(last_pk),
-            counts=final, done=done, journal_rows=journal_rows, failure_rows=failures,
-            lease=lease,
+            counts=final, done=done, journal_rows=journal_rows,
+            failure_rows=[*failures, *conflicted], lease=lease,
         )
     return final
 

@@ -276,3 +276,53 @@ def test_large_batches_fit_sqlites_old_999_parameter_limit(
                               "--batch-size", "1000", "--no-progress")
     assert code == 0, out + err
     assert vault_values(sqlite_url) == before
+
+
+# -- defect 12: conflicts are left, named, exit 1, and --retry-failed picks them up ----------
+
+def test_conflicts_exit_1_are_named_and_retried(
+    db_url: str, kms: KmsHandle, env_keys: Keys, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A value the application rewrote while it was being migrated is left as the
+    application wrote it. migrate used to exit 0 with it undone, and --retry-failed did
+    not see it (conflicts were not recorded)."""
+    from migration.kms import KMS
+
+    truth = make_db(db_url, 30, env_keys.current, env_keys.legacy, bad_values=False)
+    pk = min(int(c[1]) for c in truth.plaintexts if c[0] == "users"
+             and c[2] == "encrypted_secret")
+    cell = ("users", str(pk), "encrypted_secret")
+    app_token = Fernet(env_keys.current.encode()).encrypt(b"the app's new secret").decode()
+    _, users, _ = coinflip_metadata()
+    submit = KMS.submit
+    meddled = [False]
+
+    def meddling_submit(self: KMS, fn: Any, items: Any) -> Any:
+        if not meddled[0]:  # the first batch, between its read and its write
+            meddled[0] = True
+            eng = create_engine(db_url)
+            with eng.begin() as conn:
+                conn.execute(update(users).where(users.c.user_id == pk)
+                             .values(encrypted_secret=app_token))
+            eng.dispose()
+        return submit(self, fn, items)
+
+    monkeypatch.setattr(KMS, "submit", meddling_submit)
+    common = ["--db", db_url, "--yes", "--no-backup", "--no-progress", "--batch-size", "10"]
+    code, out, err = run_main(capsys, "migrate", *common)
+    assert meddled[0]
+    assert code == 1, out + err  # a value is left: not 0
+    assert _named(out, "users") == {str(pk)}  # and it is named
+    assert "--retry-failed" in out
+    assert snapshot(db_url)[cell] == app_token  # the application's write survived
+    code, out, err = run_main(capsys, "migrate", "--retry-failed", *common)
+    assert code == 0, out + err
+    rows = [ln.split() for ln in out.splitlines() if ln.startswith("users.encrypted_secret")]
+    assert rows and rows[0][1] == "1"  # the conflicted value, migrated by the retry
+    assert kms.decrypt_text(snapshot(db_url)[cell]) == "the app's new secret"
+    # Resolved: nothing is left, and later runs say so.
+    code, out, err = run_main(capsys, "migrate", *common)
+    assert code == 0, out + err
+    code, out, err = run_main(capsys, "migrate", "--retry-failed", *common)
+    assert code == 0, out + err
