@@ -19,9 +19,15 @@ from checkpoints.leases import Lease
 from checkpoints.store import BatchCounts, FailureRow, JournalRow
 from checkpoints.tables import journal
 
+from .db import max_bind_params
 from .reader import BoundTarget
 
-__all__ = ["Rewrite", "apply_migrate_batch", "apply_rollback_batch"]
+__all__ = ["REASON_CONFLICT", "Rewrite", "apply_migrate_batch", "apply_rollback_batch"]
+
+REASON_CONFLICT = (
+    "changed by the application while being migrated; left as the application wrote it "
+    "(migrate --retry-failed picks it up)"
+)
 
 
 @dataclass(frozen=True)
@@ -33,17 +39,18 @@ class Rewrite:
     new: str
 
 
-CAS_CHUNK = 500  # rows per UPDATE statement: 3 parameters each, far under every limit
-IN_CHUNK = 900  # keys per IN list when reading back
+CAS_CHUNK = 500  # rows per UPDATE statement at most
+CAS_PARAMS_PER_ROW = 5  # placeholders one row binds in the CAS statement
+IN_CHUNK = 900  # keys per IN list when reading back, at most
 
 
-def _rounds(rewrites: Sequence[Rewrite]) -> list[list[int]]:
-    """Split rewrites into statements of at most CAS_CHUNK with no primary key twice
+def _rounds(rewrites: Sequence[Rewrite], chunk: int = CAS_CHUNK) -> list[list[int]]:
+    """Split rewrites into statements of at most `chunk` with no primary key twice
     (a rollback may hold two journal entries for one cell)."""
     rounds: list[tuple[set[object], list[int]]] = []
     for i, rw in enumerate(rewrites):
         for keys, idxs in rounds:
-            if rw.pk not in keys and len(idxs) < CAS_CHUNK:
+            if rw.pk not in keys and len(idxs) < chunk:
                 keys.add(rw.pk)
                 idxs.append(i)
                 break
@@ -99,7 +106,13 @@ def cas_many(
     """
     took = [False] * len(rewrites)
     col = bt.col(column)
-    for idxs in _rounds(rewrites):
+    # Each statement within the connection's parameter limit: SQLite before 3.32 allows
+    # 999, so a 500-row CAS would fail every full batch. A row binds 5 placeholders: its
+    # key three times (IN list and both CASEs; SQLite's `?` are one variable each), its
+    # old and its new value once.
+    limit = max_bind_params(conn)
+    in_chunk = min(IN_CHUNK, limit)
+    for idxs in _rounds(rewrites, max(1, min(CAS_CHUNK, limit // CAS_PARAMS_PER_ROW))):
         chunk = [rewrites[i] for i in idxs]
         keys = [rw.pk for rw in chunk]
         params: dict[str, object] = {}
@@ -110,8 +123,8 @@ def cas_many(
                 took[i] = True
             continue
         now_holds: dict[object, object] = {}
-        for j in range(0, len(keys), IN_CHUNK):
-            q = select(bt.pk, col).where(bt.pk.in_(keys[j:j + IN_CHUNK]))
+        for j in range(0, len(keys), in_chunk):
+            q = select(bt.pk, col).where(bt.pk.in_(keys[j:j + in_chunk]))
             now_holds.update((pk, value) for pk, value in conn.execute(q))
         for i, rw in zip(idxs, chunk, strict=True):
             took[i] = now_holds.get(rw.pk) == rw.new
@@ -136,13 +149,19 @@ def apply_migrate_batch(
 
     `lease`: the batch belongs to a range of a ranged run, whose checkpoint it moves."""
     journal_rows: list[JournalRow] = []
+    conflicted: list[FailureRow] = []
     with engine.begin() as conn:
         if fence is not None:
             fence(conn)  # first: holds the lock row until commit, raises if the lock was lost
         for rw, took in zip(rewrites, cas_many(conn, bt, column, rewrites), strict=True):
             if took:
                 journal_rows.append(JournalRow(bt.pk_text(rw.pk), original=rw.old, migrated=rw.new))
-        conflicts = len(rewrites) - len(journal_rows)
+            else:
+                # Recorded with the failures, so that it is named, counts as left (exit 1)
+                # and `migrate --retry-failed` finds it.
+                conflicted.append(FailureRow(bt.name, column, bt.pk_text(rw.pk),
+                                             REASON_CONFLICT))
+        conflicts = len(conflicted)
         final = BatchCounts(
             migrated=len(journal_rows),
             skipped=counts.skipped,
@@ -153,8 +172,8 @@ def apply_migrate_batch(
         store.record_batch(
             conn, run_id, bt.name, column,
             last_pk=None if last_pk is None else bt.pk_text(last_pk),
-            counts=final, done=done, journal_rows=journal_rows, failure_rows=failures,
-            lease=lease,
+            counts=final, done=done, journal_rows=journal_rows,
+            failure_rows=[*failures, *conflicted], lease=lease,
         )
     return final
 

@@ -278,7 +278,8 @@ def print_migrate(result: MigrateResult, settings: Settings) -> None:
                        + ("" if result.dry_run else ", then migrate --retry-failed"))
     if result.conflicts:
         click.echo(f"{result.conflicts} value(s) changed by the application while being migrated "
-                   "were left as written; run migrate again to pick them up.")
+                   "were left as written (listed below); `kms-migrate migrate --retry-failed` "
+                   "picks them up.")
     if result.failures:
         click.echo(f"Failed values ({len(result.failures)}), left untouched:")
         for line in _failure_lines(result.failures):
@@ -439,7 +440,8 @@ def migrate_cmd(**opts: Any) -> int:
         path = write_report(opts["report_path"], build_report(
             result, settings, started_at=started_at, estimate_seconds=estimate))
         click.echo(f"report written to {path}")
-    return EXIT_FAILURES if result.failed else EXIT_OK
+    # Exit 0 only when nothing is left: a conflict is a value still to migrate.
+    return EXIT_FAILURES if result.failed or result.conflicts else EXIT_OK
 
 
 @cli.command("verify")

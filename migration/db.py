@@ -2,19 +2,38 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError, SQLAlchemyError
 
 from .errors import ConfigError, DatabaseError
 
-__all__ = ["is_sqlite", "make_engine", "parse_url", "safe_url", "sqlite_path"]
+__all__ = ["is_sqlite", "make_engine", "max_bind_params", "parse_url", "safe_url", "sqlite_path"]
 
 SQLITE_BUSY_TIMEOUT = 10.0  # seconds a write waits on another writer's lock before failing
 PG_LOCK_TIMEOUT = 30.0  # seconds a statement waits on a row or table lock before failing
+# Bound parameters one statement may carry where the driver cannot say: PostgreSQL's wire
+# protocol allows 65535. SQLite's own limit is read from the connection.
+DEFAULT_MAX_PARAMS = 32767
+SQLITE_OLD_MAX_PARAMS = 999  # SQLite before 3.32
+
+
+def max_bind_params(conn: Connection) -> int:
+    """How many bound parameters one statement may carry on this connection.
+
+    SQLite's limit depends on its version (999 before 3.32, 32766 after) and can be
+    lowered per connection, so it is read from the connection itself (Python 3.11+).
+    """
+    if conn.dialect.name != "sqlite":
+        return DEFAULT_MAX_PARAMS
+    getlimit = getattr(conn.connection.driver_connection, "getlimit", None)
+    if getlimit is None:
+        return SQLITE_OLD_MAX_PARAMS
+    return max(1, int(getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)))
 
 
 def parse_url(url: str) -> URL:
@@ -89,6 +108,10 @@ def make_engine(url: str, *, read_only: bool = False) -> Engine:
     try:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
+            # The multi-row INSERTs must fit the connection's real limit, not the one
+            # SQLAlchemy assumes from the SQLite version.
+            engine.dialect.insertmanyvalues_max_parameters = min(
+                engine.dialect.insertmanyvalues_max_parameters, max_bind_params(conn))
     except OperationalError as exc:
         reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
         raise DatabaseError(f"cannot connect to {shown}: {reason}") from None

@@ -36,11 +36,20 @@ from .codec import (
     kms_text_length,
 )
 from .config import Settings, targets_fingerprint
+from .db import max_bind_params
 from .errors import ConfigError, FatalKMSError, ResumeMismatchError, RunLockedError
 from .kms import KMS, REASON_EMPTY, Pending
 from .logs import get_logger
 from .progress import NullProgress, Progress
-from .reader import BoundTarget, Row, bind_targets, count_after, fetch_batch, fetch_keys
+from .reader import (
+    BoundTarget,
+    Row,
+    bind_targets,
+    count_after,
+    fetch_batch,
+    fetch_keys,
+    spread_sample,
+)
 
 __all__ = [
     "REASON_EMPTY", "REASON_NO_KEY", "REASON_OVERSIZE", "ColumnSummary", "MigrateResult", "migrate",
@@ -51,7 +60,7 @@ REASON_NO_KEY = (
     "ENCRYPTION_KEY nor ENCRYPTION_KEY_LEGACY)"
 )
 REASON_OVERSIZE = f"plaintext is over KMS's {KMS_MAX_PLAINTEXT}-byte Encrypt limit"
-SAMPLE_SIZE = 20
+SAMPLE_IN_CHUNK = 500  # keys per IN list when leaving out recorded failures
 
 
 @dataclass
@@ -216,27 +225,53 @@ def finish_rows(
 def check_keys_open_something(
     engine: Engine, bound: Sequence[BoundTarget], codec: FernetCodec
 ) -> None:
-    """Refuse to start when the Fernet keys open none of a sample of Fernet values.
+    """Refuse to start when the Fernet keys open none of a spread sample of Fernet values.
 
     Without this, a wrong ENCRYPTION_KEY makes a run that "succeeds" with every value
-    failed: the classic silent no-op of re-encryption tools.
+    failed: the classic silent no-op of re-encryption tools. The sample is spread over
+    each column's key range (the oldest rows are the likeliest to be under a legacy or
+    unknown key), and leaves out values a run already recorded as failed: those are
+    named in the failure list, and must not stop the migration of the others.
     """
     sampled = 0
     with engine.connect() as conn:
         for bt in bound:
             for column in bt.target.columns:
-                col = bt.col(column)
-                q = select(col).where(col.like("gAAAAA%")).limit(SAMPLE_SIZE)
-                for (value,) in conn.execute(q):
-                    sampled += 1
-                    if codec.decrypt(value) is not None:
-                        return
+                tokens = fernet_sample(conn, bt, column)
+                sampled += len(tokens)
+                if any(codec.decrypt(r.value) is not None for r in tokens):
+                    return
     if sampled:
         raise ConfigError(
-            f"the Fernet keys open none of the {sampled} Fernet tokens sampled from the "
+            f"the Fernet keys open none of the {sampled} Fernet tokens sampled across the "
             "targets: set ENCRYPTION_KEY (and ENCRYPTION_KEY_LEGACY) to the keys the "
             "application encrypted them with; nothing was written"
         )
+
+
+def fernet_sample(conn: Connection, bt: BoundTarget, column: str) -> list[Row]:
+    """The Fernet tokens of a sample spread over one column's key range, less the values
+    a run already recorded as failed (the key check's sample, and preflight's)."""
+    tokens = [r for r in spread_sample(conn, bt, column) if classify(r.value) is ValueKind.FERNET]
+    if tokens and store.schema_present(conn):
+        known = _recorded_failures(conn, bt, column, [r.pk for r in tokens])
+        tokens = [r for r in tokens if bt.pk_text(r.pk) not in known]
+    return tokens
+
+
+def _recorded_failures(
+    conn: Connection, bt: BoundTarget, column: str, pks: Sequence[Any]
+) -> set[str]:
+    """Which of these keys a run recorded as failed in this column (as key text)."""
+    texts = [bt.pk_text(pk) for pk in pks]
+    f = failures.c
+    out: set[str] = set()
+    step = max(1, min(SAMPLE_IN_CHUNK, max_bind_params(conn) - 2))
+    for i in range(0, len(texts), step):
+        out.update(conn.execute(
+            select(f.pk).where(f.table_name == bt.name, f.column_name == column,
+                               f.pk.in_(texts[i:i + step]))).scalars())
+    return out
 
 
 def acquire_lock(engine: Engine, kind: str) -> RunLock:
@@ -461,7 +496,10 @@ def migrate(
     return result
 
 
-Fetcher = Callable[[Any], tuple[list[Row], bool]]  # after -> (rows, last page?)
+# after -> (rows, cursor, last page?). The cursor is the key the page covered up to: the
+# next page starts after it. It comes from what was asked for, not from the rows found, so
+# it advances even when a page finds no row (keys deleted since they were listed).
+Fetcher = Callable[[Any], tuple[list[Row], Any, bool]]
 # (rewrites, failures, counts, last_pk, done) -> the counts as committed
 Writer = Callable[[list[Rewrite], list[FailureRow], BatchCounts, Any, bool], BatchCounts]
 
@@ -485,11 +523,12 @@ def _writer(
 def _keyset_fetcher(
     engine: Engine, bt: BoundTarget, column: str, size: int, upto: Any | None = None
 ) -> Fetcher:
-    def fetch(after: Any) -> tuple[list[Row], bool]:
+    def fetch(after: Any) -> tuple[list[Row], Any, bool]:
         rows = fetch_batch(engine, bt, column, after, size, upto)
         # The range's last key read: done, without an empty batch to find out.
         at_end = upto is not None and bool(rows) and rows[-1].pk == upto
-        return rows, len(rows) < size or at_end
+        cursor = rows[-1].pk if rows else after  # no row: the last page (len < size)
+        return rows, cursor, len(rows) < size or at_end
     return fetch
 
 
@@ -497,10 +536,13 @@ def _key_list_fetcher(
     engine: Engine, bt: BoundTarget, column: str, keys: list[Any], size: int
 ) -> Fetcher:
     """Pages through a sorted list of keys (--retry-failed) instead of the whole table."""
-    def fetch(after: Any) -> tuple[list[Row], bool]:
+    def fetch(after: Any) -> tuple[list[Row], Any, bool]:
         start = 0 if after is None else bisect.bisect_right(keys, after)
         page = keys[start:start + size]
-        return fetch_keys(engine, bt, column, page), start + size >= len(keys)
+        # The cursor is the page's last key, found or not: a page whose rows were all
+        # deleted since still moves on (falling back to None would start over, forever).
+        cursor = page[-1] if page else after
+        return fetch_keys(engine, bt, column, page), cursor, start + size >= len(keys)
     return fetch
 
 
@@ -534,7 +576,7 @@ def _migrate_column(
     no `write` (a dry-run) the failures go to the result instead."""
     clog = log.bind(table=bt.name, column=column)  # type: ignore[attr-defined]
     batch_no = 0
-    rows, done = fetch(after)
+    rows, cursor, done = fetch(after)
     ctx = settings.encryption_context
     dry = write is None  # a dry-run sizes the KMS texts for real AWS KMS
     summary.column_type = str(bt.col(column).type)
@@ -544,7 +586,11 @@ def _migrate_column(
         while True:
             batch_no += 1
             batch_rows = rows
-            last_pk = rows[-1].pk if rows else None
+            last_pk = cursor
+            if not done and (last_pk is None or last_pk == after):
+                # Every loop ends: a page that is not the last must move the cursor on.
+                raise RuntimeError(
+                    f"paging {bt.name}.{column} did not advance past key {after!r}")
             rewrites, failures, counts = finish_rows(prep, bt, column)
             summary.unfit += len(prep.unfit)
             summary.unfit_need = max([summary.unfit_need, *prep.unfit])
@@ -553,7 +599,8 @@ def _migrate_column(
                 # Read the next batch and start its KMS work now, so that it overlaps this
                 # batch's write. Safe: the two batches hold disjoint keys, and the next one
                 # writes nothing until this one has committed its checkpoint.
-                rows, next_done = fetch(last_pk)
+                after = last_pk
+                rows, cursor, next_done = fetch(last_pk)
                 upcoming = prepare_rows(rows, bt, column, codec, kms, ctx, size_for_aws=dry)
             if write is None:
                 result.failures.extend(failures)

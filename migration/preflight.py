@@ -46,11 +46,11 @@ from .config import Settings, targets_fingerprint
 from .db import make_engine, safe_url
 from .errors import ConfigError, KmsMigrateError
 from .kms import CONNECTION_ERRORS, CREDENTIAL_CODES, TRANSIENT_CODES, make_client
-from .reader import BoundTarget, bind_target
+from .migrator import fernet_sample
+from .reader import BoundTarget, bind_target, refuse_null_keys
 
-__all__ = ["SAMPLE_SIZE", "Check", "format_check", "preflight", "summary"]
+__all__ = ["Check", "format_check", "preflight", "summary"]
 
-SAMPLE_SIZE = 20  # Fernet-shaped values sampled per column
 ATTEMPTS = 3  # tries of one KMS call when KMS answers a transient error
 AGAIN = "then re-run kms-migrate preflight"
 ROUND_TRIP_BYTES = 32
@@ -157,6 +157,7 @@ def _check_targets(
         try:
             with engine.connect() as conn:
                 bt = bind_target(conn, target)
+                refuse_null_keys(conn, bt)  # keyset paging cannot pass a NULL key
         except ConfigError as exc:
             checks.append(Check(name, False, str(exc)))
             continue
@@ -219,11 +220,11 @@ def _check_samples(
 def _sample_column(
     engine: Engine, bt: BoundTarget, column: str, codec: FernetCodec, name: str
 ) -> Check:
-    col = bt.col(column)
-    q = select(col).where(col.like(f"{FERNET_PREFIX}%")).order_by(bt.pk).limit(SAMPLE_SIZE)
     try:
         with engine.connect() as conn:
-            values = [v for (v,) in conn.execute(q)]
+            # Spread over the key range, as migrate's own check samples: the oldest rows
+            # alone may all be under a legacy or unknown key.
+            values = [r.value for r in fernet_sample(conn, bt, column)]
     except SQLAlchemyError as exc:
         return Check(name, False, f"cannot read the column ({type(exc).__name__}): check "
                      "that the database user may read it")

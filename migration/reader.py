@@ -25,10 +25,12 @@ from sqlalchemy import (
 from sqlalchemy.exc import NoSuchTableError
 
 from .config import Target
+from .db import max_bind_params
 from .errors import ConfigError
 
 __all__ = [
     "BoundTarget", "Row", "bind_target", "bind_targets", "count_after", "fetch_batch", "fetch_keys",
+    "null_key_count", "refuse_null_keys", "spread_sample",
 ]
 
 
@@ -117,8 +119,108 @@ def bind_target(conn: Connection, target: Target) -> BoundTarget:
 
 
 def bind_targets(engine: Engine, targets: Sequence[Target]) -> list[BoundTarget]:
+    """Bind every target for a command that pages through them (migrate, verify): refused,
+    before anything is written, when a target has rows with a NULL primary key."""
     with engine.connect() as conn:
-        return [bind_target(conn, t) for t in targets]
+        bound = [bind_target(conn, t) for t in targets]
+        for bt in bound:
+            refuse_null_keys(conn, bt)
+        return bound
+
+
+def null_key_count(conn: Connection, bt: BoundTarget) -> int:
+    """Rows whose primary key is NULL (SQLite allows it in a non-integer PRIMARY KEY)."""
+    return int(conn.execute(
+        select(func.count()).select_from(bt.table).where(bt.pk.is_(None))).scalar_one())
+
+
+def refuse_null_keys(conn: Connection, bt: BoundTarget) -> None:
+    """Raise ConfigError when the target has NULL-key rows.
+
+    Keyset paging (``pk > :last``) can neither reach nor pass a NULL key, and a
+    compare-and-swap (``pk = :pk``) never matches one: such rows could be neither migrated
+    nor named by key, and a run over them would loop or leave them as endless conflicts.
+    """
+    n = null_key_count(conn, bt)
+    if n:
+        raise ConfigError(
+            f"table {bt.name} has {n} row(s) whose primary key {bt.target.primary_key} is "
+            "NULL: kms-migrate pages and rewrites rows by key; give those rows a key (or "
+            "delete them) and re-run; nothing was written"
+        )
+
+
+def spread_sample(
+    conn: Connection, bt: BoundTarget, column: str, probes: int = 20, window: int = 50
+) -> list[Row]:
+    """Rows of one column from `probes` places spread over the key range, up to `window`
+    rows from each, in key order, each row once.
+
+    For the Fernet key check: the oldest rows (the first ones in key or storage order) are
+    the likeliest to be under a legacy or unknown key, so a sample from the front alone
+    could refuse a run the keys are right for. Each probe is one short range read on the
+    primary key's index (``pk >= :start ORDER BY pk LIMIT :window``), so the cost stays
+    the same on a 50-million-row table: no scan, no OFFSET. The starts are spread evenly
+    between the smallest and largest key (a text key: over the first character in which
+    they differ), which the database finds from the index's two ends.
+    """
+    # One min() or max() per statement: SQLite reads an index end only for a lone one.
+    lo = conn.execute(select(func.min(bt.pk))).scalar()
+    hi = conn.execute(select(func.max(bt.pk))).scalar()
+    if lo is None or hi is None:
+        return []
+    starts: list[Any] = [None]
+    if bt.pk_is_int:
+        starts += [int(lo) + (int(hi) - int(lo)) * i // probes for i in range(1, probes)]
+    else:
+        starts += _text_starts(str(lo), str(hi), probes)
+    seen: set[Any] = set()
+    rows: list[Row] = []
+    for start in dict.fromkeys(starts):  # in order, each start once
+        q = select(bt.pk, bt.col(column)).order_by(bt.pk).limit(window)
+        q = q.where(bt.pk >= start) if start is not None else q.where(bt.pk.is_not(None))
+        for pk, value in conn.execute(q):
+            if pk not in seen:
+                seen.add(pk)
+                rows.append(Row(pk, value))
+    return rows
+
+
+def _text_starts(lo: str, hi: str, probes: int, width: int = 4) -> list[str]:
+    """probes - 1 text keys spread between lo and hi.
+
+    Past their common prefix, the next `width` characters of each are read as a number
+    whose digits are the characters from the smallest to the largest that lo and hi use
+    there (so '0'..'9' for decimal ids, '0'..'f' for hex ones), and the starts are spread
+    evenly between the two numbers. An estimate of the key order, no more: any start is
+    still a valid place to read from.
+    """
+    n = 0
+    while n < min(len(lo), len(hi)) and lo[n] == hi[n]:
+        n += 1
+    a, b = lo[n:n + width], hi[n:n + width]
+    if not b:
+        return []  # hi is a prefix of lo (another collation's order): the front only
+    c0 = min(ord(c) for c in a + b)
+    base = max(ord(c) for c in a + b) - c0 + 1
+
+    def number(t: str) -> int:
+        x = 0
+        for ch in t.ljust(width, chr(c0)):
+            x = x * base + ord(ch) - c0
+        return x
+
+    x_lo, x_hi = number(a), number(b)
+    out: list[str] = []
+    for i in range(1, probes):
+        x = x_lo + (x_hi - x_lo) * i // probes
+        chars: list[str] = []
+        for _ in range(width):
+            x, d = divmod(x, base)
+            c = max(1, c0 + d)  # no NUL: PostgreSQL text cannot hold one
+            chars.append(chr(0xE000 if 0xD800 <= c <= 0xDFFF else c))
+        out.append(hi[:n] + "".join(reversed(chars)))
+    return out
 
 
 def count_after(
@@ -138,9 +240,12 @@ def fetch_keys(engine: Engine, bt: BoundTarget, column: str, keys: list[Any]) ->
     """The rows of these keys (in key order; a key no longer in the table is left out)."""
     if not keys:
         return []
-    q = select(bt.pk, bt.col(column)).where(bt.pk.in_(keys)).order_by(bt.pk)
+    rows: list[Row] = []
     with engine.connect() as conn:
-        rows = [Row(pk, value) for pk, value in conn.execute(q)]
+        step = max_bind_params(conn)  # one parameter per key of the IN list
+        for i in range(0, len(keys), step):
+            q = select(bt.pk, bt.col(column)).where(bt.pk.in_(keys[i:i + step]))
+            rows.extend(Row(pk, value) for pk, value in conn.execute(q))
     return sorted(rows, key=lambda r: r.pk)  # Python's order, as the key list is sorted
 
 
@@ -151,8 +256,8 @@ def fetch_batch(
     """The next `limit` rows of one column, in primary-key order, after key `after`
     (and up to key `upto`, the end of a range, when given)."""
     q = select(bt.pk, bt.col(column)).order_by(bt.pk).limit(limit)
-    if after is not None:
-        q = q.where(bt.pk > after)
+    # A NULL key sorts first on SQLite, and no cursor can get past it: never read one.
+    q = q.where(bt.pk > after) if after is not None else q.where(bt.pk.is_not(None))
     if upto is not None:
         q = q.where(bt.pk <= upto)
     with engine.connect() as conn:
