@@ -111,16 +111,24 @@ def _progress_option(f: F) -> F:
                         help="No progress bar or progress lines on stderr.")(f)
 
 
-def _backup_before_first_write(engine: Engine, url: str, kind: str, skip: bool) -> None:
+def _had_bookkeeping(engine: Engine) -> bool:
+    with engine.connect() as conn:
+        return store.schema_present(conn)
+
+
+def _backup_before_first_write(engine: Engine, url: str, kind: str, skip: bool,
+                               had_bookkeeping: bool = True) -> None:
     """Back a SQLite database up before a new run's first write (not when resuming one:
-    its backup was taken when it started)."""
+    its backup was taken when it started). Called once the run lock is held, so a
+    refused command writes no copy."""
     path = sqlite_path(url)
     if path is None or skip:
         return
     with engine.connect() as conn:
         if store.schema_present(conn) and store.unfinished_run(conn, kind) is not None:
             return
-    click.echo(f"backup of {path} (SQLite online backup): {backup_sqlite(path)}")
+    copy = backup_sqlite(path, without_bookkeeping=not had_bookkeeping)
+    click.echo(f"backup of {path} (SQLite online backup): {copy}")
 
 
 class StopRequest:
@@ -405,9 +413,10 @@ def migrate_cmd(**opts: Any) -> int:
         _confirm("MIGRATE", settings.db_url, opts["yes"], "re-encrypt the secrets in")
     started_at = datetime.now(UTC)
     label = "dry-run" if dry else "migrate"
+    had_bookkeeping = _had_bookkeeping(engine)
     with make_kms(settings) as kms, graceful_stop() as stop:
         backup = lambda: _backup_before_first_write(  # noqa: E731
-            engine, settings.db_url, "migrate", opts["no_backup"])
+            engine, settings.db_url, "migrate", opts["no_backup"], had_bookkeeping)
         progress = make_progress(label, not opts["no_progress"])
         if workers is not None:
             result = migrate_ranged(
@@ -496,6 +505,12 @@ def rollback_cmd(**opts: Any) -> int:
             result = rollback(engine, batch_size=opts["batch_size"], before_first_write=backup,
                               progress=progress, should_stop=stop.requested)
     print_rollback(result)
+    from .finalize import finalized_note
+
+    with engine.connect() as conn:
+        note = finalized_note(conn)
+    if note is not None:
+        click.echo(note)
     return EXIT_FAILURES if result.failures else EXIT_OK
 
 
@@ -535,6 +550,9 @@ def finalize_cmd(**opts: Any) -> int:
     click.echo(f"finalize run {result.run_id}" + (" (resumed)" if result.resumed else "")
                + f": {safe_url(settings.db_url)}")
     click.echo(f"verify: OK ({checked} KMS value(s) decrypted, no Fernet value left)")
+    if result.extra:
+        click.echo("also verified, as the rollback journal holds them: "
+                   + ", ".join(result.extra))
     click.echo(f"deleted {result.deleted} rollback journal row(s) in {result.batches} "
                f"batch(es); {result.seconds:.2f} s")
     click.echo("rollback is no longer possible. Backups taken before the migration still "
