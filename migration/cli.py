@@ -166,7 +166,9 @@ def graceful_stop() -> Iterator[StopRequest]:
 def _db_option(f: F) -> F:
     return click.option("--db", "db", metavar="URL",
                         help="Database URL (default: $DATABASE_URL), e.g. sqlite:///app.db or "
-                             "postgresql+psycopg://user@host/db.")(f)
+                             "postgresql+psycopg://user@host/db. A password here is what ps "
+                             "shows every user of the machine: export DATABASE_URL "
+                             "instead.")(f)
 
 
 def _target_options(f: F) -> F:

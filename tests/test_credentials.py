@@ -111,3 +111,26 @@ def test_a_password_on_the_command_line_draws_a_warning(
         code, out, err = run_main(capsys, "status")
         assert code == 0 and err == ""
         monkeypatch.delenv("DATABASE_URL")
+
+
+def test_the_runbook_never_puts_the_database_url_in_argv() -> None:
+    import re
+
+    from tests.conftest import REPO
+
+    docs = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    for doc in docs:
+        text = doc.read_text(encoding="utf-8")
+        # A URL from a variable on the command line: `--db "$DATABASE_URL"`, `--db $URL`...
+        hits = re.findall(r"--db[ =]+\"?\$\{?\w+", text)
+        assert hits == [], (doc.name, hits)
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert "export DATABASE_URL" in readme and "/proc/*/cmdline" in readme
+
+
+def test_the_db_option_help_says_to_prefer_database_url(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, _ = run_main(capsys, "migrate", "--help")
+    assert code == 0
+    assert "ps shows" in " ".join(out.split())
