@@ -103,9 +103,22 @@ def make_client(region: str, concurrency: int) -> Any:
         read_timeout=30,
     )
     try:
-        return boto3.session.Session().client("kms", config=config)
+        client = boto3.session.Session().client("kms", config=config)
+        _check_endpoint(str(client.meta.endpoint_url))
     except Exception as exc:  # boto3 raises plain ValueErrors here too
         raise ConfigError(aws_settings_problem(exc)) from None
+    return client
+
+
+def _check_endpoint(url: str) -> None:
+    """Raise ValueError for an endpoint botocore accepted but no request can use (another
+    scheme, no host, a port out of range), before the first call instead of at it."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    _ = parts.port  # ValueError when out of range or not a number
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ValueError("the KMS endpoint URL is not http(s)://host[:port]")
 
 
 def aws_settings_problem(exc: BaseException) -> str:

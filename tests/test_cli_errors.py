@@ -352,6 +352,8 @@ AWS_BREAKAGES = {
     "profile": ("AWS_PROFILE", "no-such-profile", "AWS_PROFILE"),
     "endpoint": ("AWS_ENDPOINT_URL_KMS", "http://[::1", "AWS_ENDPOINT_URL_KMS"),
     "endpoint-text": ("AWS_ENDPOINT_URL_KMS", "not a url", "AWS_ENDPOINT_URL_KMS"),
+    "endpoint-port": ("AWS_ENDPOINT_URL_KMS", "http://localhost:99999", "AWS_ENDPOINT_URL_KMS"),
+    "endpoint-scheme": ("AWS_ENDPOINT_URL_KMS", "ftp://localhost", "AWS_ENDPOINT_URL_KMS"),
 }
 CLIENT_COMMANDS = {
     "migrate": ["migrate", "--yes", "--no-progress"],
