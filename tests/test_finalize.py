@@ -544,3 +544,23 @@ def test_rollback_refuses_after_an_unfinished_finalize_whatever_ran_since(
     with pytest.raises(ConfigError, match=r"finalize run 2 .* a rollback would be partial"):
         rollback(make_engine(db_url))
     assert snapshot(db_url) == cells
+
+
+def test_cli_rollback_after_a_completed_finalize_says_what_stays_kms(
+    sqlite_url: str, kms: KmsHandle, env_keys: Keys, capsys: pytest.CaptureFixture[str]
+) -> None:
+    truth = make_db(sqlite_url, 10, env_keys.current, env_keys.legacy, bad_values=False)
+    _migrate(sqlite_url, env_keys, kms)
+    fin_run = _finalize(sqlite_url, env_keys, kms).run_id
+    _, users, _ = coinflip_metadata()
+    pk = min(int(p) for t, p, c in truth.plaintexts if t == "users")
+    eng = create_engine(sqlite_url)
+    with eng.begin() as conn:  # the application, still on Fernet, writes one more secret
+        conn.execute(update(users).where(users.c.user_id == pk).values(
+            encrypted_secret=Fernet(env_keys.current.encode()).encrypt(b"late").decode()))
+    eng.dispose()
+    _migrate(sqlite_url, env_keys, kms)
+    code, out, err = run_main(capsys, "rollback", "--db", sqlite_url, "--yes", "--no-progress")
+    assert code == 0, err
+    assert f"note: values finalized by run {fin_run} (" in out
+    assert "stay in KMS format" in out
