@@ -134,3 +134,12 @@ def test_the_db_option_help_says_to_prefer_database_url(
     code, out, _ = run_main(capsys, "migrate", "--help")
     assert code == 0
     assert "ps shows" in " ".join(out.split())
+
+
+def test_settings_repr_never_shows_the_database_url() -> None:
+    from migration.config import Settings
+
+    s = Settings(db_url="postgresql://app:UserInfo-Pw-9@h/db?password=Hunter2-in-the-query",
+                 fernet_keys=("k",))
+    _no_secret(repr(s), str(s))
+    assert "UserInfo-Pw-9" not in repr(s)
