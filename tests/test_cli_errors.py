@@ -424,3 +424,17 @@ def test_an_unexpected_error_is_one_line_naming_its_type_never_its_message(
     line = assert_refused(*run_main(capsys, "status", "--db", sqlite_url),
                           "unexpected RuntimeError")
     assert secret not in line
+
+
+def test_an_unknown_aws_profile_in_a_real_process_is_one_line_and_exit_2(
+    tmp_path: Path, env_keys: Any
+) -> None:
+    url = f"sqlite:///{tmp_path / 'coinflip.db'}"
+    make_db(url, 5, env_keys.current)
+    exe = Path(sys.executable).parent / "kms-migrate"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    env["AWS_PROFILE"] = "no-such-profile"
+    for args in (["migrate", "--yes", "--no-progress"], ["verify"]):
+        proc = subprocess.run([str(exe), *args, "--db", url], capture_output=True, text=True,
+                              timeout=60, env=env)
+        assert_refused(proc.returncode, proc.stdout, proc.stderr, "AWS_PROFILE")
