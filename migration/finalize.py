@@ -146,8 +146,8 @@ def journal_targets(
                 recorded[run_id] = []
         pk = next((str(t["primary_key"]) for t in recorded[run_id]
                    if t.get("table") == table and t.get("primary_key")
-                   and column in (t.get("columns") or [])  # type: ignore[operator]
-                   ), None)
+                   and isinstance(t.get("columns"), list)
+                   and column in t["columns"]), None)  # type: ignore[operator]
         if pk is None:
             unknown.append(f"{table}.{column}")
             continue
@@ -156,6 +156,8 @@ def journal_targets(
         else:
             merged[table] = (pk, [column])
         extra.append(f"{table}.{column}")
+    # A column another run of the journal did record is known after all.
+    unknown = [u for u in unknown if u not in extra]
     if unknown:
         names = ", ".join(sorted(set(unknown)))
         raise ConfigError(
