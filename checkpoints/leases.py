@@ -38,10 +38,12 @@ __all__ = [
     "LeaseLost",
     "RangeRow",
     "WorkerRow",
+    "boot_id",
     "boundaries",
     "claim",
     "create_ranges",
     "live_workers",
+    "on_this_host",
     "pid_alive",
     "record_on_range",
     "register_worker",
@@ -109,6 +111,31 @@ def aware(ts: datetime | None) -> datetime | None:
     if ts is None:
         return None
     return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+
+
+BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+
+
+def boot_id() -> str | None:
+    """This kernel's boot id (Linux), or None where there is none to read.
+
+    Hostnames repeat (containers on different machines), so a pid can be checked only by
+    a process on the same host *and* the same boot. None never matches: a holder whose
+    boot cannot be told apart is presumed elsewhere, and waits for its heartbeat to age.
+    """
+    try:
+        with open(BOOT_ID_PATH, encoding="ascii") as f:
+            value = f.read().strip()
+    except (OSError, ValueError):
+        return None
+    return value[:64] or None
+
+
+def on_this_host(host: str | None, boot: str | None) -> bool:
+    """Whether a process recorded with `host` and `boot` runs on this very machine and
+    boot, so that its pid can be asked of this kernel."""
+    here = boot_id()
+    return host == socket.gethostname() and here is not None and boot == here
 
 
 def pid_alive(pid: int) -> bool:
@@ -210,10 +237,13 @@ def _orphan_on_this_host(conn: Connection, run_id: int) -> Any:
     """A range still leased to a worker of this host whose process is gone (SIGKILL,
     OOM): no need to wait for its lease to expire, since this host can ask its kernel."""
     r, w = ranges.c, workers.c
+    here = boot_id()
+    if here is None:
+        return None
     q = (
         select(ranges, w.pid).select_from(ranges.join(workers, w.id == r.worker_id))
         .where(r.run_id == run_id, r.done.is_(False), r.lease_token.is_not(None),
-               w.host == socket.gethostname(), w.pid != os.getpid())
+               w.host == socket.gethostname(), w.boot_id == here, w.pid != os.getpid())
         .order_by(r.id)
     )
     for row in conn.execute(q):
@@ -301,7 +331,7 @@ def register_worker(conn: Connection, run_id: int) -> str:
     ts = now()
     conn.execute(insert(workers).values(
         id=worker_id, run_id=run_id, host=socket.gethostname(), pid=os.getpid(),
-        state="running", kms_requests=0, retries=0, throttles=0, started_at=ts,
+        boot_id=boot_id(), state="running", kms_requests=0, retries=0, throttles=0, started_at=ts,
         heartbeat_at=ts))
     return worker_id
 
@@ -324,10 +354,9 @@ def live_workers(conn: Connection, run_id: int, stale_after: timedelta) -> list[
     rows = conn.execute(select(workers).where(
         w.run_id == run_id, w.state == "running",
         and_(w.heartbeat_at > now() - stale_after)))
-    me = socket.gethostname()
     out = []
     for row in rows:
-        if row.host == me and not pid_alive(row.pid):
+        if on_this_host(row.host, row.boot_id) and not pid_alive(row.pid):
             continue
         out.append(WorkerRow(**{f: getattr(row, f) for f in WorkerRow.__dataclass_fields__}))
     return out
@@ -351,9 +380,12 @@ def mark_lost(conn: Connection, run_id: int) -> None:
 def mark_dead_here(conn: Connection, run_id: int) -> int:
     """Workers of this host still marked running whose process is gone: lost."""
     w = workers.c
-    me = socket.gethostname()
+    here = boot_id()
+    if here is None:
+        return 0
     dead = [row.id for row in conn.execute(select(w.id, w.pid).where(
-        w.run_id == run_id, w.state == "running", w.host == me)) if not pid_alive(row.pid)]
+        w.run_id == run_id, w.state == "running", w.host == socket.gethostname(),
+        w.boot_id == here)) if not pid_alive(row.pid)]
     if dead:
         conn.execute(update(workers).where(w.id.in_(dead)).values(
             state="lost", finished_at=now(), range_id=None))

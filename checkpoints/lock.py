@@ -2,8 +2,9 @@
 
 Taking it is an INSERT of the single row (exclusive by primary key). A row left by a
 process that died is taken over with a compare-and-swap on its random token when the
-holder is provably gone: same host and its pid no longer exists, or no heartbeat for
-STALE_AFTER (another host cannot be asked). Every batch transaction re-checks the token
+holder is provably gone: same host and boot (boot id) and its pid no longer exists, or no
+heartbeat for STALE_AFTER (another host, or a container of the same name on another
+machine, cannot be asked). Every batch transaction re-checks the token
 (`fence`), so even a holder that was wrongly declared dead cannot commit another batch.
 """
 
@@ -18,6 +19,7 @@ from datetime import timedelta
 from sqlalchemy import Connection, Engine, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from . import leases
 from .leases import aware, live_workers, pid_alive
 from .store import now
 from .tables import lock
@@ -52,7 +54,7 @@ class RunLock:
     def acquire(cls, engine: Engine, kind: str) -> RunLock:
         """Take the lock, or take it over from a dead holder; raise LockHeld otherwise."""
         token = secrets.token_hex(16)
-        me = {"host": socket.gethostname(), "pid": os.getpid()}
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "boot_id": leases.boot_id()}
         for _ in range(3):
             try:
                 with engine.begin() as conn:
@@ -67,7 +69,9 @@ class RunLock:
                 if row is None:
                     continue  # released in between: try the INSERT again
                 age = now() - (aware(row.heartbeat_at) or now())
-                same_host = row.host == me["host"]
+                # Same host name is not enough (containers on other machines share
+                # it): only on this boot can the holder's pid be asked of this kernel.
+                same_host = leases.on_this_host(row.host, row.boot_id)
                 dead = (
                     (same_host and (row.pid == me["pid"] or not pid_alive(row.pid)
                                     or age > SAME_HOST_STALE_AFTER))
@@ -138,7 +142,8 @@ class RunLock:
             conn.execute(update(lock).where(
                 lock.c.name == NAME, lock.c.token == self.token,
                 lock.c.heartbeat_at < ts - every,
-            ).values(heartbeat_at=ts, host=socket.gethostname(), pid=os.getpid()))
+            ).values(heartbeat_at=ts, host=socket.gethostname(), pid=os.getpid(),
+                     boot_id=leases.boot_id()))
 
     @classmethod
     def held_by(cls, engine: Engine) -> tuple[RunLock, int | None] | None:

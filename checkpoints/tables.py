@@ -133,6 +133,8 @@ lock = Table(
     Column("pid", Integer, nullable=False),
     Column("acquired_at", DateTime(timezone=True), nullable=False),
     Column("heartbeat_at", DateTime(timezone=True), nullable=False),
+    # The holder's kernel boot id: with host, says whether its pid can be checked here.
+    Column("boot_id", String(64)),
 )
 
 # A ranged run (`migrate --workers N`, or `rollback --workers N`) splits each target column
@@ -186,5 +188,6 @@ workers = Table(
     Column("heartbeat_at", DateTime(timezone=True), nullable=False),
     Column("finished_at", DateTime(timezone=True)),
     Column("note", Text),
+    Column("boot_id", String(64)),  # see the lock's
     Index(None, "run_id"),
 )

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,9 +40,11 @@ from .config import (
 from .db import (
     PG_LOCK_TIMEOUT,
     SQLITE_BUSY_TIMEOUT,
+    carries_password,
     is_sqlite,
     make_engine,
     safe_url,
+    scrub_known,
     sqlite_path,
 )
 from .errors import (
@@ -53,7 +56,7 @@ from .errors import (
     KmsMigrateError,
 )
 from .kms import KMS, RateLimiter, make_client, validate_region
-from .logs import configure_from_options, configure_logging
+from .logs import configure_from_options, configure_logging, get_logger
 from .migrator import MigrateResult, migrate
 from .progress import make_progress
 from .report import build_report, kms_cost, write_report
@@ -111,16 +114,24 @@ def _progress_option(f: F) -> F:
                         help="No progress bar or progress lines on stderr.")(f)
 
 
-def _backup_before_first_write(engine: Engine, url: str, kind: str, skip: bool) -> None:
+def _had_bookkeeping(engine: Engine) -> bool:
+    with engine.connect() as conn:
+        return store.schema_present(conn)
+
+
+def _backup_before_first_write(engine: Engine, url: str, kind: str, skip: bool,
+                               had_bookkeeping: bool = True) -> None:
     """Back a SQLite database up before a new run's first write (not when resuming one:
-    its backup was taken when it started)."""
+    its backup was taken when it started). Called once the run lock is held, so a
+    refused command writes no copy."""
     path = sqlite_path(url)
     if path is None or skip:
         return
     with engine.connect() as conn:
         if store.schema_present(conn) and store.unfinished_run(conn, kind) is not None:
             return
-    click.echo(f"backup of {path} (SQLite online backup): {backup_sqlite(path)}")
+    copy = backup_sqlite(path, without_bookkeeping=not had_bookkeeping)
+    click.echo(f"backup of {path} (SQLite online backup): {copy}")
 
 
 class StopRequest:
@@ -155,7 +166,9 @@ def graceful_stop() -> Iterator[StopRequest]:
 def _db_option(f: F) -> F:
     return click.option("--db", "db", metavar="URL",
                         help="Database URL (default: $DATABASE_URL), e.g. sqlite:///app.db or "
-                             "postgresql+psycopg://user@host/db.")(f)
+                             "postgresql+psycopg://user@host/db. A password here is what ps "
+                             "shows every user of the machine: export DATABASE_URL "
+                             "instead.")(f)
 
 
 def _target_options(f: F) -> F:
@@ -181,10 +194,24 @@ def _target_options(f: F) -> F:
     return _db_option(f)
 
 
+PASSWORD_IN_ARGV = ("kms-migrate: warning: --db carries a password, which ps and "
+                    "/proc/<pid>/cmdline show to every user of this machine while the command "
+                    "runs: export DATABASE_URL instead")
+_warnings: list[str] = []  # printed by main() once the command ran (a refusal stays one line)
+
+
+def _db_url(flag: str | None) -> str:
+    """--db, else DATABASE_URL; a password on the command line draws a warning."""
+    url = resolve_db_url(flag)
+    if flag and carries_password(flag) and PASSWORD_IN_ARGV not in _warnings:
+        _warnings.append(PASSWORD_IN_ARGV)
+    return url
+
+
 def _settings(opts: dict[str, Any]) -> Settings:
     env = os.environ
     return Settings(
-        db_url=resolve_db_url(opts.get("db")),
+        db_url=_db_url(opts.get("db")),
         targets=load_targets(opts.get("config_file")),
         key_id=opts.get("key_id") or env.get("AWS_KMS_KEY_ID") or DEFAULT_KEY_ID,
         region=validate_region(opts.get("region") or env.get("AWS_REGION") or DEFAULT_REGION),
@@ -418,9 +445,10 @@ def migrate_cmd(**opts: Any) -> int:
         _confirm("MIGRATE", settings.db_url, opts["yes"], "re-encrypt the secrets in")
     started_at = datetime.now(UTC)
     label = "dry-run" if dry else "migrate"
+    had_bookkeeping = _had_bookkeeping(engine)
     with make_kms(settings) as kms, graceful_stop() as stop:
         backup = lambda: _backup_before_first_write(  # noqa: E731
-            engine, settings.db_url, "migrate", opts["no_backup"])
+            engine, settings.db_url, "migrate", opts["no_backup"], had_bookkeeping)
         progress = make_progress(label, not opts["no_progress"])
         if workers is not None:
             result = migrate_ranged(
@@ -489,7 +517,7 @@ def rollback_cmd(**opts: Any) -> int:
     value the tool wrote. Resumable. Needs no KMS access and no Fernet key.
     """
     _setup_logging(opts)
-    url = resolve_db_url(opts.get("db"))
+    url = _db_url(opts.get("db"))
     workers = opts.get("workers")
     if workers is not None:
         refuse_sqlite_workers(url, workers)
@@ -510,6 +538,12 @@ def rollback_cmd(**opts: Any) -> int:
             result = rollback(engine, batch_size=opts["batch_size"], before_first_write=backup,
                               progress=progress, should_stop=stop.requested)
     print_rollback(result)
+    from .finalize import finalized_note
+
+    with engine.connect() as conn:
+        note = finalized_note(conn)
+    if note is not None:
+        click.echo(note)
     return EXIT_FAILURES if result.failures else EXIT_OK
 
 
@@ -549,6 +583,9 @@ def finalize_cmd(**opts: Any) -> int:
     click.echo(f"finalize run {result.run_id}" + (" (resumed)" if result.resumed else "")
                + f": {safe_url(settings.db_url)}")
     click.echo(f"verify: OK ({checked} KMS value(s) decrypted, no Fernet value left)")
+    if result.extra:
+        click.echo("also verified, as the rollback journal holds them: "
+                   + ", ".join(result.extra))
     click.echo(f"deleted {result.deleted} rollback journal row(s) in {result.batches} "
                f"batch(es); {result.seconds:.2f} s")
     click.echo("rollback is no longer possible. Backups taken before the migration still "
@@ -562,7 +599,7 @@ def finalize_cmd(**opts: Any) -> int:
 def status_cmd(db: str | None, as_json: bool) -> int:
     """Show runs (state, timings), progress per table and column, and failures."""
     configure_logging("warning")
-    url = resolve_db_url(db)
+    url = _db_url(db)
     engine = make_engine(url, read_only=True)
     report = collect_status(engine)
     if report is None:
@@ -760,9 +797,32 @@ def _on_sigterm(signum: int, frame: object) -> None:
 _NO_ARGS_IS_HELP: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
+def _error(message: str) -> None:
+    """One line on stderr, with every database credential this process used masked."""
+    click.echo(scrub_known(message).replace("\n", " "), err=True)
+
+
+def _log_unexpected(exc: BaseException) -> None:
+    """An unexpected exception, at debug level: its type and where it was raised, frame by
+    frame (file, line, function), and the types of the exceptions it chained. Never its
+    message, nor any chained one's, nor local variables: those can hold a value, a token or
+    a password; the code's location and names cannot."""
+    chain: list[str] = []
+    frames: list[str] = []
+    seen: BaseException | None = exc
+    while seen is not None and len(chain) < 10:
+        chain.append(type(seen).__name__)
+        frames.extend(f"{Path(f.filename).name}:{f.lineno} in {f.name}"
+                      for f in traceback.extract_tb(seen.__traceback__))
+        seen = seen.__cause__ or seen.__context__
+    get_logger().debug("unexpected_error", error_type=chain[0], chained=chain[1:],
+                       frames=frames)
+
+
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Console entry point: one line on stderr for every refusal, never a traceback."""
     signal.signal(signal.SIGTERM, _on_sigterm)
+    _warnings.clear()
     code: int
     try:
         rv = cli.main(args=list(argv) if argv is not None else None, prog_name="kms-migrate",
@@ -780,13 +840,13 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     except click.UsageError as exc:
         hint = f" (see {exc.ctx.command_path} --help)" if exc.ctx else ""
         msg = exc.format_message().replace("\n", " ")
-        click.echo(f"kms-migrate: error: {msg}{hint}", err=True)
+        _error(f"kms-migrate: error: {msg}{hint}")
         code = EXIT_FATAL
     except click.ClickException as exc:
-        click.echo(f"kms-migrate: error: {exc.format_message()}", err=True)
+        _error(f"kms-migrate: error: {exc.format_message()}")
         code = EXIT_FATAL
     except KmsMigrateError as exc:
-        click.echo(f"kms-migrate: error: {exc}", err=True)
+        _error(f"kms-migrate: error: {exc}")
         code = exc.exit_code
     except SQLAlchemyError as exc:
         # Never the statement or its parameters (they hold tokens): the driver's first line.
@@ -798,8 +858,19 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         elif "lock timeout" in reason:
             reason = (f"a row or table stayed locked by another session for "
                       f"{PG_LOCK_TIMEOUT:g} s; let it finish or stop it")
-        click.echo(f"kms-migrate: database error: {reason}; committed batches are kept, "
-                   "re-run to resume", err=True)
+        _error(f"kms-migrate: database error: {reason}; committed batches are kept, "
+               "re-run to resume")
         code = EXIT_FATAL
+    except Exception as exc:  # the last guard: one line, never a traceback
+        # Not str(exc): the message of an exception nobody anticipated could hold a value.
+        with contextlib.suppress(Exception):
+            _log_unexpected(exc)
+        _error(f"kms-migrate: error: unexpected {type(exc).__name__} (its message is not "
+               "shown, as it could hold a secret); committed batches are kept: re-run with "
+               "--log-level debug to log where it was raised, and report it")
+        code = EXIT_FATAL
+    if code != EXIT_FATAL:  # a refusal stays one line
+        for warning in _warnings:
+            click.echo(warning, err=True)
     sys.stdout.flush()
     sys.exit(code)

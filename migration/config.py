@@ -65,7 +65,7 @@ COINFLIP_TARGETS: tuple[Target, ...] = (
 class Settings:
     """Everything one command needs, resolved once from flags and environment."""
 
-    db_url: str
+    db_url: str = field(repr=False)  # may hold a password (user info or query string)
     targets: tuple[Target, ...] = COINFLIP_TARGETS
     key_id: str = DEFAULT_KEY_ID
     region: str = DEFAULT_REGION

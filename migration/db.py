@@ -12,7 +12,10 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError, S
 
 from .errors import ConfigError, DatabaseError
 
-__all__ = ["is_sqlite", "make_engine", "max_bind_params", "parse_url", "safe_url", "sqlite_path"]
+__all__ = [
+    "carries_password", "is_sqlite", "make_engine", "max_bind_params", "parse_url", "safe_url",
+    "scrub", "scrub_known", "sqlite_path", "url_credentials",
+]
 
 SQLITE_BUSY_TIMEOUT = 10.0  # seconds a write waits on another writer's lock before failing
 PG_LOCK_TIMEOUT = 30.0  # seconds a statement waits on a row or table lock before failing
@@ -47,16 +50,72 @@ def parse_url(url: str) -> URL:
         ) from None
     if u.drivername in {"postgresql", "postgres"}:
         u = u.set(drivername="postgresql+psycopg")
+    _SEEN.update(url_credentials(u))
     return u
 
 
+# A query parameter whose name contains one of these (case-insensitive) may carry a
+# credential: password, sslpassword, passwd, pwd, secret, token, api_key, auth...
+CREDENTIAL_HINTS = ("pass", "pwd", "secret", "token", "key", "auth", "cred", "sig")
+HIDDEN = "***"
+
+
+def is_credential_param(name: str) -> bool:
+    low = name.lower()
+    return any(h in low for h in CREDENTIAL_HINTS)
+
+
+def url_credentials(url: str | URL) -> list[str]:
+    """Every credential the URL carries: its password and credential-bearing query values."""
+    try:
+        u = url if isinstance(url, URL) else make_url(url)
+    except (ArgumentError, ValueError):
+        return []
+    found = [u.password] if u.password else []
+    for name, value in u.query.items():
+        if is_credential_param(name):
+            found.extend(v for v in ((value,) if isinstance(value, str) else value) if v)
+    return [str(v) for v in found]
+
+
+def carries_password(url: str) -> bool:
+    return bool(url_credentials(url))
+
+
 def safe_url(url: str | URL) -> str:
-    """The URL with its password hidden, fit for printing and logging."""
+    """The URL with its password and every credential-bearing query parameter hidden,
+    fit for printing and logging."""
     try:
         u = url if isinstance(url, URL) else make_url(url)
     except (ArgumentError, ValueError):
         return "<unparseable database URL>"
-    return u.render_as_string(hide_password=True)
+    query = {
+        name: ((HIDDEN if isinstance(value, str) else tuple(HIDDEN for _ in value))
+               if is_credential_param(name) else value)
+        for name, value in u.query.items()
+    }
+    shown = u.set(query=query).render_as_string(hide_password=True)
+    # render_as_string quotes the query values: show the mask as the mask.
+    return shown.replace("%2A%2A%2A", HIDDEN)
+
+
+# Every credential of every URL this process parsed: the last guard for messages that
+# do not know the URL (a driver's error text, a log line).
+_SEEN: set[str] = set()
+
+
+def scrub_known(text: str) -> str:
+    """`text` with every credential of a database URL this process used masked."""
+    for value in sorted(_SEEN, key=len, reverse=True):
+        text = text.replace(value, HIDDEN)
+    return text
+
+
+def scrub(text: str, url: str | URL) -> str:
+    """`text` with every credential of `url` replaced by the mask (for driver messages)."""
+    for value in sorted(url_credentials(url), key=len, reverse=True):
+        text = text.replace(value, HIDDEN)
+    return text
 
 
 def is_sqlite(url: str | URL) -> bool:
@@ -95,7 +154,9 @@ def make_engine(url: str, *, read_only: bool = False) -> Engine:
             u, connect_args=connect_args, pool_pre_ping=True, hide_parameters=True
         )
     except (NoSuchModuleError, ImportError) as exc:
-        raise ConfigError(f"no driver for {shown} ({exc}): install it or fix the URL") from None
+        raise ConfigError(
+            f"no driver for {shown} ({scrub(str(exc), u)}): install it or fix the URL"
+        ) from None
     except (ArgumentError, SQLAlchemyError, TypeError) as exc:
         raise ConfigError(f"cannot use database URL {shown}: {type(exc).__name__}") from None
     # Batch-insert journal and failure rows as multi-row INSERTs (SQLAlchemy's
@@ -114,7 +175,7 @@ def make_engine(url: str, *, read_only: bool = False) -> Engine:
                 engine.dialect.insertmanyvalues_max_parameters, max_bind_params(conn))
     except OperationalError as exc:
         reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
-        raise DatabaseError(f"cannot connect to {shown}: {reason}") from None
+        raise DatabaseError(f"cannot connect to {shown}: {scrub(reason, u)}") from None
     return engine
 
 

@@ -13,11 +13,22 @@ Nothing here reads a token: the deletes go by journal id, and no message carries
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
-from sqlalchemy import Connection, Engine, delete, func, select, text, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    and_,
+    delete,
+    func,
+    or_,
+    select,
+    text,
+    update,
+)
 
 from checkpoints import store
 from checkpoints.lock import RunLock
@@ -25,14 +36,14 @@ from checkpoints.store import Run
 from checkpoints.tables import journal, runs
 
 from . import __version__
-from .config import Settings
+from .config import Settings, Target
 from .errors import ConfigError
 from .kms import KMS
 from .logs import get_logger
 from .migrator import lock_held
 from .verify import VerifyResult, verify
 
-__all__ = ["FinalizeResult", "finalize", "finalized_refusal"]
+__all__ = ["FinalizeResult", "finalize", "finalized_note", "finalized_refusal"]
 
 # Runs that write target values or the journal: none may be unfinished when finalizing.
 WRITER_KINDS = ("migrate", "retry", "rollback")
@@ -52,6 +63,8 @@ class FinalizeResult:
     batches: int = 0
     verify: VerifyResult = field(default_factory=VerifyResult)
     seconds: float = 0.0
+    # Journalled columns outside the given targets, verified too ("table.column").
+    extra: list[str] = field(default_factory=list)
 
 
 def finalize(
@@ -62,10 +75,12 @@ def finalize(
     batch_size: int = DEFAULT_FINALIZE_BATCH,
     should_stop: Callable[[], bool] | None = None,
 ) -> FinalizeResult:
-    """Verify the targets, then delete every rollback journal row; resumable.
+    """Verify the targets and every column the journal holds, then delete the journal
+    rows of what was verified; resumable.
 
     Refuses (ConfigError, nothing deleted) when the database has no kms-migrate bookkeeping,
-    when a migrate, retry or rollback run is unfinished, or when verify does not pass.
+    when a migrate, retry or rollback run is unfinished, when the journal holds a column
+    whose target no run recorded, or when verify does not pass.
     """
     if batch_size < 1:
         raise ConfigError("the finalize batch size must be at least 1")
@@ -78,23 +93,82 @@ def finalize(
             )
         _refuse_unfinished_writers(conn)
         writers_seen = _latest_writer_id(conn)
-    result = FinalizeResult()
-    result.verify = verify(settings, engine=engine, kms=kms)
+        targets, extra = journal_targets(conn, settings.targets)
+    result = FinalizeResult(extra=extra)
+    result.verify = verify(replace(settings, targets=targets), engine=engine, kms=kms)
     if not result.verify.ok:
         left = sum(c.fernet_left for c in result.verify.columns)
         bad = sum(c.undecryptable for c in result.verify.columns)
         other = sum(c.other_key for c in result.verify.columns)
+        failing = [f"{c.table}.{c.column}" for c in result.verify.columns
+                   if c.fernet_left or c.undecryptable or c.other_key]
+        also = (f" (also verified, as the journal holds them: {', '.join(extra)})"
+                if extra else "")
         raise ConfigError(
             f"verify did not pass ({left} Fernet value(s) left, {bad} undecryptable "
-            f"value(s), {other} under another KMS key): the rollback journal is still "
-            "needed; run `kms-migrate verify` with "
-            "the same options for the list, migrate or fix them, then finalize again; "
+            f"value(s), {other} under another KMS key, in {', '.join(failing) or 'the targets'})"
+            f"{also}: the rollback journal "
+            "is still needed; run `kms-migrate verify` with the same options (and --config "
+            "naming those columns) for the list, migrate or fix them, then finalize again; "
             "nothing was deleted"
         )
+    pairs = [(t.table, c) for t in targets for c in t.columns]
     store.ensure_schema(engine)  # an older bookkeeping schema may lack the lock table
     with lock_held(engine, "finalize") as run_lock:
         return _finalize(engine, batch_size, result, run_lock, writers_seen, started,
-                         should_stop)
+                         should_stop, pairs)
+
+
+def journal_targets(
+    conn: Connection, given: Sequence[Target]
+) -> tuple[tuple[Target, ...], list[str]]:
+    """The given targets plus every (table, column) the journal still holds migrated values
+    of, with the primary key the run that wrote them recorded; and those added, by name.
+
+    Raises ConfigError naming the journalled columns no run recorded a target for.
+    """
+    rows = conn.execute(
+        select(journal.c.run_id, journal.c.table_name, journal.c.column_name)
+        .where(journal.c.status == "migrated").distinct()
+        .order_by(journal.c.table_name, journal.c.column_name, journal.c.run_id)
+    ).all()
+    merged: dict[str, tuple[str, list[str]]] = {
+        t.table: (t.primary_key, list(t.columns)) for t in given}
+    extra: list[str] = []
+    unknown: list[str] = []
+    recorded: dict[int, list[dict[str, object]]] = {}
+    for run_id, table, column in rows:
+        if table in merged and column in merged[table][1]:
+            continue
+        if run_id not in recorded:
+            run = store.get_run(conn, int(run_id))
+            try:
+                recorded[run_id] = run.targets if run is not None else []
+            except ValueError:
+                recorded[run_id] = []
+        pk = next((str(t["primary_key"]) for t in recorded[run_id]
+                   if t.get("table") == table and t.get("primary_key")
+                   and isinstance(t.get("columns"), list)
+                   and column in t["columns"]), None)  # type: ignore[operator]
+        if pk is None:
+            unknown.append(f"{table}.{column}")
+            continue
+        if table in merged:
+            merged[table][1].append(column)
+        else:
+            merged[table] = (pk, [column])
+        extra.append(f"{table}.{column}")
+    # A column another run of the journal did record is known after all.
+    unknown = [u for u in unknown if u not in extra]
+    if unknown:
+        names = ", ".join(sorted(set(unknown)))
+        raise ConfigError(
+            f"the rollback journal holds values of {names}, and no run recorded their "
+            "target (primary key): finalize cannot verify them; restore the runs table or "
+            "roll them back first; nothing was deleted"
+        )
+    targets = tuple(Target(t, pk, tuple(cols)) for t, (pk, cols) in merged.items())
+    return targets, sorted(set(extra))
 
 
 def _finalize(
@@ -105,6 +179,7 @@ def _finalize(
     writers_seen: int,
     started: float,
     should_stop: Callable[[], bool] | None,
+    pairs: Sequence[tuple[str, str]],
 ) -> FinalizeResult:
     # Under the lock, and in the transaction of the first delete: nothing may have started
     # writing since the checks above, and a finalize run exists only once it deletes.
@@ -126,7 +201,7 @@ def _finalize(
                                    fingerprint="journal", batch_size=batch_size,
                                    tool_version=__version__)
         run_lock.bind_run(conn, run.id)
-        deleted = _delete_batch(conn, batch_size)
+        deleted = _delete_batch(conn, batch_size, pairs)
     result.run_id = run.id
     log = get_logger(run_id=run.id, kind="finalize")
     log.info("run_started", resumed=result.resumed, batch_size=batch_size)
@@ -142,7 +217,7 @@ def _finalize(
                 raise KeyboardInterrupt  # asked to stop: this batch is committed, stop here
             with engine.begin() as conn:
                 run_lock.fence(conn)
-                deleted = _delete_batch(conn, batch_size)
+                deleted = _delete_batch(conn, batch_size, pairs)
                 conn.execute(update(runs).where(runs.c.id == run.id)
                              .values(updated_at=store.now()))
         state = "completed"
@@ -163,12 +238,17 @@ def _finalize(
     return result
 
 
-def _delete_batch(conn: Connection, batch_size: int) -> int:
-    """Delete the next `batch_size` journal rows (any status), by id; return how many."""
+def _delete_batch(conn: Connection, batch_size: int, pairs: Sequence[tuple[str, str]]) -> int:
+    """Delete the next `batch_size` journal rows of the verified (table, column) pairs (any
+    status), and rows no rollback would replay (rolled back, conflict), by id; how many."""
     if conn.dialect.name == "sqlite":
         # Zero the freed space, so the tokens are not left readable in the database file.
         conn.execute(text("PRAGMA secure_delete = ON"))
-    ids = select(journal.c.id).order_by(journal.c.id).limit(batch_size).scalar_subquery()
+    j = journal.c
+    verified: list[ColumnElement[bool]] = [
+        and_(j.table_name == t, j.column_name == c) for t, c in pairs]
+    ids = (select(j.id).where(or_(j.status != "migrated", *verified))
+           .order_by(j.id).limit(batch_size).scalar_subquery())
     return int(conn.execute(delete(journal).where(journal.c.id.in_(ids))).rowcount)
 
 
@@ -188,13 +268,6 @@ def _latest_writer_id(conn: Connection) -> int:
     ).scalar_one())
 
 
-def _latest(conn: Connection, kind: str) -> Run | None:
-    row = conn.execute(
-        select(runs.c.id).where(runs.c.kind == kind).order_by(runs.c.id.desc()).limit(1)
-    ).first()
-    return store.get_run(conn, int(row.id)) if row else None
-
-
 def _utc(ts: datetime) -> str:
     ts = ts.astimezone(UTC) if ts.tzinfo else ts  # naive (SQLite): stored in UTC
     return ts.strftime("%Y-%m-%d %H:%M:%S UTC")
@@ -203,24 +276,22 @@ def _utc(ts: datetime) -> str:
 def finalized_refusal(conn: Connection) -> str | None:
     """Why `rollback` cannot run because of a finalize, or None when it can.
 
-    A completed finalize newer than the latest migrate run, with no journal row left to
-    roll back: the original tokens are gone. An unfinished finalize newer than it: part of
-    them are gone, and a rollback would be partial.
+    Decided by what finalize did, not by the order of run ids: an unfinished finalize has
+    deleted part of the journal, so any rollback would be partial (and migrate refuses to
+    start until it is finished); a completed finalize with no journal row left to replay
+    means the original tokens are gone. A completed finalize followed by a migrate leaves
+    that migrate's journal, which rollback replays (`finalized_note` says what stays).
     """
-    fin = _latest(conn, "finalize")
-    if fin is None:
-        return None
-    mig = _latest(conn, "migrate")
-    if mig is not None and mig.id > fin.id:
-        return None
-    if fin.state in store.UNFINISHED:
+    unfinished = store.unfinished_run(conn, "finalize")
+    if unfinished is not None:
         return (
-            f"finalize run {fin.id} (started {_utc(fin.started_at)}) has not finished "
-            "deleting the rollback journal: part of the original Fernet tokens are gone, so a "
-            "rollback would be partial; run `kms-migrate finalize` again to finish it, or "
-            "restore the backup taken before the migration; nothing was written"
+            f"finalize run {unfinished.id} (started {_utc(unfinished.started_at)}) has not "
+            "finished deleting the rollback journal: part of the original Fernet tokens are "
+            "gone, so a rollback would be partial; run `kms-migrate finalize` again to finish "
+            "it, or restore the backup taken before the migration; nothing was written"
         )
-    if fin.state != "completed":
+    fin = _latest_completed_finalize(conn)
+    if fin is None:
         return None
     pending = conn.execute(
         select(func.count()).select_from(journal).where(journal.c.status == "migrated")
@@ -233,3 +304,21 @@ def finalized_refusal(conn: Connection) -> str | None:
         "original Fernet tokens are gone, so kms-migrate cannot roll back; restore the "
         "backup taken before the migration if you must; nothing was written"
     )
+
+
+def finalized_note(conn: Connection) -> str | None:
+    """For a rollback after a completed finalize: the values it finalized stay KMS."""
+    fin = _latest_completed_finalize(conn)
+    if fin is None:
+        return None
+    return (f"note: values finalized by run {fin.id} ({_utc(fin.finished_at or fin.updated_at)})"
+            " have no journal left and stay in KMS format; only values migrated since were "
+            "restored")
+
+
+def _latest_completed_finalize(conn: Connection) -> Run | None:
+    row = conn.execute(
+        select(runs.c.id).where(runs.c.kind == "finalize", runs.c.state == "completed")
+        .order_by(runs.c.id.desc()).limit(1)
+    ).first()
+    return store.get_run(conn, int(row.id)) if row else None

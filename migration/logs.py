@@ -25,9 +25,13 @@ LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNI
 
 
 def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    from .db import scrub_known  # the credentials of the database URLs this process used
+
     for k in list(event):
         if k.lower() in SENSITIVE:
             event[k] = "[redacted]"
+        elif isinstance(event[k], str):
+            event[k] = scrub_known(event[k])
     return event
 
 

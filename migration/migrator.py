@@ -324,6 +324,33 @@ def refuse_other_settings(run: Run, settings: Settings, key_arn: str) -> None:
         )
 
 
+def refuse_to_start(conn: Connection, *, retry_failed: bool = False) -> None:
+    """Raise ResumeMismatchError when a migrate (or retry) must not start now: a finalize
+    or a rollback is unfinished, or (for a retry) a migrate is."""
+    fin = store.unfinished_run(conn, "finalize")
+    if fin is not None:
+        # It has deleted part of the journal: a migrate now would mix a fresh journal with
+        # a partial one, and a later rollback would restore only part of the values.
+        raise ResumeMismatchError(
+            f"finalize run {fin.id} is unfinished: it has deleted part of the rollback "
+            "journal; finish it first (kms-migrate finalize), then migrate again; nothing "
+            "was written"
+        )
+    rb = store.unfinished_run(conn, "rollback")
+    if rb is not None:
+        raise ResumeMismatchError(
+            f"rollback run {rb.id} is unfinished: finish it first (kms-migrate rollback), "
+            "then migrate again; nothing was written"
+        )
+    if retry_failed:
+        mig = store.unfinished_run(conn, "migrate")
+        if mig is not None:
+            raise ResumeMismatchError(
+                f"migrate run {mig.id} is unfinished: finish it first (kms-migrate "
+                "migrate), then retry its failures; nothing was written"
+            )
+
+
 def _resume_or_start(
     engine: Engine,
     settings: Settings,
@@ -337,19 +364,8 @@ def _resume_or_start(
     fingerprint = targets_fingerprint(settings.targets, settings.encryption_context)
     pairs = [(t.table, c) for t in settings.targets for c in t.columns]
     with engine.begin() as conn:
-        rb = store.unfinished_run(conn, "rollback")
-        if rb is not None:
-            raise ResumeMismatchError(
-                f"rollback run {rb.id} is unfinished: finish it first (kms-migrate rollback), "
-                "then migrate again; nothing was written"
-            )
+        refuse_to_start(conn, retry_failed=retry_failed)
         if retry_failed:
-            mig = store.unfinished_run(conn, "migrate")
-            if mig is not None:
-                raise ResumeMismatchError(
-                    f"migrate run {mig.id} is unfinished: finish it first (kms-migrate "
-                    "migrate), then retry its failures; nothing was written"
-                )
             old = store.unfinished_run(conn, "retry")
             if old is not None:  # a retry re-reads the failures: nothing to resume
                 store.set_state(conn, old.id, "abandoned", note="superseded by a new retry")
@@ -419,12 +435,16 @@ def migrate(
             (bt.name, c): None for bt in bound for c in bt.target.columns
         }
     else:
-        if before_first_write is not None:
-            before_first_write()  # every check passed; e.g. the SQLite backup
         store.ensure_schema(engine)
         run_lock = acquire_lock(engine, "migrate")
         targets_json = json.dumps([t.as_dict() for t in settings.targets], sort_keys=True)
         try:
+            with engine.connect() as conn:
+                refuse_to_start(conn, retry_failed=retry_failed)
+            if before_first_write is not None:
+                # Every check passed and the lock is ours: e.g. the SQLite backup (a
+                # refused second migrate must not write a copy).
+                before_first_write()
             run, result.resumed = _resume_or_start(
                 engine, settings, key.arn, targets_json, new_run, run_lock, retry_failed
             )

@@ -45,7 +45,13 @@ from .codec import (
 from .config import Settings, targets_fingerprint
 from .db import make_engine, safe_url
 from .errors import ConfigError, KmsMigrateError
-from .kms import CONNECTION_ERRORS, CREDENTIAL_CODES, TRANSIENT_CODES, make_client
+from .kms import (
+    CONNECTION_ERRORS,
+    CREDENTIAL_CODES,
+    TRANSIENT_CODES,
+    aws_settings_problem,
+    make_client,
+)
 from .migrator import fernet_sample
 from .reader import BoundTarget, bind_target, refuse_null_keys
 
@@ -401,11 +407,14 @@ def _check_kms(
 ) -> str | None:
     """DescribeKey, key state, usage, region and the round trip; the key ARN if resolved."""
     key, region = settings.key_id, settings.region
-    if client is None:
-        client = make_client(region, 1)
     meta: dict[str, Any] | None = None
     problem: _KmsProblem | None = None
     try:
+        if client is None:
+            try:
+                client = make_client(region, 1)
+            except ConfigError as exc:  # a broken AWS profile or endpoint setting
+                raise _KmsProblem("AwsSettings", f"{exc}, {AGAIN}") from None
         meta = _kms_call(client, "DescribeKey", "describe_key", key, region, sleep,
                          KeyId=key)["KeyMetadata"]
     except _KmsProblem as exc:
@@ -534,7 +543,11 @@ def _check_caller(
     name = "caller identity"
     try:
         if client is None:
-            client = _sts_client(settings.region)
+            try:
+                client = _sts_client(settings.region)
+            except Exception as exc:  # a broken AWS profile or endpoint
+                checks.append(Check(name, False, f"{aws_settings_problem(exc)}, {AGAIN}"))
+                return
         who = client.get_caller_identity()
     except botocore.exceptions.ClientError as exc:
         code = str(exc.response.get("Error", {}).get("Code", "Unknown"))

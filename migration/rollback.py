@@ -72,10 +72,10 @@ def rollback(
     started = time.monotonic()
     result = RollbackResult()
     check_can_roll_back(engine)
-    if before_first_write is not None:
-        before_first_write()
     store.ensure_schema(engine)
     with lock_held(engine, "rollback") as run_lock:
+        if before_first_write is not None:
+            before_first_write()  # the lock is ours: e.g. the SQLite backup
         return _rollback(engine, batch_size, result, run_lock, started,
                          progress or NullProgress(), should_stop)
 

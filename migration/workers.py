@@ -57,6 +57,7 @@ from .migrator import (
     _writer,
     check_keys_open_something,
     refuse_other_settings,
+    refuse_to_start,
 )
 from .progress import NullProgress, Progress
 from .reader import BoundTarget, bind_target, bind_targets, count_after
@@ -413,8 +414,12 @@ def _join_or_refuse(engine: Engine, kind: str, exc: LockHeld) -> tuple[RunLock, 
 def start_ranged_migrate(
     settings: Settings, engine: Engine, key_arn: str, *, new_run: bool,
     rows_per_range: int, workers: int = 1,
+    before_first_write: Callable[[], None] | None = None,
 ) -> RangedStart:
-    """Take the run lock and start or resume a ranged run, or join the one running."""
+    """Take the run lock and start or resume a ranged run, or join the one running.
+
+    `before_first_write` (e.g. the SQLite backup) runs once the lock is ours and every
+    check passed, before the run starts (not when joining a run already running)."""
     store.ensure_schema(engine)
     try:
         run_lock = RunLock.acquire(engine, "migrate")
@@ -433,6 +438,10 @@ def start_ranged_migrate(
         return RangedStart(run, run_lock, joined=True, resumed=True)
     try:
         targets_json = json.dumps([t.as_dict() for t in settings.targets], sort_keys=True)
+        with engine.connect() as conn:
+            refuse_to_start(conn)
+        if before_first_write is not None:
+            before_first_write()
         run, resumed = _resume_or_start(engine, settings, key_arn, targets_json, new_run,
                                         run_lock, ranged=True)
         bound = bind_targets(engine, settings.targets)
@@ -518,10 +527,9 @@ def migrate_ranged(
     bound = bind_targets(engine, settings.targets)
     check_keys_open_something(engine, bound, FernetCodec(settings.fernet_keys))
     key = kms.describe()
-    if before_first_write is not None:
-        before_first_write()
     start = start_ranged_migrate(settings, engine, key.arn, new_run=new_run,
-                                 rows_per_range=rows_per_range, workers=workers)
+                                 rows_per_range=rows_per_range, workers=workers,
+                                 before_first_write=before_first_write)
     if start.run.max_kms_rps is not None:  # the run's limit, whoever started it
         settings = replace(settings, max_kms_rps=start.run.max_kms_rps)
     result = MigrateResult(dry_run=False, run_id=start.run.id, resumed=start.resumed,
@@ -558,8 +566,6 @@ def rollback_ranged(
     """`rollback --workers N`: the journal's id space split into ranges, per column."""
     started = time.monotonic()
     check_can_roll_back(engine)
-    if before_first_write is not None:
-        before_first_write()
     store.ensure_schema(engine)
     try:
         run_lock = RunLock.acquire(engine, "rollback")
@@ -568,6 +574,8 @@ def rollback_ranged(
         start = RangedStart(run, run_lock, joined=True, resumed=True)
     else:
         try:
+            if before_first_write is not None:
+                before_first_write()  # the lock is ours: e.g. the SQLite backup
             run, resumed = start_rollback_run(engine, settings.batch_size, run_lock)
             with engine.begin() as conn:
                 _plan_rollback(conn, run, _Sizing(rows_per_range, RANGES_PER_WORKER * workers,

@@ -344,3 +344,97 @@ def test_top_level_help_and_version_exit_0(capsys: Any) -> None:
     assert "Exit codes: 0 done; 1 done, some values failed; 2 refused or stopped" in out
     code, out, _ = run_main(capsys, "--version")
     assert code == 0 and out.strip() == "kms-migrate, version 0.1.0"
+
+
+# -- issue 11, defect 10: broken AWS settings and unexpected errors: one line, exit 2 ---------
+
+AWS_BREAKAGES = {
+    "profile": ("AWS_PROFILE", "no-such-profile", "AWS_PROFILE"),
+    "endpoint": ("AWS_ENDPOINT_URL_KMS", "http://[::1", "AWS_ENDPOINT_URL_KMS"),
+    "endpoint-text": ("AWS_ENDPOINT_URL_KMS", "not a url", "AWS_ENDPOINT_URL_KMS"),
+    "endpoint-port": ("AWS_ENDPOINT_URL_KMS", "http://localhost:99999", "AWS_ENDPOINT_URL_KMS"),
+    "endpoint-scheme": ("AWS_ENDPOINT_URL_KMS", "ftp://localhost", "AWS_ENDPOINT_URL_KMS"),
+}
+CLIENT_COMMANDS = {
+    "migrate": ["migrate", "--yes", "--no-progress"],
+    "dry-run": ["migrate", "--dry-run", "--no-progress"],
+    "retry": ["migrate", "--retry-failed", "--yes", "--no-progress"],
+    "verify": ["verify"],
+    "finalize": ["finalize", "--yes"],
+    "iam-policy": ["iam-policy", "--key-id", "alias/coinflip-master-key"],
+}
+
+
+@pytest.mark.parametrize("broken", sorted(AWS_BREAKAGES))
+@pytest.mark.parametrize("command", sorted(CLIENT_COMMANDS))
+def test_broken_aws_settings_exit_2_with_one_line_naming_the_setting(
+    capsys: Any, sqlite_url: str, env_keys: Any, monkeypatch: pytest.MonkeyPatch,
+    command: str, broken: str,
+) -> None:
+    make_db(sqlite_url, 5, env_keys.current, env_keys.legacy)
+    before = snapshot(sqlite_url)
+    var, value, named = AWS_BREAKAGES[broken]
+    monkeypatch.setenv(var, value)
+    args = CLIENT_COMMANDS[command]
+    if command != "iam-policy":
+        args = [*args, "--db", sqlite_url]
+    line = assert_refused(*run_main(capsys, *args), named)
+    assert value not in line or broken == "profile"
+    assert snapshot(sqlite_url) == before
+    assert not list(Path(sqlite_url.removeprefix("sqlite:///")).parent.glob("*backup*"))
+
+
+@pytest.mark.parametrize("broken", sorted(AWS_BREAKAGES))
+def test_preflight_reports_broken_aws_settings_as_failed_checks(
+    capsys: Any, sqlite_url: str, env_keys: Any, monkeypatch: pytest.MonkeyPatch, broken: str,
+) -> None:
+    make_db(sqlite_url, 5, env_keys.current, env_keys.legacy)
+    var, value, named = AWS_BREAKAGES[broken]
+    monkeypatch.setenv(var, value)
+    code, out, err = run_main(capsys, "preflight", "--db", sqlite_url)
+    assert code == 2 and "Traceback" not in out + err
+    assert "FAIL" in out and named in out
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_an_unexpected_error_is_one_line_naming_its_type_never_its_message(
+    capsys: Any, sqlite_url: str, env_keys: Any, kms: Any, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    import migration.cli as cli_mod
+
+    make_db(sqlite_url, 5, env_keys.current, env_keys.legacy)
+    secret = "plaintext-that-must-never-show"
+
+    def boom(*_: Any, **__: Any) -> Any:
+        raise RuntimeError(f"could not handle {secret}") from KeyError(secret)
+
+    monkeypatch.setattr(cli_mod, "migrate", boom)
+    monkeypatch.setattr(cli_mod, "collect_status", boom)
+    log = tmp_path / "debug.log"
+    line = assert_refused(*run_main(capsys, "migrate", "--db", sqlite_url, "--yes",
+                                    "--no-progress", "--log-level", "debug",
+                                    "--log-file", str(log)),
+                          "unexpected RuntimeError", "--log-level debug")
+    assert secret not in line
+    logged = log.read_text()
+    assert "unexpected_error" in logged and "RuntimeError" in logged
+    assert "KeyError" in logged and "boom" in logged  # where, and what it chained
+    assert secret not in logged
+    line = assert_refused(*run_main(capsys, "status", "--db", sqlite_url),
+                          "unexpected RuntimeError")
+    assert secret not in line
+
+
+def test_an_unknown_aws_profile_in_a_real_process_is_one_line_and_exit_2(
+    tmp_path: Path, env_keys: Any
+) -> None:
+    url = f"sqlite:///{tmp_path / 'coinflip.db'}"
+    make_db(url, 5, env_keys.current)
+    exe = Path(sys.executable).parent / "kms-migrate"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    env["AWS_PROFILE"] = "no-such-profile"
+    for args in (["migrate", "--yes", "--no-progress"], ["verify"]):
+        proc = subprocess.run([str(exe), *args, "--db", url], capture_output=True, text=True,
+                              timeout=60, env=env)
+        assert_refused(proc.returncode, proc.stdout, proc.stderr, "AWS_PROFILE")

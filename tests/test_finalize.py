@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from cryptography.fernet import Fernet
 from sqlalchemy import create_engine, func, select, update
+from sqlalchemy import text as sql_text
 
 import migration.finalize as fin
 from checkpoints import store
@@ -251,11 +252,11 @@ def test_an_interrupted_finalize_blocks_rollback_and_a_rerun_finishes_it(
     real = fin._delete_batch
     calls: list[int] = []
 
-    def crash_on_third(conn: Any, size: int) -> int:
+    def crash_on_third(*args: Any) -> int:
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real(conn, size)
+        return real(*args)
 
     monkeypatch.setattr(fin, "_delete_batch", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
@@ -383,3 +384,183 @@ def test_cli_finalize_refuses_while_verify_fails(
         assert conn.execute(select(func.count()).select_from(runs)
                             .where(runs.c.kind == "finalize")).scalar_one() == 0
     eng.dispose()
+
+
+# -- issue 11: finalize covers what the journal holds (defects 4 and 13) -------------------
+
+
+def _vaults(url: str, keys: Keys, rows: int = 6) -> dict[int, str]:
+    """A second target set: vaults.seed, Fernet tokens under the current key."""
+    from sqlalchemy import Column, Integer, MetaData, Table, Text, insert
+
+    md = MetaData()
+    vaults = Table("vaults", md, Column("vault_id", Integer, primary_key=True),
+                   Column("seed", Text))
+    eng = create_engine(url)
+    md.create_all(eng)
+    f = Fernet(keys.current.encode())
+    tokens = {i: f.encrypt(f"vault seed {i}".encode()).decode() for i in range(1, rows + 1)}
+    with eng.begin() as conn:
+        conn.execute(insert(vaults), [{"vault_id": i, "seed": t} for i, t in tokens.items()])
+    eng.dispose()
+    return tokens
+
+
+def _vaults_config(tmp_path: Any) -> str:
+    path = tmp_path / "vaults.toml"
+    path.write_text('[[targets]]\ntable = "vaults"\nprimary_key = "vault_id"\n'
+                    'columns = ["seed"]\n')
+    return str(path)
+
+
+def _set_seed(url: str, vault_id: int, value: str) -> str:
+    """Write a vault's seed as the application would; return what was there."""
+    eng = create_engine(url)
+    with eng.begin() as conn:
+        old = conn.execute(sql_text("SELECT seed FROM vaults WHERE vault_id = :i"),
+                           {"i": vault_id}).scalar_one()
+        conn.execute(sql_text("UPDATE vaults SET seed = :v WHERE vault_id = :i"),
+                     {"v": value, "i": vault_id})
+    eng.dispose()
+    return str(old)
+
+
+def _journal_tables(url: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    eng = create_engine(url)
+    with eng.connect() as conn:
+        for t, n in conn.execute(select(journal.c.table_name, func.count())
+                                 .group_by(journal.c.table_name)):
+            out[t] = int(n)
+    eng.dispose()
+    return out
+
+
+def test_cli_finalize_verifies_every_journalled_column_not_only_the_given_targets(
+    db_url: str, kms: KmsHandle, env_keys: Keys, capsys: pytest.CaptureFixture[str],
+    tmp_path: Any,
+) -> None:
+    make_db(db_url, 10, env_keys.current, env_keys.legacy, bad_values=False)
+    _vaults(db_url, env_keys)
+    config = _vaults_config(tmp_path)
+    assert run_main(capsys, "migrate", "--db", db_url, "--yes", "--no-progress")[0] == 0
+    assert run_main(capsys, "migrate", "--db", db_url, "--yes", "--no-progress",
+                    "--config", config)[0] == 0
+    journalled = _journal_tables(db_url)
+    assert journalled["vaults"] == 6 and journalled["users"] > 0
+    # The application writes a Fernet token over a migrated vault value afterwards.
+    fresh = Fernet(env_keys.current.encode()).encrypt(b"rewritten by the app").decode()
+    migrated = _set_seed(db_url, 3, fresh)
+    cells = snapshot(db_url)
+    code, out, err = run_main(capsys, "finalize", "--db", db_url, "--yes")  # no --config
+    line = _one_line(code, out, err, "verify did not pass (1 Fernet value(s) left",
+                     "vaults.seed", "nothing was deleted")
+    assert fresh not in line
+    assert _journal_tables(db_url) == journalled and snapshot(db_url) == cells
+    # Once the vault value is right again, finalize (still without --config) verifies
+    # both target sets and deletes the whole journal.
+    _set_seed(db_url, 3, migrated)
+    code, out, err = run_main(capsys, "finalize", "--db", db_url, "--yes")
+    assert code == 0, err
+    assert "vaults.seed" in out
+    assert _journal_tables(db_url) == {}
+
+
+def test_finalize_refuses_journal_columns_no_run_recorded(
+    sqlite_url: str, kms: KmsHandle, keys: Keys
+) -> None:
+    make_db(sqlite_url, 10, keys.current, keys.legacy, bad_values=False)
+    _migrate(sqlite_url, keys, kms)
+    eng = create_engine(sqlite_url)
+    with eng.begin() as conn:  # the run's record of its targets lost (edited by hand)
+        conn.execute(update(runs).values(targets_json="[]"))
+    eng.dispose()
+    before = _journal(sqlite_url)
+    from migration.config import COINFLIP_TARGETS
+
+    with pytest.raises(ConfigError, match=r"users\.encrypted_secret.*nothing was deleted"):
+        _finalize(sqlite_url, keys, kms, targets=COINFLIP_TARGETS[1:])  # wagers only
+    assert _journal(sqlite_url) == before
+
+
+def _interrupt_finalize(url: str, keys: Keys, kms: KmsHandle,
+                        monkeypatch: pytest.MonkeyPatch) -> None:
+    real = fin._delete_batch
+    calls: list[int] = []
+
+    def crash_on_second(*args: Any) -> int:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(fin, "_delete_batch", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        _finalize(url, keys, kms, batch_size=5)
+    monkeypatch.setattr(fin, "_delete_batch", real)
+
+
+def test_cli_migrate_and_retry_refuse_while_a_finalize_is_unfinished(
+    db_url: str, kms: KmsHandle, env_keys: Keys, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    truth = make_db(db_url, 20, env_keys.current, env_keys.legacy, bad_values=False)
+    _migrate(db_url, env_keys, kms)
+    _interrupt_finalize(db_url, env_keys, kms, monkeypatch)
+    # The application writes a new Fernet secret: migrate would have work to do.
+    _, users, _ = coinflip_metadata()
+    pk = min(int(p) for t, p, c in truth.plaintexts if t == "users")
+    eng = create_engine(db_url)
+    with eng.begin() as conn:
+        conn.execute(update(users).where(users.c.user_id == pk).values(
+            encrypted_secret=Fernet(env_keys.current.encode()).encrypt(b"new").decode()))
+    eng.dispose()
+    history, cells, jr = _runs(db_url), snapshot(db_url), _journal(db_url)
+    for extra in ((), ("--retry-failed",)):
+        _one_line(*run_main(capsys, "migrate", "--db", db_url, "--yes", "--no-progress",
+                            *extra),
+                  "finalize run 2 is unfinished", "kms-migrate finalize", "nothing was written")
+        assert _runs(db_url) == history and snapshot(db_url) == cells
+        assert _journal(db_url) == jr
+    _one_line(*run_main(capsys, "rollback", "--db", db_url, "--yes", "--no-progress"),
+              "finalize run 2", "a rollback would be partial")
+    assert snapshot(db_url) == cells
+
+
+def test_rollback_refuses_after_an_unfinished_finalize_whatever_ran_since(
+    db_url: str, kms: KmsHandle, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_db(db_url, 20, keys.current, keys.legacy, bad_values=False)
+    _migrate(db_url, keys, kms)
+    _interrupt_finalize(db_url, keys, kms, monkeypatch)
+    # A migrate run recorded after it (an older kms-migrate did not refuse to start one).
+    eng = create_engine(db_url)
+    with eng.begin() as conn:
+        run = store.create_run(conn, kind="migrate", targets=[], targets_json="[]",
+                               fingerprint="x", batch_size=5)
+        store.set_state(conn, run.id, "completed")
+    eng.dispose()
+    cells = snapshot(db_url)
+    with pytest.raises(ConfigError, match=r"finalize run 2 .* a rollback would be partial"):
+        rollback(make_engine(db_url))
+    assert snapshot(db_url) == cells
+
+
+def test_cli_rollback_after_a_completed_finalize_says_what_stays_kms(
+    sqlite_url: str, kms: KmsHandle, env_keys: Keys, capsys: pytest.CaptureFixture[str]
+) -> None:
+    truth = make_db(sqlite_url, 10, env_keys.current, env_keys.legacy, bad_values=False)
+    _migrate(sqlite_url, env_keys, kms)
+    fin_run = _finalize(sqlite_url, env_keys, kms).run_id
+    _, users, _ = coinflip_metadata()
+    pk = min(int(p) for t, p, c in truth.plaintexts if t == "users")
+    eng = create_engine(sqlite_url)
+    with eng.begin() as conn:  # the application, still on Fernet, writes one more secret
+        conn.execute(update(users).where(users.c.user_id == pk).values(
+            encrypted_secret=Fernet(env_keys.current.encode()).encrypt(b"late").decode()))
+    eng.dispose()
+    _migrate(sqlite_url, env_keys, kms)
+    code, out, err = run_main(capsys, "rollback", "--db", sqlite_url, "--yes", "--no-progress")
+    assert code == 0, err
+    assert f"note: values finalized by run {fin_run} (" in out
+    assert "stay in KMS format" in out

@@ -115,3 +115,99 @@ def test_fence_refuses_a_foreign_token(sqlite_url: str, keys: Keys) -> None:
         mine.fence(conn)
     with pytest.raises(LockLost), eng.begin() as conn:
         RunLock("not-the-token", "migrate").fence(conn)
+
+
+# -- issue 11, defect 14: a holder is on this host only on this very boot ----------------------
+
+def _other_machine(tmp_path: object, monkeypatch: pytest.MonkeyPatch, boot: str) -> None:
+    """From now on this process runs on a kernel whose boot id is `boot` (same hostname:
+    a container of the same name on another machine)."""
+    from pathlib import Path
+
+    import checkpoints.leases as leases_mod
+
+    path = Path(str(tmp_path)) / f"boot_id-{boot}"
+    path.write_text(boot + "\n")
+    # raising=False: where the tool reads no boot id, the test must fail on its assertions.
+    monkeypatch.setattr(leases_mod, "BOOT_ID_PATH", str(path), raising=False)
+
+
+def test_a_lock_held_on_another_boot_of_the_same_hostname_is_not_taken_over(
+    db_url: str, kms: KmsHandle, keys: Keys, tmp_path: object,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    from tests.helpers import run_main
+
+    make_db(db_url, 10, keys.current, bad_values=False)
+    monkeypatch.setenv("ENCRYPTION_KEY", keys.current)
+    _other_machine(tmp_path, monkeypatch, "aaaaaaaa-0000-4000-8000-000000000001")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    _hold_lock_as(db_url, dead.pid)  # a live migrate there; its pid means nothing here
+    before = snapshot(db_url)
+    _other_machine(tmp_path, monkeypatch, "bbbbbbbb-0000-4000-8000-000000000002")
+    for cmd in ("migrate", "rollback"):
+        code, out, err = run_main(capsys, cmd, "--db", db_url, "--yes", "--no-progress")
+        assert code == 2 and "already running" in err, (cmd, out, err)
+    assert snapshot(db_url) == before
+    # Back on the holder's own boot, its pid is known dead: taken over at once.
+    _other_machine(tmp_path, monkeypatch, "aaaaaaaa-0000-4000-8000-000000000001")
+    code, out, err = run_main(capsys, "migrate", "--db", db_url, "--yes", "--no-progress")
+    assert code == 0, err
+
+
+def test_a_lock_without_a_readable_boot_id_waits_for_the_heartbeat(
+    sqlite_url: str, kms: KmsHandle, keys: Keys, tmp_path: object,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import checkpoints.leases as leases_mod
+
+    make_db(sqlite_url, 5, keys.current, bad_values=False)
+    monkeypatch.setattr(leases_mod, "BOOT_ID_PATH", str(tmp_path) + "/absent", raising=False)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    _hold_lock_as(sqlite_url, dead.pid)
+    settings = settings_for(sqlite_url, keys.current)
+    with pytest.raises(RunLockedError, match="already running"):
+        migrate(settings, engine=make_engine(sqlite_url), kms=make_kms(kms.client, settings))
+    eng = create_engine(sqlite_url)
+    with eng.begin() as conn:
+        conn.execute(update(lock).values(heartbeat_at=store.now() - timedelta(minutes=3)))
+    eng.dispose()
+    migrate(settings, engine=make_engine(sqlite_url), kms=make_kms(kms.client, settings))
+
+
+def test_a_worker_on_another_boot_of_the_same_hostname_keeps_its_range(
+    db_url: str, keys: Keys, tmp_path: object, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from checkpoints import leases
+    from checkpoints.tables import workers
+
+    make_db(db_url, 1, keys.current)
+    eng = make_engine(db_url)
+    store.ensure_schema(eng)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    _other_machine(tmp_path, monkeypatch, "aaaaaaaa-0000-4000-8000-000000000001")
+    with eng.begin() as conn:
+        run = store.create_run(conn, kind="migrate", targets=[], targets_json="[]",
+                               fingerprint="x", batch_size=5)
+        leases.create_ranges(conn, run.id, "users", "encrypted_secret", None, ["10"])
+        there = leases.register_worker(conn, run.id)
+        assert leases.claim(conn, run.id, there, 600) is not None
+        conn.execute(update(workers).where(workers.c.id == there).values(pid=dead.pid))
+    _other_machine(tmp_path, monkeypatch, "bbbbbbbb-0000-4000-8000-000000000002")
+    with eng.begin() as conn:
+        here = leases.register_worker(conn, run.id)
+        assert [w.id for w in leases.live_workers(conn, run.id, timedelta(minutes=2))] == [
+            there, here]
+        assert leases.mark_dead_here(conn, run.id) == 0
+        second = leases.claim(conn, run.id, here, 600)  # the other, free range
+        assert second is not None
+        assert leases.claim(conn, run.id, here, 600) is None  # not the one held there
+    # On the holder's own boot, its dead pid frees the range at once.
+    _other_machine(tmp_path, monkeypatch, "aaaaaaaa-0000-4000-8000-000000000001")
+    with eng.begin() as conn:
+        live = [w.id for w in leases.live_workers(conn, run.id, timedelta(minutes=2))]
+        assert live == [here]  # `here` registered on the other boot: presumed alive there
+        assert leases.claim(conn, run.id, here, 600) is not None

@@ -194,3 +194,71 @@ def test_demo_runs_end_to_end_and_checks_its_own_promises(
     assert code == 0, err
     assert out.count("  ok: ") == 7  # every step's promise was checked and held
     assert "demo OK" in out and (tmp_path / "demo" / "coinflip.db").is_file()
+
+
+# -- issue 11, defect 8: the backup is private from its first byte, and taken under the lock
+
+def test_sqlite_backup_is_0600_while_it_is_being_written(
+    capsys: Any, sqlite_url: str, kms: KmsHandle, env_keys: Keys, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import os
+
+    import migration.backup as backup_mod
+
+    make_db(sqlite_url, 40, env_keys.current, env_keys.legacy, bad_values=False)
+    real_connect = sqlite3.connect
+    modes: list[int] = []
+
+    def observe(*_: Any) -> None:  # after each page: the copy's mode as a reader sees it
+        for p in tmp_path.glob("coinflip.db.kms-migrate-backup-*.db*"):
+            modes.append(p.stat().st_mode & 0o777)
+
+    class Source:  # the source connection, copying one page at a time under observation
+        def __init__(self, conn: sqlite3.Connection) -> None:
+            self.conn = conn
+
+        def backup(self, dst: sqlite3.Connection, **_: Any) -> None:
+            observe()
+            self.conn.backup(dst, pages=1, progress=observe)
+
+        def close(self) -> None:
+            self.conn.close()
+
+    def connect(*args: Any, **kw: Any) -> Any:
+        conn = real_connect(*args, **kw)
+        return Source(conn) if kw.get("uri") else conn
+
+    monkeypatch.setattr(backup_mod.sqlite3, "connect", connect)
+    old_umask = os.umask(0o022)  # the usual umask: new files 0644
+    try:
+        code, _, err = run_main(capsys, "migrate", "--db", sqlite_url, "--yes",
+                                "--no-progress")
+    finally:
+        os.umask(old_umask)
+    assert code == 0, err
+    assert len(modes) > 3  # observed during the copy, page by page
+    assert {oct(m) for m in modes} == {"0o600"}
+
+
+def test_a_refused_second_migrate_or_rollback_writes_no_backup(
+    capsys: Any, sqlite_url: str, kms: KmsHandle, env_keys: Keys, tmp_path: Path
+) -> None:
+    from datetime import UTC, datetime
+
+    from checkpoints.tables import lock
+
+    make_db(sqlite_url, 10, env_keys.current, env_keys.legacy, bad_values=False)
+    code, _, _ = run_main(capsys, "migrate", "--db", sqlite_url, "--yes", "--no-backup",
+                          "--no-progress")
+    assert code == 0
+    eng = create_engine(sqlite_url)
+    with eng.begin() as conn:  # a migrate running on another machine holds the lock
+        conn.execute(lock.insert().values(
+            name="run", token="t" * 32, run_id=None, kind="migrate", host="elsewhere",
+            pid=4242, acquired_at=datetime.now(UTC), heartbeat_at=datetime.now(UTC)))
+    eng.dispose()
+    for cmd in ("migrate", "rollback"):
+        code, out, err = run_main(capsys, cmd, "--db", sqlite_url, "--yes", "--no-progress")
+        assert code == 2 and "already running" in err, (out, err)
+        assert list(tmp_path.glob("coinflip.db.kms-migrate-backup-*")) == []
