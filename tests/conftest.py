@@ -27,8 +27,8 @@ from tests.pgserver import PgServer, pg_bindir, running_pg_server
 
 # Never let a test reach real AWS: fake credentials, no profile, a fixed region.
 for _var in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
-             "AWS_ENDPOINT_URL_KMS", "AWS_KMS_KEY_ID", "DATABASE_URL", "ENCRYPTION_KEY",
-             "ENCRYPTION_KEY_LEGACY"):
+             "AWS_ENDPOINT_URL_KMS", "AWS_KMS_KEY_ID", "AWS_KMS_KEY_ID_PREVIOUS", "DATABASE_URL",
+             "ENCRYPTION_KEY", "ENCRYPTION_KEY_LEGACY"):
     os.environ.pop(_var, None)
 os.environ["AWS_ACCESS_KEY_ID"] = "testing"
 AWS_SECRET = "testing-secret-never-printed"
