@@ -35,6 +35,7 @@ from datetime import timedelta
 from typing import Any, Protocol
 
 from sqlalchemy import Engine, func, select, update
+from sqlalchemy.exc import DBAPIError
 
 from checkpoints import leases, store
 from checkpoints.leases import Lease, LeaseLost
@@ -80,6 +81,23 @@ __all__ = [
 DEFAULT_LEASE_SECONDS = 60.0
 DEFAULT_ROWS_PER_RANGE = 20_000
 MAX_HEARTBEAT = 5.0  # seconds between heartbeats, at most (a quarter of the lease below 20 s)
+# Ranges in a row a worker may lose to its database session being cut off (the server
+# ends a session left idle inside a transaction, e.g. by a worker frozen mid-batch) before
+# it stops on the error: the batch rolled back whole, so it claims again, boundedly.
+MAX_SESSION_LOSSES = 3
+WORKER_STATEMENT_TIMEOUT = 120.0  # seconds: a worker's statements are one batch's
+
+
+def worker_engine(url: str, lease_seconds: float) -> Engine:
+    """A worker's engine: its sessions are cut off by the server when idle inside a
+    transaction for half a lease, so a worker frozen mid-batch (GC pause, VM freeze,
+    SIGSTOP) releases its row locks and its share of the run lock's row before its lease
+    expires, and the range's next claimer can work; once it runs again, its batch fails
+    on the lost session and rolls back, and its range's lease is no longer its own."""
+    from .db import idle_timeout_for_lease, make_engine
+
+    return make_engine(url, idle_timeout=idle_timeout_for_lease(lease_seconds),
+                       statement_timeout=WORKER_STATEMENT_TIMEOUT)
 
 
 class WorkersFailed(KmsMigrateError):
@@ -235,6 +253,7 @@ def work(
     poll = min(1.0, spec.lease_seconds / 10)
     log.info("worker_started", pid=os.getpid(), rate_share=round(
         kms.limiter.max_rate, 1) if kms.limiter else None)
+    losses = 0  # ranges lost in a row to a session cut off
     try:
         while not stopping():
             with engine.begin() as conn:
@@ -252,8 +271,18 @@ def work(
             try:
                 outcome.batches += job.run(lease)
                 outcome.ranges += 1
+                losses = 0
             except LeaseLost:
                 log.warning("lease_lost", range=lease.range_id)
+            except DBAPIError as exc:
+                if not exc.connection_invalidated or losses >= MAX_SESSION_LOSSES:
+                    raise
+                # The batch in flight rolled back with its session (cut off by the server,
+                # e.g. after this process was frozen inside it): nothing of it was written.
+                # Its range may have moved to another worker by now: claim again.
+                losses += 1
+                log.warning("session_lost", range=lease.range_id,
+                            error=type(exc.orig).__name__ if exc.orig else type(exc).__name__)
             finally:
                 beat.lease = None
                 _release_quietly(engine, lease)
