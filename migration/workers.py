@@ -41,7 +41,7 @@ from checkpoints import leases, store
 from checkpoints.leases import Lease, LeaseLost
 from checkpoints.lock import LockHeld, LockLost, RunLock
 from checkpoints.store import BatchCounts, Run
-from checkpoints.tables import checkpoints, journal, runs
+from checkpoints.tables import checkpoints, journal, lock, runs
 
 from .codec import FernetCodec
 from .config import Settings, Target, fernet_keys_from_env
@@ -85,6 +85,7 @@ MAX_HEARTBEAT = 5.0  # seconds between heartbeats, at most (a quarter of the lea
 # ends a session left idle inside a transaction, e.g. by a worker frozen mid-batch) before
 # it stops on the error: the batch rolled back whole, so it claims again, boundedly.
 MAX_SESSION_LOSSES = 3
+SIBLINGS_WAIT = 120.0  # seconds a worker counts its not-yet-registered siblings as live
 WORKER_STATEMENT_TIMEOUT = 120.0  # seconds: a worker's statements are one batch's
 
 
@@ -122,6 +123,8 @@ class WorkerSpec:
     lease_seconds: float
     settings: dict[str, Any]
     log: dict[str, Any] = field(default_factory=dict)
+    workers: int = 1  # started by the same command, this one included
+    others: int = 0  # live workers of the run elsewhere when the command started its own
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -171,6 +174,11 @@ class Heartbeat(threading.Thread):
         self._done = threading.Event()
         self._ppid = os.getppid() if watch_parent else None
         self._max_rps = float(spec.settings.get("max_kms_rps") or 0)
+        # The share from the first call on: this worker's siblings, started at the same
+        # moment, may not have registered yet, but will. Counted as live until the count
+        # has reached them once (or, for a sibling that never came, for SIBLINGS_WAIT).
+        self._expected = max(1, spec.workers + spec.others)
+        self._expect_until = time.monotonic() + SIBLINGS_WAIT
 
     def run(self) -> None:
         while not self._done.wait(self.every):
@@ -205,6 +213,10 @@ class Heartbeat(threading.Thread):
                                                       error=type(exc).__name__)
             return
         self.live = max(1, len(live))
+        if self._expected > self.live and time.monotonic() < self._expect_until:
+            self.live = self._expected
+        else:
+            self._expected = 0  # every sibling came (or never will): the live count rules
         if limiter is not None and self._max_rps > 0:
             limiter.set_max_rate(self._max_rps / self.live)
         if state != "running":  # stopped by another worker's fatal error, or abandoned
@@ -238,7 +250,10 @@ def work(
             run = store.get_run(conn, spec.run_id)
         if run is not None and run.state == "completed":
             return WorkerOutcome("", "finished")  # joined as the last range was done
-        raise
+        raise RunLockedError(
+            f"run {spec.run_id}'s lock was taken over or released before this worker could "
+            "start (the run was resumed or finished elsewhere): nothing was written; check "
+            "`kms-migrate status`") from None
     log = get_logger(run_id=spec.run_id, worker=worker_id, kind=spec.kind)
     beat = Heartbeat(engine, spec, worker_id, kms, run_lock, watch_parent)
     beat.beat()  # the rate share before the first call
@@ -294,7 +309,9 @@ def work(
         raise RunLockedError(str(exc)) from None
     except KmsMigrateError as exc:
         state, note = "failed", str(exc)
-        _stop_run_quietly(engine, spec.run_id, str(exc))  # the others stop after their batch
+        # The others stop after their batch (unless this worker was fenced out: the run
+        # is then another command's, which this error says nothing about).
+        _stop_run_quietly(engine, spec.run_id, str(exc), spec.lock_token)
         raise
     finally:
         beat.close()
@@ -376,9 +393,12 @@ def _finish_quietly(engine: Engine, worker_id: str, state: str, note: str | None
                              throttles=limiter.throttles if limiter else 0)
 
 
-def _stop_run_quietly(engine: Engine, run_id: int, note: str) -> None:
+def _stop_run_quietly(engine: Engine, run_id: int, note: str, lock_token: str) -> None:
+    """Stop the run on this worker's fatal error, if the run's lock is still the one this
+    worker was started under."""
+    held = select(lock.c.token).where(lock.c.token == lock_token).exists()
     with contextlib.suppress(Exception), engine.begin() as conn:
-        conn.execute(update(runs).where(runs.c.id == run_id, runs.c.state == "running")
+        conn.execute(update(runs).where(runs.c.id == run_id, runs.c.state == "running", held)
                      .values(state="stopped", note=note, updated_at=store.now()))
 
 
@@ -661,7 +681,7 @@ def _run_workers(
     forwarded = False
     try:
         try:
-            while any(p.poll() is None for p in procs):
+            while _poll_all(procs):
                 if should_stop is not None and should_stop() and not forwarded:
                     _signal_all(procs, signal.SIGTERM)  # first: after the batch in flight
                     forwarded = True
@@ -679,6 +699,12 @@ def _run_workers(
     finally:
         progress.finish()
     return [p.poll() or 0 for p in procs], [p.pid for p in procs]
+
+
+def _poll_all(procs: Sequence[Proc]) -> bool:
+    """Poll every worker, so each one that died is reaped at once (a zombie's pid still
+    looks alive, and its range would wait a full lease); whether any still runs."""
+    return [p.poll() for p in procs].count(None) > 0
 
 
 def _advance(engine: Engine, run_id: int, seen: list[int], progress: Progress,
@@ -712,15 +738,23 @@ def _conclude(engine: Engine, start: RangedStart, codes: Sequence[int]) -> None:
                 store.UNFINISHED)).values(state="completed", finished_at=store.now(),
                                           updated_at=store.now()))
         elif not others and all(c != 2 for c in codes):
-            store.set_state(conn, run_id, "interrupted")
+            # Stopped between batches; a run another worker stopped on its fatal error
+            # stays `stopped`, with that error as its note.
+            conn.execute(update(runs).where(runs.c.id == run_id, runs.c.state == "running")
+                         .values(state="interrupted", updated_at=store.now()))
+        run = store.get_run(conn, run_id)
     if left == 0 or not others:
         start.lock.release(engine)
     if left == 0:
         return
+    if run is not None and run.state == "stopped" and run.note and all(
+            c in (0, 130) for c in codes):
+        # This machine's workers stopped because a worker elsewhere met a fatal error.
+        raise WorkersFailed(
+            f"run {run_id} was stopped by a worker's error ({run.note}); it keeps every "
+            "committed batch: fix the cause, then re-run the same command to resume")
     failed = sum(1 for c in codes if c not in (0, 130))  # 2, or killed by a signal
     if failed:
-        with engine.connect() as conn:
-            run = store.get_run(conn, run_id)
         why = f" ({run.note})" if run is not None and run.note else ""
         raise WorkersFailed(
             f"{failed} of {len(codes)} worker(s) stopped on an error or were killed{why}; run "
@@ -737,8 +771,13 @@ def _work_here(
 ) -> list[int]:
     """Run this machine's N workers of the run to their end, then conclude (which raises
     unless the whole run is done); the workers' pids."""
+    with engine.connect() as conn:
+        others = len(leases.live_workers(conn, spec.run_id,
+                                         timedelta(seconds=3 * heartbeat_every(
+                                             spec.lease_seconds))))
+    spec = replace(spec, workers=n, others=others)  # each worker's rate share from the start
     get_logger(run_id=spec.run_id, kind=spec.kind).info(
-        "workers_starting", workers=n, joined=start.joined)
+        "workers_starting", workers=n, joined=start.joined, others=others)
     codes, pids = _run_workers(engine, spec, n, totals, progress or NullProgress(),
                                should_stop, spawn)
     _conclude(engine, start, codes)

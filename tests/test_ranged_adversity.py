@@ -11,12 +11,13 @@ import os
 import signal
 import time
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from sqlalchemy import text
 
-from tests.conftest import Keys, KmsHandle
+from tests.conftest import Keys, KmsHandle, MotoServer
 from tests.helpers import make_db, snapshot
 from tests.test_e2e import (  # noqa: F401  (cli and outputs are fixtures)
     Outputs,
@@ -186,14 +187,14 @@ def test_the_last_spawned_worker_sigkilled_loses_its_range_at_once(
     before = snapshot(url)
     eng = poll_engine(url)
     # Slow enough (the rate limit) that a range takes seconds: the kill lands mid-range.
-    mig = cli.start(["migrate", "--db", url, "--yes", "--batch-size", "5", "--workers", "3",
+    mig = cli.start(["migrate", "--db", url, "--yes", "--batch-size", "3", "--workers", "3",
                      "--rows-per-range", "10", "--concurrency", "2", "--max-kms-rps", "30"])
     holding = ("SELECT w.pid, r.id FROM kms_migrate_workers w JOIN kms_migrate_ranges r "
                "ON r.id = w.range_id AND r.worker_id = w.id WHERE w.state = 'running' "
-               "AND NOT r.done AND r.batches = 0 AND w.pid = (SELECT max(pid) FROM "
+               "AND NOT r.done AND w.pid = (SELECT max(pid) FROM "
                "kms_migrate_workers) AND NOT EXISTS (SELECT 1 FROM kms_migrate_ranges "
                "WHERE NOT done AND lease_token IS NULL)")
-    wait_until(mig, "the last-spawned worker starting a range, no range left unclaimed",
+    wait_until(mig, "the last-spawned worker in a range, no range left unclaimed",
                lambda: (scalar(eng, "SELECT count(*) FROM kms_migrate_workers "
                                     "WHERE state = 'running'") or 0) == 3
                and bool(scalar_rows(eng, holding)))
@@ -210,3 +211,157 @@ def test_the_last_spawned_worker_sigkilled_loses_its_range_at_once(
     assert [(k, s) for _, k, s in runs_of(eng)] == [("migrate", "completed")]
     changed, entries = check_invariant(eng, url, before, truth, server_kms)
     assert changed == len(truth.plaintexts) == len(entries)
+
+
+def test_the_rate_limit_holds_from_the_first_second_with_four_workers(
+    pg_url: str, keys: Keys, server_kms: KmsHandle, moto_server: MotoServer,
+    cli: Any,  # noqa: F811  (the fixture imported above)
+    cli_env: dict[str, str], outputs: Outputs,  # noqa: F811
+) -> None:
+    """`--max-kms-rps 40 --workers 4`: each worker starts at its final share (10/s), not
+    at the share of the workers registered before it (40, 20, 13 and 10/s): counted by a
+    proxy in front of KMS, no second, the first included, goes over the limit plus the
+    workers' bursts."""
+    from tests.kms_proxy import kms_proxy
+
+    make_db(pg_url, 60, keys.current, keys.legacy, bad_values=False)
+    limit, workers = 40, 4
+    with kms_proxy(moto_server.url) as (url, state):
+        starts: list[float] = []
+        decide = state.decide
+
+        def counted(target: str) -> str | None:
+            if target in ("Encrypt", "Decrypt"):
+                starts.append(time.monotonic())
+            return decide(target)
+
+        state.decide = counted  # type: ignore[method-assign]
+        res = cli.run(["migrate", "--db", pg_url, "--yes", "--batch-size", "10",
+                       "--workers", str(workers), "--rows-per-range", "20",
+                       "--concurrency", "4", "--max-kms-rps", str(limit)],
+                      env={**cli_env, "AWS_ENDPOINT_URL_KMS": url}, timeout=180)
+    assert res.rc == 0, res.err
+    starts.sort()
+    assert len(starts) >= 2 * 200  # two calls a value, 240 values: some 12 s of work
+    burst = workers * min(limit / workers, 32)  # each worker's bucket starts full
+    first = starts[0]
+    in_first_5s = sum(1 for t in starts if t < first + 5)
+    assert in_first_5s <= (limit * 5 + burst) * 1.1, in_first_5s
+    worst = max(sum(1 for t in starts[i:] if t < s + 1) for i, s in enumerate(starts))
+    assert worst <= (limit + burst) * 1.1, worst
+
+
+def _skew_clock(monkeypatch: pytest.MonkeyPatch, by: timedelta) -> None:
+    """This process now runs on a host whose clock is off by `by`."""
+    from checkpoints import leases, lock, store
+
+    def skewed() -> datetime:
+        return datetime.now(UTC) + by
+
+    for module in (store, leases, lock):  # wherever a clock was read
+        monkeypatch.setattr(module, "now", skewed, raising=False)
+
+
+def test_a_host_with_a_skewed_clock_neither_steals_a_live_lease_nor_drops_live_workers(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Leases, heartbeats and the lock's staleness are judged by the database's clock:
+    a host whose clock runs 10 minutes ahead does not take a live worker's range or the
+    run's lock, nor count the live workers out of the rate share; a host whose clock runs
+    behind is not presumed dead."""
+    from checkpoints import leases
+    from checkpoints.lock import LockHeld, RunLock
+    from tests.test_workers import _claim, _register, _run_with_ranges
+
+    eng, run_id = _run_with_ranges(pg_url, 1)
+    live = _register(eng, run_id)
+    assert _claim(eng, run_id, live, seconds=60) is not None
+    RunLock.acquire(eng, "migrate")
+    with eng.begin() as conn:  # held by a live process of another host
+        conn.execute(text("UPDATE kms_migrate_lock SET host = 'elsewhere', run_id = :r"),
+                     {"r": run_id})
+
+    _skew_clock(monkeypatch, timedelta(minutes=10))
+    ahead = _register(eng, run_id)
+    assert _claim(eng, run_id, ahead) is None  # the only range's lease is live
+    with eng.connect() as conn:
+        assert live in {w.id for w in leases.live_workers(conn, run_id, timedelta(seconds=15))}
+    with pytest.raises(LockHeld):
+        RunLock.acquire(eng, "migrate")
+
+    _skew_clock(monkeypatch, timedelta(minutes=-10))
+    behind = _register(eng, run_id)
+    with eng.begin() as conn:
+        leases.heartbeat(conn, behind)
+    monkeypatch.undo()
+    with eng.connect() as conn:
+        seen = {w.id for w in leases.live_workers(conn, run_id, timedelta(seconds=15))}
+    assert {live, ahead, behind} <= seen
+
+
+def test_a_worker_whose_run_lock_is_gone_says_so_in_one_line(
+    pg_url: str, keys: Keys, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker that registers after its run's lock was taken over (or released) by
+    another command stops with the lock's one-line message, exit 2, not a raw LockLost."""
+    import io
+
+    from migration.workers import WorkerSpec
+    from tests.helpers import run_main
+    from tests.test_workers import _run_with_ranges
+
+    _, run_id = _run_with_ranges(pg_url, 1)
+    spec = WorkerSpec("migrate", run_id, "not-the-lock-token", 60.0, {
+        "db_url": pg_url, "targets": [], "batch_size": 10, "concurrency": 1})
+    monkeypatch.setenv("ENCRYPTION_KEY", keys.current)
+    monkeypatch.setattr("sys.stdin", io.StringIO(spec.to_json()))
+    code, _, err = run_main(capsys, "worker")
+    assert code == 2, err
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert "lock was taken over" in err
+
+
+def test_a_fenced_out_worker_does_not_stop_the_live_run(pg_url: str) -> None:
+    """A worker whose lock was taken over meets a fatal error: the run, now another
+    command's, is not marked stopped by it."""
+    from checkpoints.lock import RunLock
+    from migration.workers import _stop_run_quietly
+    from tests.test_workers import _run_with_ranges
+
+    eng, run_id = _run_with_ranges(pg_url, 1)
+    old = RunLock.acquire(eng, "migrate")
+    with eng.begin() as conn:  # taken over, as a command that found its workers dead does
+        conn.execute(text("UPDATE kms_migrate_lock SET token = 'the-new-holder', "
+                          "run_id = :r"), {"r": run_id})
+    _stop_run_quietly(eng, run_id, "Encrypt failed: the key is disabled", old.token)
+    assert runs_of(eng) == [(run_id, "migrate", "running")]
+    now_held = RunLock("the-new-holder", "migrate")
+    _stop_run_quietly(eng, run_id, "Encrypt failed: the key is disabled", now_held.token)
+    assert runs_of(eng) == [(run_id, "migrate", "stopped")]
+
+
+def test_a_joined_command_reports_another_machines_fatal_error(
+    pg_url: str, keys: Keys, server_kms: KmsHandle,
+    cli: Any,  # noqa: F811  (the fixture imported above)
+    outputs: Outputs,  # noqa: F811
+) -> None:
+    """Another machine's worker stopped the run on a fatal error (the run is `stopped`,
+    its note the error): this command's workers stop after their batch, and the command
+    says why, exit 2, leaving the run `stopped` (not "interrupted", 130)."""
+    make_db(pg_url, 100, keys.current, keys.legacy, bad_values=False)
+    eng = poll_engine(pg_url)
+    mig = cli.start(["migrate", "--db", pg_url, "--yes", "--batch-size", "5", "--workers", "2",
+                     "--rows-per-range", "20", "--concurrency", "2", "--max-kms-rps", "100"])
+    wait_until(mig, "batches committed", lambda: (
+        scalar(eng, "SELECT count(*) FROM kms_migrate_journal") or 0) >= 20)
+    note = "KMS key arn:aws:kms:us-east-1:123456789012:key/x is disabled (on another machine)"
+    with eng.begin() as conn:  # what that machine's worker does on its fatal error
+        conn.execute(text("UPDATE kms_migrate_runs SET state = 'stopped', note = :n"),
+                     {"n": note})
+    done = mig.wait(timeout=60)
+    assert done.rc == 2, done.err
+    assert note in done.err and "Traceback" not in done.err
+    assert "interrupted" not in done.err
+    assert [(k, s) for _, k, s in runs_of(eng)] == [("migrate", "stopped")]
+    assert scalar(eng, "SELECT count(*) FROM kms_migrate_lock") == 0
