@@ -45,6 +45,7 @@ __all__ = [
     "db_now",
     "live_workers",
     "pid_alive",
+    "planned",
     "record_on_range",
     "register_worker",
 ]
@@ -296,11 +297,22 @@ def record_on_range(
         )
 
 
-def release_all(conn: Connection, run_id: int) -> None:
-    """Void every lease of a run (its lock was just taken: no holder can commit)."""
+def release_all(conn: Connection, run_id: int, *, before: datetime | None = None) -> None:
+    """Void every lease of a run (its lock was just taken: no holder can commit); with
+    `before`, only those of workers registered before then (a worker that joined the new
+    holder since keeps its range)."""
+    r, w = ranges.c, workers.c
+    cond = [r.run_id == run_id, r.done.is_(False)]
+    if before is not None:
+        joined = select(w.id).where(w.run_id == run_id, w.started_at >= before)
+        cond.append(or_(r.worker_id.is_(None), r.worker_id.not_in(joined)))
+    conn.execute(update(ranges).where(*cond).values(lease_token=None, lease_until=None))
+
+
+def planned(conn: Connection, run_id: int) -> bool:
+    """Whether the run's ranges exist (they are created in one transaction)."""
     r = ranges.c
-    conn.execute(update(ranges).where(r.run_id == run_id, r.done.is_(False))
-                 .values(lease_token=None, lease_until=None))
+    return conn.execute(select(r.id).where(r.run_id == run_id).limit(1)).first() is not None
 
 
 def undone(conn: Connection, run_id: int) -> int:
@@ -371,12 +383,16 @@ def list_workers(conn: Connection, run_id: int) -> list[WorkerRow]:
             for row in rows]
 
 
-def mark_lost(conn: Connection, run_id: int) -> None:
-    """Workers a new holder of the run's lock found still marked running are gone."""
+def mark_lost(conn: Connection, run_id: int, *, before: datetime | None = None) -> None:
+    """Workers a new holder of the run's lock found still marked running are gone; with
+    `before`, only those registered before it took the lock (not its joiners')."""
     w = workers.c
     ts = clock(conn)
-    conn.execute(update(workers).where(w.run_id == run_id, w.state == "running")
-                 .values(state="lost", finished_at=ts, range_id=None))
+    cond = [w.run_id == run_id, w.state == "running"]
+    if before is not None:
+        cond.append(w.started_at < before)
+    conn.execute(update(workers).where(*cond).values(state="lost", finished_at=ts,
+                                                     range_id=None))
 
 
 def mark_dead_here(conn: Connection, run_id: int) -> int:

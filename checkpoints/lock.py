@@ -13,7 +13,7 @@ import os
 import secrets
 import socket
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import Connection, Engine, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
@@ -139,6 +139,11 @@ class RunLock:
                 lock.c.name == NAME, lock.c.token == self.token,
                 lock.c.heartbeat_at < ts - every,
             ).values(heartbeat_at=ts, host=socket.gethostname(), pid=os.getpid()))
+
+    def acquired_at(self, conn: Connection) -> datetime | None:
+        """When this lock was taken (by the database's clock on PostgreSQL)."""
+        return aware(conn.execute(select(lock.c.acquired_at).where(
+            lock.c.name == NAME, lock.c.token == self.token)).scalar())
 
     @classmethod
     def held_by(cls, engine: Engine) -> tuple[RunLock, int | None] | None:

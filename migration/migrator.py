@@ -299,6 +299,7 @@ def _resume_or_start(
             conn, kind="migrate", targets=pairs, targets_json=targets_json,
             fingerprint=fingerprint, batch_size=settings.batch_size, key_id=settings.key_id,
             key_arn=key_arn, region=settings.region, tool_version=__version__,
+            ranged=ranged,
         )
         run_lock.bind_run(conn, run.id)
         return run, False

@@ -440,15 +440,40 @@ class RangedStart:
     resumed: bool
 
 
+BIND_WAIT = 10.0  # seconds to wait for the lock's holder to name its run
+PLAN_WAIT = 600.0  # seconds to wait for a ranged run's plan (one pass over each key index)
+JOIN_POLL = 0.2
+
+
 def _join_or_refuse(engine: Engine, kind: str, exc: LockHeld) -> tuple[RunLock, Run]:
-    """The lock is held: join when it is held by an unfinished ranged run of this kind."""
-    held = RunLock.held_by(engine)
-    if held is not None and held[1] is not None:
+    """The lock is held: join when it is held by an unfinished ranged run of this kind.
+
+    A ranged run is joinable from the moment it exists; while its command is still
+    planning its ranges (seconds on big tables), wait for them: a worker that found no
+    range would take the run for done."""
+    started = time.monotonic()
+    while True:
+        held = RunLock.held_by(engine)
+        if held is None:
+            break  # released in between: the run ended or failed to start
+        run_lock, run_id = held
+        waited = time.monotonic() - started
+        if run_id is None:  # taken a moment ago: its holder is about to name its run
+            if waited < BIND_WAIT:
+                time.sleep(JOIN_POLL)
+                continue
+            break
         with engine.connect() as conn:
-            run = store.get_run(conn, held[1])
-        if (run is not None and run.kind == kind and run.ranged
-                and run.state in store.UNFINISHED):
-            return held[0], run
+            run = store.get_run(conn, run_id)
+            ready = run is not None and leases.planned(conn, run_id)
+        if (run is None or run.kind != kind or not run.ranged
+                or run.state not in store.UNFINISHED):
+            break
+        if ready:
+            return run_lock, run
+        if run.state != "running" or waited >= PLAN_WAIT:
+            break
+        time.sleep(JOIN_POLL)
     raise RunLockedError(str(exc)) from None
 
 
@@ -480,7 +505,8 @@ def start_ranged_migrate(
         bound = bind_targets(engine, settings.targets)
         with engine.begin() as conn:
             _plan(conn, run, [(bt, c) for bt in bound for c in bt.target.columns],
-                  _Sizing(rows_per_range, RANGES_PER_WORKER * workers, settings.batch_size))
+                  _Sizing(rows_per_range, RANGES_PER_WORKER * workers, settings.batch_size),
+                  run_lock)
             conn.execute(update(runs).where(runs.c.id == run.id)
                          .values(max_kms_rps=settings.max_kms_rps))
             run = store.get_run(conn, run.id) or run
@@ -501,13 +527,11 @@ class _Sizing:
 
 
 def _plan(conn: Any, run: Run, columns: Sequence[tuple[BoundTarget, str]],
-          sizing: _Sizing) -> None:
+          sizing: _Sizing, lock: RunLock) -> None:
     """Split each unfinished column into ranges from its checkpoint on (once per run);
     on a ranged run this command now holds the lock of, void the leases of the workers
     that held it before (none of them can commit any more: the lock token changed)."""
-    if run.ranged:
-        leases.release_all(conn, run.id)
-        leases.mark_lost(conn, run.id)
+    if _resume_planned(conn, run, lock):
         return
     cks = store.load_checkpoints(conn, run.id)
     for bt, column in columns:
@@ -522,10 +546,20 @@ def _plan(conn: Any, run: Run, columns: Sequence[tuple[BoundTarget, str]],
     conn.execute(update(runs).where(runs.c.id == run.id).values(ranged=True))
 
 
-def _plan_rollback(conn: Any, run: Run, sizing: _Sizing) -> None:
-    if run.ranged:
-        leases.release_all(conn, run.id)
-        leases.mark_lost(conn, run.id)
+def _resume_planned(conn: Any, run: Run, lock: RunLock) -> bool:
+    """A run whose ranges exist already (a ranged run resumed): void the leases of the
+    workers that held it before this command took its lock, and mark those workers lost;
+    not those of workers that joined since. Whether it was planned."""
+    if not leases.planned(conn, run.id):
+        return False  # a new run (ranged from its creation), or a single-process one
+    before = lock.acquired_at(conn)
+    leases.release_all(conn, run.id, before=before)
+    leases.mark_lost(conn, run.id, before=before)
+    return True
+
+
+def _plan_rollback(conn: Any, run: Run, sizing: _Sizing, lock: RunLock) -> None:
+    if _resume_planned(conn, run, lock):
         return
     j = journal.c
     for (table, column), ck in sorted(store.load_checkpoints(conn, run.id).items()):
@@ -613,7 +647,7 @@ def rollback_ranged(
             run, resumed = start_rollback_run(engine, settings.batch_size, run_lock)
             with engine.begin() as conn:
                 _plan_rollback(conn, run, _Sizing(rows_per_range, RANGES_PER_WORKER * workers,
-                                                  settings.batch_size))
+                                                  settings.batch_size), run_lock)
         except BaseException:
             run_lock.release(engine)
             raise

@@ -365,3 +365,83 @@ def test_a_joined_command_reports_another_machines_fatal_error(
     assert "interrupted" not in done.err
     assert [(k, s) for _, k, s in runs_of(eng)] == [("migrate", "stopped")]
     assert scalar(eng, "SELECT count(*) FROM kms_migrate_lock") == 0
+
+
+def test_the_same_command_started_on_two_machines_at_once_joins(
+    pg_url: str, keys: Keys, server_kms: KmsHandle,
+    cli: Any,  # noqa: F811  (the fixture imported above)
+    outputs: Outputs,  # noqa: F811
+) -> None:
+    """On a fresh database (both create the bookkeeping schema at once), and on a used
+    one while the first command is still planning its ranges: the second command joins
+    the first one's run instead of exiting 2."""
+    from sqlalchemy import create_engine
+
+    from checkpoints import store
+
+    make_db(pg_url, 60, keys.current, keys.legacy, bad_values=False)
+    eng = poll_engine(pg_url)
+    args = ["migrate", "--db", pg_url, "--yes", "--batch-size", "10", "--workers", "1",
+            "--rows-per-range", "20", "--concurrency", "2", "--max-kms-rps", "60"]
+    a, b = cli.start(args), cli.start(args)
+    da, db = a.wait(timeout=120), b.wait(timeout=120)
+    assert (da.rc, db.rc) == (0, 0), (da.err, db.err)
+    assert sorted("(joined)" in d.out for d in (da, db)) == [False, True]
+    assert [(k, s) for _, k, s in runs_of(eng)] == [("migrate", "completed")]
+
+    # A used database: the first command is held while it plans (its ranges' INSERT
+    # waits on a lock the test holds); the second one starts meanwhile.
+    other = pg_url.rsplit("/", 1)[0] + "/" + "u" + pg_url.rsplit("/", 1)[1]
+    with create_engine(pg_url, isolation_level="AUTOCOMMIT").connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{other.rsplit("/", 1)[1]}"'))
+    make_db(other, 60, keys.current, keys.legacy, bad_values=False)
+    store.ensure_schema(create_engine(other))
+    used = poll_engine(other)
+    args[2] = other
+    holder = used.connect()
+    holder.execute(text("LOCK TABLE kms_migrate_ranges IN EXCLUSIVE MODE"))
+    try:
+        a = cli.start(args)
+        wait_until(a, "the first command planning", lambda: bool(scalar(
+            used, "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+                  "WHERE c.relname = 'kms_migrate_ranges' AND NOT l.granted")))
+        b = cli.start(args)
+        time.sleep(8)  # it has started up and met the first command's lock by now
+        assert not b.finished(), b.wait().err
+    finally:
+        holder.rollback()
+        holder.close()
+    da, db = a.wait(timeout=120), b.wait(timeout=120)
+    assert (da.rc, db.rc) == (0, 0), (da.err, db.err)
+    assert "(joined)" in db.out and "(joined)" not in da.out
+    assert [(k, s) for _, k, s in runs_of(used)] == [("migrate", "completed")]
+    assert scalar(used, "SELECT count(DISTINCT pid) FROM kms_migrate_workers") == 2
+
+
+def test_a_worker_that_joined_during_a_resumed_runs_planning_is_not_marked_lost(
+    pg_url: str,
+) -> None:
+    """A command resuming a ranged run voids the leases of the workers that held it before
+    it took the lock, and marks them lost; not those of a worker that joined it since."""
+    from checkpoints import leases, store
+    from checkpoints.lock import RunLock
+    from checkpoints.store import BatchCounts
+    from migration.workers import _resume_planned
+    from tests.test_workers import _claim, _register, _run_with_ranges
+
+    eng, run_id = _run_with_ranges(pg_url, 2)
+    gone = _register(eng, run_id)
+    assert _claim(eng, run_id, gone) is not None
+    resuming = RunLock.acquire(eng, "migrate")  # the old holder is gone
+    joined = _register(eng, run_id)
+    lease = _claim(eng, run_id, joined)
+    assert lease is not None
+    with eng.begin() as conn:
+        run = store.get_run(conn, run_id)
+        assert run is not None and _resume_planned(conn, run, resuming)
+    with eng.begin() as conn:
+        assert {w.id: w.state for w in leases.list_workers(conn, run_id)} == {
+            gone: "lost", joined: "running"}
+        leases.record_on_range(conn, lease, last_pk="5", counts=BatchCounts(migrated=5),
+                               done=False)  # its lease is still its own
+        assert leases.claim(conn, run_id, joined, 60) is not None  # the one voided
