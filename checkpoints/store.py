@@ -105,6 +105,7 @@ class Run:
     note: str | None
     ranged: bool = False
     max_kms_rps: float | None = None
+    fernet_key_ids: str | None = None
 
     @property
     def targets(self) -> list[dict[str, Any]]:
@@ -187,6 +188,7 @@ def create_run(
     region: str | None = None,
     tool_version: str = "",
     ranged: bool = False,
+    fernet_key_ids: str | None = None,
 ) -> Run:
     """Insert a run in state `running` and a zeroed checkpoint per (table, column).
 
@@ -198,7 +200,7 @@ def create_run(
             kind=kind, state="running", key_id=key_id, key_arn=key_arn, region=region,
             targets_json=targets_json, targets_fingerprint=fingerprint, batch_size=batch_size,
             host=socket.gethostname(), pid=os.getpid(), tool_version=tool_version,
-            started_at=ts, updated_at=ts, ranged=ranged,
+            started_at=ts, updated_at=ts, ranged=ranged, fernet_key_ids=fernet_key_ids,
         )
     ).inserted_primary_key
     assert inserted is not None

@@ -445,3 +445,40 @@ def test_a_worker_that_joined_during_a_resumed_runs_planning_is_not_marked_lost(
         leases.record_on_range(conn, lease, last_pk="5", counts=BatchCounts(migrated=5),
                                done=False)  # its lease is still its own
         assert leases.claim(conn, run_id, joined, 60) is not None  # the one voided
+
+
+def test_a_command_with_fewer_fernet_keys_may_neither_join_nor_resume(
+    pg_url: str, keys: Keys, server_kms: KmsHandle, cli_env: dict[str, str],
+    cli: Any,  # noqa: F811  (the fixture imported above)
+    outputs: Outputs,  # noqa: F811
+) -> None:
+    """The run records an identifier of each of its Fernet keys (an HMAC under the key:
+    it reveals nothing of it). A command whose keys do not cover them (its .env lacks
+    ENCRYPTION_KEY_LEGACY) refuses to join or resume, naming the missing key by its
+    position, never its value: it would record every legacy-key value as a failure."""
+    truth = make_db(pg_url, 60, keys.current, keys.legacy, bad_values=False)
+    before = snapshot(pg_url)
+    eng = poll_engine(pg_url)
+    args = ["migrate", "--db", pg_url, "--yes", "--batch-size", "5", "--workers", "1",
+            "--rows-per-range", "10", "--concurrency", "2", "--max-kms-rps", "40"]
+    fewer = {k: v for k, v in cli_env.items() if k != "ENCRYPTION_KEY_LEGACY"}
+    first = cli.start(args)
+    wait_until(first, "the run's workers committing", lambda: (
+        scalar(eng, "SELECT count(*) FROM kms_migrate_journal") or 0) >= 10)
+    joiner = cli.run(args, env=fewer)
+    assert joiner.rc == 2, joiner.err
+    assert "key 2" in joiner.err and "ENCRYPTION_KEY_LEGACY" in joiner.err
+    assert joiner.err.count("\n") == 1 and "Traceback" not in joiner.err
+    first.signal(signal.SIGINT)
+    assert first.wait(timeout=60).rc == 130
+    assert [(k, s) for _, k, s in runs_of(eng)] == [("migrate", "interrupted")]
+    res = cli.run(args, env=fewer)  # nor resume it
+    assert res.rc == 2, res.err
+    assert "key 2" in res.err and "Traceback" not in res.err
+    assert scalar(eng, "SELECT count(*) FROM kms_migrate_failures") == 0
+    ids = scalar(eng, "SELECT fernet_key_ids FROM kms_migrate_runs")
+    assert ids and keys.current not in ids and keys.legacy not in ids
+    done = cli.run(args, timeout=120)  # the same keys: it resumes and completes
+    assert done.rc == 0, done.err
+    changed, entries = check_invariant(eng, pg_url, before, truth, server_kms)
+    assert changed == len(truth.plaintexts) == len(entries)
