@@ -395,6 +395,15 @@ def mark_lost(conn: Connection, run_id: int, *, before: datetime | None = None) 
                                                      range_id=None))
 
 
+def mark_silent_lost(conn: Connection, run_id: int, stale_after: timedelta) -> None:
+    """Workers of a run still marked running whose heartbeat is older than `stale_after`
+    (on any host): lost."""
+    w = workers.c
+    conn.execute(update(workers).where(
+        w.run_id == run_id, w.state == "running", w.heartbeat_at < clock(conn) - stale_after,
+    ).values(state="lost", finished_at=clock(conn), range_id=None))
+
+
 def mark_dead_here(conn: Connection, run_id: int) -> int:
     """Workers of this host still marked running whose process is gone: lost."""
     w = workers.c

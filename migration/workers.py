@@ -644,7 +644,8 @@ def rollback_ranged(
         start = RangedStart(run, run_lock, joined=True, resumed=True)
     else:
         try:
-            run, resumed = start_rollback_run(engine, settings.batch_size, run_lock)
+            run, resumed = start_rollback_run(engine, settings.batch_size, run_lock,
+                                              ranged=True)
             with engine.begin() as conn:
                 _plan_rollback(conn, run, _Sizing(rows_per_range, RANGES_PER_WORKER * workers,
                                                   settings.batch_size), run_lock)
@@ -766,6 +767,9 @@ def _conclude(engine: Engine, start: RangedStart, codes: Sequence[int]) -> None:
         left = leases.undone(conn, run_id)
         others = leases.live_workers(conn, run_id, timedelta(minutes=2))
         if left == 0:
+            # Workers elsewhere that went silent (their machine died) are not running:
+            # status would show them so forever once the run is over.
+            leases.mark_silent_lost(conn, run_id, timedelta(seconds=3 * MAX_HEARTBEAT))
             conn.execute(update(checkpoints).where(checkpoints.c.run_id == run_id)
                          .values(done=True, updated_at=store.now()))
             conn.execute(update(runs).where(runs.c.id == run_id, runs.c.state.in_(

@@ -482,3 +482,87 @@ def test_a_command_with_fewer_fernet_keys_may_neither_join_nor_resume(
     assert done.rc == 0, done.err
     changed, entries = check_invariant(eng, pg_url, before, truth, server_kms)
     assert changed == len(truth.plaintexts) == len(entries)
+
+
+def test_status_after_crashes_shows_dead_machines_workers_lost_and_real_seconds(
+    pg_url: str,
+) -> None:
+    """A ranged run's seconds come from its latest activity (its ranges and workers), not
+    from its row, which batches do not touch; once the run completed, a worker of a
+    machine that died is shown lost, not running forever."""
+    from checkpoints import leases
+    from checkpoints.lock import RunLock
+    from checkpoints.store import BatchCounts
+    from migration.status import collect_status
+    from migration.workers import RangedStart, _conclude
+    from tests.test_workers import _claim, _register, _run_with_ranges
+
+    eng, run_id = _run_with_ranges(pg_url, 1)
+    with eng.begin() as conn:
+        conn.execute(text("UPDATE kms_migrate_runs SET ranged = true, "
+                          "started_at = now() - interval '5 minutes', "
+                          "updated_at = now() - interval '5 minutes'"))
+    dead = _register(eng, run_id)  # a worker of a machine that died 4 minutes ago
+    with eng.begin() as conn:
+        conn.execute(text("UPDATE kms_migrate_workers SET host = 'gone-machine', "
+                          "heartbeat_at = now() - interval '4 minutes' WHERE id = :w"),
+                     {"w": dead})
+    live = _register(eng, run_id)
+    lease = _claim(eng, run_id, live)
+    assert lease is not None
+    with eng.begin() as conn:
+        leases.record_on_range(conn, lease, last_pk="9", counts=BatchCounts(migrated=9),
+                               done=False)
+    report = collect_status(eng)
+    assert report is not None
+    assert report.runs[0]["state"] == "running"
+    assert report.runs[0]["seconds"] >= 290  # five minutes running, not 0.0
+
+    with eng.begin() as conn:
+        leases.record_on_range(conn, lease, last_pk=None, counts=BatchCounts(), done=True)
+        leases.finish_worker(conn, live, "finished")
+    run_lock = RunLock.acquire(eng, "migrate")
+    with eng.connect() as conn:
+        run = store_run(conn, run_id)
+    _conclude(eng, RangedStart(run, run_lock, joined=False, resumed=False), [0])
+    report = collect_status(eng)
+    assert report is not None and report.runs[0]["state"] == "completed"
+    assert {w["id"]: w["state"] for w in report.workers} == {dead: "lost", live: "finished"}
+
+
+def store_run(conn: Any, run_id: int) -> Any:
+    from checkpoints import store
+
+    run = store.get_run(conn, run_id)
+    assert run is not None
+    return run
+
+
+def test_a_rollback_with_workers_is_not_resumed_in_one_process(
+    pg_url: str, keys: Keys, server_kms: KmsHandle,
+    cli: Any,  # noqa: F811  (the fixture imported above)
+    outputs: Outputs,  # noqa: F811
+) -> None:
+    """An interrupted `rollback --workers` resumed without --workers would leave its
+    ranges waiting forever and report only the last invocation: it is refused, as
+    migrate refuses the same mix, and resumed with --workers it completes."""
+    make_db(pg_url, 100, keys.current, keys.legacy, bad_values=False)
+    before = snapshot(pg_url)
+    eng = poll_engine(pg_url)
+    mig = cli.run(["migrate", "--db", pg_url, "--yes", "--batch-size", "50"], timeout=120)
+    assert mig.rc == 0, mig.err
+    args = ["rollback", "--db", pg_url, "--yes", "--batch-size", "1", "--workers", "2",
+            "--rows-per-range", "20"]
+    rb = cli.start(args)
+    wait_until(rb, "a tenth restored", lambda: (scalar(
+        eng, "SELECT count(*) FROM kms_migrate_journal WHERE status = 'rolled_back'")
+        or 0) >= 40)
+    rb.signal(signal.SIGINT)
+    assert rb.wait(timeout=60).rc == 130
+    one = cli.run(args[:-4])
+    assert one.rc == 2, one.err
+    assert "--workers" in one.err and one.err.count("\n") == 1
+    assert [(k, s) for _, k, s in runs_of(eng)][-1] == ("rollback", "interrupted")
+    done = cli.run(args, timeout=120)
+    assert done.rc == 0, done.err
+    assert snapshot(pg_url) == before
