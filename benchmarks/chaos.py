@@ -148,6 +148,8 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--lease-seconds", type=float, default=10.0)
     ap.add_argument("--seed", type=int, default=16)
+    ap.add_argument("--max-kms-rps", type=float, default=None,
+                    help="the run's limit (default: one that makes the run last the chaos)")
     args = ap.parse_args()
     rng = random.Random(args.seed)
     current, legacy = Fernet.generate_key().decode(), Fernet.generate_key().decode()
@@ -169,7 +171,10 @@ def main() -> None:
                "AWS_ENDPOINT_URL_KMS": f"http://127.0.0.1:{kms.server_address[1]}",
                "AWS_ACCESS_KEY_ID": "chaos", "AWS_SECRET_ACCESS_KEY": "chaos-secret",
                "AWS_REGION": "us-east-1", "AWS_KMS_KEY_ID": ARN}
+        # Slow enough that the run lasts the chaos (two calls a value, Encrypt and Decrypt).
+        rps = args.max_kms_rps or max(20.0, 2 * len(truth.plaintexts) / (60 * args.minutes))
         cmd = ["migrate", "--db", url, "--yes", "--workers", "3", "--batch-size", "100",
+               "--max-kms-rps", f"{rps:g}",
                "--rows-per-range", "2000", "--lease-seconds", str(args.lease_seconds),
                "--no-progress", "--log-level", "warning"]
         machines = [Machine(n, cmd, env, logdir) for n in ("machine-a", "machine-b")]
