@@ -41,10 +41,13 @@ __all__ = [
     "boot_id",
     "boundaries",
     "claim",
+    "clock",
     "create_ranges",
+    "db_now",
     "live_workers",
     "on_this_host",
     "pid_alive",
+    "planned",
     "record_on_range",
     "register_worker",
 ]
@@ -138,14 +141,43 @@ def on_this_host(host: str | None, boot: str | None) -> bool:
     return host == socket.gethostname() and here is not None and boot == here
 
 
+def clock(conn: Connection) -> Any:
+    """The time to write and compare leases and heartbeats against: the database's own
+    `now()` on PostgreSQL, where hosts whose clocks disagree meet (a skewed host must
+    neither take a live worker's range nor count live workers out); this process's clock
+    on SQLite, which one host uses. A value or SQL expression for a statement."""
+    return func.now() if conn.dialect.name == "postgresql" else now()
+
+
+def db_now(conn: Connection) -> datetime:
+    """`clock` as a value, for ages computed here."""
+    if conn.dialect.name == "postgresql":
+        return aware(conn.execute(select(func.now())).scalar_one()) or now()
+    return now()
+
+
 def pid_alive(pid: int) -> bool:
+    """Whether a process of this host runs: a zombie (dead, not reaped yet by its parent)
+    answers signal 0 but runs nothing, and holds no lease."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """State Z in /proc/<pid>/stat (Linux); False where there is no /proc to ask."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    # "pid (comm) state ...": comm may hold spaces and parentheses, the last ")" ends it.
+    fields = stat[stat.rfind(b")") + 1:].split()
+    return bool(fields) and fields[0] == b"Z"
 
 
 def boundaries(
@@ -202,7 +234,7 @@ def claim(conn: Connection, run_id: int, worker_id: str, seconds: float) -> Leas
     without waiting on each other (SQLite, with its single writer, ignores the clause).
     """
     r = ranges.c
-    ts = now()
+    ts = clock(conn)
     q = (
         select(ranges).where(
             r.run_id == run_id, r.done.is_(False),
@@ -257,7 +289,7 @@ def renew(conn: Connection, lease: Lease) -> bool:
     r = ranges.c
     return conn.execute(
         update(ranges).where(r.id == lease.range_id, r.lease_token == lease.token)
-        .values(lease_until=now() + timedelta(seconds=lease.seconds))
+        .values(lease_until=clock(conn) + timedelta(seconds=lease.seconds))
     ).rowcount == 1
 
 
@@ -273,7 +305,7 @@ def record_on_range(
     """A batch's checkpoint on its range, in the batch's transaction: a compare-and-swap
     on the lease token, so a worker that lost its lease cannot commit the batch."""
     r = ranges.c
-    ts = now()
+    ts = clock(conn)
     values: dict[str, Any] = dict(
         batches=r.batches + 1, migrated=r.migrated + counts.migrated,
         skipped=r.skipped + counts.skipped, already=r.already + counts.already,
@@ -295,11 +327,22 @@ def record_on_range(
         )
 
 
-def release_all(conn: Connection, run_id: int) -> None:
-    """Void every lease of a run (its lock was just taken: no holder can commit)."""
+def release_all(conn: Connection, run_id: int, *, before: datetime | None = None) -> None:
+    """Void every lease of a run (its lock was just taken: no holder can commit); with
+    `before`, only those of workers registered before then (a worker that joined the new
+    holder since keeps its range)."""
+    r, w = ranges.c, workers.c
+    cond = [r.run_id == run_id, r.done.is_(False)]
+    if before is not None:
+        joined = select(w.id).where(w.run_id == run_id, w.started_at >= before)
+        cond.append(or_(r.worker_id.is_(None), r.worker_id.not_in(joined)))
+    conn.execute(update(ranges).where(*cond).values(lease_token=None, lease_until=None))
+
+
+def planned(conn: Connection, run_id: int) -> bool:
+    """Whether the run's ranges exist (they are created in one transaction)."""
     r = ranges.c
-    conn.execute(update(ranges).where(r.run_id == run_id, r.done.is_(False))
-                 .values(lease_token=None, lease_until=None))
+    return conn.execute(select(r.id).where(r.run_id == run_id).limit(1)).first() is not None
 
 
 def undone(conn: Connection, run_id: int) -> int:
@@ -328,7 +371,7 @@ def range_totals(conn: Connection, run_id: int) -> dict[tuple[str, str], BatchCo
 
 def register_worker(conn: Connection, run_id: int) -> str:
     worker_id = secrets.token_hex(8)
-    ts = now()
+    ts = clock(conn)
     conn.execute(insert(workers).values(
         id=worker_id, run_id=run_id, host=socket.gethostname(), pid=os.getpid(),
         boot_id=boot_id(), state="running", kms_requests=0, retries=0, throttles=0, started_at=ts,
@@ -338,12 +381,12 @@ def register_worker(conn: Connection, run_id: int) -> str:
 
 def heartbeat(conn: Connection, worker_id: str, **values: Any) -> None:
     conn.execute(update(workers).where(workers.c.id == worker_id)
-                 .values(heartbeat_at=now(), **values))
+                 .values(heartbeat_at=clock(conn), **values))
 
 
 def finish_worker(conn: Connection, worker_id: str, state: str, note: str | None = None,
                   **values: Any) -> None:
-    ts = now()
+    ts = clock(conn)
     conn.execute(update(workers).where(workers.c.id == worker_id).values(
         state=state, heartbeat_at=ts, finished_at=ts, range_id=None, note=note, **values))
 
@@ -353,7 +396,7 @@ def live_workers(conn: Connection, run_id: int, stale_after: timedelta) -> list[
     w = workers.c
     rows = conn.execute(select(workers).where(
         w.run_id == run_id, w.state == "running",
-        and_(w.heartbeat_at > now() - stale_after)))
+        and_(w.heartbeat_at > clock(conn) - stale_after)))
     out = []
     for row in rows:
         if on_this_host(row.host, row.boot_id) and not pid_alive(row.pid):
@@ -369,12 +412,25 @@ def list_workers(conn: Connection, run_id: int) -> list[WorkerRow]:
             for row in rows]
 
 
-def mark_lost(conn: Connection, run_id: int) -> None:
-    """Workers a new holder of the run's lock found still marked running are gone."""
+def mark_lost(conn: Connection, run_id: int, *, before: datetime | None = None) -> None:
+    """Workers a new holder of the run's lock found still marked running are gone; with
+    `before`, only those registered before it took the lock (not its joiners')."""
     w = workers.c
-    ts = now()
-    conn.execute(update(workers).where(w.run_id == run_id, w.state == "running")
-                 .values(state="lost", finished_at=ts, range_id=None))
+    ts = clock(conn)
+    cond = [w.run_id == run_id, w.state == "running"]
+    if before is not None:
+        cond.append(w.started_at < before)
+    conn.execute(update(workers).where(*cond).values(state="lost", finished_at=ts,
+                                                     range_id=None))
+
+
+def mark_silent_lost(conn: Connection, run_id: int, stale_after: timedelta) -> None:
+    """Workers of a run still marked running whose heartbeat is older than `stale_after`
+    (on any host): lost."""
+    w = workers.c
+    conn.execute(update(workers).where(
+        w.run_id == run_id, w.state == "running", w.heartbeat_at < clock(conn) - stale_after,
+    ).values(state="lost", finished_at=clock(conn), range_id=None))
 
 
 def mark_dead_here(conn: Connection, run_id: int) -> int:
@@ -388,5 +444,5 @@ def mark_dead_here(conn: Connection, run_id: int) -> int:
         w.boot_id == here)) if not pid_alive(row.pid)]
     if dead:
         conn.execute(update(workers).where(w.id.in_(dead)).values(
-            state="lost", finished_at=now(), range_id=None))
+            state="lost", finished_at=clock(conn), range_id=None))
     return len(dead)

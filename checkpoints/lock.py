@@ -14,14 +14,13 @@ import os
 import secrets
 import socket
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import Connection, Engine, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from . import leases
-from .leases import aware, live_workers, pid_alive
-from .store import now
+from .leases import aware, clock, db_now, live_workers, pid_alive
 from .tables import lock
 
 __all__ = ["STALE_AFTER", "LockHeld", "LockLost", "RunLock"]
@@ -59,8 +58,8 @@ class RunLock:
             try:
                 with engine.begin() as conn:
                     conn.execute(insert(lock).values(
-                        name=NAME, token=token, kind=kind, acquired_at=now(),
-                        heartbeat_at=now(), **me))
+                        name=NAME, token=token, kind=kind, acquired_at=clock(conn),
+                        heartbeat_at=clock(conn), **me))
                 return cls(token, kind)
             except IntegrityError:
                 pass
@@ -68,7 +67,8 @@ class RunLock:
                 row = conn.execute(select(lock).where(lock.c.name == NAME)).first()
                 if row is None:
                     continue  # released in between: try the INSERT again
-                age = now() - (aware(row.heartbeat_at) or now())
+                at = db_now(conn)  # the database's clock: hosts' clocks may disagree
+                age = at - (aware(row.heartbeat_at) or at)
                 # Same host name is not enough (containers on other machines share
                 # it): only on this boot can the holder's pid be asked of this kernel.
                 same_host = leases.on_this_host(row.host, row.boot_id)
@@ -91,8 +91,8 @@ class RunLock:
                     )
                 took = conn.execute(
                     update(lock).where(lock.c.name == NAME, lock.c.token == row.token).values(
-                        token=token, kind=kind, run_id=None, acquired_at=now(),
-                        heartbeat_at=now(), **me)
+                        token=token, kind=kind, run_id=None, acquired_at=clock(conn),
+                        heartbeat_at=clock(conn), **me)
                 ).rowcount
                 if took == 1:
                     return cls(token, kind)
@@ -104,7 +104,7 @@ class RunLock:
 
     def fence(self, conn: Connection, *, run_id: int | None = None) -> None:
         """Heartbeat inside the caller's transaction; raise LockLost if no longer ours."""
-        values: dict[str, object] = {"heartbeat_at": now()}
+        values: dict[str, object] = {"heartbeat_at": clock(conn)}
         if run_id is not None:
             values["run_id"] = run_id
         moved = conn.execute(
@@ -137,13 +137,18 @@ class RunLock:
     def touch(self, engine: Engine, every: timedelta) -> None:
         """Heartbeat for a ranged run, from any of its workers, at most once per `every`
         (a row most of them only read)."""
-        ts = now()
         with engine.begin() as conn:
+            ts = clock(conn)
             conn.execute(update(lock).where(
                 lock.c.name == NAME, lock.c.token == self.token,
                 lock.c.heartbeat_at < ts - every,
             ).values(heartbeat_at=ts, host=socket.gethostname(), pid=os.getpid(),
                      boot_id=leases.boot_id()))
+
+    def acquired_at(self, conn: Connection) -> datetime | None:
+        """When this lock was taken (by the database's clock on PostgreSQL)."""
+        return aware(conn.execute(select(lock.c.acquired_at).where(
+            lock.c.name == NAME, lock.c.token == self.token)).scalar())
 
     @classmethod
     def held_by(cls, engine: Engine) -> tuple[RunLock, int | None] | None:

@@ -56,6 +56,9 @@ def _alembic_dir() -> Path:
 
 
 
+SCHEMA_LOCK_KEY = 0x6B6D736D  # "kmsm": the advisory lock around schema upgrades
+
+
 def now() -> datetime:
     return datetime.now(UTC)
 
@@ -69,6 +72,11 @@ def ensure_schema(engine: Engine) -> None:
     cfg = Config()
     cfg.set_main_option("script_location", str(_alembic_dir()))
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # One upgrade at a time: the same command started on two machines at once
+            # would otherwise both CREATE the tables and one fail on a duplicate type.
+            # Released at commit; the second then finds the schema at head.
+            conn.execute(select(func.pg_advisory_xact_lock(SCHEMA_LOCK_KEY)))
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
 
@@ -97,6 +105,7 @@ class Run:
     note: str | None
     ranged: bool = False
     max_kms_rps: float | None = None
+    fernet_key_ids: str | None = None
 
     @property
     def targets(self) -> list[dict[str, Any]]:
@@ -178,15 +187,20 @@ def create_run(
     key_arn: str | None = None,
     region: str | None = None,
     tool_version: str = "",
+    ranged: bool = False,
+    fernet_key_ids: str | None = None,
 ) -> Run:
-    """Insert a run in state `running` and a zeroed checkpoint per (table, column)."""
+    """Insert a run in state `running` and a zeroed checkpoint per (table, column).
+
+    `ranged`: a run spread over workers, joinable from the moment it exists (joiners
+    wait for its ranges)."""
     ts = now()
     inserted = conn.execute(
         insert(runs).values(
             kind=kind, state="running", key_id=key_id, key_arn=key_arn, region=region,
             targets_json=targets_json, targets_fingerprint=fingerprint, batch_size=batch_size,
             host=socket.gethostname(), pid=os.getpid(), tool_version=tool_version,
-            started_at=ts, updated_at=ts,
+            started_at=ts, updated_at=ts, ranged=ranged, fernet_key_ids=fernet_key_ids,
         )
     ).inserted_primary_key
     assert inserted is not None

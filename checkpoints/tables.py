@@ -63,6 +63,9 @@ runs = Table(
     # A ranged run's --max-kms-rps, for the whole run: workers joining from another
     # machine share this limit rather than their own command's.
     Column("max_kms_rps", Float),
+    # Identifiers of the run's Fernet keys, in order (JSON list; HMACs that reveal nothing
+    # of the keys): a command whose keys do not cover them may not join or resume it.
+    Column("fernet_key_ids", Text),
 )
 
 # One row per run and target column: where the run is (last primary key, or for a

@@ -72,6 +72,7 @@ from .workers import (
     rollback_ranged,
     settings_from_dict,
     work,
+    worker_engine,
     worker_signals,
 )
 
@@ -776,7 +777,7 @@ def worker_cmd() -> int:
                           "which hand it its instructions on stdin; run one of those") from None
     _setup_logging(spec.log)
     settings = settings_from_dict(spec.settings)
-    engine = make_engine(settings.db_url)
+    engine = worker_engine(settings.db_url, spec.lease_seconds)
     with make_kms(settings) as kms, worker_signals() as stop:
         try:
             work(spec, settings, engine=engine, kms=kms, should_stop=stop, watch_parent=True)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import hashlib
+import hmac
 from collections.abc import Sequence
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
@@ -32,6 +34,7 @@ __all__ = [
     "decode_kms",
     "encode_kms",
     "encryption_context",
+    "fernet_key_ids",
     "fernet_token_length",
     "kms_text_length",
     "max_plaintext_fitting",
@@ -140,3 +143,20 @@ class FernetCodec:
             return self._multi.decrypt(token.encode("ascii"))
         except (InvalidToken, UnicodeEncodeError, ValueError, TypeError):
             return None
+
+
+KEY_ID_LABEL = b"kms-migrate fernet key id v1"
+
+
+def fernet_key_ids(keys: Sequence[str]) -> list[str]:
+    """An identifier per Fernet key, in order: HMAC-SHA256 of a fixed label under the
+    key, 64 bits of it. It tells keys apart and reveals nothing about them (nor lets
+    anyone check a guessed key faster than against any Fernet token)."""
+    out: list[str] = []
+    for key in keys:
+        try:
+            raw = base64.urlsafe_b64decode(key.encode())
+        except (binascii.Error, ValueError):
+            raw = key.encode()
+        out.append(hmac.new(raw, KEY_ID_LABEL, hashlib.sha256).hexdigest()[:16])
+    return out

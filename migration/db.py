@@ -13,12 +13,34 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError, S
 from .errors import ConfigError, DatabaseError
 
 __all__ = [
-    "carries_password", "is_sqlite", "make_engine", "max_bind_params", "parse_url", "safe_url",
-    "scrub", "scrub_known", "sqlite_path", "url_credentials",
+    "carries_password",
+    "idle_timeout_for_lease",
+    "is_sqlite",
+    "make_engine",
+    "max_bind_params",
+    "parse_url",
+    "pg_session_options",
+    "safe_url",
+    "scrub",
+    "scrub_known",
+    "sqlite_path",
+    "url_credentials",
 ]
 
 SQLITE_BUSY_TIMEOUT = 10.0  # seconds a write waits on another writer's lock before failing
 PG_LOCK_TIMEOUT = 30.0  # seconds a statement waits on a row or table lock before failing
+# Seconds a session may sit idle inside an open transaction before the server ends it.
+# A process frozen mid-batch (GC pause, VM freeze, SIGSTOP) would otherwise keep its row
+# locks and its share of the run lock's row until TCP gives up (hours), and no other
+# worker could take its range over. Below the default lease (60 s); a ranged run's
+# workers use half their lease (`idle_timeout_for_lease`).
+PG_IDLE_IN_TRANSACTION_TIMEOUT = 30.0
+# TCP keepalives on both ends: a machine that vanished (power, network) is noticed in
+# about IDLE + INTERVAL * COUNT seconds instead of the kernels' default two hours.
+PG_KEEPALIVES_IDLE = 30
+PG_KEEPALIVES_INTERVAL = 10
+PG_KEEPALIVES_COUNT = 3
+
 # Bound parameters one statement may carry where the driver cannot say: PostgreSQL's wire
 # protocol allows 65535. SQLite's own limit is read from the connection.
 DEFAULT_MAX_PARAMS = 32767
@@ -131,8 +153,37 @@ def sqlite_path(url: str | URL) -> Path | None:
     return Path(u.database)
 
 
-def make_engine(url: str, *, read_only: bool = False) -> Engine:
+def idle_timeout_for_lease(lease_seconds: float) -> float:
+    """A worker's idle-in-transaction timeout: its frozen session is cut off well within
+    the lease, so the range's next claimer does not wait on its row locks."""
+    return max(1.0, min(PG_IDLE_IN_TRANSACTION_TIMEOUT, lease_seconds / 2))
+
+
+def pg_session_options(*, idle_timeout: float = PG_IDLE_IN_TRANSACTION_TIMEOUT,
+                       statement_timeout: float | None = None) -> str:
+    """The server-side settings of every tool session on PostgreSQL (libpq `options`)."""
+    settings = {
+        # A row the application keeps locked makes a batch wait, boundedly, then roll back.
+        "lock_timeout": int(PG_LOCK_TIMEOUT * 1000),
+        "idle_in_transaction_session_timeout": int(idle_timeout * 1000),
+        # The server's side of the keepalives: it drops the session of a vanished client.
+        "tcp_keepalives_idle": PG_KEEPALIVES_IDLE,
+        "tcp_keepalives_interval": PG_KEEPALIVES_INTERVAL,
+        "tcp_keepalives_count": PG_KEEPALIVES_COUNT,
+    }
+    if statement_timeout is not None:
+        settings["statement_timeout"] = int(statement_timeout * 1000)
+    return " ".join(f"-c {k}={v}" for k, v in settings.items())
+
+
+def make_engine(url: str, *, read_only: bool = False,
+                idle_timeout: float = PG_IDLE_IN_TRANSACTION_TIMEOUT,
+                statement_timeout: float | None = None) -> Engine:
     """An engine that has proved it can connect; read_only makes every session read-only.
+
+    On PostgreSQL every session is bounded: `lock_timeout`, an idle-in-transaction
+    timeout (`idle_timeout` seconds), TCP keepalives on both ends, and `statement_timeout`
+    when given (a worker's statements are one batch's: small).
 
     A SQLite file must exist already: connecting would otherwise create an empty one and
     report a baffling "table does not exist".
@@ -147,8 +198,12 @@ def make_engine(url: str, *, read_only: bool = False) -> Engine:
         connect_args["timeout"] = SQLITE_BUSY_TIMEOUT
     elif u.get_backend_name() == "postgresql":
         connect_args["connect_timeout"] = 10
-        # A row the application keeps locked makes a batch wait, boundedly, then roll back.
-        connect_args["options"] = f"-c lock_timeout={int(PG_LOCK_TIMEOUT * 1000)}"
+        connect_args["options"] = pg_session_options(idle_timeout=idle_timeout,
+                                                     statement_timeout=statement_timeout)
+        # The client's side: a server or network that vanished fails the call.
+        connect_args.update(keepalives=1, keepalives_idle=PG_KEEPALIVES_IDLE,
+                            keepalives_interval=PG_KEEPALIVES_INTERVAL,
+                            keepalives_count=PG_KEEPALIVES_COUNT)
     try:
         engine = create_engine(
             u, connect_args=connect_args, pool_pre_ping=True, hide_parameters=True

@@ -33,6 +33,7 @@ from .codec import (
     column_length,
     encode_kms,
     encryption_context,
+    fernet_key_ids,
     kms_text_length,
 )
 from .config import Settings, targets_fingerprint
@@ -322,6 +323,25 @@ def refuse_other_settings(run: Run, settings: Settings, key_arn: str) -> None:
             f"{'; and '.join(changed)}. Re-run with the run's settings to finish it, "
             "or add --new-run to abandon it and start a new run; nothing was written"
         )
+    refuse_missing_keys(run, settings.fernet_keys)
+
+
+def refuse_missing_keys(run: Run, keys: Sequence[str]) -> None:
+    """Raise ResumeMismatchError unless `keys` include every Fernet key the run was
+    started with (compared by identifier): with one missing, every value under it would
+    be recorded as a failure. Names the missing keys by their position, never a value."""
+    if not run.fernet_key_ids:
+        return  # a run from before the identifiers were recorded
+    want: list[str] = json.loads(run.fernet_key_ids)
+    have = set(fernet_key_ids(keys))
+    missing = [str(n) for n, kid in enumerate(want, 1) if kid not in have]
+    if missing:
+        raise ResumeMismatchError(
+            f"migrate run {run.id} was started with {len(want)} Fernet key(s) and this "
+            f"command lacks key {', '.join(missing)} of them (key 1 is the ENCRYPTION_KEY "
+            "it was started with, the ENCRYPTION_KEY_LEGACY entries follow in order): set "
+            "the same keys as where the run was started, then re-run; nothing was written"
+        )
 
 
 def refuse_to_start(conn: Connection, *, retry_failed: bool = False) -> None:
@@ -396,6 +416,7 @@ def _resume_or_start(
             conn, kind="migrate", targets=pairs, targets_json=targets_json,
             fingerprint=fingerprint, batch_size=settings.batch_size, key_id=settings.key_id,
             key_arn=key_arn, region=settings.region, tool_version=__version__,
+            ranged=ranged, fernet_key_ids=json.dumps(fernet_key_ids(settings.fernet_keys)),
         )
         run_lock.bind_run(conn, run.id)
         return run, False

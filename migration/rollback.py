@@ -24,7 +24,7 @@ from checkpoints.tables import journal
 from . import __version__
 from .applier import apply_rollback_batch
 from .config import Target
-from .errors import ConfigError
+from .errors import ConfigError, ResumeMismatchError
 from .logs import get_logger
 from .migrator import ColumnSummary, lock_held
 from .progress import NullProgress, Progress
@@ -97,13 +97,22 @@ def check_can_roll_back(engine: Engine) -> None:
         raise ConfigError(finalized)
 
 
-def start_rollback_run(engine: Engine, batch_size: int, run_lock: RunLock) -> tuple[Run, bool]:
+def start_rollback_run(engine: Engine, batch_size: int, run_lock: RunLock,
+                       ranged: bool = False) -> tuple[Run, bool]:
     """Resume the unfinished rollback run, or start one over every column the journal
     still has migrated values of; abandon an unfinished migrate run (its checkpoint would
-    skip the rows restored now: a later migrate starts afresh)."""
+    skip the rows restored now: a later migrate starts afresh).
+
+    A run started with --workers is resumed only with --workers: its ranges hold its
+    positions and counts, which a single process would neither move nor report."""
     resumed = False
     with engine.begin() as conn:
         run = store.unfinished_run(conn, "rollback")
+        if run is not None and run.ranged and not ranged:
+            raise ResumeMismatchError(
+                f"unfinished rollback run {run.id} was started with --workers: resume it "
+                "with --workers (any number; 1 on SQLite); nothing was written"
+            )
         if run is not None:
             store.set_state(conn, run.id, "running")
             resumed = True

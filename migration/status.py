@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Engine, func, select
@@ -10,11 +11,14 @@ from sqlalchemy import Engine, func, select
 from checkpoints import leases, store
 from checkpoints.leases import RangeRow, WorkerRow
 from checkpoints.store import BatchCounts
+from checkpoints.tables import ranges, workers
 
 from .config import Target
 from .reader import bind_target
 
 __all__ = ["ColumnProgress", "StatusReport", "collect_status"]
+
+SILENT_AFTER = 60.0  # seconds without heartbeat: a worker of a run that is over is lost
 
 
 @dataclass
@@ -61,7 +65,7 @@ def collect_status(engine: Engine, failure_limit: int = 50) -> StatusReport | No
                 "started_at": r.started_at.isoformat() if r.started_at else None,
                 "finished_at": r.finished_at.isoformat() if r.finished_at else None,
                 "seconds": (
-                    round((r.finished_at or r.updated_at).timestamp()
+                    round(_last_activity(conn, r).timestamp()
                           - r.started_at.timestamp(), 3)
                     if r.started_at else None
                 ),
@@ -95,12 +99,32 @@ def collect_status(engine: Engine, failure_limit: int = 50) -> StatusReport | No
         ranged = next((r for r in all_runs if r.ranged), None)
         if ranged is not None:
             report.ranged_run_id = ranged.id
-            report.workers = [_worker(w) for w in leases.list_workers(conn, ranged.id)]
+            at = leases.db_now(conn)
+            over = ranged.state not in store.UNFINISHED
+            report.workers = [_worker(w, at, over)
+                              for w in leases.list_workers(conn, ranged.id)]
             report.ranges = [_range(x) for x in leases.list_ranges(conn, ranged.id)]
         report.journal = {
             f"{t}.{c}:{s}": n for (t, c, s), n in sorted(store.journal_counts(conn).items())
         }
         return report
+
+
+def _last_activity(conn: Any, run: store.Run) -> datetime:
+    """When the run last did something: its end, or, while it is unfinished (running, or
+    left by a crash), the latest of its row, its ranges' batches and its workers'
+    heartbeats (the batches of a ranged run do not touch its row)."""
+    if run.finished_at is not None:
+        return run.finished_at
+    latest = run.updated_at
+    if run.ranged:
+        r, w = ranges.c, workers.c
+        for q in (select(func.max(r.updated_at)).where(r.run_id == run.id),
+                  select(func.max(w.heartbeat_at)).where(w.run_id == run.id)):
+            at = leases.aware(conn.execute(q).scalar())
+            if at is not None and at > (leases.aware(latest) or at):
+                latest = at
+    return latest
 
 
 def _remaining(conn: Any, table: str, pk: str | None, column: str,
@@ -124,11 +148,14 @@ def _remaining(conn: Any, table: str, pk: str | None, column: str,
     return total
 
 
-def _worker(w: WorkerRow) -> dict[str, Any]:
+def _worker(w: WorkerRow, at: datetime, run_over: bool) -> dict[str, Any]:
     beat = leases.aware(w.heartbeat_at)
-    age = (store.now() - beat).total_seconds() if beat else None
+    age = (at - beat).total_seconds() if beat else None
+    state = w.state
+    if run_over and state == "running" and age is not None and age > SILENT_AFTER:
+        state = "lost"  # its machine died: it cannot be running a run that is over
     return {
-        "id": w.id, "host": w.host, "pid": w.pid, "state": w.state, "range_id": w.range_id,
+        "id": w.id, "host": w.host, "pid": w.pid, "state": state, "range_id": w.range_id,
         "rate_share": round(w.rate, 1) if w.rate is not None else None,
         "kms_requests": w.kms_requests, "retries": w.retries, "throttles": w.throttles,
         "started_at": w.started_at.isoformat(),

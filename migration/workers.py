@@ -35,12 +35,13 @@ from datetime import timedelta
 from typing import Any, Protocol
 
 from sqlalchemy import Engine, func, select, update
+from sqlalchemy.exc import DBAPIError
 
 from checkpoints import leases, store
 from checkpoints.leases import Lease, LeaseLost
 from checkpoints.lock import LockHeld, LockLost, RunLock
 from checkpoints.store import BatchCounts, Run
-from checkpoints.tables import checkpoints, journal, runs
+from checkpoints.tables import checkpoints, journal, lock, runs
 
 from .codec import FernetCodec
 from .config import Settings, Target, fernet_keys_from_env
@@ -81,6 +82,24 @@ __all__ = [
 DEFAULT_LEASE_SECONDS = 60.0
 DEFAULT_ROWS_PER_RANGE = 20_000
 MAX_HEARTBEAT = 5.0  # seconds between heartbeats, at most (a quarter of the lease below 20 s)
+# Ranges in a row a worker may lose to its database session being cut off (the server
+# ends a session left idle inside a transaction, e.g. by a worker frozen mid-batch) before
+# it stops on the error: the batch rolled back whole, so it claims again, boundedly.
+MAX_SESSION_LOSSES = 3
+SIBLINGS_WAIT = 120.0  # seconds a worker counts its not-yet-registered siblings as live
+WORKER_STATEMENT_TIMEOUT = 120.0  # seconds: a worker's statements are one batch's
+
+
+def worker_engine(url: str, lease_seconds: float) -> Engine:
+    """A worker's engine: its sessions are cut off by the server when idle inside a
+    transaction for half a lease, so a worker frozen mid-batch (GC pause, VM freeze,
+    SIGSTOP) releases its row locks and its share of the run lock's row before its lease
+    expires, and the range's next claimer can work; once it runs again, its batch fails
+    on the lost session and rolls back, and its range's lease is no longer its own."""
+    from .db import idle_timeout_for_lease, make_engine
+
+    return make_engine(url, idle_timeout=idle_timeout_for_lease(lease_seconds),
+                       statement_timeout=WORKER_STATEMENT_TIMEOUT)
 
 
 class WorkersFailed(KmsMigrateError):
@@ -105,6 +124,8 @@ class WorkerSpec:
     lease_seconds: float
     settings: dict[str, Any]
     log: dict[str, Any] = field(default_factory=dict)
+    workers: int = 1  # started by the same command, this one included
+    others: int = 0  # live workers of the run elsewhere when the command started its own
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -154,6 +175,11 @@ class Heartbeat(threading.Thread):
         self._done = threading.Event()
         self._ppid = os.getppid() if watch_parent else None
         self._max_rps = float(spec.settings.get("max_kms_rps") or 0)
+        # The share from the first call on: this worker's siblings, started at the same
+        # moment, may not have registered yet, but will. Counted as live until the count
+        # has reached them once (or, for a sibling that never came, for SIBLINGS_WAIT).
+        self._expected = max(1, spec.workers + spec.others)
+        self._expect_until = time.monotonic() + SIBLINGS_WAIT
 
     def run(self) -> None:
         while not self._done.wait(self.every):
@@ -188,6 +214,10 @@ class Heartbeat(threading.Thread):
                                                       error=type(exc).__name__)
             return
         self.live = max(1, len(live))
+        if self._expected > self.live and time.monotonic() < self._expect_until:
+            self.live = self._expected
+        else:
+            self._expected = 0  # every sibling came (or never will): the live count rules
         if limiter is not None and self._max_rps > 0:
             limiter.set_max_rate(self._max_rps / self.live)
         if state != "running":  # stopped by another worker's fatal error, or abandoned
@@ -221,7 +251,10 @@ def work(
             run = store.get_run(conn, spec.run_id)
         if run is not None and run.state == "completed":
             return WorkerOutcome("", "finished")  # joined as the last range was done
-        raise
+        raise RunLockedError(
+            f"run {spec.run_id}'s lock was taken over or released before this worker could "
+            "start (the run was resumed or finished elsewhere): nothing was written; check "
+            "`kms-migrate status`") from None
     log = get_logger(run_id=spec.run_id, worker=worker_id, kind=spec.kind)
     beat = Heartbeat(engine, spec, worker_id, kms, run_lock, watch_parent)
     beat.beat()  # the rate share before the first call
@@ -236,6 +269,7 @@ def work(
     poll = min(1.0, spec.lease_seconds / 10)
     log.info("worker_started", pid=os.getpid(), rate_share=round(
         kms.limiter.max_rate, 1) if kms.limiter else None)
+    losses = 0  # ranges lost in a row to a session cut off
     try:
         while not stopping():
             with engine.begin() as conn:
@@ -253,8 +287,18 @@ def work(
             try:
                 outcome.batches += job.run(lease)
                 outcome.ranges += 1
+                losses = 0
             except LeaseLost:
                 log.warning("lease_lost", range=lease.range_id)
+            except DBAPIError as exc:
+                if not exc.connection_invalidated or losses >= MAX_SESSION_LOSSES:
+                    raise
+                # The batch in flight rolled back with its session (cut off by the server,
+                # e.g. after this process was frozen inside it): nothing of it was written.
+                # Its range may have moved to another worker by now: claim again.
+                losses += 1
+                log.warning("session_lost", range=lease.range_id,
+                            error=type(exc.orig).__name__ if exc.orig else type(exc).__name__)
             finally:
                 beat.lease = None
                 _release_quietly(engine, lease)
@@ -266,7 +310,9 @@ def work(
         raise RunLockedError(str(exc)) from None
     except KmsMigrateError as exc:
         state, note = "failed", str(exc)
-        _stop_run_quietly(engine, spec.run_id, str(exc))  # the others stop after their batch
+        # The others stop after their batch (unless this worker was fenced out: the run
+        # is then another command's, which this error says nothing about).
+        _stop_run_quietly(engine, spec.run_id, str(exc), spec.lock_token)
         raise
     finally:
         beat.close()
@@ -355,9 +401,12 @@ def _finish_quietly(engine: Engine, worker_id: str, state: str, note: str | None
                              throttles=limiter.throttles if limiter else 0)
 
 
-def _stop_run_quietly(engine: Engine, run_id: int, note: str) -> None:
+def _stop_run_quietly(engine: Engine, run_id: int, note: str, lock_token: str) -> None:
+    """Stop the run on this worker's fatal error, if the run's lock is still the one this
+    worker was started under."""
+    held = select(lock.c.token).where(lock.c.token == lock_token).exists()
     with contextlib.suppress(Exception), engine.begin() as conn:
-        conn.execute(update(runs).where(runs.c.id == run_id, runs.c.state == "running")
+        conn.execute(update(runs).where(runs.c.id == run_id, runs.c.state == "running", held)
                      .values(state="stopped", note=note, updated_at=store.now()))
 
 
@@ -399,15 +448,40 @@ class RangedStart:
     resumed: bool
 
 
+BIND_WAIT = 10.0  # seconds to wait for the lock's holder to name its run
+PLAN_WAIT = 600.0  # seconds to wait for a ranged run's plan (one pass over each key index)
+JOIN_POLL = 0.2
+
+
 def _join_or_refuse(engine: Engine, kind: str, exc: LockHeld) -> tuple[RunLock, Run]:
-    """The lock is held: join when it is held by an unfinished ranged run of this kind."""
-    held = RunLock.held_by(engine)
-    if held is not None and held[1] is not None:
+    """The lock is held: join when it is held by an unfinished ranged run of this kind.
+
+    A ranged run is joinable from the moment it exists; while its command is still
+    planning its ranges (seconds on big tables), wait for them: a worker that found no
+    range would take the run for done."""
+    started = time.monotonic()
+    while True:
+        held = RunLock.held_by(engine)
+        if held is None:
+            break  # released in between: the run ended or failed to start
+        run_lock, run_id = held
+        waited = time.monotonic() - started
+        if run_id is None:  # taken a moment ago: its holder is about to name its run
+            if waited < BIND_WAIT:
+                time.sleep(JOIN_POLL)
+                continue
+            break
         with engine.connect() as conn:
-            run = store.get_run(conn, held[1])
-        if (run is not None and run.kind == kind and run.ranged
-                and run.state in store.UNFINISHED):
-            return held[0], run
+            run = store.get_run(conn, run_id)
+            ready = run is not None and leases.planned(conn, run_id)
+        if (run is None or run.kind != kind or not run.ranged
+                or run.state not in store.UNFINISHED):
+            break
+        if ready:
+            return run_lock, run
+        if run.state != "running" or waited >= PLAN_WAIT:
+            break
+        time.sleep(JOIN_POLL)
     raise RunLockedError(str(exc)) from None
 
 
@@ -447,7 +521,8 @@ def start_ranged_migrate(
         bound = bind_targets(engine, settings.targets)
         with engine.begin() as conn:
             _plan(conn, run, [(bt, c) for bt in bound for c in bt.target.columns],
-                  _Sizing(rows_per_range, RANGES_PER_WORKER * workers, settings.batch_size))
+                  _Sizing(rows_per_range, RANGES_PER_WORKER * workers, settings.batch_size),
+                  run_lock)
             conn.execute(update(runs).where(runs.c.id == run.id)
                          .values(max_kms_rps=settings.max_kms_rps))
             run = store.get_run(conn, run.id) or run
@@ -468,13 +543,11 @@ class _Sizing:
 
 
 def _plan(conn: Any, run: Run, columns: Sequence[tuple[BoundTarget, str]],
-          sizing: _Sizing) -> None:
+          sizing: _Sizing, lock: RunLock) -> None:
     """Split each unfinished column into ranges from its checkpoint on (once per run);
     on a ranged run this command now holds the lock of, void the leases of the workers
     that held it before (none of them can commit any more: the lock token changed)."""
-    if run.ranged:
-        leases.release_all(conn, run.id)
-        leases.mark_lost(conn, run.id)
+    if _resume_planned(conn, run, lock):
         return
     cks = store.load_checkpoints(conn, run.id)
     for bt, column in columns:
@@ -489,10 +562,20 @@ def _plan(conn: Any, run: Run, columns: Sequence[tuple[BoundTarget, str]],
     conn.execute(update(runs).where(runs.c.id == run.id).values(ranged=True))
 
 
-def _plan_rollback(conn: Any, run: Run, sizing: _Sizing) -> None:
-    if run.ranged:
-        leases.release_all(conn, run.id)
-        leases.mark_lost(conn, run.id)
+def _resume_planned(conn: Any, run: Run, lock: RunLock) -> bool:
+    """A run whose ranges exist already (a ranged run resumed): void the leases of the
+    workers that held it before this command took its lock, and mark those workers lost;
+    not those of workers that joined since. Whether it was planned."""
+    if not leases.planned(conn, run.id):
+        return False  # a new run (ranged from its creation), or a single-process one
+    before = lock.acquired_at(conn)
+    leases.release_all(conn, run.id, before=before)
+    leases.mark_lost(conn, run.id, before=before)
+    return True
+
+
+def _plan_rollback(conn: Any, run: Run, sizing: _Sizing, lock: RunLock) -> None:
+    if _resume_planned(conn, run, lock):
         return
     j = journal.c
     for (table, column), ck in sorted(store.load_checkpoints(conn, run.id).items()):
@@ -576,10 +659,11 @@ def rollback_ranged(
         try:
             if before_first_write is not None:
                 before_first_write()  # the lock is ours: e.g. the SQLite backup
-            run, resumed = start_rollback_run(engine, settings.batch_size, run_lock)
+            run, resumed = start_rollback_run(engine, settings.batch_size, run_lock,
+                                              ranged=True)
             with engine.begin() as conn:
                 _plan_rollback(conn, run, _Sizing(rows_per_range, RANGES_PER_WORKER * workers,
-                                                  settings.batch_size))
+                                                  settings.batch_size), run_lock)
         except BaseException:
             run_lock.release(engine)
             raise
@@ -647,7 +731,7 @@ def _run_workers(
     forwarded = False
     try:
         try:
-            while any(p.poll() is None for p in procs):
+            while _poll_all(procs):
                 if should_stop is not None and should_stop() and not forwarded:
                     _signal_all(procs, signal.SIGTERM)  # first: after the batch in flight
                     forwarded = True
@@ -665,6 +749,12 @@ def _run_workers(
     finally:
         progress.finish()
     return [p.poll() or 0 for p in procs], [p.pid for p in procs]
+
+
+def _poll_all(procs: Sequence[Proc]) -> bool:
+    """Poll every worker, so each one that died is reaped at once (a zombie's pid still
+    looks alive, and its range would wait a full lease); whether any still runs."""
+    return [p.poll() for p in procs].count(None) > 0
 
 
 def _advance(engine: Engine, run_id: int, seen: list[int], progress: Progress,
@@ -692,21 +782,32 @@ def _conclude(engine: Engine, start: RangedStart, codes: Sequence[int]) -> None:
         left = leases.undone(conn, run_id)
         others = leases.live_workers(conn, run_id, timedelta(minutes=2))
         if left == 0:
+            # Workers elsewhere that went silent (their machine died) are not running:
+            # status would show them so forever once the run is over.
+            leases.mark_silent_lost(conn, run_id, timedelta(seconds=3 * MAX_HEARTBEAT))
             conn.execute(update(checkpoints).where(checkpoints.c.run_id == run_id)
                          .values(done=True, updated_at=store.now()))
             conn.execute(update(runs).where(runs.c.id == run_id, runs.c.state.in_(
                 store.UNFINISHED)).values(state="completed", finished_at=store.now(),
                                           updated_at=store.now()))
         elif not others and all(c != 2 for c in codes):
-            store.set_state(conn, run_id, "interrupted")
+            # Stopped between batches; a run another worker stopped on its fatal error
+            # stays `stopped`, with that error as its note.
+            conn.execute(update(runs).where(runs.c.id == run_id, runs.c.state == "running")
+                         .values(state="interrupted", updated_at=store.now()))
+        run = store.get_run(conn, run_id)
     if left == 0 or not others:
         start.lock.release(engine)
     if left == 0:
         return
+    if run is not None and run.state == "stopped" and run.note and all(
+            c in (0, 130) for c in codes):
+        # This machine's workers stopped because a worker elsewhere met a fatal error.
+        raise WorkersFailed(
+            f"run {run_id} was stopped by a worker's error ({run.note}); it keeps every "
+            "committed batch: fix the cause, then re-run the same command to resume")
     failed = sum(1 for c in codes if c not in (0, 130))  # 2, or killed by a signal
     if failed:
-        with engine.connect() as conn:
-            run = store.get_run(conn, run_id)
         why = f" ({run.note})" if run is not None and run.note else ""
         raise WorkersFailed(
             f"{failed} of {len(codes)} worker(s) stopped on an error or were killed{why}; run "
@@ -723,8 +824,13 @@ def _work_here(
 ) -> list[int]:
     """Run this machine's N workers of the run to their end, then conclude (which raises
     unless the whole run is done); the workers' pids."""
+    with engine.connect() as conn:
+        others = len(leases.live_workers(conn, spec.run_id,
+                                         timedelta(seconds=3 * heartbeat_every(
+                                             spec.lease_seconds))))
+    spec = replace(spec, workers=n, others=others)  # each worker's rate share from the start
     get_logger(run_id=spec.run_id, kind=spec.kind).info(
-        "workers_starting", workers=n, joined=start.joined)
+        "workers_starting", workers=n, joined=start.joined, others=others)
     codes, pids = _run_workers(engine, spec, n, totals, progress or NullProgress(),
                                should_stop, spawn)
     _conclude(engine, start, codes)
