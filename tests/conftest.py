@@ -22,6 +22,7 @@ from typing import Any
 import boto3
 import pytest
 from cryptography.fernet import Fernet
+from hypothesis import HealthCheck, settings
 
 from tests.pgserver import PgServer, pg_bindir, running_pg_server
 
@@ -207,3 +208,15 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path / 'coinflip.db'}"
     server: PgServer = request.getfixturevalue("pg_server")
     return server.new_database()
+
+
+# -- hypothesis profiles --------------------------------------------------------------------
+# The state machine (tests/test_stateful.py) runs the "stateful" profile in `make test`;
+# HYPOTHESIS_PROFILE=long runs it (and every @given without its own settings) much longer.
+_SLOW_OK = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+            HealthCheck.data_too_large, HealthCheck.filter_too_much]
+settings.register_profile("stateful", max_examples=12, stateful_step_count=12, deadline=None,
+                          suppress_health_check=_SLOW_OK)
+settings.register_profile("long", max_examples=400, stateful_step_count=40, deadline=None,
+                          suppress_health_check=_SLOW_OK)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or "default")

@@ -1,0 +1,80 @@
+"""Minimal sequences the state machine (tests/test_stateful.py) shrank to that match none of
+issue 11's fifteen listed defects, kept as plain tests through the real CLI.
+
+Each test says the sequence it replays and the invariant it broke.
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+from cryptography.fernet import Fernet
+from sqlalchemy import create_engine, text
+
+from migration.config import Target
+from tests.conftest import ALIAS, Keys, KmsHandle
+from tests.helpers import interrupted_migrate, run_main, settings_for
+
+
+def _vault(url: str, tmp_path: Path, rows: dict[str, str | None]) -> str:
+    """A one-column target table `vault` (text keys) holding `rows`; its --config file."""
+    eng = create_engine(url)
+    with eng.begin() as conn:
+        conn.execute(text("CREATE TABLE vault (id TEXT PRIMARY KEY, s TEXT)"))
+        for pk, value in rows.items():
+            conn.execute(text("INSERT INTO vault (id, s) VALUES (:i, :s)"), {"i": pk, "s": value})
+    eng.dispose()
+    config = tmp_path / "vault.toml"
+    config.write_text('[[targets]]\ntable = "vault"\nprimary_key = "id"\ncolumns = ["s"]\n')
+    return str(config)
+
+
+def _kms_text(kms: KmsHandle, plaintext: bytes) -> str:
+    blob = kms.client.encrypt(KeyId=ALIAS, Plaintext=plaintext)["CiphertextBlob"]
+    return base64.b64encode(blob).decode()
+
+
+def test_verify_names_a_value_kms_refuses_to_open_and_checks_the_rest(
+    capsys: Any, db_url: str, kms: KmsHandle, env_keys: Keys, tmp_path: Path
+) -> None:
+    """Machine sequence: the application writes base64 of a 201-byte blob that is no
+    ciphertext (KMS answers Decrypt with AccessDeniedException, as it does for a ciphertext
+    of a key in another account), then `verify`. Invariant 4: one value's problem is that
+    value's, named (exit 1), not a run-level stop (exit 2) that hides every other result."""
+    stray = base64.b64encode(b"\x01" + b"q" * 200).decode()
+    config = _vault(db_url, tmp_path, {"good": _kms_text(kms, b"secret"), "stray": stray})
+    code, out, err = run_main(capsys, "verify", "--db", db_url, "--config", config)
+    assert code == 1, err
+    assert "vault pk=stray s:" in out
+    assert "vault pk=good s:" not in out
+
+
+def test_resumed_migrate_does_not_exit_0_past_a_value_written_behind_its_checkpoint(
+    capsys: Any, db_url: str, kms: KmsHandle, env_keys: Keys, tmp_path: Path
+) -> None:
+    """Machine sequence: `migrate` stopped after one batch; the application writes a new
+    Fernet token into a row the run has already passed; `migrate` again (resumes the run).
+    Invariant 4: exit 0 only when nothing is left, else exit 1 naming what is left. The
+    resumed run starts after its checkpoint, never sees the new token, and exits 0."""
+    cur = Fernet(env_keys.current.encode())
+    config = _vault(db_url, tmp_path, {k: cur.encrypt(k.encode()).decode()
+                                       for k in ("a", "b", "c", "d", "e")})
+    settings = settings_for(db_url, env_keys.current, targets=(Target("vault", "id", ("s",)),),
+                            batch_size=2)
+    interrupted_migrate(db_url, settings, kms.client, after_batches=1)  # a, b migrated
+    eng = create_engine(db_url)
+    with eng.begin() as conn:  # the application, still on Fernet, writes row a again
+        conn.execute(text("UPDATE vault SET s = :s WHERE id = 'a'"),
+                     {"s": cur.encrypt(b"new secret").decode()})
+    code, out, err = run_main(capsys, "migrate", "--db", db_url, "--config", config, "--yes",
+                              "--no-backup", "--no-progress", "--batch-size", "2")
+    with eng.connect() as conn:
+        left = conn.execute(text("SELECT id FROM vault WHERE s LIKE 'gAAAAA%'")).scalars().all()
+    eng.dispose()
+    assert "(resumed)" in out
+    if code == 0:
+        assert left == [], f"exit 0 with Fernet value(s) left in rows {left}"
+    else:
+        assert code == 1 and all(f"vault pk={pk} s:" in out for pk in left), (code, out, err)
