@@ -26,6 +26,7 @@ from checkpoints.tables import failures, runs
 from . import __version__
 from .applier import Rewrite, apply_migrate_batch
 from .codec import (
+    FERNET_PREFIX,
     KMS_MAX_PLAINTEXT,
     FernetCodec,
     ValueKind,
@@ -53,7 +54,8 @@ from .reader import (
 )
 
 __all__ = [
-    "REASON_EMPTY", "REASON_NO_KEY", "REASON_OVERSIZE", "ColumnSummary", "MigrateResult", "migrate",
+    "REASON_BEHIND", "REASON_EMPTY", "REASON_NO_KEY", "REASON_OVERSIZE", "ColumnSummary",
+    "MigrateResult", "migrate", "record_left_behind",
 ]
 
 REASON_NO_KEY = (
@@ -61,6 +63,10 @@ REASON_NO_KEY = (
     "ENCRYPTION_KEY nor ENCRYPTION_KEY_LEGACY)"
 )
 REASON_OVERSIZE = f"plaintext is over KMS's {KMS_MAX_PLAINTEXT}-byte Encrypt limit"
+REASON_BEHIND = (
+    "a Fernet token written after the run had passed this row (the application still "
+    "writes Fernet): migrate --retry-failed picks it up"
+)
 SAMPLE_IN_CHUNK = 500  # keys per IN list when leaving out recorded failures
 
 
@@ -504,6 +510,16 @@ def migrate(
                                                      run_lock.fence if run_lock else None)
                 _migrate_column(bt, column, after, fetch, settings, codec, kms, result,
                                 summary, log, hooks, write)
+        if not dry_run and not retry_failed:
+            # Exit 0 means nothing is left: a token the application wrote behind the
+            # cursor (this run's, or before a resume) is named now, never passed over.
+            with engine.begin() as conn:
+                if run_lock is not None:
+                    run_lock.fence(conn)
+                by_name = {b.name: b for b in bound}
+                for summary in result.columns:
+                    summary.failed += record_left_behind(conn, by_name[summary.table],
+                                                         summary.column, result.run_id)
         state = "completed"
     except KeyboardInterrupt:
         state = "interrupted"
@@ -535,6 +551,34 @@ def migrate(
         log.info("run_finished", state=state, seconds=round(result.seconds, 3),
                  kms_requests=result.kms_requests, retries=result.retries)
     return result
+
+
+def record_left_behind(conn: Connection, bt: BoundTarget, column: str,
+                       run_id: int | None) -> int:
+    """Once a migrate run has been through a column: record as failures (REASON_BEHIND)
+    the Fernet tokens it holds that the run neither migrated nor already recorded, in the
+    caller's transaction; how many. They were written behind the run's cursor (by the
+    application, or before a resume), and would otherwise be left under an exit 0."""
+    assert run_id is not None
+    f = failures.c
+    recorded = set(conn.execute(select(f.pk).where(
+        f.run_id == run_id, f.table_name == bt.name, f.column_name == column)).scalars())
+    col = bt.col(column)
+    # LIKE narrows the read on the server (case-insensitive on some databases: classify
+    # decides); the prefix holds neither '%' nor '_'.
+    q = select(bt.pk, col).where(bt.pk.is_not(None), col.like(f"{FERNET_PREFIX}%"))
+    left = [
+        FailureRow(bt.name, column, bt.pk_text(pk), REASON_BEHIND)
+        for pk, value in conn.execute(q)
+        if classify(value) is ValueKind.FERNET and bt.pk_text(pk) not in recorded
+    ]
+    if left:
+        ck = store.load_checkpoints(conn, run_id)[(bt.name, column)]
+        store.record_batch(conn, run_id, bt.name, column, last_pk=ck.last_pk,
+                           counts=BatchCounts(failed=len(left)), done=True, failure_rows=left)
+        get_logger(run_id=run_id).warning("written_behind_the_run", table=bt.name,
+                                          column=column, values=len(left))
+    return len(left)
 
 
 # after -> (rows, cursor, last page?). The cursor is the key the page covered up to: the

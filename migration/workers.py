@@ -57,6 +57,7 @@ from .migrator import (
     _resume_or_start,
     _writer,
     check_keys_open_something,
+    record_left_behind,
     refuse_other_settings,
     refuse_to_start,
 )
@@ -621,7 +622,7 @@ def migrate_ranged(
                       settings_to_dict(settings), log_opts or {})
     pids = _work_here(engine, start, spec, workers,
                       _column_totals_migrate(engine, start.run.id, bound), progress,
-                      should_stop, spawn)
+                      should_stop, spawn, bound)
     with engine.connect() as conn:
         result.columns = _summaries(conn, start.run.id)
         result.failures = store.failures_of(conn, start.run.id)
@@ -773,9 +774,14 @@ def _signal_all(procs: Sequence[Proc], sig: int) -> None:
                 p.send_signal(sig)
 
 
-def _conclude(engine: Engine, start: RangedStart, codes: Sequence[int]) -> None:
+def _conclude(engine: Engine, start: RangedStart, codes: Sequence[int],
+              bound: Sequence[BoundTarget] = ()) -> None:
     """After this machine's workers exited: complete the run when every range is done,
-    release the lock when no worker of the run is left anywhere; otherwise say why."""
+    release the lock when no worker of the run is left anywhere; otherwise say why.
+
+    `bound`: a migrate run's targets; the command that completes the run records the
+    Fernet tokens written behind its ranges (`record_left_behind`), so exit 0 still means
+    nothing is left."""
     run_id = start.run.id
     with engine.begin() as conn:
         leases.mark_dead_here(conn, run_id)
@@ -787,9 +793,13 @@ def _conclude(engine: Engine, start: RangedStart, codes: Sequence[int]) -> None:
             leases.mark_silent_lost(conn, run_id, timedelta(seconds=3 * MAX_HEARTBEAT))
             conn.execute(update(checkpoints).where(checkpoints.c.run_id == run_id)
                          .values(done=True, updated_at=store.now()))
-            conn.execute(update(runs).where(runs.c.id == run_id, runs.c.state.in_(
+            completed = conn.execute(update(runs).where(runs.c.id == run_id, runs.c.state.in_(
                 store.UNFINISHED)).values(state="completed", finished_at=store.now(),
-                                          updated_at=store.now()))
+                                          updated_at=store.now())).rowcount
+            if completed == 1:  # this command completed it: no other one records twice
+                for bt in bound:
+                    for column in bt.target.columns:
+                        record_left_behind(conn, bt, column, run_id)
         elif not others and all(c != 2 for c in codes):
             # Stopped between batches; a run another worker stopped on its fatal error
             # stays `stopped`, with that error as its note.
@@ -820,7 +830,7 @@ def _conclude(engine: Engine, start: RangedStart, codes: Sequence[int]) -> None:
 def _work_here(
     engine: Engine, start: RangedStart, spec: WorkerSpec, n: int,
     totals: dict[tuple[str, str], int], progress: Progress | None,
-    should_stop: Callable[[], bool] | None, spawn: Spawn,
+    should_stop: Callable[[], bool] | None, spawn: Spawn, bound: Sequence[BoundTarget] = (),
 ) -> list[int]:
     """Run this machine's N workers of the run to their end, then conclude (which raises
     unless the whole run is done); the workers' pids."""
@@ -833,7 +843,7 @@ def _work_here(
         "workers_starting", workers=n, joined=start.joined, others=others)
     codes, pids = _run_workers(engine, spec, n, totals, progress or NullProgress(),
                                should_stop, spawn)
-    _conclude(engine, start, codes)
+    _conclude(engine, start, codes, bound)
     return pids
 
 

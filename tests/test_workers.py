@@ -436,3 +436,37 @@ def test_a_validation_exception_in_a_worker_fails_that_value_not_the_run(
                             spawn=thread_spawn(settings, client))
     assert result.failed == 1
     assert sum(c.migrated for c in result.columns) == len(truth.plaintexts) - 1
+
+
+def test_a_ranged_run_names_a_fernet_token_written_behind_it_and_retry_takes_it(
+    db_url: str, keys: Keys, kms: KmsHandle,
+) -> None:
+    # The state machine's second regression (tests/test_stateful_regressions.py), ranged:
+    # a token the application writes into a row the run has already passed is named as
+    # left (exit 1), never passed over under an exit 0; --retry-failed migrates it.
+    from cryptography.fernet import Fernet
+
+    from migration.migrator import REASON_BEHIND
+
+    make_db(db_url, 40, keys.current, bad_values=False)
+    settings = settings_for(db_url, keys.current, batch_size=7)
+    interrupted_migrate(db_url, settings, kms.client, after_batches=1)
+    eng = make_engine(db_url)
+    with eng.begin() as conn:  # the first value the run migrated, written again as Fernet
+        j = journal.c
+        table, column, pk = conn.execute(
+            select(j.table_name, j.column_name, j.pk).order_by(j.id).limit(1)).one()
+        key_col = "user_id" if table == "users" else "wager_id"
+        token = Fernet(keys.current.encode()).encrypt(b"written again").decode()
+        conn.execute(text(f"UPDATE {table} SET {column} = :v WHERE {key_col} = :pk"),
+                     {"v": token, "pk": int(pk)})
+    n = 2 if db_url.startswith("postgresql") else 1
+    result = migrate_ranged(settings, engine=eng, kms=make_kms(kms.client, settings),
+                            workers=n, rows_per_range=9, spawn=thread_spawn(settings, kms.client))
+    assert result.resumed and result.failed == 1
+    assert [(f.table_name, f.column_name, f.pk, f.reason) for f in result.failures] == [
+        (table, column, pk, REASON_BEHIND)]
+    assert snapshot(db_url)[(table, pk, column)] == token  # named, left as written
+    retry = migrate(settings, engine=eng, kms=make_kms(kms.client, settings), retry_failed=True)
+    assert retry.failed == 0 and sum(c.migrated for c in retry.columns) == 1
+    assert kms.decrypt_text(snapshot(db_url)[(table, pk, column)]) == "written again"
