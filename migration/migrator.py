@@ -55,7 +55,7 @@ from .reader import (
 
 __all__ = [
     "REASON_BEHIND", "REASON_EMPTY", "REASON_NO_KEY", "REASON_OVERSIZE", "ColumnSummary",
-    "MigrateResult", "migrate", "record_left_behind",
+    "MigrateResult", "migrate", "name_left_behind", "record_left_behind",
 ]
 
 REASON_NO_KEY = (
@@ -513,13 +513,7 @@ def migrate(
         if not dry_run and not retry_failed:
             # Exit 0 means nothing is left: a token the application wrote behind the
             # cursor (this run's, or before a resume) is named now, never passed over.
-            with engine.begin() as conn:
-                if run_lock is not None:
-                    run_lock.fence(conn)
-                by_name = {b.name: b for b in bound}
-                for summary in result.columns:
-                    summary.failed += record_left_behind(conn, by_name[summary.table],
-                                                         summary.column, result.run_id)
+            name_left_behind(engine, bound, result, run_lock.fence if run_lock else None)
         state = "completed"
     except KeyboardInterrupt:
         state = "interrupted"
@@ -551,6 +545,19 @@ def migrate(
         log.info("run_finished", state=state, seconds=round(result.seconds, 3),
                  kms_requests=result.kms_requests, retries=result.retries)
     return result
+
+
+def name_left_behind(engine: Engine, bound: Sequence[BoundTarget], result: MigrateResult,
+                     fence: Callable[[Connection], None] | None) -> None:
+    """`record_left_behind` for every column of a migrate run, in one fenced transaction,
+    counted into the result's column summaries."""
+    by_name = {b.name: b for b in bound}
+    with engine.begin() as conn:
+        if fence is not None:
+            fence(conn)
+        for summary in result.columns:
+            summary.failed += record_left_behind(conn, by_name[summary.table], summary.column,
+                                                 result.run_id)
 
 
 def record_left_behind(conn: Connection, bt: BoundTarget, column: str,

@@ -32,6 +32,7 @@ import functools
 import os
 import signal
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,6 +195,10 @@ def pk_text(ident: Ident) -> str:
 
 # -- the machine ------------------------------------------------------------------------------
 
+# Sequences and steps run, for the note of a long run (STATEFUL_STATS=path appends them).
+STATS = {"sequences": 0, "steps": 0}
+
+
 class KmsMigrateMachine(RuleBasedStateMachine):
     """One database, one KMS key; the model is `self.written` (+ `self.finalized`)."""
 
@@ -201,6 +206,8 @@ class KmsMigrateMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
+        STATS["sequences"] += 1
+        STATS["steps"] -= 1  # the invariants also run once before the first step
         w = self.world
         self.url = w.url
         self.engine: Engine = create_engine(self.url)
@@ -688,6 +695,7 @@ class KmsMigrateMachine(RuleBasedStateMachine):
     @invariant()
     def values_are_writes_or_their_kms_ciphertexts(self) -> None:
         """Invariant 1."""
+        STATS["steps"] += 1
         db = self.read_cells()
         assert set(db) == set(self.written), (
             f"rows appeared or vanished: {set(db) ^ set(self.written)}")
@@ -740,7 +748,14 @@ def _run_fresh(base: World, monkeypatch: pytest.MonkeyPatch, new_url: Callable[[
             super().__init__()
 
     profile = os.environ.get("HYPOTHESIS_PROFILE") or "stateful"
+    STATS.update(sequences=0, steps=0)
+    started = time.monotonic()
     run_state_machine_as_test(Machine, settings=hsettings.get_profile(profile))
+    if os.environ.get("STATEFUL_STATS"):
+        with open(os.environ["STATEFUL_STATS"], "a") as f:
+            f.write(f"{'postgresql' if base.postgres else 'sqlite'} profile={profile} "
+                    f"sequences={STATS['sequences']} steps={STATS['steps']} "
+                    f"seconds={time.monotonic() - started:.0f}\n")
 
 
 def _other_key(kms: KmsHandle) -> str:
