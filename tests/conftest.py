@@ -217,6 +217,6 @@ _SLOW_OK = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
             HealthCheck.data_too_large, HealthCheck.filter_too_much]
 settings.register_profile("stateful", max_examples=12, stateful_step_count=12, deadline=None,
                           suppress_health_check=_SLOW_OK)
-settings.register_profile("long", max_examples=100, stateful_step_count=30, deadline=None,
+settings.register_profile("long", max_examples=400, stateful_step_count=40, deadline=None,
                           suppress_health_check=_SLOW_OK)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or "default")
