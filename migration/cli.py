@@ -13,10 +13,10 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn
 
 import click
 from sqlalchemy import Engine
@@ -55,16 +55,23 @@ from .errors import (
     ConfigError,
     KmsMigrateError,
 )
-from .kms import KMS, RateLimiter, make_client, validate_region
+from .kms import make_kms, validate_region
 from .logs import configure_from_options, configure_logging, get_logger
-from .migrator import MigrateResult, migrate
+from .migrator import migrate
+from .options import (
+    db_option,
+    log_options,
+    target_options,
+    writing_run_options,
+)
 from .progress import make_progress
-from .report import build_report, kms_cost, write_report
-from .rollback import RollbackResult, rollback
+from .render import estimate_seconds, print_migrate, print_rollback, print_status, print_verify
+from .report import build_report, write_report
+from .rollback import rollback
+from .runs import graceful_stop
 from .status import collect_status
-from .verify import VerifyResult, verify
+from .verify import verify
 from .workers import (
-    DEFAULT_LEASE_SECONDS,
     DEFAULT_ROWS_PER_RANGE,
     WorkerSpec,
     migrate_ranged,
@@ -77,43 +84,6 @@ from .workers import (
 )
 
 __all__ = ["cli", "main"]
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _log_options(f: F) -> F:
-    f = click.option("--log-file", type=click.Path(dir_okay=False),
-                     help="Write log events to this file instead of stderr.")(f)
-    f = click.option("--log-format", type=click.Choice(["console", "json"]), default="console",
-                     show_default=True, help="Log line format.")(f)
-    f = click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
-                     default="warning", show_default=True,
-                     help="Least severe log events shown (batches log at info).")(f)
-    return f
-
-
-def _workers_options(f: F) -> F:
-    f = click.option("--rows-per-range", type=click.IntRange(1, 10_000_000), metavar="N",
-                     default=DEFAULT_ROWS_PER_RANGE, show_default=True,
-                     help="With --workers: rows per key range, the unit a worker claims "
-                          "(set when the run starts; a small column still gets 4 ranges per "
-                          "worker, of a batch at least).")(f)
-    f = click.option("--lease-seconds", type=click.FloatRange(2, 3600), metavar="S",
-                     default=DEFAULT_LEASE_SECONDS, show_default=True,
-                     help="With --workers: how long a silent worker keeps its range before "
-                          "another worker takes it over (on the same host: as soon as its "
-                          "process is gone). Must exceed the clock skew between machines.")(f)
-    f = click.option("--workers", type=click.IntRange(1, 256), metavar="N",
-                     help="Run N worker processes on this machine, coordinated through the "
-                          "database (PostgreSQL; 1 on SQLite). The same command on another "
-                          "machine joins the run. --max-kms-rps is shared by all workers.")(f)
-    return f
-
-
-def _progress_option(f: F) -> F:
-    return click.option("--no-progress", is_flag=True,
-                        help="No progress bar or progress lines on stderr.")(f)
-
 
 def _had_bookkeeping(engine: Engine) -> bool:
     with engine.connect() as conn:
@@ -133,66 +103,6 @@ def _backup_before_first_write(engine: Engine, url: str, kind: str, skip: bool,
             return
     copy = backup_sqlite(path, without_bookkeeping=not had_bookkeeping)
     click.echo(f"backup of {path} (SQLite online backup): {copy}")
-
-
-class StopRequest:
-    """First Ctrl-C (or SIGTERM): finish the batch in flight, then stop. Second: abort now."""
-
-    def __init__(self) -> None:
-        self._requested = False
-
-    def requested(self) -> bool:
-        return self._requested
-
-    def handle(self, signum: int, frame: object) -> None:
-        if self._requested:
-            raise KeyboardInterrupt  # the batch in flight rolls back whole
-        self._requested = True
-        click.echo("kms-migrate: stopping once the batch in flight has committed "
-                   "(press Ctrl-C again to abort it)", err=True)
-
-
-@contextlib.contextmanager
-def graceful_stop() -> Iterator[StopRequest]:
-    """Turn Ctrl-C and SIGTERM into a stop between batches while a run writes."""
-    stop = StopRequest()
-    old = {s: signal.signal(s, stop.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
-def _db_option(f: F) -> F:
-    return click.option("--db", "db", metavar="URL",
-                        help="Database URL (default: $DATABASE_URL), e.g. sqlite:///app.db or "
-                             "postgresql+psycopg://user@host/db. A password here is what ps "
-                             "shows every user of the machine: export DATABASE_URL "
-                             "instead.")(f)
-
-
-def _target_options(f: F) -> F:
-    f = click.option("--max-kms-rps", type=click.FloatRange(min=0), default=DEFAULT_MAX_KMS_RPS,
-                     show_default=True,
-                     help="KMS requests per second for the whole run (0: no limit). The "
-                          "default leaves a live application 80% of a 10,000/s quota; it "
-                          "halves when KMS throttles and recovers slowly.")(f)
-    f = click.option("--concurrency", type=click.IntRange(1, 512), default=DEFAULT_CONCURRENCY,
-                     show_default=True, help="KMS calls in flight.")(f)
-    f = click.option("--batch-size", type=click.IntRange(1, 100_000), default=DEFAULT_BATCH_SIZE,
-                     show_default=True, help="Rows per batch (one transaction each).")(f)
-    f = click.option("--region", metavar="R",
-                     help=f"AWS region of the key (default: $AWS_REGION, else "
-                          f"{DEFAULT_REGION}).")(f)
-    f = click.option("--key-id", metavar="KEY",
-                     help="KMS key id, ARN or alias (default: $AWS_KMS_KEY_ID, else "
-                          f"{DEFAULT_KEY_ID}).")(f)
-    f = click.option("--config", "config_file", type=click.Path(dir_okay=False), metavar="FILE",
-                     help="TOML file of [[targets]] (default: the built-in coinflip targets: "
-                          "users.encrypted_secret, users.referral_payout_escrow_secret, "
-                          "wagers.creator_escrow_secret, wagers.acceptor_escrow_secret).")(f)
-    return _db_option(f)
 
 
 PASSWORD_IN_ARGV = ("kms-migrate: warning: --db carries a password, which ps and "
@@ -225,14 +135,6 @@ def _settings(opts: dict[str, Any]) -> Settings:
     )
 
 
-def make_kms(settings: Settings) -> KMS:
-    """The run's KMS: one boto3 client, credentials and endpoint from boto3's own chain."""
-    client = make_client(settings.region, settings.concurrency)
-    limiter = RateLimiter(settings.max_kms_rps) if settings.max_kms_rps > 0 else None
-    return KMS(client, settings.key_id, settings.region, concurrency=settings.concurrency,
-               limiter=limiter)
-
-
 def _setup_logging(opts: dict[str, Any]) -> None:
     configure_from_options(opts)
 
@@ -255,130 +157,6 @@ def _confirm(word: str, url: str, yes: bool, what: str, *, always: bool = False)
 
 # -- output ------------------------------------------------------------------------------
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    cells = [list(map(str, headers))] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = []
-    for n, r in enumerate(cells):
-        lines.append("  ".join(
-            c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r)
-        ).rstrip())
-        if n == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def _failure_lines(failures: Sequence[Any], limit: int = 100) -> list[str]:
-    out = [f"  {f.table_name} pk={f.pk} {f.column_name}: {f.reason}" for f in failures[:limit]]
-    if len(failures) > limit:
-        out.append(f"  ... and {len(failures) - limit} more (kms-migrate status --json lists all)")
-    return out
-
-
-def print_migrate(result: MigrateResult, settings: Settings) -> None:
-    head = "DRY RUN (nothing was written)" if result.dry_run else (
-        f"run {result.run_id}" + (" (joined)" if result.joined else
-                                  " (resumed)" if result.resumed else ""))
-    click.echo(f"migrate {head}: {safe_url(settings.db_url)}, key {settings.key_id}")
-    rows = [(f"{c.table}.{c.column}", c.migrated, c.skipped, c.already, c.failed, c.conflicts)
-            for c in result.columns]
-    first = "would migrate" if result.dry_run else "migrated"
-    click.echo(_table(["column", first, "skipped", "already kms", "failed", "conflicts"], rows))
-    click.echo(f"KMS requests: {result.kms_requests} (retries: {result.retries}); "
-               f"{result.seconds:.2f} s")
-    if result.rate_limit is not None and result.throttles:
-        click.echo(f"KMS throttled {result.throttles} time(s): the rate limit went down from "
-                   f"{result.rate_limit:g}/s and was back at {result.rate_now:.0f}/s at the end")
-    if result.dry_run:
-        todo = sum(c.migrated for c in result.columns)
-        calls = 2 * todo + 1
-        click.echo(f"A real run would migrate {todo} value(s) with about {calls} KMS "
-                   "requests (Encrypt + verifying Decrypt per value, one DescribeKey), "
-                   f"and leave {result.failed} failed value(s) untouched.")
-        click.echo(estimate_line(calls, result.kms_requests, result.seconds, result.rate_limit))
-    for c in result.columns:
-        if c.unfit:
-            kind = "will not fit their KMS text" if result.dry_run else "did not fit their KMS text"
-            on = " on AWS KMS" if result.dry_run else ""
-            click.echo(f"{c.table}.{c.column} is {c.column_type}: {c.unfit} value(s) {kind} "
-                       f"(up to {c.unfit_need} characters{on}): widen the column to at least "
-                       f"{c.unfit_need} characters"
-                       + ("" if result.dry_run else ", then migrate --retry-failed"))
-    if result.conflicts:
-        click.echo(f"{result.conflicts} value(s) changed by the application while being migrated "
-                   "were left as written (listed below); `kms-migrate migrate --retry-failed` "
-                   "picks them up.")
-    if result.failures:
-        click.echo(f"Failed values ({len(result.failures)}), left untouched:")
-        for line in _failure_lines(result.failures):
-            click.echo(line)
-
-
-def estimate_seconds(calls: int, measured_calls: int, seconds: float,
-                     limit: float | None) -> float | None:
-    """How long the real run should take: the dry-run's own KMS rate, capped by the limit.
-
-    The dry-run makes the same KMS calls as the real run; the real run adds the writes,
-    which the pipeline overlaps with KMS work.
-    """
-    measured = measured_calls / seconds if seconds > 0 else 0.0
-    rates = [r for r in (measured, limit) if r]
-    return calls / min(rates) if rates else None
-
-
-def estimate_line(calls: int, measured_calls: int, seconds: float,
-                  limit: float | None) -> str:
-    est = estimate_seconds(calls, measured_calls, seconds, limit)
-    if est is None:
-        return "Estimated duration of the real run: unknown (nothing was measured)."
-    measured = measured_calls / seconds if seconds > 0 else 0.0
-    bound = "the --max-kms-rps limit" if limit and measured > limit else "the measured rate"
-    cost = kms_cost(calls)
-    return (f"Estimated duration of the real run: {_duration(est)} (measured {measured:.0f} "
-            f"KMS requests/s; limit {f'{limit:g}/s' if limit else 'none'}; bound by {bound}). "
-            f"Estimated KMS cost: ${cost['usd']:.2f} (${cost['usd_after_free_tier']:.2f} past "
-            "the 20,000 free requests a month).")
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
-def print_rollback(result: RollbackResult) -> None:
-    click.echo(f"rollback run {result.run_id}" + (" (resumed)" if result.resumed else "") + ":")
-    rows = [(f"{c.table}.{c.column}", c.migrated, c.conflicts) for c in result.columns]
-    click.echo(_table(["column", "restored", "conflicts"], rows))
-    if result.failures:
-        click.echo(f"Not restored ({len(result.failures)}):")
-        for line in _failure_lines(result.failures):
-            click.echo(line)
-
-
-def print_verify(result: VerifyResult) -> None:
-    rows = [(f"{c.table}.{c.column}", c.kms_ok, c.fernet_left, c.empty, c.undecryptable,
-             c.other_key) for c in result.columns]
-    click.echo(_table(["column", "kms ok", "fernet left", "null/empty", "undecryptable",
-                       "other key"], rows))
-    for arn, n in sorted(result.other_keys().items()):
-        click.echo(f"{n} value(s) under KMS key {arn}" if arn else
-                   f"{n} value(s) under a KMS key this caller cannot use")
-    if result.other_keys():
-        click.echo("  (the configured key cannot decrypt them: re-encrypt them under it, or "
-                   "check --key-id)")
-    click.echo(f"KMS requests: {result.kms_requests}; {result.seconds:.2f} s")
-    if result.problems:
-        click.echo(f"Problems ({len(result.problems)}):")
-        for t, c, pk, why in result.problems[:100]:
-            click.echo(f"  {t} pk={pk} {c}: {why}")
-    click.echo("verify: OK" if result.ok else "verify: FAILED")
-
-
-# -- commands ------------------------------------------------------------------------------
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="kms-migrate")
 def cli() -> None:
@@ -393,7 +171,7 @@ def cli() -> None:
 
 
 @cli.command("migrate")
-@_target_options
+@target_options
 @click.option("--dry-run", is_flag=True,
               help="Read, decrypt, encrypt and verify with KMS, and write nothing at all.")
 @click.option("--encryption-context", is_flag=True,
@@ -408,12 +186,7 @@ def cli() -> None:
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), metavar="PATH",
               help="Write a JSON report: counts, failures, KMS requests, estimated cost, "
                    "duration (and, for a dry-run, the estimate for the real run).")
-@click.option("--no-backup", is_flag=True,
-              help="SQLite only: skip the backup copy taken before the first write.")
-@_workers_options
-@_progress_option
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-@_log_options
+@writing_run_options
 def migrate_cmd(**opts: Any) -> int:
     """Re-encrypt every Fernet value in the target columns with KMS, batch by batch.
 
@@ -474,7 +247,7 @@ def migrate_cmd(**opts: Any) -> int:
 
 
 @cli.command("verify")
-@_target_options
+@target_options
 @click.option("--encryption-context", is_flag=True,
               help="Decrypt with the context migrate --encryption-context wrote with.")
 @click.option("--workers", type=click.IntRange(1, 256), default=1, show_default=True,
@@ -485,7 +258,7 @@ def migrate_cmd(**opts: Any) -> int:
 @click.option("--rows-per-range", type=click.IntRange(1, 10_000_000),
               default=DEFAULT_ROWS_PER_RANGE, show_default=True,
               help="With --workers: rows per key range, the unit a process takes.")
-@_log_options
+@log_options
 def verify_cmd(**opts: Any) -> int:
     """Decrypt every KMS value in the target columns with KMS; report what is left or broken.
 
@@ -502,15 +275,10 @@ def verify_cmd(**opts: Any) -> int:
 
 
 @cli.command("rollback")
-@_db_option
+@db_option
 @click.option("--batch-size", type=click.IntRange(1, 100_000), default=DEFAULT_BATCH_SIZE,
               show_default=True, help="Journal rows per batch (one transaction each).")
-@click.option("--no-backup", is_flag=True,
-              help="SQLite only: skip the backup copy taken before the first write.")
-@_workers_options
-@_progress_option
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-@_log_options
+@writing_run_options
 def rollback_cmd(**opts: Any) -> int:
     """Put back the original Fernet token of every value the tool migrated.
 
@@ -549,12 +317,12 @@ def rollback_cmd(**opts: Any) -> int:
 
 
 @cli.command("finalize")
-@_target_options
+@target_options
 @click.option("--encryption-context", is_flag=True,
               help="Verify with the context migrate --encryption-context wrote with.")
 @click.option("--yes", is_flag=True,
               help="Do not ask for confirmation (asked on every database, SQLite too).")
-@_log_options
+@log_options
 def finalize_cmd(**opts: Any) -> int:
     """Delete the rollback journal once verify passes: the last step, and irreversible.
 
@@ -595,7 +363,7 @@ def finalize_cmd(**opts: Any) -> int:
 
 
 @cli.command("status")
-@_db_option
+@db_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def status_cmd(db: str | None, as_json: bool) -> int:
     """Show runs (state, timings), progress per table and column, and failures."""
@@ -612,58 +380,8 @@ def status_cmd(db: str | None, as_json: bool) -> int:
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2, default=str))
         return EXIT_OK
-    click.echo(_table(["run", "kind", "state", "started", "finished", "seconds"], [
-        (r["id"], r["kind"], r["state"], r["started_at"] or "", r["finished_at"] or "",
-         r["seconds"] if r["seconds"] is not None else "")
-        for r in report.runs
-    ]))
-    if report.run_id is not None:
-        click.echo(f"\nlatest migrate run {report.run_id}:")
-        click.echo(_table(
-            ["column", "migrated", "skipped", "already", "failed", "conflicts", "remaining",
-             "last pk"],
-            [(f"{p.table}.{p.column}", p.migrated, p.skipped, p.already, p.failed, p.conflicts,
-              "done" if p.done else (p.remaining if p.remaining is not None else "?"),
-              p.last_pk or "") for p in report.progress]))
-    if report.ranged_run_id is not None:
-        _print_ranged(report)
-    if report.failures:
-        click.echo(f"\nfailures of run {report.run_id} ({report.failures_total}):")
-        for f in report.failures:
-            click.echo(f"  {f['table_name']} pk={f['pk']} {f['column_name']}: {f['reason']}")
-    if report.journal:
-        click.echo("\njournal: " + ", ".join(f"{k}={v}" for k, v in report.journal.items()))
+    print_status(report)
     return EXIT_OK
-
-
-RANGE_LINES = 200
-
-
-def _print_ranged(report: Any) -> None:
-    click.echo(f"\nworkers of run {report.ranged_run_id}:")
-    click.echo(_table(
-        ["worker", "host", "pid", "state", "range", "rate share", "kms requests", "heartbeat"],
-        [(w["id"], w["host"], w["pid"], w["state"], w["range_id"] or "",
-          w["rate_share"] if w["rate_share"] is not None else "", w["kms_requests"],
-          f"{w['heartbeat_age_s']:g} s ago" if w["state"] == "running" else "")
-         for w in report.workers]))
-    states: dict[str, int] = {}
-    for r in report.ranges:
-        states[r["state"]] = states.get(r["state"], 0) + 1
-    click.echo(f"\nranges of run {report.ranged_run_id}: "
-               + ", ".join(f"{n} {s}" for s, n in sorted(states.items())))
-    shown = report.ranges if len(report.ranges) <= RANGE_LINES else [
-        r for r in report.ranges if r["state"] != "done"][:RANGE_LINES]
-    if shown:
-        click.echo(_table(
-            ["range", "column", "after", "up to", "state", "at", "worker", "claims",
-             "migrated", "failed"],
-            [(r["id"], f"{r['table']}.{r['column']}", r["after"] or "(start)",
-              r["upto"] or "(end)", r["state"], r["last_pk"] or "", r["worker_id"] or "",
-              r["claims"], r["migrated"], r["failed"]) for r in shown]))
-    if len(shown) < len(report.ranges):
-        click.echo(f"({len(report.ranges) - len(shown)} more ranges: kms-migrate status "
-                   "--json lists all)")
 
 
 @cli.command("demo")
@@ -684,11 +402,11 @@ def demo_cmd(workdir: str | None, rows: int) -> int:
 
 
 @cli.command("preflight")
-@_target_options
+@target_options
 @click.option("--encryption-context", is_flag=True,
               help="Do the round trip with an encryption context (table, column, pk), as "
                    "migrate --encryption-context will: checks a policy that requires one.")
-@_log_options
+@log_options
 def preflight_cmd(**opts: Any) -> int:
     """Check that a migration can start, one line per check; writes nothing.
 

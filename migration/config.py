@@ -40,6 +40,10 @@ DEFAULT_CONCURRENCY = 16
 # operations is 10,000/s in most regions, shared with the live application: 2,000/s leaves
 # it 80%. 0 means no limit.
 DEFAULT_MAX_KMS_RPS = 2000.0
+# Ranged runs (--workers): rows per key range, and how long a worker's claim on a range
+# lasts without a heartbeat before another worker may take the range over.
+DEFAULT_ROWS_PER_RANGE = 20_000
+DEFAULT_LEASE_SECONDS = 60.0
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,12 @@ import click
 from cryptography.fernet import Fernet
 from sqlalchemy import create_engine, select
 
-from .cli import make_kms, print_migrate, print_rollback, print_verify
 from .config import Settings
 from .db import make_engine
 from .errors import KmsMigrateError
+from .kms import make_kms
 from .migrator import migrate
+from .render import print_migrate, print_rollback, print_verify
 from .rollback import rollback
 from .sample import coinflip_metadata, create_coinflip_schema, fill_coinflip
 from .status import collect_status

@@ -40,7 +40,7 @@ from .config import Settings, Target
 from .errors import ConfigError
 from .kms import KMS
 from .logs import get_logger
-from .migrator import lock_held
+from .runs import lock_held
 from .verify import VerifyResult, verify
 
 __all__ = ["FinalizeResult", "finalize", "finalized_note", "finalized_refusal"]

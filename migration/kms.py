@@ -35,6 +35,7 @@ from tenacity import (
 )
 
 from .codec import KMS_MAX_CIPHERTEXT, KMS_MAX_PLAINTEXT
+from .config import Settings
 from .errors import ConfigError, FatalKMSError, TransientKMSError
 
 __all__ = [
@@ -685,3 +686,10 @@ def _message(code: str, op: str, key: str, region: str) -> str:
         )
     return f"KMS refused {op} on key {key} in {region} ({code}): fix the cause, then {tail}"
 
+
+def make_kms(settings: Settings) -> KMS:
+    """The run's KMS: one boto3 client, credentials and endpoint from boto3's own chain."""
+    client = make_client(settings.region, settings.concurrency)
+    limiter = RateLimiter(settings.max_kms_rps) if settings.max_kms_rps > 0 else None
+    return KMS(client, settings.key_id, settings.region, concurrency=settings.concurrency,
+               limiter=limiter)

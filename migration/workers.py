@@ -43,30 +43,31 @@ from checkpoints.lock import LockHeld, LockLost, RunLock
 from checkpoints.store import BatchCounts, Run
 from checkpoints.tables import checkpoints, journal, lock, runs
 
+from .batches import ColumnSummary
 from .codec import FernetCodec
-from .config import Settings, Target, fernet_keys_from_env
+from .config import (
+    DEFAULT_LEASE_SECONDS,
+    DEFAULT_ROWS_PER_RANGE,
+    Settings,
+    Target,
+    fernet_keys_from_env,
+)
 from .errors import ConfigError, KmsMigrateError, RunLockedError
 from .kms import KMS, KeyInfo
 from .logs import get_logger
 from .migrator import (
-    ColumnSummary,
     MigrateResult,
-    _Hooks,
-    _keyset_fetcher,
-    _migrate_column,
-    _resume_or_start,
-    _writer,
     check_keys_open_something,
     record_left_behind,
     refuse_other_settings,
     refuse_to_start,
+    resume_or_start,
 )
+from .pipeline import ColumnJob, Hooks, keyset_fetcher, migrate_column, rollback_column
 from .progress import NullProgress, Progress
-from .reader import BoundTarget, bind_target, bind_targets, count_after
+from .reader import BoundTarget, bind_target, bind_targets, count_after, primary_key_of
 from .rollback import (
     RollbackResult,
-    _pk_name,
-    _rollback_column,
     check_can_roll_back,
     start_rollback_run,
 )
@@ -80,8 +81,6 @@ __all__ = [
     "work",
 ]
 
-DEFAULT_LEASE_SECONDS = 60.0
-DEFAULT_ROWS_PER_RANGE = 20_000
 MAX_HEARTBEAT = 5.0  # seconds between heartbeats, at most (a quarter of the lease below 20 s)
 # Ranges in a row a worker may lose to its database session being cut off (the server
 # ends a session left idle inside a transaction, e.g. by a worker frozen mid-batch) before
@@ -349,43 +348,38 @@ class _Job:
         bt = self.bound.get((table, column))
         if bt is None:  # a rollback: the journal names the tables
             with self.engine.connect() as conn:
-                bt = bind_target(conn, Target(table, _pk_name(self.engine, table), (column,)))
+                bt = bind_target(conn, Target(table, primary_key_of(self.engine, table),
+                                                (column,)))
             self.bound[(table, column)] = bt
         return bt
 
     def run(self, lease: Lease) -> int:
         bt = self.target(lease.table_name, lease.column_name)
-        if self.spec.kind == "rollback":
-            return self._rollback(bt, lease)
         column = lease.column_name
         start = lease.last_pk if lease.last_pk is not None else lease.lo
-        after = bt.pk_value(start) if start is not None else None
-        upto = bt.pk_value(lease.hi) if lease.hi is not None else None
-        fetch = _keyset_fetcher(self.engine, bt, column, self.settings.batch_size, upto)
-        write = _writer(self.engine, bt, column, self.spec.run_id, self.run_lock.shared_fence,
-                        lease)
-        result = MigrateResult(dry_run=False, run_id=self.spec.run_id)
-        summary = ColumnSummary(bt.name, column)
+        log = self.log.bind(range=lease.range_id)
+        if self.spec.kind == "rollback":
+            job = ColumnJob(self.engine, bt, column, self.settings, run_id=self.spec.run_id,
+                            fence=self.run_lock.shared_fence, lease=lease,
+                            after=int(start) if start is not None else 0,
+                            upto=int(lease.hi) if lease.hi is not None else None, log=log)
+            return rollback_column(job, ColumnSummary(bt.name, column),
+                                   Hooks(should_stop=self.stopping))
+        job = ColumnJob(self.engine, bt, column, self.settings, run_id=self.spec.run_id,
+                        fence=self.run_lock.shared_fence, lease=lease,
+                        after=bt.pk_value(start) if start is not None else None,
+                        upto=bt.pk_value(lease.hi) if lease.hi is not None else None,
+                        kms=self.kms, codec=self.codec, log=log)
         batches = 0
 
         def on_batch(table: str, col: str, counts: BatchCounts) -> None:
             nonlocal batches
             batches += 1
 
-        hooks = _Hooks(on_batch, NullProgress(), self.stopping)
-        _migrate_column(bt, column, after, fetch, self.settings, self.codec, self.kms, result,
-                        summary, self.log.bind(range=lease.range_id), hooks, write)
+        fetch = keyset_fetcher(self.engine, bt, column, self.settings.batch_size, job.upto)
+        migrate_column(job, fetch, ColumnSummary(bt.name, column),
+                       Hooks(on_batch=on_batch, should_stop=self.stopping))
         return batches
-
-    def _rollback(self, bt: BoundTarget, lease: Lease) -> int:
-        column = lease.column_name
-        start = lease.last_pk if lease.last_pk is not None else lease.lo
-        return _rollback_column(
-            self.engine, bt, column, int(start) if start is not None else 0,
-            self.settings.batch_size, self.spec.run_id, self.run_lock.shared_fence,
-            ColumnSummary(bt.name, column), self.log.bind(range=lease.range_id),
-            NullProgress(), self.stopping,
-            upto=int(lease.hi) if lease.hi is not None else None, lease=lease)
 
 
 def _release_quietly(engine: Engine, lease: Lease) -> None:
@@ -517,7 +511,7 @@ def start_ranged_migrate(
             refuse_to_start(conn)
         if before_first_write is not None:
             before_first_write()
-        run, resumed = _resume_or_start(engine, settings, key_arn, targets_json, new_run,
+        run, resumed = resume_or_start(engine, settings, key_arn, targets_json, new_run,
                                         run_lock, ranged=True)
         bound = bind_targets(engine, settings.targets)
         with engine.begin() as conn:
