@@ -29,6 +29,7 @@ from sqlalchemy import (
     update,
 )
 
+from .errors import LeaseLost
 from .store import BatchCounts, now
 from .tables import ranges, workers
 
@@ -53,10 +54,6 @@ __all__ = [
 ]
 
 MAX_RANGES = 4096  # per column: plenty for a few hundred workers, cheap to list
-
-
-class LeaseLost(Exception):
-    """The range's lease went to another worker (this one was presumed dead)."""
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from sqlalchemy import Connection, Engine, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from . import leases
+from .errors import LockHeld, LockLost
 from .leases import aware, clock, db_now, live_workers, pid_alive
 from .tables import lock
 
@@ -28,14 +29,6 @@ __all__ = ["STALE_AFTER", "LockHeld", "LockLost", "RunLock"]
 NAME = "run"
 STALE_AFTER = timedelta(minutes=2)
 SAME_HOST_STALE_AFTER = timedelta(minutes=15)
-
-
-class LockHeld(Exception):
-    """Another live process holds the lock; the message names it."""
-
-
-class LockLost(Exception):
-    """This process's lock was taken over; it must not write again."""
 
 
 def _workers_alive(conn: Connection, run_id: int) -> bool:

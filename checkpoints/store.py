@@ -21,6 +21,7 @@ from sqlalchemy import Connection, Engine, func, insert, inspect, select, update
 if TYPE_CHECKING:
     from .leases import Lease
 
+from .errors import CheckpointLost
 from .tables import VERSION_TABLE, checkpoints, failures, journal, runs
 
 __all__ = [
@@ -255,7 +256,7 @@ def record_batch(
 ) -> None:
     """Write a batch's journal rows, failures and checkpoint in the caller's transaction.
 
-    Refuses (raises) unless exactly one checkpoint row moved, as Alembic checks its
+    Refuses (raises CheckpointLost) unless exactly one checkpoint row moved, as Alembic checks its
     version-table update: a lost checkpoint update would let a resume redo a batch.
     With a `lease` (a worker of a ranged run), the checkpoint is the range's, moved by a
     compare-and-swap on the lease token (LeaseLost otherwise); the run row is not touched,
@@ -300,7 +301,7 @@ def record_batch(
         .values(**values)
     ).rowcount
     if moved != 1:
-        raise RuntimeError(
+        raise CheckpointLost(
             f"checkpoint of run {run_id} for {table_name}.{column_name} matched {moved} rows"
         )
     conn.execute(update(runs).where(runs.c.id == run_id).values(updated_at=ts))

@@ -1,0 +1,53 @@
+"""The bookkeeping layer on its own: its error tree, and the named writes that the
+commands call instead of writing `kms_migrate_*` tables themselves."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, create_engine, select
+
+from checkpoints import store
+from checkpoints.errors import BookkeepingError, CheckpointLost, LeaseLost, LockHeld, LockLost
+from checkpoints.store import BatchCounts
+from checkpoints.tables import checkpoints, runs
+
+
+@pytest.fixture
+def eng(db_url: str) -> Iterator[Engine]:
+    engine = create_engine(db_url)
+    store.ensure_schema(engine)
+    yield engine
+    engine.dispose()
+
+
+def _run(eng: Engine, kind: str = "migrate", targets: Any = (("users", "secret"),)) -> int:
+    with eng.begin() as conn:
+        return store.create_run(conn, kind=kind, targets=list(targets), targets_json="[]",
+                                fingerprint="f", batch_size=10).id
+
+
+def test_the_errors_form_one_tree_and_keep_their_old_homes() -> None:
+    from checkpoints.leases import LeaseLost as OldLeaseLost
+    from checkpoints.lock import LockHeld as OldLockHeld
+    from checkpoints.lock import LockLost as OldLockLost
+
+    assert (OldLockHeld, OldLockLost, OldLeaseLost) == (LockHeld, LockLost, LeaseLost)
+    for cls in (LockHeld, LockLost, LeaseLost, CheckpointLost):
+        assert issubclass(cls, BookkeepingError)
+
+
+def test_a_batch_whose_checkpoint_row_is_gone_is_refused_with_checkpoint_lost(
+    eng: Engine,
+) -> None:
+    run_id = _run(eng)
+    with pytest.raises(CheckpointLost, match=r"users\.other matched 0 rows"), eng.begin() as c:
+        store.record_batch(c, run_id, "users", "other", last_pk="5",
+                           counts=BatchCounts(migrated=5))
+    with eng.connect() as conn:  # nothing of the refused batch was written
+        row = conn.execute(select(checkpoints).where(checkpoints.c.run_id == run_id)).one()
+        assert (row.batches, row.migrated, row.last_pk) == (0, 0, None)
+        assert conn.execute(select(runs.c.state).where(runs.c.id == run_id)).scalar_one() \
+            == "running"
