@@ -14,7 +14,7 @@ import secrets
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
@@ -29,8 +29,8 @@ from sqlalchemy import (
     update,
 )
 
+from .base import BatchCounts, aware, now
 from .errors import LeaseLost
-from .store import BatchCounts, now
 from .tables import ranges, workers
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "LeaseLost",
     "RangeRow",
     "WorkerRow",
+    "aware",
     "boot_id",
     "boundaries",
     "claim",
@@ -105,12 +106,6 @@ class WorkerRow:
     heartbeat_at: datetime
     finished_at: datetime | None
     note: str | None
-
-
-def aware(ts: datetime | None) -> datetime | None:
-    if ts is None:
-        return None
-    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
 
 
 BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"

@@ -12,16 +12,15 @@ import os
 import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import Connection, Engine, func, insert, inspect, select, update
 
-if TYPE_CHECKING:
-    from .leases import Lease
-
+from .base import BatchCounts, now
 from .errors import CheckpointLost
+from .leases import Lease, record_on_range
 from .tables import VERSION_TABLE, checkpoints, failures, journal, runs
 
 __all__ = [
@@ -35,6 +34,7 @@ __all__ = [
     "failures_of",
     "list_runs",
     "load_checkpoints",
+    "now",
     "record_batch",
     "schema_present",
     "set_state",
@@ -58,10 +58,6 @@ def _alembic_dir() -> Path:
 
 
 SCHEMA_LOCK_KEY = 0x6B6D736D  # "kmsm": the advisory lock around schema upgrades
-
-
-def now() -> datetime:
-    return datetime.now(UTC)
 
 
 def ensure_schema(engine: Engine) -> None:
@@ -127,15 +123,6 @@ class Checkpoint:
     already: int
     failed: int
     conflicts: int
-
-
-@dataclass(frozen=True)
-class BatchCounts:
-    migrated: int = 0
-    skipped: int = 0
-    already: int = 0
-    failed: int = 0
-    conflicts: int = 0
 
 
 @dataclass(frozen=True)
@@ -278,8 +265,6 @@ def record_batch(
     if frows:
         conn.execute(insert(failures), frows)
     if lease is not None:
-        from .leases import record_on_range
-
         record_on_range(conn, lease, last_pk=last_pk, counts=counts, done=done)
         return
     c = checkpoints.c
