@@ -13,15 +13,16 @@ import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, func, insert, inspect, select, update
+from sqlalchemy import Connection, func, insert, select, update
 
 from .base import BatchCounts, now
 from .errors import CheckpointLost
 from .leases import Lease, record_on_range
-from .tables import VERSION_TABLE, checkpoints, failures, journal, runs
+from .schema import alembic_dir as _alembic_dir  # noqa: F401  (tests read the revisions)
+from .schema import ensure_schema, schema_present
+from .tables import checkpoints, failures, journal, runs
 
 __all__ = [
     "BatchCounts",
@@ -43,44 +44,6 @@ __all__ = [
 
 # A run in one of these states is resumed by the next command of its kind.
 UNFINISHED = ("running", "interrupted", "stopped")
-
-
-def _alembic_dir() -> Path:
-    """The revisions: packaged beside `migration` in a wheel, at the repo root otherwise."""
-    import migration
-
-    pkg = Path(migration.__file__).resolve().parent
-    for candidate in (pkg / "_alembic", pkg.parent / "alembic"):
-        if (candidate / "env.py").is_file():
-            return candidate
-    raise RuntimeError("kms-migrate is installed without its alembic/ revisions")
-
-
-
-SCHEMA_LOCK_KEY = 0x6B6D736D  # "kmsm": the advisory lock around schema upgrades
-
-
-def ensure_schema(engine: Engine) -> None:
-    """Create or upgrade the bookkeeping tables to the newest revision (idempotent)."""
-    from alembic.config import Config
-
-    from alembic import command
-
-    cfg = Config()
-    cfg.set_main_option("script_location", str(_alembic_dir()))
-    with engine.begin() as conn:
-        if conn.dialect.name == "postgresql":
-            # One upgrade at a time: the same command started on two machines at once
-            # would otherwise both CREATE the tables and one fail on a duplicate type.
-            # Released at commit; the second then finds the schema at head.
-            conn.execute(select(func.pg_advisory_xact_lock(SCHEMA_LOCK_KEY)))
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
-
-
-def schema_present(conn: Connection) -> bool:
-    """True once the tool has created its tables in this database."""
-    return inspect(conn).has_table(VERSION_TABLE)
 
 
 @dataclass(frozen=True)

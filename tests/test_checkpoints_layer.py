@@ -3,7 +3,11 @@ commands call instead of writing `kms_migrate_*` tables themselves."""
 
 from __future__ import annotations
 
+import ast
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +25,9 @@ def eng(db_url: str) -> Iterator[Engine]:
     store.ensure_schema(engine)
     yield engine
     engine.dispose()
+
+
+PACKAGE = Path(__file__).resolve().parent.parent / "checkpoints"
 
 
 def _run(eng: Engine, kind: str = "migrate", targets: Any = (("users", "secret"),)) -> int:
@@ -51,3 +58,30 @@ def test_a_batch_whose_checkpoint_row_is_gone_is_refused_with_checkpoint_lost(
         assert (row.batches, row.migrated, row.last_pk) == (0, 0, None)
         assert conn.execute(select(runs.c.state).where(runs.c.id == run_id)).scalar_one() \
             == "running"
+
+
+def test_checkpoints_imports_nothing_of_migration() -> None:
+    for path in sorted(PACKAGE.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.split(".")[0] == "migration" for n in names), path.name
+
+
+def test_the_schema_is_created_without_the_migration_package(tmp_path: Path) -> None:
+    """checkpoints finds its alembic/ revisions itself (a checkout or an editable install
+    here; `checkpoints/_alembic` in a wheel)."""
+    db = tmp_path / "bare.db"
+    code = (
+        "import sys\n"
+        "from sqlalchemy import create_engine\n"
+        "from checkpoints import schema\n"
+        f"engine = create_engine('sqlite:///{db}')\n"
+        "schema.ensure_schema(engine)\n"
+        "with engine.connect() as conn:\n"
+        "    assert schema.schema_present(conn)\n"
+        "assert not [m for m in sys.modules if m.split('.')[0] == 'migration'], 'imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
