@@ -22,7 +22,7 @@ from .errors import CheckpointLost
 from .leases import Lease, record_on_range
 from .schema import alembic_dir as _alembic_dir  # noqa: F401  (tests read the revisions)
 from .schema import ensure_schema, schema_present
-from .tables import checkpoints, failures, journal, runs
+from .tables import checkpoints, failures, journal, lock, runs
 
 __all__ = [
     "BatchCounts",
@@ -30,15 +30,21 @@ __all__ = [
     "FailureRow",
     "JournalRow",
     "Run",
+    "complete_ranged",
     "create_run",
     "ensure_schema",
     "failures_of",
+    "interrupt_running",
     "list_runs",
     "load_checkpoints",
+    "mark_ranged",
     "now",
     "record_batch",
     "schema_present",
+    "set_run_rate",
     "set_state",
+    "stop_running",
+    "touch_run",
     "unfinished_run",
 ]
 
@@ -181,6 +187,50 @@ def set_state(conn: Connection, run_id: int, state: str, *, note: str | None = N
     conn.execute(update(runs).where(runs.c.id == run_id).values(**values))
 
 
+def touch_run(conn: Connection, run_id: int, at: datetime | None = None) -> None:
+    """Stamp the run's updated_at (a batch committed): `status` tells a live run by it."""
+    conn.execute(update(runs).where(runs.c.id == run_id).values(updated_at=at or now()))
+
+
+def mark_ranged(conn: Connection, run_id: int) -> None:
+    """The run is now spread over workers (its ranges are planned): joinable."""
+    conn.execute(update(runs).where(runs.c.id == run_id).values(ranged=True))
+
+
+def set_run_rate(conn: Connection, run_id: int, max_kms_rps: float | None) -> None:
+    """A ranged run's --max-kms-rps, shared by every worker that joins it."""
+    conn.execute(update(runs).where(runs.c.id == run_id).values(max_kms_rps=max_kms_rps))
+
+
+def stop_running(conn: Connection, run_id: int, note: str, *, lock_token: str) -> None:
+    """A running run -> stopped with `note` (a worker's fatal error), only while the run
+    lock is still the one `lock_token` proves: a worker fenced out by another command
+    says nothing about that command's run."""
+    held = select(lock.c.token).where(lock.c.token == lock_token).exists()
+    conn.execute(update(runs).where(runs.c.id == run_id, runs.c.state == "running", held)
+                 .values(state="stopped", note=note, updated_at=now()))
+
+
+def interrupt_running(conn: Connection, run_id: int) -> None:
+    """A running run -> interrupted (stopped between batches; a `stopped` run keeps its
+    state and its note)."""
+    conn.execute(update(runs).where(runs.c.id == run_id, runs.c.state == "running")
+                 .values(state="interrupted", updated_at=now()))
+
+
+def complete_ranged(conn: Connection, run_id: int) -> bool:
+    """Every range of the run is done: mark its checkpoints done and the run completed.
+
+    Whether this call completed it (the run was still unfinished): of the commands that
+    see the last range done, exactly one gets True, so only it records what follows."""
+    conn.execute(update(checkpoints).where(checkpoints.c.run_id == run_id)
+                 .values(done=True, updated_at=now()))
+    completed = conn.execute(update(runs).where(runs.c.id == run_id, runs.c.state.in_(
+        UNFINISHED)).values(state="completed", finished_at=now(),
+                            updated_at=now())).rowcount
+    return completed == 1
+
+
 def load_checkpoints(conn: Connection, run_id: int) -> dict[tuple[str, str], Checkpoint]:
     rows = conn.execute(select(checkpoints).where(checkpoints.c.run_id == run_id)).all()
     return {
@@ -252,7 +302,7 @@ def record_batch(
         raise CheckpointLost(
             f"checkpoint of run {run_id} for {table_name}.{column_name} matched {moved} rows"
         )
-    conn.execute(update(runs).where(runs.c.id == run_id).values(updated_at=ts))
+    touch_run(conn, run_id, ts)
 
 
 def failures_of(conn: Connection, run_id: int, limit: int | None = None) -> list[FailureRow]:
