@@ -1,7 +1,7 @@
 """The ranges of a ranged run: plan them, claim one under a lease, record its batches,
 release it.
 
-Like the rest of the store, every function takes an open connection and never commits;
+As in `store`, every function here takes an open connection and never commits;
 the caller owns the transaction. Correctness never depends on clocks: a lease is taken
 and proven by its random token (every batch of a range is recorded with a compare-and-
 swap on it), and the clocks only decide when a silent worker is presumed dead.

@@ -1,7 +1,7 @@
 """The worker processes of ranged runs: register, heartbeat, finish, and tell the live
 ones from the lost.
 
-Like the rest of the store, every function takes an open connection and never commits;
+As in `store`, every function here takes an open connection and never commits;
 the caller owns the transaction. Liveness is judged by the heartbeat on the database's
 clock (`hosts.clock`), and on this very host and boot by the pid as well.
 """

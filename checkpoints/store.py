@@ -1,8 +1,11 @@
-"""The store API: start or resume a run, record a batch, read progress.
+"""The store API: start or resume a run, move its state, record a batch, read progress.
 
-Every function takes an open SQLAlchemy connection first and never commits: the caller
-owns the transaction, so a batch's rewrites, journal rows, failures and checkpoint go in
-together or not at all (the way Alembic commits a step with its version-table update).
+Every function defined here takes the caller's open SQLAlchemy connection first and never
+commits: the caller owns the transaction, so a batch's rewrites, journal rows, failures
+and checkpoint go in together or not at all (the way Alembic commits a step with its
+version-table update). Two things of this layer do commit, each in a short transaction
+of its own on an engine: `ensure_schema` (re-exported here from `schema`) and the
+`RunLock` methods that take an engine (`lock`).
 """
 
 from __future__ import annotations
