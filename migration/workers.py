@@ -34,14 +34,14 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import DBAPIError
 
 from checkpoints import leases, store
 from checkpoints.leases import Lease, LeaseLost
 from checkpoints.lock import LockHeld, LockLost, RunLock
 from checkpoints.store import BatchCounts, Run
-from checkpoints.tables import checkpoints, journal, lock, runs
+from checkpoints.tables import journal, runs
 
 from .batches import ColumnSummary
 from .codec import FernetCodec
@@ -399,10 +399,8 @@ def _finish_quietly(engine: Engine, worker_id: str, state: str, note: str | None
 def _stop_run_quietly(engine: Engine, run_id: int, note: str, lock_token: str) -> None:
     """Stop the run on this worker's fatal error, if the run's lock is still the one this
     worker was started under."""
-    held = select(lock.c.token).where(lock.c.token == lock_token).exists()
     with contextlib.suppress(Exception), engine.begin() as conn:
-        conn.execute(update(runs).where(runs.c.id == run_id, runs.c.state == "running", held)
-                     .values(state="stopped", note=note, updated_at=store.now()))
+        store.stop_running(conn, run_id, note, lock_token=lock_token)
 
 
 # -- the command that starts workers ----------------------------------------------------------
@@ -518,8 +516,7 @@ def start_ranged_migrate(
             _plan(conn, run, [(bt, c) for bt in bound for c in bt.target.columns],
                   _Sizing(rows_per_range, RANGES_PER_WORKER * workers, settings.batch_size),
                   run_lock)
-            conn.execute(update(runs).where(runs.c.id == run.id)
-                         .values(max_kms_rps=settings.max_kms_rps))
+            store.set_run_rate(conn, run.id, settings.max_kms_rps)
             run = store.get_run(conn, run.id) or run
     except BaseException:
         run_lock.release(engine)
@@ -554,7 +551,7 @@ def _plan(conn: Any, run: Run, columns: Sequence[tuple[BoundTarget, str]],
                                    min_ranges=sizing.min_ranges, min_rows=sizing.min_rows)
         leases.create_ranges(conn, run.id, bt.name, column, ck.last_pk,
                              [bt.pk_text(b) for b in bounds])
-    conn.execute(update(runs).where(runs.c.id == run.id).values(ranged=True))
+    store.mark_ranged(conn, run.id)
 
 
 def _resume_planned(conn: Any, run: Run, lock: RunLock) -> bool:
@@ -582,7 +579,7 @@ def _plan_rollback(conn: Any, run: Run, sizing: _Sizing, lock: RunLock) -> None:
         bounds = leases.boundaries(conn, journal, j.id, where, sizing.rows_per_range,
                                    min_ranges=sizing.min_ranges, min_rows=sizing.min_rows)
         leases.create_ranges(conn, run.id, table, column, ck.last_pk, [str(b) for b in bounds])
-    conn.execute(update(runs).where(runs.c.id == run.id).values(ranged=True))
+    store.mark_ranged(conn, run.id)
 
 
 def migrate_ranged(
@@ -785,20 +782,15 @@ def _conclude(engine: Engine, start: RangedStart, codes: Sequence[int],
             # Workers elsewhere that went silent (their machine died) are not running:
             # status would show them so forever once the run is over.
             leases.mark_silent_lost(conn, run_id, timedelta(seconds=3 * MAX_HEARTBEAT))
-            conn.execute(update(checkpoints).where(checkpoints.c.run_id == run_id)
-                         .values(done=True, updated_at=store.now()))
-            completed = conn.execute(update(runs).where(runs.c.id == run_id, runs.c.state.in_(
-                store.UNFINISHED)).values(state="completed", finished_at=store.now(),
-                                          updated_at=store.now())).rowcount
-            if completed == 1:  # this command completed it: no other one records twice
+            # True when this command completed it: no other one records twice.
+            if store.complete_ranged(conn, run_id):
                 for bt in bound:
                     for column in bt.target.columns:
                         record_left_behind(conn, bt, column, run_id)
         elif not others and all(c != 2 for c in codes):
             # Stopped between batches; a run another worker stopped on its fatal error
             # stays `stopped`, with that error as its note.
-            conn.execute(update(runs).where(runs.c.id == run_id, runs.c.state == "running")
-                         .values(state="interrupted", updated_at=store.now()))
+            store.interrupt_running(conn, run_id)
         run = store.get_run(conn, run_id)
     if left == 0 or not others:
         start.lock.release(engine)

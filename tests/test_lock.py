@@ -124,7 +124,7 @@ def _other_machine(tmp_path: object, monkeypatch: pytest.MonkeyPatch, boot: str)
     a container of the same name on another machine)."""
     from pathlib import Path
 
-    import checkpoints.leases as leases_mod
+    import checkpoints.hosts as leases_mod
 
     path = Path(str(tmp_path)) / f"boot_id-{boot}"
     path.write_text(boot + "\n")
@@ -160,7 +160,7 @@ def test_a_lock_without_a_readable_boot_id_waits_for_the_heartbeat(
     sqlite_url: str, kms: KmsHandle, keys: Keys, tmp_path: object,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import checkpoints.leases as leases_mod
+    import checkpoints.hosts as leases_mod
 
     make_db(sqlite_url, 5, keys.current, bad_values=False)
     monkeypatch.setattr(leases_mod, "BOOT_ID_PATH", str(tmp_path) + "/absent", raising=False)
