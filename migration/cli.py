@@ -70,18 +70,14 @@ from .report import build_report, write_report
 from .rollback import rollback
 from .runs import graceful_stop
 from .status import collect_status
-from .verify import verify
-from .workers import (
+from .supervisor import (
     DEFAULT_ROWS_PER_RANGE,
-    WorkerSpec,
     migrate_ranged,
     refuse_sqlite_workers,
     rollback_ranged,
-    settings_from_dict,
-    work,
-    worker_engine,
-    worker_signals,
 )
+from .verify import verify
+from .worker import WorkerSpec, settings_from_dict, work, worker_engine, worker_signals
 
 __all__ = ["cli", "main"]
 

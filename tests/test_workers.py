@@ -24,15 +24,9 @@ from migration.db import make_engine
 from migration.errors import ResumeMismatchError
 from migration.kms import RateLimiter
 from migration.migrator import migrate
-from migration.workers import (
-    Heartbeat,
-    WorkerSpec,
-    migrate_ranged,
-    rollback_ranged,
-    settings_to_dict,
-    start_ranged_migrate,
-    work,
-)
+from migration.ranged_start import start_ranged_migrate
+from migration.supervisor import migrate_ranged, rollback_ranged
+from migration.worker import Heartbeat, WorkerSpec, settings_to_dict, work
 from tests.conftest import Keys, KmsHandle
 from tests.helpers import (
     interrupted_migrate,
@@ -338,7 +332,7 @@ def test_a_fatal_kms_error_in_one_worker_stops_the_run_resumably(
     pg_url: str, keys: Keys, kms: KmsHandle,
 ) -> None:
     from migration.kms import make_client
-    from migration.workers import WorkersFailed
+    from migration.supervisor import WorkersFailed
     from tests.test_kms import Injector, inject
 
     truth = make_db(pg_url, 40, keys.current, keys.legacy, bad_values=False)
