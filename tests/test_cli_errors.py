@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 from cryptography.fernet import Fernet
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import create_engine, text
 
-from tests.helpers import make_db, run_main, snapshot
+from tests.helpers import bookkeeping_tables, make_db, run_main, snapshot
 
 GUIDE_EXAMPLE_KEY = "my-super-secret-key-12345"
 AWS_SECRET = os.environ["AWS_SECRET_ACCESS_KEY"]  # set by conftest; must never be printed
@@ -41,14 +41,6 @@ def assert_refused(code: int, out: str, err: str, *expected: str) -> str:
     for fragment in expected:
         assert fragment in line, (fragment, line)
     return line
-
-
-def bookkeeping_tables(url: str) -> list[str]:
-    eng = create_engine(url)
-    try:
-        return [t for t in inspect(eng).get_table_names() if t.startswith("kms_migrate")]
-    finally:
-        eng.dispose()
 
 
 def empty_database(url: str) -> None:

@@ -23,24 +23,26 @@ from migration.config import Settings
 from migration.db import make_engine
 from migration.errors import ConfigError
 from migration.finalize import FinalizeResult, finalize
-from migration.migrator import migrate
 from migration.rollback import rollback
 from migration.sample import coinflip_metadata
 from migration.status import collect_status
 from migration.verify import verify
 from tests.conftest import Keys, KmsHandle
-from tests.helpers import interrupted_migrate, make_db, make_kms, run_main, settings_for, snapshot
+from tests.helpers import (
+    interrupted_migrate,
+    make_db,
+    make_kms,
+    migrate_db,
+    run_main,
+    settings_for,
+    snapshot,
+)
 
 # -- helpers ------------------------------------------------------------------------------
 
 
 def _settings(url: str, keys: Keys, **kw: Any) -> Settings:
     return settings_for(url, keys.current, keys.legacy, **kw)
-
-
-def _migrate(url: str, keys: Keys, kms: KmsHandle, **kw: Any) -> Any:
-    s = _settings(url, keys, **kw)
-    return migrate(s, engine=make_engine(url), kms=make_kms(kms.client, s))
 
 
 def _finalize(url: str, keys: Keys, kms: KmsHandle, batch_size: int = 5000,
@@ -96,7 +98,7 @@ def test_finalize_refuses_while_verify_fails_and_deletes_nothing(
     db_url: str, kms: KmsHandle, keys: Keys
 ) -> None:
     make_db(db_url, 20, keys.current, keys.legacy, bad_values=True)
-    _migrate(db_url, keys, kms)  # the corrupt, unknown-key and oversize values stay Fernet
+    migrate_db(db_url, keys, kms)  # the corrupt, unknown-key and oversize values stay Fernet
     before, cells = _journal(db_url), snapshot(db_url)
     assert before
     with pytest.raises(ConfigError) as err:
@@ -113,7 +115,7 @@ def test_finalize_verifies_with_the_encryption_context_it_is_given(
     sqlite_url: str, kms: KmsHandle, keys: Keys
 ) -> None:
     make_db(sqlite_url, 10, keys.current, keys.legacy, bad_values=False)
-    _migrate(sqlite_url, keys, kms, encryption_context=True)
+    migrate_db(sqlite_url, keys, kms, encryption_context=True)
     n = len(_journal(sqlite_url))
     with pytest.raises(ConfigError, match=rf"0 Fernet value\(s\) left, {n} undecryptable"):
         _finalize(sqlite_url, keys, kms)  # without the context, nothing opens
@@ -145,7 +147,7 @@ def test_finalize_refuses_while_a_retry_or_rollback_run_is_unfinished(
     sqlite_url: str, kms: KmsHandle, keys: Keys, kind: str, how: str
 ) -> None:
     make_db(sqlite_url, 10, keys.current, keys.legacy, bad_values=False)
-    _migrate(sqlite_url, keys, kms)
+    migrate_db(sqlite_url, keys, kms)
     eng = create_engine(sqlite_url)
     with eng.begin() as conn:
         run = store.create_run(conn, kind=kind, targets=[], targets_json="[]",
@@ -163,7 +165,7 @@ def test_finalize_refuses_when_a_run_starts_while_it_verifies(
     sqlite_url: str, kms: KmsHandle, keys: Keys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     make_db(sqlite_url, 10, keys.current, keys.legacy, bad_values=False)
-    _migrate(sqlite_url, keys, kms)
+    migrate_db(sqlite_url, keys, kms)
     real = fin.verify
 
     def verify_then_a_migrate_runs(*a: Any, **kw: Any) -> Any:
@@ -204,9 +206,9 @@ def test_finalize_deletes_every_journal_row_and_records_a_run(
     db_url: str, kms: KmsHandle, keys: Keys
 ) -> None:
     make_db(db_url, 25, keys.current, keys.legacy, bad_values=False)
-    _migrate(db_url, keys, kms)
+    migrate_db(db_url, keys, kms)
     rollback(make_engine(db_url))
-    _migrate(db_url, keys, kms)  # journal rows of both statuses now
+    migrate_db(db_url, keys, kms)  # journal rows of both statuses now
     rows = _journal(db_url)
     assert {s for _, s, _ in rows} == {"rolled_back", "migrated"}
     cells = snapshot(db_url)
@@ -231,7 +233,7 @@ def test_rollback_after_finalize_refuses_and_changes_nothing(
     db_url: str, kms: KmsHandle, keys: Keys
 ) -> None:
     make_db(db_url, 15, keys.current, keys.legacy, bad_values=False)
-    _migrate(db_url, keys, kms)
+    migrate_db(db_url, keys, kms)
     result = _finalize(db_url, keys, kms)
     cells, history = snapshot(db_url), _runs(db_url)
     with pytest.raises(ConfigError) as err:
@@ -247,7 +249,7 @@ def test_an_interrupted_finalize_blocks_rollback_and_a_rerun_finishes_it(
     db_url: str, kms: KmsHandle, keys: Keys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     make_db(db_url, 20, keys.current, keys.legacy, bad_values=False)
-    _migrate(db_url, keys, kms)
+    migrate_db(db_url, keys, kms)
     total = len(_journal(db_url))
     real = fin._delete_batch
     calls: list[int] = []
@@ -279,7 +281,7 @@ def test_migrate_after_finalize_writes_a_fresh_journal_that_rollback_uses(
     db_url: str, kms: KmsHandle, keys: Keys
 ) -> None:
     truth = make_db(db_url, 20, keys.current, keys.legacy, bad_values=False)
-    _migrate(db_url, keys, kms)
+    migrate_db(db_url, keys, kms)
     _finalize(db_url, keys, kms)
     # The application, still on Fernet writes, stores three new secrets.
     _, users, _ = coinflip_metadata()
@@ -293,7 +295,7 @@ def test_migrate_after_finalize_writes_a_fresh_journal_that_rollback_uses(
             conn.execute(update(users).where(users.c.user_id == pk)
                          .values(encrypted_secret=token))
     eng.dispose()
-    result = _migrate(db_url, keys, kms)
+    result = migrate_db(db_url, keys, kms)
     assert not result.resumed and sum(c.migrated for c in result.columns) == 3
     rows = _journal(db_url)
     assert sorted(orig for _, _, orig in rows) == sorted(new.values())
@@ -319,7 +321,7 @@ def test_cli_finalize_asks_even_on_sqlite_and_refuses_without_a_terminal(
     sqlite_url: str, kms: KmsHandle, env_keys: Keys, capsys: pytest.CaptureFixture[str]
 ) -> None:
     make_db(sqlite_url, 10, env_keys.current, env_keys.legacy, bad_values=False)
-    _migrate(sqlite_url, env_keys, kms)
+    migrate_db(sqlite_url, env_keys, kms)
     before = _journal(sqlite_url)
     _one_line(*run_main(capsys, "finalize", "--db", sqlite_url),
               "refusing to delete the rollback journal of", "without confirmation",
@@ -332,7 +334,7 @@ def test_cli_finalize_takes_the_typed_word_and_nothing_else(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     make_db(sqlite_url, 10, env_keys.current, env_keys.legacy, bad_values=False)
-    _migrate(sqlite_url, env_keys, kms)
+    migrate_db(sqlite_url, env_keys, kms)
     before = _journal(sqlite_url)
     monkeypatch.setattr(sys, "stdin", _Terminal("finalize\n"))
     code, out, err = run_main(capsys, "finalize", "--db", sqlite_url)
@@ -350,7 +352,7 @@ def test_cli_finalize_with_yes_deletes_the_journal_then_rollback_exits_2(
     db_url: str, kms: KmsHandle, env_keys: Keys, capsys: pytest.CaptureFixture[str]
 ) -> None:
     make_db(db_url, 20, env_keys.current, env_keys.legacy, bad_values=False)
-    _migrate(db_url, env_keys, kms)
+    migrate_db(db_url, env_keys, kms)
     rows = _journal(db_url)
     code, out, err = run_main(capsys, "finalize", "--db", db_url, "--yes",
                                "--batch-size", "10")
@@ -374,7 +376,7 @@ def test_cli_finalize_refuses_while_verify_fails(
     sqlite_url: str, kms: KmsHandle, env_keys: Keys, capsys: pytest.CaptureFixture[str]
 ) -> None:
     make_db(sqlite_url, 10, env_keys.current, env_keys.legacy, bad_values=True)
-    _migrate(sqlite_url, env_keys, kms)
+    migrate_db(sqlite_url, env_keys, kms)
     before = _journal(sqlite_url)
     _one_line(*run_main(capsys, "finalize", "--db", sqlite_url, "--yes"),
               "verify did not pass (3 Fernet value(s) left", "nothing was deleted")
@@ -470,7 +472,7 @@ def test_finalize_refuses_journal_columns_no_run_recorded(
     sqlite_url: str, kms: KmsHandle, keys: Keys
 ) -> None:
     make_db(sqlite_url, 10, keys.current, keys.legacy, bad_values=False)
-    _migrate(sqlite_url, keys, kms)
+    migrate_db(sqlite_url, keys, kms)
     eng = create_engine(sqlite_url)
     with eng.begin() as conn:  # the run's record of its targets lost (edited by hand)
         conn.execute(update(runs).values(targets_json="[]"))
@@ -505,7 +507,7 @@ def test_cli_migrate_and_retry_refuse_while_a_finalize_is_unfinished(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     truth = make_db(db_url, 20, env_keys.current, env_keys.legacy, bad_values=False)
-    _migrate(db_url, env_keys, kms)
+    migrate_db(db_url, env_keys, kms)
     _interrupt_finalize(db_url, env_keys, kms, monkeypatch)
     # The application writes a new Fernet secret: migrate would have work to do.
     _, users, _ = coinflip_metadata()
@@ -531,7 +533,7 @@ def test_rollback_refuses_after_an_unfinished_finalize_whatever_ran_since(
     db_url: str, kms: KmsHandle, keys: Keys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     make_db(db_url, 20, keys.current, keys.legacy, bad_values=False)
-    _migrate(db_url, keys, kms)
+    migrate_db(db_url, keys, kms)
     _interrupt_finalize(db_url, keys, kms, monkeypatch)
     # A migrate run recorded after it (an older kms-migrate did not refuse to start one).
     eng = create_engine(db_url)
@@ -550,7 +552,7 @@ def test_cli_rollback_after_a_completed_finalize_says_what_stays_kms(
     sqlite_url: str, kms: KmsHandle, env_keys: Keys, capsys: pytest.CaptureFixture[str]
 ) -> None:
     truth = make_db(sqlite_url, 10, env_keys.current, env_keys.legacy, bad_values=False)
-    _migrate(sqlite_url, env_keys, kms)
+    migrate_db(sqlite_url, env_keys, kms)
     fin_run = _finalize(sqlite_url, env_keys, kms).run_id
     _, users, _ = coinflip_metadata()
     pk = min(int(p) for t, p, c in truth.plaintexts if t == "users")
@@ -559,7 +561,7 @@ def test_cli_rollback_after_a_completed_finalize_says_what_stays_kms(
         conn.execute(update(users).where(users.c.user_id == pk).values(
             encrypted_secret=Fernet(env_keys.current.encode()).encrypt(b"late").decode()))
     eng.dispose()
-    _migrate(sqlite_url, env_keys, kms)
+    migrate_db(sqlite_url, env_keys, kms)
     code, out, err = run_main(capsys, "rollback", "--db", sqlite_url, "--yes", "--no-progress")
     assert code == 0, err
     assert f"note: values finalized by run {fin_run} (" in out
