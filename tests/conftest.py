@@ -51,6 +51,28 @@ def _logging_to_stderr() -> None:
     configure_logging("warning")
 
 
+@pytest.fixture(autouse=True)
+def _engines_disposed() -> Iterator[None]:
+    """Every engine a test connected through is disposed when the test ends: its own, and
+    the ones handed to the code under test (`migrate(s, engine=make_engine(url), ...)`),
+    which the code does not dispose since the caller owns them. Left to the garbage
+    collector, each keeps its pooled connections, PostgreSQL sessions, open until then."""
+    from sqlalchemy import Connection, Engine, event
+
+    engines: dict[int, Engine] = {}
+
+    def connected(conn: Connection) -> None:
+        engines.setdefault(id(conn.engine), conn.engine)
+
+    event.listen(Engine, "engine_connect", connected)
+    try:
+        yield
+    finally:
+        event.remove(Engine, "engine_connect", connected)
+        for engine in engines.values():
+            engine.dispose()
+
+
 # -- Fernet ---------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
