@@ -24,7 +24,15 @@ from migration.migrator import REASON_BEHIND, migrate
 from migration.rollback import rollback
 from migration.sample import coinflip_metadata
 from tests.conftest import Keys, KmsHandle
-from tests.helpers import Cell, journal_cells, make_db, make_kms, settings_for, snapshot
+from tests.helpers import (
+    Cell,
+    journal_cells,
+    make_db,
+    make_kms,
+    run_migrate,
+    settings_for,
+    snapshot,
+)
 
 
 @pytest.mark.postgres
@@ -63,7 +71,7 @@ def test_postgres_connection_killed_mid_batch_rolls_the_batch_back(
             checkpoints.c.column_name == "encrypted_secret")).one()
     eng.dispose()
     assert ck.last_pk == "10"
-    result = migrate(settings, engine=make_engine(pg_url), kms=make_kms(kms.client, settings))
+    result = run_migrate(settings, kms.client)
     assert result.resumed
     assert set(journal_cells(pg_url)) == set(truth.plaintexts)
     after = snapshot(pg_url)
@@ -147,7 +155,7 @@ def test_concurrent_application_writes_during_migrate_are_never_lost(
     while writer.count < 3:  # the application is really writing before the tool starts
         time.sleep(0.005)
     try:
-        first = migrate(settings, engine=make_engine(db_url), kms=make_kms(kms.client, settings))
+        first = run_migrate(settings, kms.client)
     finally:
         writer.stop.set()
         writer.join()
@@ -159,7 +167,7 @@ def test_concurrent_application_writes_during_migrate_are_never_lost(
     assert {(f.table_name, f.pk, f.column_name) for f in first.failures} == left
     assert first.failed + first.conflicts == len(first.failures) == len(left)
     assert all(f.reason in (REASON_BEHIND, REASON_CONFLICT) for f in first.failures)
-    second = migrate(settings, engine=make_engine(db_url), kms=make_kms(kms.client, settings))
+    second = run_migrate(settings, kms.client)
     final = snapshot(db_url)
     for cell, plaintext in truth.plaintexts.items():
         expected = writer.writes.get(cell, (plaintext, ""))[0]
@@ -174,7 +182,7 @@ def test_concurrent_application_writes_during_rollback_are_never_lost(
     truth = make_db(db_url, 80, keys.current, keys.legacy, bad_values=False)
     before = snapshot(db_url)
     settings = settings_for(db_url, keys.current, keys.legacy)
-    migrate(settings, engine=make_engine(db_url), kms=make_kms(kms.client, settings))
+    run_migrate(settings, kms.client)
     writer = AppWriter(db_url, keys.current, sorted(truth.plaintexts))
     writer.start()
     while writer.count < 3:  # the application is really writing before the tool starts

@@ -19,11 +19,10 @@ from migration.codec import encode_kms
 from migration.config import Settings, Target
 from migration.db import make_engine
 from migration.errors import ConfigError
-from migration.migrator import migrate
 from migration.rollback import rollback
 from migration.verify import verify
 from tests.conftest import ALIAS, KmsHandle
-from tests.helpers import make_kms
+from tests.helpers import make_kms, run_migrate
 
 CURRENT, LEGACY, STRANGER = (Fernet.generate_key().decode() for _ in range(3))
 KINDS = ["null", "empty", "current", "legacy", "unknown", "corrupt", "oversize", "kms", "unicode"]
@@ -94,11 +93,11 @@ def _check(url: str, spec: dict[str, Any], client: Any) -> None:
     if not any(k in GOOD or k == "oversize" for k in kinds) and any(k in BAD for k in kinds):
         # Every Fernet value is unopenable: the run must refuse rather than fail them all.
         with pytest.raises(ConfigError, match="open none"):
-            migrate(s, engine=make_engine(url), kms=make_kms(client, s))
+            run_migrate(s, client)
         assert dump() == before
         eng.dispose()
         return
-    result = migrate(s, engine=make_engine(url), kms=make_kms(client, s))
+    result = run_migrate(s, client)
     assert {(f.pk, f.column_name) for f in result.failures} == {
         (str(pk), col) for (pk, col), (k, _) in expect.items() if k in BAD}
     assert sum(c.migrated for c in result.columns) == sum(k in GOOD for k in kinds)
