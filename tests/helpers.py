@@ -180,6 +180,31 @@ def assert_clean(*texts: str, keys: Any = None) -> None:
             assert keys.current not in t and keys.legacy not in t
 
 
+def assert_refused(code: int, out: str, err: str, *expected: str) -> str:
+    """Exit 2, exactly one line on stderr, nothing on stdout, no traceback, no AWS secret;
+    return the line, which holds every `expected` fragment."""
+    from tests.conftest import AWS_SECRET
+
+    assert code == 2, (code, out, err)
+    lines = err.strip("\n").split("\n")
+    assert len(lines) == 1, err
+    line = lines[0]
+    assert line.startswith("kms-migrate: "), line
+    assert "Traceback" not in err and "Traceback" not in out
+    assert out == ""
+    assert AWS_SECRET not in err
+    for fragment in expected:
+        assert fragment in line, (fragment, line)
+    return line
+
+
+def assert_error_line(code: int, out: str, err: str, *expected: str) -> str:
+    """assert_refused, and the line is an error: `kms-migrate: error: ...`."""
+    line = assert_refused(code, out, err, *expected)
+    assert line.startswith("kms-migrate: error: "), line
+    return line
+
+
 def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     """Call the console entry point in-process; return (exit code, stdout, stderr) of
     this call only."""

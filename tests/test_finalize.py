@@ -29,6 +29,7 @@ from migration.status import collect_status
 from migration.verify import verify
 from tests.conftest import Keys, KmsHandle
 from tests.helpers import (
+    assert_error_line,
     interrupted_migrate,
     make_db,
     make_kms,
@@ -68,18 +69,6 @@ def _runs(url: str) -> list[tuple[str, str]]:
         out = [(r.kind, r.state) for r in conn.execute(select(runs).order_by(runs.c.id))]
     eng.dispose()
     return out
-
-
-def _one_line(code: int, out: str, err: str, *fragments: str) -> str:
-    """Exit 2 with exactly one line on stderr, nothing on stdout, no traceback."""
-    assert code == 2, (code, out, err)
-    lines = err.strip("\n").split("\n")
-    assert len(lines) == 1, err
-    assert lines[0].startswith("kms-migrate: error: "), lines[0]
-    assert out == "" and "Traceback" not in err
-    for f in fragments:
-        assert f in lines[0], (f, lines[0])
-    return lines[0]
 
 
 class _Terminal(io.StringIO):
@@ -251,19 +240,7 @@ def test_an_interrupted_finalize_blocks_rollback_and_a_rerun_finishes_it(
     make_db(db_url, 20, keys.current, keys.legacy, bad_values=False)
     migrate_db(db_url, keys, kms)
     total = len(_journal(db_url))
-    real = fin._delete_batch
-    calls: list[int] = []
-
-    def crash_on_third(*args: Any) -> int:
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(fin, "_delete_batch", crash_on_third)
-    with pytest.raises(KeyboardInterrupt):
-        _finalize(db_url, keys, kms, batch_size=5)
-    monkeypatch.setattr(fin, "_delete_batch", real)
+    _interrupt_finalize(db_url, keys, kms, monkeypatch, at_batch=3)
     assert len(_journal(db_url)) == total - 10  # two batches committed, the third rolled back
     assert _runs(db_url) == [("migrate", "completed"), ("finalize", "interrupted")]
     cells = snapshot(db_url)
@@ -323,9 +300,9 @@ def test_cli_finalize_asks_even_on_sqlite_and_refuses_without_a_terminal(
     make_db(sqlite_url, 10, env_keys.current, env_keys.legacy, bad_values=False)
     migrate_db(sqlite_url, env_keys, kms)
     before = _journal(sqlite_url)
-    _one_line(*run_main(capsys, "finalize", "--db", sqlite_url),
-              "refusing to delete the rollback journal of", "without confirmation",
-              "pass --yes")
+    assert_error_line(*run_main(capsys, "finalize", "--db", sqlite_url),
+                      "refusing to delete the rollback journal of", "without confirmation",
+                      "pass --yes")
     assert _journal(sqlite_url) == before
 
 
@@ -363,9 +340,9 @@ def test_cli_finalize_with_yes_deletes_the_journal_then_rollback_exits_2(
     assert "rollback is no longer possible" in out
     assert _journal(db_url) == []
     cells = snapshot(db_url)
-    line = _one_line(*run_main(capsys, "rollback", "--db", db_url, "--yes"),
-                     "the rollback journal was deleted by finalize (run 2, ",
-                     "cannot roll back", "restore the backup taken before the migration")
+    line = assert_error_line(*run_main(capsys, "rollback", "--db", db_url, "--yes"),
+                             "the rollback journal was deleted by finalize (run 2, ",
+                             "cannot roll back", "restore the backup taken before the migration")
     assert snapshot(db_url) == cells
     for text_ in (out, err, line):  # never a token
         assert not any(orig in text_ for _, _, orig in rows)
@@ -378,8 +355,8 @@ def test_cli_finalize_refuses_while_verify_fails(
     make_db(sqlite_url, 10, env_keys.current, env_keys.legacy, bad_values=True)
     migrate_db(sqlite_url, env_keys, kms)
     before = _journal(sqlite_url)
-    _one_line(*run_main(capsys, "finalize", "--db", sqlite_url, "--yes"),
-              "verify did not pass (3 Fernet value(s) left", "nothing was deleted")
+    assert_error_line(*run_main(capsys, "finalize", "--db", sqlite_url, "--yes"),
+                      "verify did not pass (3 Fernet value(s) left", "nothing was deleted")
     assert _journal(sqlite_url) == before
     eng = create_engine(sqlite_url)
     with eng.connect() as conn:
@@ -455,8 +432,8 @@ def test_cli_finalize_verifies_every_journalled_column_not_only_the_given_target
     migrated = _set_seed(db_url, 3, fresh)
     cells = snapshot(db_url)
     code, out, err = run_main(capsys, "finalize", "--db", db_url, "--yes")  # no --config
-    line = _one_line(code, out, err, "verify did not pass (1 Fernet value(s) left",
-                     "vaults.seed", "nothing was deleted")
+    line = assert_error_line(code, out, err, "verify did not pass (1 Fernet value(s) left",
+                             "vaults.seed", "nothing was deleted")
     assert fresh not in line
     assert _journal_tables(db_url) == journalled and snapshot(db_url) == cells
     # Once the vault value is right again, finalize (still without --config) verifies
@@ -486,17 +463,18 @@ def test_finalize_refuses_journal_columns_no_run_recorded(
 
 
 def _interrupt_finalize(url: str, keys: Keys, kms: KmsHandle,
-                        monkeypatch: pytest.MonkeyPatch) -> None:
+                        monkeypatch: pytest.MonkeyPatch, at_batch: int = 2) -> None:
+    """Run finalize with batches of 5, interrupted (Ctrl-C) on its `at_batch`-th delete."""
     real = fin._delete_batch
     calls: list[int] = []
 
-    def crash_on_second(*args: Any) -> int:
+    def crash(*args: Any) -> int:
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == at_batch:
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(fin, "_delete_batch", crash_on_second)
+    monkeypatch.setattr(fin, "_delete_batch", crash)
     with pytest.raises(KeyboardInterrupt):
         _finalize(url, keys, kms, batch_size=5)
     monkeypatch.setattr(fin, "_delete_batch", real)
@@ -519,13 +497,14 @@ def test_cli_migrate_and_retry_refuse_while_a_finalize_is_unfinished(
     eng.dispose()
     history, cells, jr = _runs(db_url), snapshot(db_url), _journal(db_url)
     for extra in ((), ("--retry-failed",)):
-        _one_line(*run_main(capsys, "migrate", "--db", db_url, "--yes", "--no-progress",
-                            *extra),
-                  "finalize run 2 is unfinished", "kms-migrate finalize", "nothing was written")
+        assert_error_line(*run_main(capsys, "migrate", "--db", db_url, "--yes", "--no-progress",
+                                    *extra),
+                          "finalize run 2 is unfinished", "kms-migrate finalize",
+                          "nothing was written")
         assert _runs(db_url) == history and snapshot(db_url) == cells
         assert _journal(db_url) == jr
-    _one_line(*run_main(capsys, "rollback", "--db", db_url, "--yes", "--no-progress"),
-              "finalize run 2", "a rollback would be partial")
+    assert_error_line(*run_main(capsys, "rollback", "--db", db_url, "--yes", "--no-progress"),
+                      "finalize run 2", "a rollback would be partial")
     assert snapshot(db_url) == cells
 
 
