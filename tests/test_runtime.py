@@ -38,7 +38,14 @@ from migration.migrator import migrate
 from migration.sample import coinflip_metadata, create_coinflip_schema
 from tests import guide_kms_encryption as guide
 from tests.conftest import ALIAS, Keys, KmsHandle
-from tests.helpers import interrupted_migrate, make_db, make_kms, settings_for, snapshot
+from tests.helpers import (
+    interrupted_migrate,
+    make_db,
+    make_kms,
+    run_migrate,
+    settings_for,
+    snapshot,
+)
 
 SECRET = "5KQwrPbwdL6PhXujxW37FSSQZ1JiwsST4cqQzDeyXtP79zkvFD3"  # looks like a wallet key
 
@@ -163,7 +170,7 @@ def test_values_the_tool_migrated_are_read_by_the_helper_and_the_guide(
 ) -> None:
     truth = make_db(db_url, 25, keys.current, keys.legacy, bad_values=False)
     settings = settings_for(db_url, keys.current, keys.legacy)
-    migrate(settings, engine=make_engine(db_url), kms=make_kms(kms.client, settings))
+    run_migrate(settings, kms.client)
     after = snapshot(db_url)
     for cell, plaintext in truth.plaintexts.items():
         assert classify(after[cell]) is ValueKind.OTHER

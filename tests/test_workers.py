@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
-from collections import Counter
 from collections.abc import Sequence
 from datetime import timedelta
 from itertools import pairwise
@@ -30,6 +29,7 @@ from migration.worker import Heartbeat, WorkerSpec, settings_to_dict, work
 from tests.conftest import Keys, KmsHandle
 from tests.helpers import (
     interrupted_migrate,
+    journal_cells,
     make_db,
     make_kms,
     run_main,
@@ -211,14 +211,6 @@ class Recorder:
         self.finished = True
 
 
-def _journal_per_cell(url: str) -> Counter[tuple[str, str, str]]:
-    eng = create_engine(url)
-    with eng.connect() as conn:
-        rows = conn.execute(select(journal.c.table_name, journal.c.pk, journal.c.column_name)
-                            .where(journal.c.status == "migrated")).all()
-    return Counter((t, p, c) for t, p, c in rows)
-
-
 def test_ranged_run_resumes_a_single_process_run_and_migrates_each_value_once(
     db_url: str, keys: Keys, kms: KmsHandle,
 ) -> None:
@@ -237,7 +229,7 @@ def test_ranged_run_resumes_a_single_process_run_and_migrates_each_value_once(
     [(name, total)] = progress.started
     assert "4 column(s)" in name and 0 < total < 4 * 60
     assert progress.advanced == total and progress.finished
-    per_cell = _journal_per_cell(db_url)
+    per_cell = journal_cells(db_url)
     assert set(per_cell) == set(truth.plaintexts) and max(per_cell.values()) == 1
     assert sum(c.migrated for c in result.columns) == len(truth.plaintexts)
     assert result.failed == len(truth.bad)
@@ -405,7 +397,7 @@ def test_one_worker_process_on_sqlite_migrates_and_rolls_back(
     assert mig.returncode == 0, mig.stderr
     after = snapshot(sqlite_url)
     assert all(server_kms.decrypt_text(after[c]) == p for c, p in truth.plaintexts.items())
-    assert set(_journal_per_cell(sqlite_url)) == set(truth.plaintexts)
+    assert set(journal_cells(sqlite_url)) == set(truth.plaintexts)
     rb = subprocess.run([kms_migrate_bin(), "rollback", *common], env=cli_env,
                         capture_output=True, text=True, timeout=120)
     assert rb.returncode == 0, rb.stderr
