@@ -26,8 +26,20 @@ def aware(ts: datetime | None) -> datetime | None:
 
 @dataclass(frozen=True)
 class BatchCounts:
+    """The five counts of a batch, a column, a range or a run; they add up with `+`."""
+
     migrated: int = 0
     skipped: int = 0
     already: int = 0
     failed: int = 0
     conflicts: int = 0
+
+    def __add__(self, other: BatchCounts) -> BatchCounts:
+        return BatchCounts(self.migrated + other.migrated, self.skipped + other.skipped,
+                           self.already + other.already, self.failed + other.failed,
+                           self.conflicts + other.conflicts)
+
+    @property
+    def total(self) -> int:
+        """Values gone through, whatever their outcome."""
+        return self.migrated + self.skipped + self.already + self.failed + self.conflicts

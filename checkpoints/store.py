@@ -96,6 +96,11 @@ class Checkpoint:
     failed: int
     conflicts: int
 
+    @property
+    def counts(self) -> BatchCounts:
+        return BatchCounts(self.migrated, self.skipped, self.already, self.failed,
+                           self.conflicts)
+
 
 @dataclass(frozen=True)
 class JournalRow:

@@ -72,6 +72,7 @@ from .runs import graceful_stop
 from .status import collect_status
 from .supervisor import (
     DEFAULT_ROWS_PER_RANGE,
+    Here,
     migrate_ranged,
     refuse_sqlite_workers,
     rollback_ranged,
@@ -221,11 +222,12 @@ def migrate_cmd(**opts: Any) -> int:
             engine, settings.db_url, "migrate", opts["no_backup"], had_bookkeeping)
         progress = make_progress(label, not opts["no_progress"])
         if workers is not None:
-            result = migrate_ranged(
-                settings, engine=engine, kms=kms, workers=workers, new_run=opts["new_run"],
-                lease_seconds=opts["lease_seconds"], rows_per_range=opts["rows_per_range"],
-                progress=progress, should_stop=stop.requested, before_first_write=backup,
-                log_opts=_log_opts(opts))
+            here = Here(workers, lease_seconds=opts["lease_seconds"],
+                        rows_per_range=opts["rows_per_range"], progress=progress,
+                        should_stop=stop.requested, before_first_write=backup,
+                        log_opts=_log_opts(opts))
+            result = migrate_ranged(settings, engine=engine, kms=kms, here=here,
+                                    new_run=opts["new_run"])
         else:
             result = migrate(settings, engine=engine, kms=kms, dry_run=dry,
                              new_run=opts["new_run"], retry_failed=opts["retry_failed"],
@@ -293,12 +295,12 @@ def rollback_cmd(**opts: Any) -> int:
             engine, url, "rollback", opts["no_backup"])
         progress = make_progress("rollback", not opts["no_progress"])
         if workers is not None:
+            here = Here(workers, lease_seconds=opts["lease_seconds"],
+                        rows_per_range=opts["rows_per_range"], progress=progress,
+                        should_stop=stop.requested, before_first_write=backup,
+                        log_opts=_log_opts(opts))
             result = rollback_ranged(
-                engine, settings=Settings(db_url=url, batch_size=opts["batch_size"]),
-                workers=workers, lease_seconds=opts["lease_seconds"],
-                rows_per_range=opts["rows_per_range"], progress=progress,
-                should_stop=stop.requested, before_first_write=backup,
-                log_opts=_log_opts(opts))
+                engine, settings=Settings(db_url=url, batch_size=opts["batch_size"]), here=here)
         else:
             result = rollback(engine, batch_size=opts["batch_size"], before_first_write=backup,
                               progress=progress, should_stop=stop.requested)

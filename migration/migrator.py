@@ -286,7 +286,11 @@ def migrate(
     started = time.monotonic()
     bound = bind_targets(engine, settings.targets)
     codec = FernetCodec(settings.fernet_keys)
-    check_keys_open_something(engine, bound, codec)
+    if not retry_failed:
+        # A retry goes through the recorded failures only: a key that opens none of them
+        # fails each one again, named (exit 1), and the tokens it does not retry are none
+        # of its business (whether they open decided nothing: a refusal here was wrong).
+        check_keys_open_something(engine, bound, codec)
     key = kms.describe()
     result = MigrateResult(dry_run=dry_run)
     log = get_logger(dry_run=dry_run, key_id=settings.key_id)
@@ -430,8 +434,7 @@ class _Columns:
         self.result.columns.append(summary)
         ck = self.positions.get((bt.name, column))
         if ck is not None:
-            summary.add(BatchCounts(ck.migrated, ck.skipped, ck.already, ck.failed,
-                                    ck.conflicts))
+            summary.add(ck.counts)
             if ck.done:
                 return
         after = bt.pk_value(ck.last_pk) if ck and ck.last_pk is not None else None

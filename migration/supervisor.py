@@ -23,8 +23,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any, Protocol
 
@@ -68,7 +68,7 @@ from .rollback import (
 from .worker import MAX_HEARTBEAT, WorkerSpec, heartbeat_every, settings_to_dict
 
 __all__ = [
-    "DEFAULT_LEASE_SECONDS", "DEFAULT_ROWS_PER_RANGE", "WorkersFailed", "migrate_ranged",
+    "DEFAULT_LEASE_SECONDS", "DEFAULT_ROWS_PER_RANGE", "Here", "WorkersFailed", "migrate_ranged",
     "refuse_sqlite_workers", "rollback_ranged", "spawn_processes",
 ]
 
@@ -106,20 +106,23 @@ def spawn_processes(spec: WorkerSpec, n: int) -> list[Proc]:
     return procs
 
 
+@dataclass(frozen=True)
+class Here:
+    """This command's share of a ranged run: how many workers it starts here and how, the
+    range size and lease if it starts the run, and what it tells the operator."""
+
+    workers: int
+    lease_seconds: float = DEFAULT_LEASE_SECONDS
+    rows_per_range: int = DEFAULT_ROWS_PER_RANGE
+    progress: Progress | None = None
+    should_stop: Callable[[], bool] | None = None
+    before_first_write: Callable[[], None] | None = None
+    spawn: Spawn = spawn_processes
+    log_opts: Mapping[str, Any] = field(default_factory=dict)
+
+
 def migrate_ranged(
-    settings: Settings,
-    *,
-    engine: Engine,
-    kms: KMS,
-    workers: int,
-    new_run: bool = False,
-    lease_seconds: float = DEFAULT_LEASE_SECONDS,
-    rows_per_range: int = DEFAULT_ROWS_PER_RANGE,
-    progress: Progress | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    before_first_write: Callable[[], None] | None = None,
-    spawn: Spawn = spawn_processes,
-    log_opts: dict[str, Any] | None = None,
+    settings: Settings, *, engine: Engine, kms: KMS, here: Here, new_run: bool = False,
 ) -> MigrateResult:
     """`migrate --workers N`: start, resume or join a ranged run; run N workers here."""
     started = time.monotonic()
@@ -127,17 +130,16 @@ def migrate_ranged(
     check_keys_open_something(engine, bound, FernetCodec(settings.fernet_keys))
     key = kms.describe()
     start = start_ranged_migrate(settings, engine, key.arn, new_run=new_run,
-                                 rows_per_range=rows_per_range, workers=workers,
-                                 before_first_write=before_first_write)
+                                 rows_per_range=here.rows_per_range, workers=here.workers,
+                                 before_first_write=here.before_first_write)
     if start.run.max_kms_rps is not None:  # the run's limit, whoever started it
         settings = replace(settings, max_kms_rps=start.run.max_kms_rps)
     result = MigrateResult(dry_run=False, run_id=start.run.id, resumed=start.resumed,
                            joined=start.joined)
-    spec = WorkerSpec("migrate", start.run.id, start.lock.token, lease_seconds,
-                      settings_to_dict(settings), log_opts or {})
-    pids = _work_here(engine, start, spec, workers,
-                      _column_totals_migrate(engine, start.run.id, bound), progress,
-                      should_stop, spawn, bound)
+    spec = WorkerSpec("migrate", start.run.id, start.lock.token, here.lease_seconds,
+                      settings_to_dict(settings), dict(here.log_opts))
+    pids = _work_here(engine, start, spec, here,
+                      _column_totals_migrate(engine, start.run.id, bound), bound)
     with engine.connect() as conn:
         result.columns = _summaries(conn, start.run.id)
         result.failures = store.failures_of(conn, start.run.id)
@@ -149,19 +151,7 @@ def migrate_ranged(
     return result
 
 
-def rollback_ranged(
-    engine: Engine,
-    *,
-    settings: Settings,
-    workers: int,
-    lease_seconds: float = DEFAULT_LEASE_SECONDS,
-    rows_per_range: int = DEFAULT_ROWS_PER_RANGE,
-    progress: Progress | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    before_first_write: Callable[[], None] | None = None,
-    spawn: Spawn = spawn_processes,
-    log_opts: dict[str, Any] | None = None,
-) -> RollbackResult:
+def rollback_ranged(engine: Engine, *, settings: Settings, here: Here) -> RollbackResult:
     """`rollback --workers N`: the journal's id space split into ranges, per column."""
     started = time.monotonic()
     check_can_roll_back(engine)
@@ -173,21 +163,21 @@ def rollback_ranged(
         start = RangedStart(run, run_lock, joined=True, resumed=True)
     else:
         try:
-            if before_first_write is not None:
-                before_first_write()  # the lock is ours: e.g. the SQLite backup
+            if here.before_first_write is not None:
+                here.before_first_write()  # the lock is ours: e.g. the SQLite backup
             run, resumed = start_rollback_run(engine, settings.batch_size, run_lock,
                                               ranged=True)
             with engine.begin() as conn:
-                plan_rollback(conn, run, Sizing(rows_per_range, RANGES_PER_WORKER * workers,
-                                                  settings.batch_size), run_lock)
+                plan_rollback(conn, run, Sizing(here.rows_per_range,
+                                                RANGES_PER_WORKER * here.workers,
+                                                settings.batch_size), run_lock)
         except BaseException:
             run_lock.release(engine)
             raise
         start = RangedStart(run, run_lock, joined=False, resumed=resumed)
-    spec = WorkerSpec("rollback", start.run.id, start.lock.token, lease_seconds,
-                      settings_to_dict(settings), log_opts or {})
-    _work_here(engine, start, spec, workers, _column_totals_rollback(engine, start.run.id),
-               progress, should_stop, spawn)
+    spec = WorkerSpec("rollback", start.run.id, start.lock.token, here.lease_seconds,
+                      settings_to_dict(settings), dict(here.log_opts))
+    _work_here(engine, start, spec, here, _column_totals_rollback(engine, start.run.id))
     result = RollbackResult(run_id=start.run.id, resumed=start.resumed)
     with engine.connect() as conn:
         result.columns = _summaries(conn, start.run.id)
@@ -228,22 +218,20 @@ def _column_totals_rollback(engine: Engine, run_id: int) -> dict[tuple[str, str]
 def _processed(engine: Engine, run_id: int) -> dict[tuple[str, str], int]:
     with engine.connect() as conn:
         totals = leases.range_totals(conn, run_id)
-    return {k: c.migrated + c.skipped + c.already + c.failed + c.conflicts
-            for k, c in totals.items()}
+    return {k: c.total for k, c in totals.items()}
 
 
-def _run_workers(
-    engine: Engine, spec: WorkerSpec, n: int, totals: dict[tuple[str, str], int],
-    progress: Progress, should_stop: Callable[[], bool] | None, spawn: Spawn,
-) -> tuple[list[int], list[int]]:
+def _run_workers(engine: Engine, spec: WorkerSpec, here: Here,
+                 totals: dict[tuple[str, str], int]) -> tuple[list[int], list[int]]:
     """Start the workers, show progress from the ranges, forward a stop; their exit codes.
 
     The columns advance together, so progress is one count over all of them (the ranges'
     processed rows, polled from the database, whichever machine's worker did them)."""
+    progress, should_stop = here.progress or NullProgress(), here.should_stop
     seen = [sum(_processed(engine, spec.run_id).values())]
     name = f"{len(totals)} column(s), all workers"
     progress.start(name, "", sum(totals.values()))
-    procs = list(spawn(spec, n))
+    procs = list(here.spawn(spec, here.workers))
     forwarded = False
     try:
         try:
@@ -338,21 +326,20 @@ def _conclude(engine: Engine, start: RangedStart, codes: Sequence[int],
 
 
 def _work_here(
-    engine: Engine, start: RangedStart, spec: WorkerSpec, n: int,
-    totals: dict[tuple[str, str], int], progress: Progress | None,
-    should_stop: Callable[[], bool] | None, spawn: Spawn, bound: Sequence[BoundTarget] = (),
+    engine: Engine, start: RangedStart, spec: WorkerSpec, here: Here,
+    totals: dict[tuple[str, str], int], bound: Sequence[BoundTarget] = (),
 ) -> list[int]:
-    """Run this machine's N workers of the run to their end, then conclude (which raises
+    """Run this machine's workers of the run to their end, then conclude (which raises
     unless the whole run is done); the workers' pids."""
     with engine.connect() as conn:
         others = len(leases.live_workers(conn, spec.run_id,
                                          timedelta(seconds=3 * heartbeat_every(
                                              spec.lease_seconds))))
-    spec = replace(spec, workers=n, others=others)  # each worker's rate share from the start
+    # Each worker's rate share from the start.
+    spec = replace(spec, workers=here.workers, others=others)
     get_logger(run_id=spec.run_id, kind=spec.kind).info(
-        "workers_starting", workers=n, joined=start.joined, others=others)
-    codes, pids = _run_workers(engine, spec, n, totals, progress or NullProgress(),
-                               should_stop, spawn)
+        "workers_starting", workers=here.workers, joined=start.joined, others=others)
+    codes, pids = _run_workers(engine, spec, here, totals)
     _conclude(engine, start, codes, bound)
     return pids
 
@@ -369,14 +356,9 @@ def _summaries(conn: Any, run_id: int) -> list[ColumnSummary]:
 def _column_counts(conn: Any, run_id: int) -> dict[tuple[str, str], BatchCounts]:
     """A ranged run's counts per column: what it did before it was ranged (its column
     checkpoints), plus its ranges."""
-    out: dict[tuple[str, str], BatchCounts] = {}
-    for key, ck in sorted(store.load_checkpoints(conn, run_id).items()):
-        out[key] = BatchCounts(ck.migrated, ck.skipped, ck.already, ck.failed, ck.conflicts)
+    out = {key: ck.counts for key, ck in sorted(store.load_checkpoints(conn, run_id).items())}
     for key, c in leases.range_totals(conn, run_id).items():
-        b = out.get(key, BatchCounts())
-        out[key] = BatchCounts(b.migrated + c.migrated, b.skipped + c.skipped,
-                               b.already + c.already, b.failed + c.failed,
-                               b.conflicts + c.conflicts)
+        out[key] = out.get(key, BatchCounts()) + c
     return out
 
 

@@ -24,7 +24,7 @@ from migration.errors import ResumeMismatchError
 from migration.kms import RateLimiter
 from migration.migrator import migrate
 from migration.ranged_start import start_ranged_migrate
-from migration.supervisor import migrate_ranged, rollback_ranged
+from migration.supervisor import Here, migrate_ranged, rollback_ranged
 from migration.worker import Heartbeat, WorkerSpec, settings_to_dict, work
 from tests.conftest import Keys, KmsHandle
 from tests.helpers import (
@@ -221,8 +221,9 @@ def test_ranged_run_resumes_a_single_process_run_and_migrates_each_value_once(
     n = 3 if db_url.startswith("postgresql") else 1
     progress = Recorder()
     result = migrate_ranged(settings, engine=make_engine(db_url),
-                            kms=make_kms(kms.client, settings), workers=n, rows_per_range=11,
-                            spawn=thread_spawn(settings, kms.client), progress=progress)
+                            kms=make_kms(kms.client, settings),
+                            here=Here(n, rows_per_range=11,
+                                      spawn=thread_spawn(settings, kms.client), progress=progress))
     assert result.resumed
     # One count over all columns: the rows left after the interrupted run's checkpoint,
     # all of them seen by the end.
@@ -243,8 +244,8 @@ def test_ranged_run_resumes_a_single_process_run_and_migrates_each_value_once(
         assert run is not None and run.state == "completed" and run.ranged
         assert conn.execute(select(lock)).first() is None  # released
     # A plain migrate afterwards finds nothing left; rollback with workers restores all.
-    rb = rollback_ranged(eng, settings=settings, workers=n, rows_per_range=13,
-                         spawn=thread_spawn(settings, kms.client))
+    rb = rollback_ranged(eng, settings=settings,
+                         here=Here(n, rows_per_range=13, spawn=thread_spawn(settings, kms.client)))
     assert rb.restored == len(truth.plaintexts) and not rb.failures
     assert snapshot(db_url) == before
 
@@ -338,8 +339,8 @@ def test_a_fatal_kms_error_in_one_worker_stops_the_run_resumably(
 
     eng = make_engine(pg_url)
     with pytest.raises(WorkersFailed, match="disabled") as excinfo:
-        migrate_ranged(settings, engine=eng, kms=make_kms(kms.client, settings), workers=2,
-                       rows_per_range=10, spawn=spawn_after_disabling)
+        migrate_ranged(settings, engine=eng, kms=make_kms(kms.client, settings),
+                       here=Here(2, rows_per_range=10, spawn=spawn_after_disabling))
     assert "re-run the same command to resume" in str(excinfo.value)
     assert snapshot(pg_url) == before  # nothing was written
     with eng.connect() as conn:
@@ -347,8 +348,9 @@ def test_a_fatal_kms_error_in_one_worker_stops_the_run_resumably(
         states = {w.state for w in leases.list_workers(conn, run.id)}
         assert conn.execute(select(lock)).first() is None
     assert run.state == "stopped" and "failed" in states
-    result = migrate_ranged(settings, engine=eng, kms=make_kms(kms.client, settings), workers=2,
-                            rows_per_range=10, spawn=thread_spawn(settings, kms.client))
+    result = migrate_ranged(settings, engine=eng, kms=make_kms(kms.client, settings),
+                            here=Here(2, rows_per_range=10,
+                                      spawn=thread_spawn(settings, kms.client)))
     assert result.resumed and result.run_id == run.id
     assert sum(c.migrated for c in result.columns) == len(truth.plaintexts)
 
@@ -418,8 +420,8 @@ def test_a_validation_exception_in_a_worker_fails_that_value_not_the_run(
     inject(client, Injector("ValidationException"), "Encrypt")
     n = 2 if db_url.startswith("postgresql") else 1
     result = migrate_ranged(settings, engine=make_engine(db_url),
-                            kms=make_kms(kms.client, settings), workers=n, rows_per_range=10,
-                            spawn=thread_spawn(settings, client))
+                            kms=make_kms(kms.client, settings),
+                            here=Here(n, rows_per_range=10, spawn=thread_spawn(settings, client)))
     assert result.failed == 1
     assert sum(c.migrated for c in result.columns) == len(truth.plaintexts) - 1
 
@@ -448,7 +450,8 @@ def test_a_ranged_run_names_a_fernet_token_written_behind_it_and_retry_takes_it(
                      {"v": token, "pk": int(pk)})
     n = 2 if db_url.startswith("postgresql") else 1
     result = migrate_ranged(settings, engine=eng, kms=make_kms(kms.client, settings),
-                            workers=n, rows_per_range=9, spawn=thread_spawn(settings, kms.client))
+                            here=Here(n, rows_per_range=9,
+                                      spawn=thread_spawn(settings, kms.client)))
     assert result.resumed and result.failed == 1
     assert [(f.table_name, f.column_name, f.pk, f.reason) for f in result.failures] == [
         (table, column, pk, REASON_BEHIND)]
