@@ -20,7 +20,7 @@ from sqlalchemy import create_engine, select
 from .cli import make_kms, print_migrate, print_rollback, print_verify
 from .config import Settings
 from .db import make_engine
-from .errors import KmsMigrateError
+from .errors import DemoCheckFailed, KmsMigrateError
 from .migrator import migrate
 from .rollback import rollback
 from .sample import coinflip_metadata, create_coinflip_schema, fill_coinflip
@@ -28,10 +28,6 @@ from .status import collect_status
 from .verify import verify
 
 __all__ = ["run_demo"]
-
-
-class DemoCheckFailed(KmsMigrateError):
-    pass
 
 
 def _check(ok: bool, what: str) -> None:

@@ -45,7 +45,7 @@ from checkpoints.tables import checkpoints, journal, lock, runs
 
 from .codec import FernetCodec
 from .config import Settings, Target, fernet_keys_from_env
-from .errors import ConfigError, KmsMigrateError, RunLockedError
+from .errors import ConfigError, KmsMigrateError, RunLockedError, WorkersFailed
 from .kms import KMS, KeyInfo
 from .logs import get_logger
 from .migrator import (
@@ -101,10 +101,6 @@ def worker_engine(url: str, lease_seconds: float) -> Engine:
 
     return make_engine(url, idle_timeout=idle_timeout_for_lease(lease_seconds),
                        statement_timeout=WORKER_STATEMENT_TIMEOUT)
-
-
-class WorkersFailed(KmsMigrateError):
-    """Some worker stopped on an error (it printed its own line); the run is resumable."""
 
 
 def heartbeat_every(lease_seconds: float) -> float:

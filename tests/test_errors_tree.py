@@ -1,0 +1,117 @@
+"""The error tree (migration.errors) and the one place exceptions become exit codes
+(migration.exits): every error carries its exit code and one line; main() maps every
+exception, the unexpected ones and the checkpoints package's own included, to one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+from sqlalchemy.exc import OperationalError
+
+from checkpoints.leases import LeaseLost
+from checkpoints.lock import LockHeld, LockLost
+from migration import errors
+from migration.errors import (
+    EXIT_FATAL,
+    EXIT_INTERRUPTED,
+    ConfigError,
+    DemoCheckFailed,
+    FatalKMSError,
+    KmsMigrateError,
+    WorkersFailed,
+)
+from migration.exits import BOOKKEEPING_ERRORS, outcome
+from tests.helpers import run_main
+
+SECRET = "plaintext-that-must-never-show"
+
+
+def _tree() -> list[type[KmsMigrateError]]:
+    return [c for c in vars(errors).values()
+            if isinstance(c, type) and issubclass(c, KmsMigrateError)]
+
+
+def test_every_error_of_the_tree_carries_its_exit_code_and_one_line() -> None:
+    tree = _tree()
+    assert {WorkersFailed, DemoCheckFailed, ConfigError, FatalKMSError} <= set(tree)
+    for cls in tree:
+        exc = cls("what went wrong, and the fix")
+        assert exc.exit_code == EXIT_FATAL
+        assert exc.one_line() == "kms-migrate: error: what went wrong, and the fix"
+        assert outcome(exc).code == EXIT_FATAL
+        assert outcome(exc).line == exc.one_line()
+
+
+def test_the_moved_errors_are_the_ones_their_modules_raise() -> None:
+    from migration import demo, workers
+
+    assert workers.WorkersFailed is WorkersFailed
+    assert demo.DemoCheckFailed is DemoCheckFailed
+
+
+def test_a_fatal_kms_error_keeps_its_code() -> None:
+    assert FatalKMSError("denied", "AccessDeniedException").code == "AccessDeniedException"
+    assert FatalKMSError("denied").code == ""
+
+
+@pytest.mark.parametrize("exc", [
+    LockHeld("migrate run 7 is already running (host h, pid 1)"),
+    LockLost("the run lock was taken over by another process"),
+    LeaseLost("range 3 of run 7 was taken over by another worker"),
+])
+def test_lock_and_lease_errors_are_one_line_exit_2(exc: Exception) -> None:
+    assert isinstance(exc, BOOKKEEPING_ERRORS)
+    got = outcome(exc)
+    assert got.code == EXIT_FATAL
+    assert got.line == f"kms-migrate: error: {exc}"
+
+
+def test_interrupts_and_click_outcomes() -> None:
+    for exc in (KeyboardInterrupt(), click.exceptions.Abort()):
+        got = outcome(exc)
+        assert got.code == EXIT_INTERRUPTED and got.line is not None
+        assert "re-run the same command to resume" in got.line
+    assert outcome(click.exceptions.Exit(3)) == outcome(click.exceptions.Exit(3))
+    assert outcome(click.exceptions.Exit(3)).line is None
+    assert outcome(click.ClickException("bad")).line == "kms-migrate: error: bad"
+
+
+def test_a_database_error_shows_the_driver_s_first_line_never_the_statement() -> None:
+    exc = OperationalError(f"UPDATE t SET v = '{SECRET}'", {"v": SECRET},
+                           Exception("database is locked\nmore"))
+    got = outcome(exc)
+    assert got.code == EXIT_FATAL and got.line is not None
+    assert SECRET not in got.line and "locked by another writer" in got.line
+
+
+def test_an_unexpected_error_is_named_by_its_type_only() -> None:
+    got = outcome(RuntimeError(f"cannot store {SECRET}"))
+    assert got.code == EXIT_FATAL and got.line is not None
+    assert "unexpected RuntimeError" in got.line and SECRET not in got.line
+
+
+@pytest.mark.parametrize("exc", [
+    LockLost("the run lock was taken over by another process"),
+    RuntimeError(f"record_batch could not store {SECRET}"),
+    WorkersFailed("1 of 2 worker(s) stopped on an error"),
+])
+def test_main_prints_one_line_for_any_exception_a_command_raises(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+    exc: Exception,
+) -> None:
+    import migration.cli as cli_mod
+
+    def boom(*_: Any, **__: Any) -> Any:
+        raise exc
+
+    monkeypatch.setattr(cli_mod, "collect_status", boom)
+    (tmp_path / "x.db").touch()  # an empty file is an empty SQLite database
+    code, out, err = run_main(capsys, "status", "--db", f"sqlite:///{tmp_path / 'x.db'}")
+    assert code == EXIT_FATAL and out == ""
+    assert "Traceback" not in err and SECRET not in err
+    assert err.count("\n") == 1 and err.startswith("kms-migrate: ")
+    if not isinstance(exc, RuntimeError):
+        assert str(exc) in err
