@@ -56,16 +56,24 @@ FERNET_OVERHEAD = 57  # version, timestamp, IV and HMAC around the AES-CBC ciphe
 class ValueKind(enum.Enum):
     EMPTY = "empty"  # NULL or the empty string: nothing to migrate
     FERNET = "fernet"  # shaped like a Fernet token: to migrate
-    OTHER = "other"  # anything else: taken as already migrated (verify decides if it opens)
+    KMS = "kms"  # the stored KMS format (strict base64 of a blob): verify asks KMS to open it
+    OTHER = "other"  # anything else: neither format (migrate leaves it; verify reports it)
 
 
 def classify(value: object) -> ValueKind:
-    """Say what a stored value is by its shape alone (no key needed)."""
+    """Say what a stored value is by its shape alone (no key needed).
+
+    The one place that decides it: a Fernet token by its prefix, a KMS value by decoding as
+    the stored KMS format (`decode_kms`). Whether KMS really opens a KMS value is for KMS
+    to say (verify); migrate counts KMS and OTHER alike as already migrated.
+    """
     if value is None or value == "" or value == b"":
         return ValueKind.EMPTY
-    if isinstance(value, str) and value.startswith(FERNET_PREFIX):
+    if not isinstance(value, str):
+        return ValueKind.OTHER
+    if value.startswith(FERNET_PREFIX):
         return ValueKind.FERNET
-    return ValueKind.OTHER
+    return ValueKind.KMS if decode_kms(value) is not None else ValueKind.OTHER
 
 
 def kms_text_length(plaintext_len: int) -> int:

@@ -50,6 +50,7 @@ from botocore.config import Config
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
 from .codec import (
+    KMS_MAX_CIPHERTEXT,
     KMS_MAX_PLAINTEXT,
     ValueKind,
     classify,
@@ -87,7 +88,6 @@ CLIENT_CONFIG = Config(
     max_pool_connections=50,  # one pool shared by all threads; botocore's default is 10
 )
 
-KMS_MAX_CIPHERTEXT = 6144  # Decrypt's CiphertextBlob limit
 # Decrypt's answers meaning "this value cannot be opened": corrupt, made under another key,
 # or read with another encryption context than it was written with. Anything else (access
 # denied, disabled key, throttling) is about the service, not the value, and propagates.
@@ -322,16 +322,14 @@ def _as_text(value: object) -> str:
     return text
 
 
-def _decode_kms_lenient(text: str) -> bytes | None:
-    """The blob behind stored base64, decoded as the guide's helper decodes it.
+def _decode_guide_base64(text: str) -> bytes | None:
+    """The blob behind base64 that is not the strict stored format (`classify` says OTHER),
+    decoded as the guide's helper decodes it.
 
     The guide uses non-strict ``base64.b64decode``, which skips characters outside the
     alphabet (newlines, spaces), so a value it wrote or reads is read here too. Anything
     that does not decode to a KMS ciphertext is refused by KMS itself.
     """
-    blob = decode_kms(text)  # the stored format, strict
-    if blob is not None:
-        return blob
     try:
         blob = base64.b64decode(text.encode("utf-8"), validate=False)
     except (binascii.Error, UnicodeEncodeError, ValueError):
@@ -364,7 +362,7 @@ def _decrypt(
         if opened is None:
             raise SecretDecryptError(_NO_FERNET_KEY_OPENS)
         return _utf8(opened)
-    blob = _decode_kms_lenient(text)
+    blob = decode_kms(text) if kind is ValueKind.KMS else _decode_guide_base64(text)
     if blob is None or len(blob) > KMS_MAX_CIPHERTEXT:
         raise SecretDecryptError(_NOT_A_FORMAT)
     return (kms or KMSEncryption())._decrypt_blob(blob, context)

@@ -115,3 +115,29 @@ def test_main_prints_one_line_for_any_exception_a_command_raises(
     assert err.count("\n") == 1 and err.startswith("kms-migrate: ")
     if not isinstance(exc, RuntimeError):
         assert str(exc) in err
+
+
+# -- codec.classify: the one decision of what a stored value is --------------------------------
+
+@pytest.mark.parametrize(("value", "kind"), [
+    (None, "EMPTY"), ("", "EMPTY"), (b"", "EMPTY"),
+    ("gAAAAABfernet-shaped", "FERNET"),
+    ("AQIDBA==", "KMS"),  # strict standard base64 of a blob: the stored KMS format
+    ("AQID\nBA==", "OTHER"),  # the guide's lenient base64 is not the stored format
+    ("hello", "OTHER"), ("   ", "OTHER"), ("not-base64!", "OTHER"),
+    (b"AQIDBA==", "OTHER"), (42, "OTHER"),
+])
+def test_classify_tells_kms_text_from_other_values(value: object, kind: str) -> None:
+    from migration.codec import ValueKind, classify
+
+    assert classify(value) is ValueKind[kind]
+
+
+def test_every_kms_kind_decodes_as_a_kms_blob() -> None:
+    import os
+
+    from migration.codec import ValueKind, classify, decode_kms, encode_kms
+
+    for n in (1, 3, 100, 300):
+        text = encode_kms(b"\x01" + os.urandom(n))
+        assert classify(text) is ValueKind.KMS and decode_kms(text) is not None
