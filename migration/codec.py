@@ -27,6 +27,7 @@ __all__ = [
     "KMS_BLOB_OVERHEAD",
     "KMS_MAX_CIPHERTEXT",
     "KMS_MAX_PLAINTEXT",
+    "BadFernetKey",
     "FernetCodec",
     "ValueKind",
     "classify",
@@ -38,6 +39,7 @@ __all__ = [
     "fernet_token_length",
     "kms_text_length",
     "max_plaintext_fitting",
+    "multi_fernet",
 ]
 
 FERNET_PREFIX = "gAAAAA"
@@ -122,6 +124,34 @@ def encryption_context(table: str, column: str, pk: object) -> dict[str, str]:
     return {"table": table, "column": column, "pk": str(pk)}
 
 
+class BadFernetKey(Exception):
+    """A Fernet key that does not parse; carries the key's name only, never the key."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+def multi_fernet(named: Sequence[tuple[str, str]]) -> MultiFernet:
+    """A MultiFernet over (name, key) pairs, tried in order: the one parser of Fernet keys,
+    for the tool (`FernetCodec`) and the application helper (`migration.runtime`).
+
+    Raises BadFernetKey naming the first malformed key, outside any except clause, so no
+    error it raises holds (or chains to one that holds) a key. Needs at least one key.
+    """
+    fernets: list[Fernet] = []
+    for name, key in named:
+        parsed: Fernet | None
+        try:
+            parsed = Fernet(key.encode("utf-8"))
+        except (ValueError, binascii.Error, UnicodeEncodeError, TypeError):
+            parsed = None
+        if parsed is None:
+            raise BadFernetKey(name)
+        fernets.append(parsed)
+    return MultiFernet(fernets)
+
+
 class FernetCodec:
     """Opens Fernet tokens with the current key and every legacy key, as MultiFernet does."""
 
@@ -131,19 +161,20 @@ class FernetCodec:
                 "ENCRYPTION_KEY is not set: export the Fernet key the application uses "
                 "(older keys go in ENCRYPTION_KEY_LEGACY, comma-separated)"
             )
-        fernets: list[Fernet] = []
-        for i, key in enumerate(keys):
-            name = "ENCRYPTION_KEY" if i == 0 else f"ENCRYPTION_KEY_LEGACY key #{i}"
-            try:
-                fernets.append(Fernet(key.encode("utf-8")))
-            except (ValueError, binascii.Error, UnicodeEncodeError):
-                # Never echo the key: only say which one is malformed and what a good one is.
-                raise ConfigError(
-                    f"{name} is not a valid Fernet key (it must be 32 bytes in url-safe "
-                    "base64, 44 characters ending in '='): set the key the application "
-                    "really encrypts with"
-                ) from None
-        self._multi = MultiFernet(fernets)
+        named = [("ENCRYPTION_KEY" if i == 0 else f"ENCRYPTION_KEY_LEGACY key #{i}", key)
+                 for i, key in enumerate(keys)]
+        bad: str | None = None
+        try:
+            self._multi = multi_fernet(named)
+        except BadFernetKey as exc:
+            bad = exc.name
+        if bad is not None:
+            # Never echo the key: only say which one is malformed and what a good one is.
+            raise ConfigError(
+                f"{bad} is not a valid Fernet key (it must be 32 bytes in url-safe "
+                "base64, 44 characters ending in '='): set the key the application "
+                "really encrypts with"
+            ) from None
 
     def decrypt(self, token: str) -> bytes | None:
         """The plaintext a token holds, or None when no key opens it (corrupt, unknown key)."""

@@ -47,18 +47,20 @@ from typing import Any
 import boto3
 import botocore.exceptions
 from botocore.config import Config
-from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+from cryptography.fernet import InvalidToken, MultiFernet
 
 from .codec import (
     KMS_MAX_CIPHERTEXT,
     KMS_MAX_PLAINTEXT,
+    BadFernetKey,
     ValueKind,
     classify,
     decode_kms,
     encode_kms,
     encryption_context,
+    multi_fernet,
 )
-from .config import DEFAULT_KEY_ID, DEFAULT_REGION, fernet_keys_from_env
+from .config import DEFAULT_KEY_ID, DEFAULT_REGION, named_fernet_keys
 from .errors import SecretDecryptError
 
 __all__ = [
@@ -216,19 +218,7 @@ if hasattr(os, "register_at_fork"):
 def _fernet_keys(encryption_key: str | None) -> tuple[tuple[str, str], ...]:
     """(name, key): the current key (the argument, else ENCRYPTION_KEY) first, then the
     legacy keys, each named by where it comes from and its position (never its value)."""
-    current = (encryption_key or "").strip()
-    current_name = "the encryption_key argument" if current else "ENCRYPTION_KEY"
-    env_current = fernet_keys_from_env({
-        "ENCRYPTION_KEY": os.environ.get("ENCRYPTION_KEY", ""),
-    })
-    legacy = fernet_keys_from_env({
-        "ENCRYPTION_KEY_LEGACY": os.environ.get("ENCRYPTION_KEY_LEGACY", ""),
-    })
-    named: list[tuple[str, str]] = []
-    if current or env_current:
-        named.append((current_name, current or env_current[0]))
-    named.extend((f"ENCRYPTION_KEY_LEGACY key #{i}", k) for i, k in enumerate(legacy, 1))
-    return tuple(named)
+    return named_fernet_keys(os.environ, encryption_key)
 
 
 def _multi_fernet(named: tuple[tuple[str, str], ...]) -> MultiFernet:
@@ -242,20 +232,16 @@ def _multi_fernet(named: tuple[tuple[str, str], ...]) -> MultiFernet:
             "ENCRYPTION_KEY not set: export the application's Fernet key (older keys go in "
             "ENCRYPTION_KEY_LEGACY, comma-separated)"
         )
-    fernets: list[Fernet] = []
     bad: str | None = None
-    for name, key in named:
-        try:
-            fernets.append(Fernet(key.encode("utf-8")))
-        except (ValueError, binascii.Error, UnicodeEncodeError, TypeError):
-            bad = name
-            break
-    if bad is not None:  # raised here, outside the except, so no error holds the key
+    try:
+        multi = multi_fernet(named)
+    except BadFernetKey as exc:  # it holds the key's name only
+        bad = exc.name
+    if bad is not None:  # raised here, outside the except, so nothing chains to it
         raise ValueError(
             f"{bad} is not a valid Fernet key: it must be 32 bytes in url-safe base64, 44 "
             "characters ending in '=' (fix or remove it)"
         )
-    multi = MultiFernet(fernets)
     with _fernet_lock:
         if len(_fernets) >= _FERNET_CACHE_MAX:
             _fernets.clear()
@@ -501,14 +487,13 @@ def encrypt_secret(
     if use_aws_kms():
         return KMSEncryption().encrypt_secret(plaintext, context=context)
     data = _plain_bytes(plaintext)
-    current = (encryption_key or "").strip()
-    name = "the encryption_key argument" if current else "ENCRYPTION_KEY"
-    current = current or os.environ.get("ENCRYPTION_KEY", "").strip()
-    if not current:
-        raise ValueError("ENCRYPTION_KEY not set: export the application's Fernet key")
     # Writing needs the current key only: a malformed legacy key (needed only to read old
     # tokens) does not stop the application from storing new secrets.
-    return _multi_fernet(((name, current),)).encrypt(data).decode("ascii")
+    current = named_fernet_keys({"ENCRYPTION_KEY": os.environ.get("ENCRYPTION_KEY", "")},
+                                encryption_key)
+    if not current:
+        raise ValueError("ENCRYPTION_KEY not set: export the application's Fernet key")
+    return _multi_fernet(current).encrypt(data).decode("ascii")
 
 
 def decrypt_secret(

@@ -141,3 +141,43 @@ def test_every_kms_kind_decodes_as_a_kms_blob() -> None:
     for n in (1, 3, 100, 300):
         text = encode_kms(b"\x01" + os.urandom(n))
         assert classify(text) is ValueKind.KMS and decode_kms(text) is not None
+
+
+# -- Fernet keys: one parser for the tool and the application helper ----------------------------
+
+def test_named_fernet_keys_names_each_key_by_where_it_comes_from() -> None:
+    from migration.config import fernet_keys_from_env, named_fernet_keys
+
+    env = {"ENCRYPTION_KEY": " cur ", "ENCRYPTION_KEY_LEGACY": "old1, ,old2 "}
+    assert named_fernet_keys(env) == (
+        ("ENCRYPTION_KEY", "cur"), ("ENCRYPTION_KEY_LEGACY key #1", "old1"),
+        ("ENCRYPTION_KEY_LEGACY key #2", "old2"))
+    assert named_fernet_keys(env, " arg ")[0] == ("the encryption_key argument", "arg")
+    assert named_fernet_keys({"ENCRYPTION_KEY_LEGACY": "old1"}) == (
+        ("ENCRYPTION_KEY_LEGACY key #1", "old1"),)
+    assert fernet_keys_from_env(env) == ("cur", "old1", "old2")
+
+
+def test_the_tool_and_the_helper_refuse_the_same_malformed_key_without_showing_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from cryptography.fernet import Fernet
+
+    from migration import runtime
+    from migration.codec import BadFernetKey, FernetCodec, multi_fernet
+
+    good, bad = Fernet.generate_key().decode(), "my-super-secret-key-12345"
+    with pytest.raises(BadFernetKey) as caught:
+        multi_fernet([("ENCRYPTION_KEY", good), ("ENCRYPTION_KEY_LEGACY key #1", bad)])
+    assert caught.value.name == "ENCRYPTION_KEY_LEGACY key #1" and bad not in repr(caught.value)
+    assert caught.value.__context__ is None
+    with pytest.raises(ConfigError, match="ENCRYPTION_KEY_LEGACY key #1") as tool:
+        FernetCodec([good, bad])
+    monkeypatch.setenv("ENCRYPTION_KEY", good)
+    monkeypatch.setenv("ENCRYPTION_KEY_LEGACY", bad)
+    runtime.reset_cache()
+    token = Fernet(good.encode()).encrypt(b"x").decode()
+    with pytest.raises(ValueError, match="ENCRYPTION_KEY_LEGACY key #1") as helper:
+        runtime.decrypt_secret(token)
+    for err in (tool.value, helper.value):
+        assert bad not in str(err) and err.__context__ is None
