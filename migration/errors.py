@@ -95,7 +95,14 @@ class DemoCheckFailed(KmsMigrateError):
 
 
 class TransientKMSError(Exception):
-    """A KMS error that a retry may fix; raised inside the retry loop, never to the CLI."""
+    """A KMS error that a retry may fix; raised inside the retry loop, never to the CLI.
+
+    Its text is KMS's error code, or the name of the connection error (`connection`).
+    """
+
+    def __init__(self, what: str, *, connection: bool = False) -> None:
+        super().__init__(what)
+        self.connection = connection
 
 
 class KMSValueError(Exception):

@@ -45,13 +45,8 @@ from .codec import (
 from .config import Settings, targets_fingerprint
 from .db import make_engine, safe_url
 from .errors import ConfigError, KmsMigrateError
-from .kms import (
-    CONNECTION_ERRORS,
-    CREDENTIAL_CODES,
-    TRANSIENT_CODES,
-    aws_settings_problem,
-    make_client,
-)
+from .kms_client import aws_settings_problem, make_client
+from .kms_codes import CONNECTION_ERRORS, CREDENTIAL_CODES, TRANSIENT_CODES
 from .migrator import fernet_sample
 from .reader import BoundTarget, bind_target, refuse_null_keys
 
