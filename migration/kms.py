@@ -1,6 +1,8 @@
-"""The one retry layer and the one classification of KMS errors: every KMS call the tool
-makes (migrate, rollback's checks, verify, finalize, workers, preflight) goes through
-`KMS`, on a shared boto3 client, under one retry policy, at bounded concurrency.
+"""The one retry layer and the one classification of KMS errors: every KMS call of the
+commands that touch secrets (migrate and its workers, verify, finalize, preflight) goes
+through `KMS`, on a shared boto3 client, under one retry policy, at bounded concurrency.
+Two calls do not, on purpose: `iam-policy`'s single best-effort DescribeKey (`iam.py`,
+which falls back to the ARN given) and the demo's own check of a value against moto.
 
 Retries live in one layer only. botocore's own retries are switched off
 (``total_max_attempts=1``, `migration.kms_client`) and every single KMS call is wrapped

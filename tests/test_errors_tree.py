@@ -181,3 +181,79 @@ def test_the_tool_and_the_helper_refuse_the_same_malformed_key_without_showing_i
         runtime.decrypt_secret(token)
     for err in (tool.value, helper.value):
         assert bad not in str(err) and err.__context__ is None
+
+
+# -- KMS: one classification, one message table, one retry policy -------------------------------
+
+class _FailingClient:
+    """A KMS client whose every call raises what `make` builds, counting the calls."""
+
+    def __init__(self, make: Any) -> None:
+        self.make, self.calls = make, 0
+
+    def _fail(self, **_: Any) -> Any:
+        self.calls += 1
+        raise self.make()
+
+    encrypt = decrypt = describe_key = _fail
+
+
+def _client_error(code: str) -> Exception:
+    import botocore.exceptions
+
+    return botocore.exceptions.ClientError({"Error": {"Code": code, "Message": SECRET}},
+                                           "Encrypt")
+
+
+def test_one_message_table_worded_for_the_caller() -> None:
+    from migration.kms_codes import PREFLIGHT, RUN, fatal_message
+
+    run = fatal_message("DisabledException", "Encrypt", "alias/k", "us-east-1", RUN)
+    pre = fatal_message("DisabledException", "Encrypt", "alias/k", "us-east-1", PREFLIGHT)
+    assert run.endswith(RUN.rerun) and pre.endswith(PREFLIGHT.rerun)
+    assert run.removesuffix(RUN.rerun) == pre.removesuffix(PREFLIGHT.rerun)
+    assert "aws kms enable-key --key-id alias/k --region us-east-1" in run
+
+
+def test_preflight_calls_kms_through_kms_with_its_own_wording_and_attempts() -> None:
+    from migration.kms import KMS
+    from migration.preflight_kms import ATTEMPTS, preflight_kms
+
+    client = _FailingClient(lambda: _client_error("ThrottlingException"))
+    waits: list[float] = []
+    kms = preflight_kms(client, "alias/k", "us-east-1", waits.append)
+    assert isinstance(kms, KMS)
+    with pytest.raises(FatalKMSError) as caught:
+        kms.key_metadata()
+    assert client.calls == ATTEMPTS and len(waits) == ATTEMPTS - 1
+    line = str(caught.value)
+    assert caught.value.code == "ThrottlingException" and SECRET not in line
+    assert f"after {ATTEMPTS} attempts" in line and line.endswith("re-run kms-migrate preflight")
+
+
+def test_a_kms_that_stays_unreachable_is_named_so() -> None:
+    import botocore.exceptions
+
+    from migration.kms import KMS, RetryPolicy
+
+    client = _FailingClient(lambda: botocore.exceptions.EndpointConnectionError(
+        endpoint_url="https://kms.example"))
+    kms = KMS(client, "alias/k", "us-east-1", policy=RetryPolicy(max_attempts=2),
+              sleep=lambda _: None)
+    with pytest.raises(FatalKMSError) as caught:
+        kms.encrypt(b"x")
+    assert client.calls == 2 and caught.value.code == "EndpointConnectionError"
+    assert str(caught.value).startswith(
+        "cannot reach KMS in us-east-1 (EndpointConnectionError) after 2 attempts")
+
+
+def test_a_per_value_refusal_is_a_kms_value_error_never_fatal() -> None:
+    from migration.errors import KMSValueError
+    from migration.kms import KMS, KeyInfo
+
+    client = _FailingClient(lambda: _client_error("InvalidCiphertextException"))
+    kms = KMS(client, "alias/k", "us-east-1", sleep=lambda _: None)
+    kms.key = KeyInfo("alias/k", "arn:aws:kms:us-east-1:111122223333:key/k")
+    with pytest.raises(KMSValueError, match="InvalidCiphertextException"):
+        kms.call("Decrypt", CiphertextBlob=b"\x01blob")
+    assert kms.decrypt(b"\x01blob") is None and kms.retries == 0
