@@ -111,7 +111,7 @@ def prepare_rows(
         kind = classify(row.value)
         if kind is ValueKind.EMPTY:
             skipped += 1
-        elif kind is ValueKind.OTHER:
+        elif kind in (ValueKind.KMS, ValueKind.OTHER):
             already += 1
         else:
             plaintext = codec.decrypt(row.value)

@@ -7,12 +7,10 @@ untouched); 2 refused to start or stopped on a fatal error (one line on stderr);
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import sys
-import traceback
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,11 +18,10 @@ from typing import Any, NoReturn
 
 import click
 from sqlalchemy import Engine
-from sqlalchemy.exc import SQLAlchemyError
 
 from checkpoints import store
 
-from . import __version__
+from . import __version__, exits
 from .backup import backup_sqlite
 from .config import (
     DEFAULT_BATCH_SIZE,
@@ -38,13 +35,10 @@ from .config import (
     resolve_db_url,
 )
 from .db import (
-    PG_LOCK_TIMEOUT,
-    SQLITE_BUSY_TIMEOUT,
     carries_password,
     is_sqlite,
     make_engine,
     safe_url,
-    scrub_known,
     sqlite_path,
 )
 from .errors import (
@@ -53,10 +47,9 @@ from .errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     ConfigError,
-    KmsMigrateError,
 )
 from .kms import make_kms, validate_region
-from .logs import configure_from_options, configure_logging, get_logger
+from .logs import configure_from_options, configure_logging
 from .migrator import migrate
 from .options import (
     db_option,
@@ -510,34 +503,11 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-# click >= 8.2 raises this UsageError for a bare group; older click prints the help itself.
-_NO_ARGS_IS_HELP: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
-
-
-def _error(message: str) -> None:
-    """One line on stderr, with every database credential this process used masked."""
-    click.echo(scrub_known(message).replace("\n", " "), err=True)
-
-
-def _log_unexpected(exc: BaseException) -> None:
-    """An unexpected exception, at debug level: its type and where it was raised, frame by
-    frame (file, line, function), and the types of the exceptions it chained. Never its
-    message, nor any chained one's, nor local variables: those can hold a value, a token or
-    a password; the code's location and names cannot."""
-    chain: list[str] = []
-    frames: list[str] = []
-    seen: BaseException | None = exc
-    while seen is not None and len(chain) < 10:
-        chain.append(type(seen).__name__)
-        frames.extend(f"{Path(f.filename).name}:{f.lineno} in {f.name}"
-                      for f in traceback.extract_tb(seen.__traceback__))
-        seen = seen.__cause__ or seen.__context__
-    get_logger().debug("unexpected_error", error_type=chain[0], chained=chain[1:],
-                       frames=frames)
-
-
 def main(argv: Sequence[str] | None = None) -> NoReturn:
-    """Console entry point: one line on stderr for every refusal, never a traceback."""
+    """Console entry point: one line on stderr for every refusal, never a traceback.
+
+    Every exception, the unexpected ones included, goes through `exits.report`, the one
+    place that maps an exception to its exit code and line."""
     signal.signal(signal.SIGTERM, _on_sigterm)
     _warnings.clear()
     code: int
@@ -545,47 +515,8 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         rv = cli.main(args=list(argv) if argv is not None else None, prog_name="kms-migrate",
                       standalone_mode=False)
         code = rv if isinstance(rv, int) else EXIT_OK
-    except click.exceptions.Exit as exc:
-        code = exc.exit_code
-    except (KeyboardInterrupt, click.exceptions.Abort):
-        click.echo("kms-migrate: interrupted; committed batches are kept, re-run the same "
-                   "command to resume", err=True)
-        code = EXIT_INTERRUPTED
-    except _NO_ARGS_IS_HELP as exc:  # bare `kms-migrate`: the help, as click shows it
-        exc.show()
-        code = exc.exit_code
-    except click.UsageError as exc:
-        hint = f" (see {exc.ctx.command_path} --help)" if exc.ctx else ""
-        msg = exc.format_message().replace("\n", " ")
-        _error(f"kms-migrate: error: {msg}{hint}")
-        code = EXIT_FATAL
-    except click.ClickException as exc:
-        _error(f"kms-migrate: error: {exc.format_message()}")
-        code = EXIT_FATAL
-    except KmsMigrateError as exc:
-        _error(f"kms-migrate: error: {exc}")
-        code = exc.exit_code
-    except SQLAlchemyError as exc:
-        # Never the statement or its parameters (they hold tokens): the driver's first line.
-        orig = getattr(exc, "orig", None)
-        reason = str(orig).strip().splitlines()[0] if orig else type(exc).__name__
-        if "database is locked" in reason:
-            reason = (f"the SQLite database is locked by another writer (waited "
-                      f"{SQLITE_BUSY_TIMEOUT:g} s); let it finish or stop it")
-        elif "lock timeout" in reason:
-            reason = (f"a row or table stayed locked by another session for "
-                      f"{PG_LOCK_TIMEOUT:g} s; let it finish or stop it")
-        _error(f"kms-migrate: database error: {reason}; committed batches are kept, "
-               "re-run to resume")
-        code = EXIT_FATAL
-    except Exception as exc:  # the last guard: one line, never a traceback
-        # Not str(exc): the message of an exception nobody anticipated could hold a value.
-        with contextlib.suppress(Exception):
-            _log_unexpected(exc)
-        _error(f"kms-migrate: error: unexpected {type(exc).__name__} (its message is not "
-               "shown, as it could hold a secret); committed batches are kept: re-run with "
-               "--log-level debug to log where it was raised, and report it")
-        code = EXIT_FATAL
+    except (Exception, KeyboardInterrupt) as exc:
+        code = exits.report(exc)
     if code != EXIT_FATAL:  # a refusal stays one line
         for warning in _warnings:
             click.echo(warning, err=True)

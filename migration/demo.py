@@ -19,7 +19,7 @@ from sqlalchemy import create_engine, select
 
 from .config import Settings
 from .db import make_engine
-from .errors import KmsMigrateError
+from .errors import DemoCheckFailed, KmsMigrateError
 from .kms import make_kms
 from .migrator import migrate
 from .render import print_migrate, print_rollback, print_verify
@@ -29,10 +29,6 @@ from .status import collect_status
 from .verify import verify
 
 __all__ = ["run_demo"]
-
-
-class DemoCheckFailed(KmsMigrateError):
-    pass
 
 
 def _check(ok: bool, what: str) -> None:

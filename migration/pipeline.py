@@ -306,7 +306,7 @@ def _classify_for_verify(job: ColumnJob, rows: Sequence[Row], check: ColumnCheck
             check.fernet_left += 1
             problems.append((bt.name, column, pk, "still a Fernet token"))
         else:
-            blob = decode_kms(row.value) if isinstance(row.value, str) else None
+            blob = decode_kms(row.value) if kind is ValueKind.KMS else None
             if blob is None:
                 check.undecryptable += 1
                 problems.append((bt.name, column, pk, "neither a Fernet token nor base64"))

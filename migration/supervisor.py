@@ -42,7 +42,7 @@ from .config import (
     DEFAULT_ROWS_PER_RANGE,
     Settings,
 )
-from .errors import ConfigError, KmsMigrateError
+from .errors import ConfigError, WorkersFailed
 from .kms import KMS
 from .logs import get_logger
 from .migrator import (
@@ -71,10 +71,6 @@ __all__ = [
     "DEFAULT_LEASE_SECONDS", "DEFAULT_ROWS_PER_RANGE", "Here", "WorkersFailed", "migrate_ranged",
     "refuse_sqlite_workers", "rollback_ranged", "spawn_processes",
 ]
-
-class WorkersFailed(KmsMigrateError):
-    """Some worker stopped on an error (it printed its own line); the run is resumable."""
-
 
 # -- the command that starts workers ----------------------------------------------------------
 
