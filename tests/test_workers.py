@@ -324,8 +324,8 @@ def test_workers_with_a_single_process_mode_are_refused(
 def test_a_fatal_kms_error_in_one_worker_stops_the_run_resumably(
     pg_url: str, keys: Keys, kms: KmsHandle,
 ) -> None:
-    from migration.kms import make_client
     from migration.errors import WorkersFailed
+    from migration.kms import make_client
     from tests.test_kms import Injector, inject
 
     truth = make_db(pg_url, 40, keys.current, keys.legacy, bad_values=False)
