@@ -110,7 +110,7 @@ class RangeRow:
     conflicts: int
 
 
-def boundaries(
+def boundaries(  # noqa: PLR0913
     conn: Connection, source: FromClause, key: ColumnElement[Any],
     where: Sequence[ColumnElement[bool]], rows_per_range: int, *, min_ranges: int = 1,
     min_rows: int = 1,

@@ -140,7 +140,7 @@ def list_runs(conn: Connection, limit: int = 20) -> list[Run]:
     return [_run(r) for r in rows]
 
 
-def create_run(
+def create_run(  # noqa: PLR0913
     conn: Connection,
     *,
     kind: str,
@@ -249,7 +249,7 @@ def load_checkpoints(conn: Connection, run_id: int) -> dict[tuple[str, str], Che
     }
 
 
-def record_batch(
+def record_batch(  # noqa: PLR0913
     conn: Connection,
     run_id: int,
     table_name: str,

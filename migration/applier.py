@@ -130,7 +130,7 @@ def cas_many(
     return took
 
 
-def apply_migrate_batch(
+def apply_migrate_batch(  # noqa: PLR0913
     engine: Engine,
     bt: BoundTarget,
     column: str,
@@ -177,7 +177,7 @@ def apply_migrate_batch(
     return final
 
 
-def apply_rollback_batch(
+def apply_rollback_batch(  # noqa: PLR0913
     engine: Engine,
     bt: BoundTarget,
     column: str,

@@ -90,7 +90,7 @@ def reason_unfit(need: int, bt: BoundTarget, column: str, *, estimated: bool) ->
             "widen the column, then migrate --retry-failed")
 
 
-def prepare_rows(
+def prepare_rows(  # noqa: PLR0913
     rows: list[Row], bt: BoundTarget, column: str, codec: FernetCodec, kms: KMS,
     with_context: bool = False, *, size_for_aws: bool = False,
 ) -> Prepared:

@@ -7,39 +7,25 @@ untouched); 2 refused to start or stopped on a fatal error (one line on stderr);
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, NoReturn
 
 import click
-from sqlalchemy import Engine
 
-from checkpoints import store
-
-from . import __version__, exits
-from .backup import backup_sqlite
+from . import __version__, exits, options
+from .backup import backup_before_first_write, had_bookkeeping
+from .cli_info import demo_cmd, iam_policy_cmd, status_cmd
 from .config import (
     DEFAULT_BATCH_SIZE,
-    DEFAULT_CONCURRENCY,
-    DEFAULT_KEY_ID,
-    DEFAULT_MAX_KMS_RPS,
-    DEFAULT_REGION,
     Settings,
-    fernet_keys_from_env,
-    load_targets,
-    resolve_db_url,
 )
 from .db import (
-    carries_password,
-    is_sqlite,
     make_engine,
     safe_url,
-    sqlite_path,
 )
 from .errors import (
     EXIT_FAILURES,
@@ -48,21 +34,23 @@ from .errors import (
     EXIT_OK,
     ConfigError,
 )
-from .kms import make_kms, validate_region
-from .logs import configure_from_options, configure_logging
+from .logs import configure_from_options
 from .migrator import migrate
 from .options import (
+    confirm,
     db_option,
+    db_url_from,
     log_options,
+    make_kms,
+    settings_from,
     target_options,
     writing_run_options,
 )
 from .progress import make_progress
-from .render import estimate_seconds, print_migrate, print_rollback, print_status, print_verify
+from .render import estimate_seconds, print_migrate, print_rollback, print_verify
 from .report import build_report, write_report
 from .rollback import rollback
 from .runs import graceful_stop
-from .status import collect_status
 from .supervisor import (
     DEFAULT_ROWS_PER_RANGE,
     Here,
@@ -75,74 +63,8 @@ from .worker import WorkerSpec, settings_from_dict, work, worker_engine, worker_
 
 __all__ = ["cli", "main"]
 
-def _had_bookkeeping(engine: Engine) -> bool:
-    with engine.connect() as conn:
-        return store.schema_present(conn)
-
-
-def _backup_before_first_write(engine: Engine, url: str, kind: str, skip: bool,
-                               had_bookkeeping: bool = True) -> None:
-    """Back a SQLite database up before a new run's first write (not when resuming one:
-    its backup was taken when it started). Called once the run lock is held, so a
-    refused command writes no copy."""
-    path = sqlite_path(url)
-    if path is None or skip:
-        return
-    with engine.connect() as conn:
-        if store.schema_present(conn) and store.unfinished_run(conn, kind) is not None:
-            return
-    copy = backup_sqlite(path, without_bookkeeping=not had_bookkeeping)
-    click.echo(f"backup of {path} (SQLite online backup): {copy}")
-
-
-PASSWORD_IN_ARGV = ("kms-migrate: warning: --db carries a password, which ps and "
-                    "/proc/<pid>/cmdline show to every user of this machine while the command "
-                    "runs: export DATABASE_URL instead")
-_warnings: list[str] = []  # printed by main() once the command ran (a refusal stays one line)
-
-
-def _db_url(flag: str | None) -> str:
-    """--db, else DATABASE_URL; a password on the command line draws a warning."""
-    url = resolve_db_url(flag)
-    if flag and carries_password(flag) and PASSWORD_IN_ARGV not in _warnings:
-        _warnings.append(PASSWORD_IN_ARGV)
-    return url
-
-
-def _settings(opts: dict[str, Any]) -> Settings:
-    env = os.environ
-    return Settings(
-        db_url=_db_url(opts.get("db")),
-        targets=load_targets(opts.get("config_file")),
-        key_id=opts.get("key_id") or env.get("AWS_KMS_KEY_ID") or DEFAULT_KEY_ID,
-        region=validate_region(opts.get("region") or env.get("AWS_REGION") or DEFAULT_REGION),
-        batch_size=opts.get("batch_size") or DEFAULT_BATCH_SIZE,
-        concurrency=opts.get("concurrency") or DEFAULT_CONCURRENCY,
-        max_kms_rps=(DEFAULT_MAX_KMS_RPS if opts.get("max_kms_rps") is None
-                     else float(opts["max_kms_rps"])),
-        encryption_context=bool(opts.get("encryption_context")),
-        fernet_keys=fernet_keys_from_env(env),
-    )
-
-
 def _setup_logging(opts: dict[str, Any]) -> None:
     configure_from_options(opts)
-
-
-def _confirm(word: str, url: str, yes: bool, what: str, *, always: bool = False) -> None:
-    """Ask the operator to type `word` before writing to a non-SQLite database (to any
-    database with `always`, for what cannot be undone)."""
-    if yes or (is_sqlite(url) and not always):
-        return
-    if not sys.stdin.isatty():
-        raise ConfigError(
-            f"refusing to {what} {safe_url(url)} without confirmation: run it from a terminal "
-            "or pass --yes; nothing was written"
-        )
-    typed = click.prompt(f"This will {what} {safe_url(url)}. Type {word} to proceed",
-                         default="", show_default=False)
-    if typed.strip() != word:
-        raise ConfigError(f"cancelled (you did not type {word}); nothing was written")
 
 
 # -- output ------------------------------------------------------------------------------
@@ -158,6 +80,11 @@ def cli() -> None:
 
     Exit codes: 0 done; 1 done, some values failed; 2 refused or stopped; 130 interrupted.
     """
+
+
+cli.add_command(status_cmd)
+cli.add_command(demo_cmd)
+cli.add_command(iam_policy_cmd)
 
 
 @cli.command("migrate")
@@ -185,7 +112,7 @@ def migrate_cmd(**opts: Any) -> int:
     resumes an unfinished run where it stopped.
     """
     _setup_logging(opts)
-    settings = _settings(opts)
+    settings = settings_from(opts)
     if not os.environ.get("ENCRYPTION_KEY", "").strip():
         # ENCRYPTION_KEY_LEGACY alone would run, migrate the legacy tokens and fail every
         # current-key value (and the codec would name a legacy key ENCRYPTION_KEY).
@@ -206,13 +133,13 @@ def migrate_cmd(**opts: Any) -> int:
         refuse_sqlite_workers(settings.db_url, workers)
     engine = make_engine(settings.db_url, read_only=dry)
     if not dry:
-        _confirm("MIGRATE", settings.db_url, opts["yes"], "re-encrypt the secrets in")
+        confirm("MIGRATE", settings.db_url, opts["yes"], "re-encrypt the secrets in")
     started_at = datetime.now(UTC)
     label = "dry-run" if dry else "migrate"
-    had_bookkeeping = _had_bookkeeping(engine)
+    had_tables = had_bookkeeping(engine)
     with make_kms(settings) as kms, graceful_stop() as stop:
-        backup = lambda: _backup_before_first_write(  # noqa: E731
-            engine, settings.db_url, "migrate", opts["no_backup"], had_bookkeeping)
+        backup = lambda: backup_before_first_write(  # noqa: E731
+            engine, settings.db_url, "migrate", opts["no_backup"], had_tables)
         progress = make_progress(label, not opts["no_progress"])
         if workers is not None:
             here = Here(workers, lease_seconds=opts["lease_seconds"],
@@ -256,7 +183,7 @@ def verify_cmd(**opts: Any) -> int:
     Exit 1 when a Fernet token is left or a value cannot be decrypted. Writes nothing.
     """
     _setup_logging(opts)
-    settings = _settings(opts)
+    settings = settings_from(opts)
     engine = make_engine(settings.db_url, read_only=True)
     with make_kms(settings) as kms:
         result = verify(settings, engine=engine, kms=kms, workers=opts["workers"],
@@ -277,14 +204,14 @@ def rollback_cmd(**opts: Any) -> int:
     value the tool wrote. Resumable. Needs no KMS access and no Fernet key.
     """
     _setup_logging(opts)
-    url = _db_url(opts.get("db"))
+    url = db_url_from(opts.get("db"))
     workers = opts.get("workers")
     if workers is not None:
         refuse_sqlite_workers(url, workers)
     engine = make_engine(url)
-    _confirm("ROLLBACK", url, opts["yes"], "restore the Fernet tokens in")
+    confirm("ROLLBACK", url, opts["yes"], "restore the Fernet tokens in")
     with graceful_stop() as stop:
-        backup = lambda: _backup_before_first_write(  # noqa: E731
+        backup = lambda: backup_before_first_write(  # noqa: E731
             engine, url, "rollback", opts["no_backup"])
         progress = make_progress("rollback", not opts["no_progress"])
         if workers is not None:
@@ -332,9 +259,9 @@ def finalize_cmd(**opts: Any) -> int:
     from .finalize import finalize
 
     _setup_logging(opts)
-    settings = _settings(opts)
+    settings = settings_from(opts)
     engine = make_engine(settings.db_url)
-    _confirm("FINALIZE", settings.db_url, opts["yes"], "delete the rollback journal of",
+    confirm("FINALIZE", settings.db_url, opts["yes"], "delete the rollback journal of",
              always=True)
     with make_kms(settings) as kms, graceful_stop() as stop:
         result = finalize(settings, engine=engine, kms=kms, batch_size=settings.batch_size,
@@ -351,45 +278,6 @@ def finalize_cmd(**opts: Any) -> int:
     click.echo("rollback is no longer possible. Backups taken before the migration still "
                "hold the Fernet tokens: guard them like the old key, or destroy them.")
     return EXIT_OK
-
-
-@cli.command("status")
-@db_option
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def status_cmd(db: str | None, as_json: bool) -> int:
-    """Show runs (state, timings), progress per table and column, and failures."""
-    configure_logging("warning")
-    url = _db_url(db)
-    engine = make_engine(url, read_only=True)
-    report = collect_status(engine)
-    if report is None:
-        if as_json:
-            click.echo(json.dumps({"runs": []}))
-        else:
-            click.echo(f"no kms-migrate runs in {safe_url(url)}")
-        return EXIT_OK
-    if as_json:
-        click.echo(json.dumps(report.as_dict(), indent=2, default=str))
-        return EXIT_OK
-    print_status(report)
-    return EXIT_OK
-
-
-@cli.command("demo")
-@click.option("--dir", "workdir", type=click.Path(file_okay=False),
-              help="Where to put the sample database (default: a new temporary folder).")
-@click.option("--rows", type=click.IntRange(10, 1_000_000), default=200, show_default=True,
-              help="Users in the sample database (wagers: the same number).")
-def demo_cmd(workdir: str | None, rows: int) -> int:
-    """A rehearsal with no AWS account: a sample SQLite database and an emulated KMS (moto).
-
-    Runs dry-run, migrate (interrupted and resumed), verify, status and rollback end to end,
-    and checks each step's promise.
-    """
-    from .demo import run_demo
-
-    configure_logging("warning")
-    return run_demo(Path(workdir) if workdir else None, rows)
 
 
 @cli.command("preflight")
@@ -416,7 +304,7 @@ def preflight_cmd(**opts: Any) -> int:
     from .preflight import format_check, preflight, summary
 
     _setup_logging(opts)
-    settings = _settings(opts)
+    settings = settings_from(opts)
     checks = preflight(settings, env=os.environ)
     for check in checks:
         click.echo(format_check(check))
@@ -427,52 +315,6 @@ def preflight_cmd(**opts: Any) -> int:
                    f"({', '.join(failed)}); fix each as its FAIL line says, then re-run",
                    err=True)
         return EXIT_FATAL
-    return EXIT_OK
-
-
-@cli.command("iam-policy")
-@click.option("--key-id", metavar="KEY",
-              help="KMS key id, ARN or alias, resolved to the key ARN with DescribeKey "
-                   f"(default: $AWS_KMS_KEY_ID, else {DEFAULT_KEY_ID}). Without credentials, "
-                   "pass the key ARN itself.")
-@click.option("--region", metavar="R",
-              help=f"AWS region of the key (default: $AWS_REGION, else {DEFAULT_REGION}).")
-@click.option("--app-writes/--app-read-only", default=True, show_default=True,
-              help="Whether the application policy also allows kms:Encrypt (it writes new "
-                   "secrets with KMS, USE_AWS_KMS=true) or only kms:Decrypt.")
-@click.option("--which", type=click.Choice(["migration", "application", "both"]),
-              default="both", show_default=True,
-              help="Which policy to print: both as {\"migration\": ..., \"application\": ...}, "
-                   "or one bare policy document.")
-@click.option("--encryption-context", is_flag=True,
-              help="Allow Encrypt and Decrypt only with the encryption context keys table, "
-                   "column and pk and no other (for migrate --encryption-context and an "
-                   "application passing context=...). DescribeKey stays unconditioned.")
-def iam_policy_cmd(key_id: str | None, region: str | None, app_writes: bool, which: str,
-                   encryption_context: bool) -> int:
-    """Print least-privilege IAM policies (JSON) for the KMS key, naming its key ARN.
-
-    The migration's policy allows kms:Encrypt, kms:Decrypt and kms:DescribeKey; the
-    application's allows kms:Decrypt, plus kms:Encrypt unless --app-read-only. Both name
-    the one key by its key ARN (an alias ARN as Resource does not grant use of the key),
-    instead of the guide's key/* (every key of the account).
-
-    Attach each to its own IAM role or user (aws iam put-role-policy --policy-document
-    file://policy.json); the key policy must let IAM policies grant access (the default
-    key policy does). Remove the migration's policy once the migration is verified. The
-    output is plain JSON, as IAM requires (no comments).
-    """
-    from .iam import policies, resolve_key_arn
-
-    configure_logging("warning")
-    env = os.environ
-    key = key_id or env.get("AWS_KMS_KEY_ID") or DEFAULT_KEY_ID
-    reg = validate_region(region or env.get("AWS_REGION") or DEFAULT_REGION)
-    arn, note = resolve_key_arn(key, reg)
-    if note:
-        click.echo(f"kms-migrate: {note}", err=True)
-    doc = policies(arn, which, app_writes=app_writes, encryption_context=encryption_context)
-    click.echo(json.dumps(doc, indent=2))
     return EXIT_OK
 
 
@@ -509,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     Every exception, the unexpected ones included, goes through `exits.report`, the one
     place that maps an exception to its exit code and line."""
     signal.signal(signal.SIGTERM, _on_sigterm)
-    _warnings.clear()
+    options.WARNINGS.clear()
     code: int
     try:
         rv = cli.main(args=list(argv) if argv is not None else None, prog_name="kms-migrate",
@@ -518,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     except (Exception, KeyboardInterrupt) as exc:
         code = exits.report(exc)
     if code != EXIT_FATAL:  # a refusal stays one line
-        for warning in _warnings:
+        for warning in options.WARNINGS:
             click.echo(warning, err=True)
     sys.stdout.flush()
     sys.exit(code)

@@ -126,7 +126,7 @@ def fernet_keys_from_env(env: Mapping[str, str] = os.environ) -> tuple[str, ...]
     return tuple(key for _, key in named_fernet_keys(env))
 
 
-def load_targets(path: str | Path | None) -> tuple[Target, ...]:
+def load_targets(path: str | Path | None) -> tuple[Target, ...]:  # noqa: C901
     """Read targets from a TOML file, or return the built-in coinflip targets.
 
     The file holds ``[[targets]]`` tables with ``table``, ``primary_key`` and ``columns``.

@@ -161,7 +161,7 @@ def journal_targets(
     return targets, sorted(set(extra))
 
 
-def _finalize(
+def _finalize(  # noqa: PLR0913
     engine: Engine,
     batch_size: int,
     result: FinalizeResult,

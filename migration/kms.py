@@ -38,7 +38,6 @@ from tenacity import (
 )
 
 from .codec import KMS_MAX_CIPHERTEXT, KMS_MAX_PLAINTEXT
-from .config import Settings
 from .errors import FatalKMSError, KMSValueError, TransientKMSError
 from .kms_client import aws_settings_problem, make_client, validate_region
 from .kms_codes import (
@@ -108,7 +107,7 @@ class KMS(CallPool):
     """Encrypt, decrypt and verify with one key, concurrently (`CallPool`: `map`, `submit`,
     `close`, a context manager), under the retry policy."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0913
         self,
         client: Any,
         key_id: str,
@@ -395,11 +394,3 @@ class _Undecryptable(_PerValue):
 
 
 _SNAKE = {"DescribeKey": "describe_key", "Encrypt": "encrypt", "Decrypt": "decrypt"}
-
-
-def make_kms(settings: Settings) -> KMS:
-    """The run's KMS: one boto3 client, credentials and endpoint from boto3's own chain."""
-    client = make_client(settings.region, settings.concurrency)
-    limiter = RateLimiter(settings.max_kms_rps) if settings.max_kms_rps > 0 else None
-    return KMS(client, settings.key_id, settings.region, concurrency=settings.concurrency,
-               limiter=limiter)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -15,10 +17,28 @@ from .config import (
     DEFAULT_MAX_KMS_RPS,
     DEFAULT_REGION,
     DEFAULT_ROWS_PER_RANGE,
+    Settings,
+    fernet_keys_from_env,
+    load_targets,
+    resolve_db_url,
 )
+from .db import carries_password, is_sqlite, safe_url
+from .errors import ConfigError
+from .kms import KMS
+from .kms_client import make_client, validate_region
+from .ratelimit import RateLimiter
 
 __all__ = [
-    "db_option", "log_options", "progress_option", "target_options", "workers_options",
+    "PASSWORD_IN_ARGV",
+    "WARNINGS",
+    "confirm",
+    "db_option",
+    "db_url_from",
+    "log_options",
+    "progress_option",
+    "settings_from",
+    "target_options",
+    "workers_options",
     "writing_run_options",
 ]
 
@@ -100,3 +120,57 @@ def writing_run_options(f: F) -> F:
     return click.option("--no-backup", is_flag=True,
                         help="SQLite only: skip the backup copy taken before the first "
                              "write.")(f)
+
+
+PASSWORD_IN_ARGV = ("kms-migrate: warning: --db carries a password, which ps and "
+                    "/proc/<pid>/cmdline show to every user of this machine while the command "
+                    "runs: export DATABASE_URL instead")
+WARNINGS: list[str] = []  # printed by main() once the command ran (a refusal stays one line)
+
+
+def db_url_from(flag: str | None) -> str:
+    """--db, else DATABASE_URL; a password on the command line draws a warning."""
+    url = resolve_db_url(flag)
+    if flag and carries_password(flag) and PASSWORD_IN_ARGV not in WARNINGS:
+        WARNINGS.append(PASSWORD_IN_ARGV)
+    return url
+
+
+def settings_from(opts: dict[str, Any]) -> Settings:
+    env = os.environ
+    return Settings(
+        db_url=db_url_from(opts.get("db")),
+        targets=load_targets(opts.get("config_file")),
+        key_id=opts.get("key_id") or env.get("AWS_KMS_KEY_ID") or DEFAULT_KEY_ID,
+        region=validate_region(opts.get("region") or env.get("AWS_REGION") or DEFAULT_REGION),
+        batch_size=opts.get("batch_size") or DEFAULT_BATCH_SIZE,
+        concurrency=opts.get("concurrency") or DEFAULT_CONCURRENCY,
+        max_kms_rps=(DEFAULT_MAX_KMS_RPS if opts.get("max_kms_rps") is None
+                     else float(opts["max_kms_rps"])),
+        encryption_context=bool(opts.get("encryption_context")),
+        fernet_keys=fernet_keys_from_env(env),
+    )
+
+
+def confirm(word: str, url: str, yes: bool, what: str, *, always: bool = False) -> None:
+    """Ask the operator to type `word` before writing to a non-SQLite database (to any
+    database with `always`, for what cannot be undone)."""
+    if yes or (is_sqlite(url) and not always):
+        return
+    if not sys.stdin.isatty():
+        raise ConfigError(
+            f"refusing to {what} {safe_url(url)} without confirmation: run it from a terminal "
+            "or pass --yes; nothing was written"
+        )
+    typed = click.prompt(f"This will {what} {safe_url(url)}. Type {word} to proceed",
+                         default="", show_default=False)
+    if typed.strip() != word:
+        raise ConfigError(f"cancelled (you did not type {word}); nothing was written")
+
+
+def make_kms(settings: Settings) -> KMS:
+    """The run's KMS: one boto3 client, credentials and endpoint from boto3's own chain."""
+    client = make_client(settings.region, settings.concurrency)
+    limiter = RateLimiter(settings.max_kms_rps) if settings.max_kms_rps > 0 else None
+    return KMS(client, settings.key_id, settings.region, concurrency=settings.concurrency,
+               limiter=limiter)

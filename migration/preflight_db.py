@@ -28,9 +28,9 @@ from .codec import (
 from .config import Settings, targets_fingerprint
 from .db import make_engine, safe_url
 from .errors import ConfigError, KmsMigrateError
-from .migrator import fernet_sample
 from .preflight_lines import AGAIN, Check, skip
 from .reader import BoundTarget, bind_target, refuse_null_keys
+from .refusals import fernet_sample
 
 __all__ = [
     "check_bookkeeping",

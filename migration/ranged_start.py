@@ -22,12 +22,9 @@ from .config import (
 )
 from .errors import RunLockedError
 from .logs import get_logger
-from .migrator import (
-    refuse_other_settings,
-    refuse_to_start,
-    resume_or_start,
-)
+from .migrator import resume_or_start
 from .reader import BoundTarget, bind_targets
+from .refusals import refuse_other_settings, refuse_to_start
 
 __all__ = [
     "RANGES_PER_WORKER", "RangedStart", "Sizing", "join_or_refuse", "plan_ranges",
@@ -80,7 +77,7 @@ def join_or_refuse(engine: Engine, kind: str, exc: LockHeld) -> tuple[RunLock, R
     raise RunLockedError(str(exc)) from None
 
 
-def start_ranged_migrate(
+def start_ranged_migrate(  # noqa: PLR0913
     settings: Settings, engine: Engine, key_arn: str, *, new_run: bool,
     rows_per_range: int, workers: int = 1,
     before_first_write: Callable[[], None] | None = None,

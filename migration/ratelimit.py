@@ -26,7 +26,7 @@ class RateLimiter:
     the lock for exactly their deficit: fair, and no busy waiting.
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913
         self,
         rate: float,
         burst: float | None = None,

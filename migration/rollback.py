@@ -131,7 +131,7 @@ def start_rollback_run(engine: Engine, batch_size: int, run_lock: RunLock,
     return run, resumed
 
 
-def _rollback(
+def _rollback(  # noqa: PLR0913
     engine: Engine,
     batch_size: int,
     result: RollbackResult,

@@ -45,11 +45,7 @@ from .config import (
 from .errors import ConfigError, WorkersFailed
 from .kms import KMS
 from .logs import get_logger
-from .migrator import (
-    MigrateResult,
-    check_keys_open_something,
-    record_left_behind,
-)
+from .migrator import MigrateResult, record_left_behind
 from .progress import NullProgress, Progress
 from .ranged_start import (
     RANGES_PER_WORKER,
@@ -60,6 +56,7 @@ from .ranged_start import (
     start_ranged_migrate,
 )
 from .reader import BoundTarget, bind_targets, count_after
+from .refusals import check_keys_open_something
 from .rollback import (
     RollbackResult,
     check_can_roll_back,

@@ -120,7 +120,7 @@ class _RangeOutcome:
     kms_requests: int
 
 
-def _verify_ranged(
+def _verify_ranged(  # noqa: PLR0913
     settings: Settings, engine: Engine, bound: Sequence[BoundTarget], arn: str, workers: int,
     rows_per_range: int, log_opts: dict[str, Any], result: VerifyResult,
 ) -> None:

@@ -190,7 +190,7 @@ class Heartbeat(threading.Thread):
             self.stop_reason = "the command that started this worker is gone"
 
 
-def work(
+def work(  # noqa: C901, PLR0915
     spec: WorkerSpec,
     settings: Settings,
     *,
@@ -290,7 +290,7 @@ def work(
 class _Job:
     """One range's work, for a migrate or a rollback worker."""
 
-    def __init__(self, spec: WorkerSpec, settings: Settings, engine: Engine, kms: KMS,
+    def __init__(self, spec: WorkerSpec, settings: Settings, engine: Engine, kms: KMS,  # noqa: PLR0913
                  run_lock: RunLock, log: Any, stopping: Callable[[], bool]) -> None:
         self.spec, self.settings, self.engine, self.kms = spec, settings, engine, kms
         self.run_lock, self.log, self.stopping = run_lock, log, stopping
