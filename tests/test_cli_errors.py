@@ -379,6 +379,7 @@ def test_an_unexpected_error_is_one_line_naming_its_type_never_its_message(
     tmp_path: Path,
 ) -> None:
     import migration.cli as cli_mod
+    import migration.cli_info as info_mod  # where `status` lives
 
     make_db(sqlite_url, 5, env_keys.current, env_keys.legacy)
     secret = "plaintext-that-must-never-show"
@@ -387,7 +388,7 @@ def test_an_unexpected_error_is_one_line_naming_its_type_never_its_message(
         raise RuntimeError(f"could not handle {secret}") from KeyError(secret)
 
     monkeypatch.setattr(cli_mod, "migrate", boom)
-    monkeypatch.setattr(cli_mod, "collect_status", boom)
+    monkeypatch.setattr(info_mod, "collect_status", boom)
     log = tmp_path / "debug.log"
     line = assert_refused(*run_main(capsys, "migrate", "--db", sqlite_url, "--yes",
                                     "--no-progress", "--log-level", "debug",

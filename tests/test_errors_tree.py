@@ -102,12 +102,12 @@ def test_main_prints_one_line_for_any_exception_a_command_raises(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
     exc: Exception,
 ) -> None:
-    import migration.cli as cli_mod
+    import migration.cli_info as info_mod  # where `status` lives
 
     def boom(*_: Any, **__: Any) -> Any:
         raise exc
 
-    monkeypatch.setattr(cli_mod, "collect_status", boom)
+    monkeypatch.setattr(info_mod, "collect_status", boom)
     (tmp_path / "x.db").touch()  # an empty file is an empty SQLite database
     code, out, err = run_main(capsys, "status", "--db", f"sqlite:///{tmp_path / 'x.db'}")
     assert code == EXIT_FATAL and out == ""
