@@ -46,9 +46,9 @@ def test_every_error_of_the_tree_carries_its_exit_code_and_one_line() -> None:
 
 
 def test_the_moved_errors_are_the_ones_their_modules_raise() -> None:
-    from migration import demo, workers
+    from migration import demo, supervisor
 
-    assert workers.WorkersFailed is WorkersFailed
+    assert supervisor.WorkersFailed is WorkersFailed
     assert demo.DemoCheckFailed is DemoCheckFailed
 
 
