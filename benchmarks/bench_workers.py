@@ -47,7 +47,8 @@ from migration.db import make_engine  # noqa: E402
 from migration.kms import KMS, make_client  # noqa: E402
 from migration.logs import configure_logging  # noqa: E402
 from migration.migrator import migrate  # noqa: E402
-from migration.workers import WorkerSpec, migrate_ranged, settings_from_dict, work  # noqa: E402
+from migration.supervisor import Here, migrate_ranged  # noqa: E402
+from migration.worker import WorkerSpec, settings_from_dict, work  # noqa: E402
 from tests.pgserver import running_pg_server  # noqa: E402
 
 # One Fernet key for the parent and the worker processes (in the environment, not argv).
@@ -119,8 +120,8 @@ def run(url: str, workers: int | None, latency: float, args: argparse.Namespace)
             result = migrate(settings, engine=make_engine(url), kms=kms)
         else:
             result = migrate_ranged(settings, engine=make_engine(url), kms=kms,
-                                    workers=workers, rows_per_range=args.rows_per_range,
-                                    spawn=spawn)
+                                    here=Here(workers, rows_per_range=args.rows_per_range,
+                                              spawn=spawn))
         elapsed = time.perf_counter() - t0
     migrated = sum(c.migrated for c in result.columns)
     assert migrated == args.values and result.failed == 0, (migrated, result.failed)

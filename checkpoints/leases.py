@@ -1,9 +1,13 @@
-"""Ranges and workers of a ranged run: plan, claim under a lease, record, release.
+"""The ranges of a ranged run: plan them, claim one under a lease, record its batches,
+release it.
 
-Like the rest of the store, every function takes an open connection and never commits;
+As in `store`, every function here takes an open connection and never commits;
 the caller owns the transaction. Correctness never depends on clocks: a lease is taken
 and proven by its random token (every batch of a range is recorded with a compare-and-
 swap on it), and the clocks only decide when a silent worker is presumed dead.
+
+The worker registry (`registry`) and the liveness checks (`hosts`) live beside it; their
+names are re-exported here, so `leases.<name>` keeps reaching all of them.
 """
 
 from __future__ import annotations
@@ -14,22 +18,25 @@ import secrets
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import (
-    ColumnElement,
-    Connection,
-    FromClause,
-    and_,
-    func,
-    insert,
-    or_,
-    select,
-    update,
-)
+from sqlalchemy import ColumnElement, Connection, FromClause, func, insert, or_, select, update
 
-from .store import BatchCounts, now
+from .base import BatchCounts, aware, now
+from .errors import LeaseLost
+from .hosts import boot_id, clock, db_now, on_this_host, pid_alive
+from .registry import (
+    WorkerRow,
+    finish_worker,
+    heartbeat,
+    list_workers,
+    live_workers,
+    mark_dead_here,
+    mark_lost,
+    mark_silent_lost,
+    register_worker,
+)
 from .tables import ranges, workers
 
 __all__ = [
@@ -38,25 +45,35 @@ __all__ = [
     "LeaseLost",
     "RangeRow",
     "WorkerRow",
+    "aware",
     "boot_id",
     "boundaries",
     "claim",
     "clock",
     "create_ranges",
     "db_now",
+    "finish_worker",
+    "heartbeat",
+    "list_ranges",
+    "list_workers",
     "live_workers",
+    "mark_dead_here",
+    "mark_lost",
+    "mark_silent_lost",
+    "now",
     "on_this_host",
     "pid_alive",
     "planned",
+    "range_totals",
     "record_on_range",
     "register_worker",
+    "release",
+    "release_all",
+    "renew",
+    "undone",
 ]
 
 MAX_RANGES = 4096  # per column: plenty for a few hundred workers, cheap to list
-
-
-class LeaseLost(Exception):
-    """The range's lease went to another worker (this one was presumed dead)."""
 
 
 @dataclass(frozen=True)
@@ -93,94 +110,7 @@ class RangeRow:
     conflicts: int
 
 
-@dataclass(frozen=True)
-class WorkerRow:
-    id: str
-    host: str
-    pid: int
-    state: str
-    range_id: int | None
-    rate: float | None
-    kms_requests: int
-    retries: int
-    throttles: int
-    started_at: datetime
-    heartbeat_at: datetime
-    finished_at: datetime | None
-    note: str | None
-
-
-def aware(ts: datetime | None) -> datetime | None:
-    if ts is None:
-        return None
-    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
-
-
-BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
-
-
-def boot_id() -> str | None:
-    """This kernel's boot id (Linux), or None where there is none to read.
-
-    Hostnames repeat (containers on different machines), so a pid can be checked only by
-    a process on the same host *and* the same boot. None never matches: a holder whose
-    boot cannot be told apart is presumed elsewhere, and waits for its heartbeat to age.
-    """
-    try:
-        with open(BOOT_ID_PATH, encoding="ascii") as f:
-            value = f.read().strip()
-    except (OSError, ValueError):
-        return None
-    return value[:64] or None
-
-
-def on_this_host(host: str | None, boot: str | None) -> bool:
-    """Whether a process recorded with `host` and `boot` runs on this very machine and
-    boot, so that its pid can be asked of this kernel."""
-    here = boot_id()
-    return host == socket.gethostname() and here is not None and boot == here
-
-
-def clock(conn: Connection) -> Any:
-    """The time to write and compare leases and heartbeats against: the database's own
-    `now()` on PostgreSQL, where hosts whose clocks disagree meet (a skewed host must
-    neither take a live worker's range nor count live workers out); this process's clock
-    on SQLite, which one host uses. A value or SQL expression for a statement."""
-    return func.now() if conn.dialect.name == "postgresql" else now()
-
-
-def db_now(conn: Connection) -> datetime:
-    """`clock` as a value, for ages computed here."""
-    if conn.dialect.name == "postgresql":
-        return aware(conn.execute(select(func.now())).scalar_one()) or now()
-    return now()
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process of this host runs: a zombie (dead, not reaped yet by its parent)
-    answers signal 0 but runs nothing, and holds no lease."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return not _zombie(pid)
-
-
-def _zombie(pid: int) -> bool:
-    """State Z in /proc/<pid>/stat (Linux); False where there is no /proc to ask."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    # "pid (comm) state ...": comm may hold spaces and parentheses, the last ")" ends it.
-    fields = stat[stat.rfind(b")") + 1:].split()
-    return bool(fields) and fields[0] == b"Z"
-
-
-def boundaries(
+def boundaries(  # noqa: PLR0913
     conn: Connection, source: FromClause, key: ColumnElement[Any],
     where: Sequence[ColumnElement[bool]], rows_per_range: int, *, min_ranges: int = 1,
     min_rows: int = 1,
@@ -365,84 +295,3 @@ def range_totals(conn: Connection, run_id: int) -> dict[tuple[str, str], BatchCo
         r.run_id == run_id).group_by(r.table_name, r.column_name)
     return {(t, c): BatchCounts(*(int(v or 0) for v in vals))
             for t, c, *vals in conn.execute(q)}
-
-
-# -- workers ----------------------------------------------------------------------------
-
-def register_worker(conn: Connection, run_id: int) -> str:
-    worker_id = secrets.token_hex(8)
-    ts = clock(conn)
-    conn.execute(insert(workers).values(
-        id=worker_id, run_id=run_id, host=socket.gethostname(), pid=os.getpid(),
-        boot_id=boot_id(), state="running", kms_requests=0, retries=0, throttles=0, started_at=ts,
-        heartbeat_at=ts))
-    return worker_id
-
-
-def heartbeat(conn: Connection, worker_id: str, **values: Any) -> None:
-    conn.execute(update(workers).where(workers.c.id == worker_id)
-                 .values(heartbeat_at=clock(conn), **values))
-
-
-def finish_worker(conn: Connection, worker_id: str, state: str, note: str | None = None,
-                  **values: Any) -> None:
-    ts = clock(conn)
-    conn.execute(update(workers).where(workers.c.id == worker_id).values(
-        state=state, heartbeat_at=ts, finished_at=ts, range_id=None, note=note, **values))
-
-
-def live_workers(conn: Connection, run_id: int, stale_after: timedelta) -> list[WorkerRow]:
-    """Workers of a run still running: a fresh heartbeat, and on this host a live pid."""
-    w = workers.c
-    rows = conn.execute(select(workers).where(
-        w.run_id == run_id, w.state == "running",
-        and_(w.heartbeat_at > clock(conn) - stale_after)))
-    out = []
-    for row in rows:
-        if on_this_host(row.host, row.boot_id) and not pid_alive(row.pid):
-            continue
-        out.append(WorkerRow(**{f: getattr(row, f) for f in WorkerRow.__dataclass_fields__}))
-    return out
-
-
-def list_workers(conn: Connection, run_id: int) -> list[WorkerRow]:
-    rows = conn.execute(select(workers).where(workers.c.run_id == run_id)
-                        .order_by(workers.c.started_at))
-    return [WorkerRow(**{f: getattr(row, f) for f in WorkerRow.__dataclass_fields__})
-            for row in rows]
-
-
-def mark_lost(conn: Connection, run_id: int, *, before: datetime | None = None) -> None:
-    """Workers a new holder of the run's lock found still marked running are gone; with
-    `before`, only those registered before it took the lock (not its joiners')."""
-    w = workers.c
-    ts = clock(conn)
-    cond = [w.run_id == run_id, w.state == "running"]
-    if before is not None:
-        cond.append(w.started_at < before)
-    conn.execute(update(workers).where(*cond).values(state="lost", finished_at=ts,
-                                                     range_id=None))
-
-
-def mark_silent_lost(conn: Connection, run_id: int, stale_after: timedelta) -> None:
-    """Workers of a run still marked running whose heartbeat is older than `stale_after`
-    (on any host): lost."""
-    w = workers.c
-    conn.execute(update(workers).where(
-        w.run_id == run_id, w.state == "running", w.heartbeat_at < clock(conn) - stale_after,
-    ).values(state="lost", finished_at=clock(conn), range_id=None))
-
-
-def mark_dead_here(conn: Connection, run_id: int) -> int:
-    """Workers of this host still marked running whose process is gone: lost."""
-    w = workers.c
-    here = boot_id()
-    if here is None:
-        return 0
-    dead = [row.id for row in conn.execute(select(w.id, w.pid).where(
-        w.run_id == run_id, w.state == "running", w.host == socket.gethostname(),
-        w.boot_id == here)) if not pid_alive(row.pid)]
-    if dead:
-        conn.execute(update(workers).where(w.id.in_(dead)).values(
-            state="lost", finished_at=clock(conn), range_id=None))
-    return len(dead)

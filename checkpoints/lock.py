@@ -19,8 +19,11 @@ from datetime import datetime, timedelta
 from sqlalchemy import Connection, Engine, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from . import leases
-from .leases import aware, clock, db_now, live_workers, pid_alive
+from . import hosts
+from .base import aware
+from .errors import LockHeld, LockLost
+from .hosts import clock, db_now, pid_alive
+from .registry import live_workers
 from .tables import lock
 
 __all__ = ["STALE_AFTER", "LockHeld", "LockLost", "RunLock"]
@@ -28,14 +31,6 @@ __all__ = ["STALE_AFTER", "LockHeld", "LockLost", "RunLock"]
 NAME = "run"
 STALE_AFTER = timedelta(minutes=2)
 SAME_HOST_STALE_AFTER = timedelta(minutes=15)
-
-
-class LockHeld(Exception):
-    """Another live process holds the lock; the message names it."""
-
-
-class LockLost(Exception):
-    """This process's lock was taken over; it must not write again."""
 
 
 def _workers_alive(conn: Connection, run_id: int) -> bool:
@@ -53,7 +48,7 @@ class RunLock:
     def acquire(cls, engine: Engine, kind: str) -> RunLock:
         """Take the lock, or take it over from a dead holder; raise LockHeld otherwise."""
         token = secrets.token_hex(16)
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "boot_id": leases.boot_id()}
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "boot_id": hosts.boot_id()}
         for _ in range(3):
             try:
                 with engine.begin() as conn:
@@ -71,7 +66,7 @@ class RunLock:
                 age = at - (aware(row.heartbeat_at) or at)
                 # Same host name is not enough (containers on other machines share
                 # it): only on this boot can the holder's pid be asked of this kernel.
-                same_host = leases.on_this_host(row.host, row.boot_id)
+                same_host = hosts.on_this_host(row.host, row.boot_id)
                 dead = (
                     (same_host and (row.pid == me["pid"] or not pid_alive(row.pid)
                                     or age > SAME_HOST_STALE_AFTER))
@@ -143,7 +138,7 @@ class RunLock:
                 lock.c.name == NAME, lock.c.token == self.token,
                 lock.c.heartbeat_at < ts - every,
             ).values(heartbeat_at=ts, host=socket.gethostname(), pid=os.getpid(),
-                     boot_id=leases.boot_id()))
+                     boot_id=hosts.boot_id()))
 
     def acquired_at(self, conn: Connection) -> datetime | None:
         """When this lock was taken (by the database's clock on PostgreSQL)."""

@@ -1,8 +1,11 @@
-"""The store API: start or resume a run, record a batch, read progress.
+"""The store API: start or resume a run, move its state, record a batch, read progress.
 
-Every function takes an open SQLAlchemy connection first and never commits: the caller
-owns the transaction, so a batch's rewrites, journal rows, failures and checkpoint go in
-together or not at all (the way Alembic commits a step with its version-table update).
+Every function defined here takes the caller's open SQLAlchemy connection first and never
+commits: the caller owns the transaction, so a batch's rewrites, journal rows, failures
+and checkpoint go in together or not at all (the way Alembic commits a step with its
+version-table update). Two things of this layer do commit, each in a short transaction
+of its own on an engine: `ensure_schema` (re-exported here from `schema`) and the
+`RunLock` methods that take an engine (`lock`).
 """
 
 from __future__ import annotations
@@ -12,16 +15,17 @@ import os
 import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from datetime import datetime
+from typing import Any
 
-from sqlalchemy import Connection, Engine, func, insert, inspect, select, update
+from sqlalchemy import Connection, func, insert, select, update
 
-if TYPE_CHECKING:
-    from .leases import Lease
-
-from .tables import VERSION_TABLE, checkpoints, failures, journal, runs
+from .base import BatchCounts, now
+from .errors import CheckpointLost
+from .leases import Lease, record_on_range
+from .schema import alembic_dir as _alembic_dir  # noqa: F401  (tests read the revisions)
+from .schema import ensure_schema, schema_present
+from .tables import checkpoints, failures, journal, lock, runs
 
 __all__ = [
     "BatchCounts",
@@ -29,61 +33,26 @@ __all__ = [
     "FailureRow",
     "JournalRow",
     "Run",
+    "complete_ranged",
     "create_run",
     "ensure_schema",
     "failures_of",
+    "interrupt_running",
     "list_runs",
     "load_checkpoints",
+    "mark_ranged",
+    "now",
     "record_batch",
     "schema_present",
+    "set_run_rate",
     "set_state",
+    "stop_running",
+    "touch_run",
     "unfinished_run",
 ]
 
 # A run in one of these states is resumed by the next command of its kind.
 UNFINISHED = ("running", "interrupted", "stopped")
-
-
-def _alembic_dir() -> Path:
-    """The revisions: packaged beside `migration` in a wheel, at the repo root otherwise."""
-    import migration
-
-    pkg = Path(migration.__file__).resolve().parent
-    for candidate in (pkg / "_alembic", pkg.parent / "alembic"):
-        if (candidate / "env.py").is_file():
-            return candidate
-    raise RuntimeError("kms-migrate is installed without its alembic/ revisions")
-
-
-
-SCHEMA_LOCK_KEY = 0x6B6D736D  # "kmsm": the advisory lock around schema upgrades
-
-
-def now() -> datetime:
-    return datetime.now(UTC)
-
-
-def ensure_schema(engine: Engine) -> None:
-    """Create or upgrade the bookkeeping tables to the newest revision (idempotent)."""
-    from alembic.config import Config
-
-    from alembic import command
-
-    cfg = Config()
-    cfg.set_main_option("script_location", str(_alembic_dir()))
-    with engine.begin() as conn:
-        if conn.dialect.name == "postgresql":
-            # One upgrade at a time: the same command started on two machines at once
-            # would otherwise both CREATE the tables and one fail on a duplicate type.
-            # Released at commit; the second then finds the schema at head.
-            conn.execute(select(func.pg_advisory_xact_lock(SCHEMA_LOCK_KEY)))
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
-
-
-def schema_present(conn: Connection) -> bool:
-    """True once the tool has created its tables in this database."""
-    return inspect(conn).has_table(VERSION_TABLE)
 
 
 @dataclass(frozen=True)
@@ -127,14 +96,10 @@ class Checkpoint:
     failed: int
     conflicts: int
 
-
-@dataclass(frozen=True)
-class BatchCounts:
-    migrated: int = 0
-    skipped: int = 0
-    already: int = 0
-    failed: int = 0
-    conflicts: int = 0
+    @property
+    def counts(self) -> BatchCounts:
+        return BatchCounts(self.migrated, self.skipped, self.already, self.failed,
+                           self.conflicts)
 
 
 @dataclass(frozen=True)
@@ -175,7 +140,7 @@ def list_runs(conn: Connection, limit: int = 20) -> list[Run]:
     return [_run(r) for r in rows]
 
 
-def create_run(
+def create_run(  # noqa: PLR0913
     conn: Connection,
     *,
     kind: str,
@@ -230,6 +195,50 @@ def set_state(conn: Connection, run_id: int, state: str, *, note: str | None = N
     conn.execute(update(runs).where(runs.c.id == run_id).values(**values))
 
 
+def touch_run(conn: Connection, run_id: int, at: datetime | None = None) -> None:
+    """Stamp the run's updated_at (a batch committed): `status` tells a live run by it."""
+    conn.execute(update(runs).where(runs.c.id == run_id).values(updated_at=at or now()))
+
+
+def mark_ranged(conn: Connection, run_id: int) -> None:
+    """The run is now spread over workers (its ranges are planned): joinable."""
+    conn.execute(update(runs).where(runs.c.id == run_id).values(ranged=True))
+
+
+def set_run_rate(conn: Connection, run_id: int, max_kms_rps: float | None) -> None:
+    """A ranged run's --max-kms-rps, shared by every worker that joins it."""
+    conn.execute(update(runs).where(runs.c.id == run_id).values(max_kms_rps=max_kms_rps))
+
+
+def stop_running(conn: Connection, run_id: int, note: str, *, lock_token: str) -> None:
+    """A running run -> stopped with `note` (a worker's fatal error), only while the run
+    lock is still the one `lock_token` proves: a worker fenced out by another command
+    says nothing about that command's run."""
+    held = select(lock.c.token).where(lock.c.token == lock_token).exists()
+    conn.execute(update(runs).where(runs.c.id == run_id, runs.c.state == "running", held)
+                 .values(state="stopped", note=note, updated_at=now()))
+
+
+def interrupt_running(conn: Connection, run_id: int) -> None:
+    """A running run -> interrupted (stopped between batches; a `stopped` run keeps its
+    state and its note)."""
+    conn.execute(update(runs).where(runs.c.id == run_id, runs.c.state == "running")
+                 .values(state="interrupted", updated_at=now()))
+
+
+def complete_ranged(conn: Connection, run_id: int) -> bool:
+    """Every range of the run is done: mark its checkpoints done and the run completed.
+
+    Whether this call completed it (the run was still unfinished): of the commands that
+    see the last range done, exactly one gets True, so only it records what follows."""
+    conn.execute(update(checkpoints).where(checkpoints.c.run_id == run_id)
+                 .values(done=True, updated_at=now()))
+    completed = conn.execute(update(runs).where(runs.c.id == run_id, runs.c.state.in_(
+        UNFINISHED)).values(state="completed", finished_at=now(),
+                            updated_at=now())).rowcount
+    return completed == 1
+
+
 def load_checkpoints(conn: Connection, run_id: int) -> dict[tuple[str, str], Checkpoint]:
     rows = conn.execute(select(checkpoints).where(checkpoints.c.run_id == run_id)).all()
     return {
@@ -240,7 +249,7 @@ def load_checkpoints(conn: Connection, run_id: int) -> dict[tuple[str, str], Che
     }
 
 
-def record_batch(
+def record_batch(  # noqa: PLR0913
     conn: Connection,
     run_id: int,
     table_name: str,
@@ -255,7 +264,7 @@ def record_batch(
 ) -> None:
     """Write a batch's journal rows, failures and checkpoint in the caller's transaction.
 
-    Refuses (raises) unless exactly one checkpoint row moved, as Alembic checks its
+    Refuses (raises CheckpointLost) unless exactly one checkpoint row moved, as Alembic checks its
     version-table update: a lost checkpoint update would let a resume redo a batch.
     With a `lease` (a worker of a ranged run), the checkpoint is the range's, moved by a
     compare-and-swap on the lease token (LeaseLost otherwise); the run row is not touched,
@@ -277,8 +286,6 @@ def record_batch(
     if frows:
         conn.execute(insert(failures), frows)
     if lease is not None:
-        from .leases import record_on_range
-
         record_on_range(conn, lease, last_pk=last_pk, counts=counts, done=done)
         return
     c = checkpoints.c
@@ -300,10 +307,10 @@ def record_batch(
         .values(**values)
     ).rowcount
     if moved != 1:
-        raise RuntimeError(
+        raise CheckpointLost(
             f"checkpoint of run {run_id} for {table_name}.{column_name} matched {moved} rows"
         )
-    conn.execute(update(runs).where(runs.c.id == run_id).values(updated_at=ts))
+    touch_run(conn, run_id, ts)
 
 
 def failures_of(conn: Connection, run_id: int, limit: int | None = None) -> list[FailureRow]:

@@ -38,8 +38,13 @@ metadata = MetaData(
     }
 )
 
-# One row per invocation of migrate or rollback (dry-runs write nothing, so have none).
-# state: running -> completed | interrupted | failed | abandoned
+# One row per run. kind: migrate, retry (migrate --retry-failed), rollback, finalize;
+# dry-runs, verify and status write nothing, so have none. A resume goes on in the same
+# row, and every worker of a ranged run (`ranged`) shares its run's row.
+# state: running -> completed | interrupted | stopped | abandoned. interrupted (asked to
+# stop, between batches) and stopped (ended by an error; a fatal KMS or worker error is
+# in `note`) are resumed by the next command of the kind, back to running; abandoned is a
+# run superseded by --new-run, by a new retry, or by a rollback of its migrate.
 runs = Table(
     "kms_migrate_runs",
     metadata,
@@ -121,10 +126,10 @@ failures = Table(
     Index(None, "run_id"),
 )
 
-# The run lock: one row while a migrate or rollback writes. Taken with an INSERT (the
-# primary key makes it exclusive), taken over from a dead holder with a compare-and-swap
-# on `token`, and checked again by every batch transaction (fencing), so a process that
-# lost its lock can never commit another batch.
+# The run lock: one row while a migrate, retry, rollback or finalize writes. Taken with an
+# INSERT (the primary key makes it exclusive), taken over from a dead holder with a
+# compare-and-swap on `token`, and checked again by every batch transaction (fencing), so
+# a process that lost its lock can never commit another batch.
 lock = Table(
     "kms_migrate_lock",
     metadata,
@@ -173,7 +178,9 @@ ranges = Table(
 
 # The worker processes of ranged runs: who they are, their heartbeat (the live ones share
 # the run's --max-kms-rps), the range they hold and their KMS request counts.
-# state: running -> finished | stopped | failed | interrupted
+# state: running -> finished | interrupted | stopped | failed | lost. lost: marked by
+# another process that found it gone (its pid dead on this host, its heartbeat silent,
+# or the run's lock taken over by a new command).
 workers = Table(
     "kms_migrate_workers",
     metadata,

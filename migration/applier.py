@@ -14,10 +14,9 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection, Engine, Table, Update, bindparam, case, select, update
 
-from checkpoints import store
+from checkpoints import rollback_journal, store
 from checkpoints.leases import Lease
 from checkpoints.store import BatchCounts, FailureRow, JournalRow
-from checkpoints.tables import journal
 
 from .db import max_bind_params
 from .reader import BoundTarget
@@ -131,7 +130,7 @@ def cas_many(
     return took
 
 
-def apply_migrate_batch(
+def apply_migrate_batch(  # noqa: PLR0913
     engine: Engine,
     bt: BoundTarget,
     column: str,
@@ -178,7 +177,7 @@ def apply_migrate_batch(
     return final
 
 
-def apply_rollback_batch(
+def apply_rollback_batch(  # noqa: PLR0913
     engine: Engine,
     bt: BoundTarget,
     column: str,
@@ -204,7 +203,7 @@ def apply_rollback_batch(
             Rewrite(bt.pk_value(pk_text), old=migrated, new=original)
             for _, pk_text, original, migrated in entries
         ])
-        marks: list[dict[str, object]] = []
+        outcomes: list[tuple[int, bool]] = []
         for (jid, pk_text, _, _), ok in zip(entries, took, strict=True):
             if ok:
                 restored += 1
@@ -213,13 +212,8 @@ def apply_rollback_batch(
                     bt.name, column, pk_text,
                     "value changed since kms-migrate wrote it; left as it is",
                 ))
-            marks.append({"jid": jid, "st": "rolled_back" if ok else "conflict"})
-        if marks:
-            conn.execute(
-                update(journal).where(journal.c.id == bindparam("jid"))
-                .values(status=bindparam("st"), rollback_run_id=run_id, rolled_back_at=ts),
-                marks,
-            )
+            outcomes.append((jid, ok))
+        rollback_journal.mark_replayed(conn, run_id, outcomes, ts)
         counts = BatchCounts(migrated=restored, conflicts=len(failures))
         store.record_batch(
             conn, run_id, bt.name, column,

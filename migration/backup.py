@@ -7,6 +7,12 @@ import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
 
+import click
+from sqlalchemy import Engine
+
+from checkpoints import store
+
+from .db import sqlite_path
 from .errors import ConfigError
 
 __all__ = ["backup_sqlite"]
@@ -78,3 +84,23 @@ def backup_sqlite(db: Path, *, without_bookkeeping: bool = False) -> Path:
             "if you have your own backup; nothing was written"
         ) from None
     return target
+
+
+def had_bookkeeping(engine: Engine) -> bool:
+    with engine.connect() as conn:
+        return store.schema_present(conn)
+
+
+def backup_before_first_write(engine: Engine, url: str, kind: str, skip: bool,
+                               had_bookkeeping: bool = True) -> None:
+    """Back a SQLite database up before a new run's first write (not when resuming one:
+    its backup was taken when it started). Called once the run lock is held, so a
+    refused command writes no copy."""
+    path = sqlite_path(url)
+    if path is None or skip:
+        return
+    with engine.connect() as conn:
+        if store.schema_present(conn) and store.unfinished_run(conn, kind) is not None:
+            return
+    copy = backup_sqlite(path, without_bookkeeping=not had_bookkeeping)
+    click.echo(f"backup of {path} (SQLite online backup): {copy}")

@@ -7,45 +7,25 @@ untouched); 2 refused to start or stopped on a fatal error (one line on stderr);
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import signal
 import sys
-import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn
 
 import click
-from sqlalchemy import Engine
-from sqlalchemy.exc import SQLAlchemyError
 
-from checkpoints import store
-
-from . import __version__
-from .backup import backup_sqlite
+from . import __version__, exits, options
+from .backup import backup_before_first_write, had_bookkeeping
+from .cli_info import demo_cmd, iam_policy_cmd, status_cmd
 from .config import (
     DEFAULT_BATCH_SIZE,
-    DEFAULT_CONCURRENCY,
-    DEFAULT_KEY_ID,
-    DEFAULT_MAX_KMS_RPS,
-    DEFAULT_REGION,
     Settings,
-    fernet_keys_from_env,
-    load_targets,
-    resolve_db_url,
 )
 from .db import (
-    PG_LOCK_TIMEOUT,
-    SQLITE_BUSY_TIMEOUT,
-    carries_password,
-    is_sqlite,
     make_engine,
     safe_url,
-    scrub_known,
-    sqlite_path,
 )
 from .errors import (
     EXIT_FAILURES,
@@ -53,331 +33,41 @@ from .errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     ConfigError,
-    KmsMigrateError,
 )
-from .kms import KMS, RateLimiter, make_client, validate_region
-from .logs import configure_from_options, configure_logging, get_logger
-from .migrator import MigrateResult, migrate
+from .logs import configure_from_options
+from .migrator import migrate
+from .options import (
+    confirm,
+    db_option,
+    db_url_from,
+    log_options,
+    make_kms,
+    settings_from,
+    target_options,
+    writing_run_options,
+)
 from .progress import make_progress
-from .report import build_report, kms_cost, write_report
-from .rollback import RollbackResult, rollback
-from .status import collect_status
-from .verify import VerifyResult, verify
-from .workers import (
-    DEFAULT_LEASE_SECONDS,
+from .render import estimate_seconds, print_migrate, print_rollback, print_verify
+from .report import build_report, write_report
+from .rollback import rollback
+from .runs import graceful_stop
+from .supervisor import (
     DEFAULT_ROWS_PER_RANGE,
-    WorkerSpec,
+    Here,
     migrate_ranged,
     refuse_sqlite_workers,
     rollback_ranged,
-    settings_from_dict,
-    work,
-    worker_engine,
-    worker_signals,
 )
+from .verify import verify
+from .worker import WorkerSpec, settings_from_dict, work, worker_engine, worker_signals
 
 __all__ = ["cli", "main"]
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _log_options(f: F) -> F:
-    f = click.option("--log-file", type=click.Path(dir_okay=False),
-                     help="Write log events to this file instead of stderr.")(f)
-    f = click.option("--log-format", type=click.Choice(["console", "json"]), default="console",
-                     show_default=True, help="Log line format.")(f)
-    f = click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
-                     default="warning", show_default=True,
-                     help="Least severe log events shown (batches log at info).")(f)
-    return f
-
-
-def _workers_options(f: F) -> F:
-    f = click.option("--rows-per-range", type=click.IntRange(1, 10_000_000), metavar="N",
-                     default=DEFAULT_ROWS_PER_RANGE, show_default=True,
-                     help="With --workers: rows per key range, the unit a worker claims "
-                          "(set when the run starts; a small column still gets 4 ranges per "
-                          "worker, of a batch at least).")(f)
-    f = click.option("--lease-seconds", type=click.FloatRange(2, 3600), metavar="S",
-                     default=DEFAULT_LEASE_SECONDS, show_default=True,
-                     help="With --workers: how long a silent worker keeps its range before "
-                          "another worker takes it over (on the same host: as soon as its "
-                          "process is gone). Must exceed the clock skew between machines.")(f)
-    f = click.option("--workers", type=click.IntRange(1, 256), metavar="N",
-                     help="Run N worker processes on this machine, coordinated through the "
-                          "database (PostgreSQL; 1 on SQLite). The same command on another "
-                          "machine joins the run. --max-kms-rps is shared by all workers.")(f)
-    return f
-
-
-def _progress_option(f: F) -> F:
-    return click.option("--no-progress", is_flag=True,
-                        help="No progress bar or progress lines on stderr.")(f)
-
-
-def _had_bookkeeping(engine: Engine) -> bool:
-    with engine.connect() as conn:
-        return store.schema_present(conn)
-
-
-def _backup_before_first_write(engine: Engine, url: str, kind: str, skip: bool,
-                               had_bookkeeping: bool = True) -> None:
-    """Back a SQLite database up before a new run's first write (not when resuming one:
-    its backup was taken when it started). Called once the run lock is held, so a
-    refused command writes no copy."""
-    path = sqlite_path(url)
-    if path is None or skip:
-        return
-    with engine.connect() as conn:
-        if store.schema_present(conn) and store.unfinished_run(conn, kind) is not None:
-            return
-    copy = backup_sqlite(path, without_bookkeeping=not had_bookkeeping)
-    click.echo(f"backup of {path} (SQLite online backup): {copy}")
-
-
-class StopRequest:
-    """First Ctrl-C (or SIGTERM): finish the batch in flight, then stop. Second: abort now."""
-
-    def __init__(self) -> None:
-        self._requested = False
-
-    def requested(self) -> bool:
-        return self._requested
-
-    def handle(self, signum: int, frame: object) -> None:
-        if self._requested:
-            raise KeyboardInterrupt  # the batch in flight rolls back whole
-        self._requested = True
-        click.echo("kms-migrate: stopping once the batch in flight has committed "
-                   "(press Ctrl-C again to abort it)", err=True)
-
-
-@contextlib.contextmanager
-def graceful_stop() -> Iterator[StopRequest]:
-    """Turn Ctrl-C and SIGTERM into a stop between batches while a run writes."""
-    stop = StopRequest()
-    old = {s: signal.signal(s, stop.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
-def _db_option(f: F) -> F:
-    return click.option("--db", "db", metavar="URL",
-                        help="Database URL (default: $DATABASE_URL), e.g. sqlite:///app.db or "
-                             "postgresql+psycopg://user@host/db. A password here is what ps "
-                             "shows every user of the machine: export DATABASE_URL "
-                             "instead.")(f)
-
-
-def _target_options(f: F) -> F:
-    f = click.option("--max-kms-rps", type=click.FloatRange(min=0), default=DEFAULT_MAX_KMS_RPS,
-                     show_default=True,
-                     help="KMS requests per second for the whole run (0: no limit). The "
-                          "default leaves a live application 80% of a 10,000/s quota; it "
-                          "halves when KMS throttles and recovers slowly.")(f)
-    f = click.option("--concurrency", type=click.IntRange(1, 512), default=DEFAULT_CONCURRENCY,
-                     show_default=True, help="KMS calls in flight.")(f)
-    f = click.option("--batch-size", type=click.IntRange(1, 100_000), default=DEFAULT_BATCH_SIZE,
-                     show_default=True, help="Rows per batch (one transaction each).")(f)
-    f = click.option("--region", metavar="R",
-                     help=f"AWS region of the key (default: $AWS_REGION, else "
-                          f"{DEFAULT_REGION}).")(f)
-    f = click.option("--key-id", metavar="KEY",
-                     help="KMS key id, ARN or alias (default: $AWS_KMS_KEY_ID, else "
-                          f"{DEFAULT_KEY_ID}).")(f)
-    f = click.option("--config", "config_file", type=click.Path(dir_okay=False), metavar="FILE",
-                     help="TOML file of [[targets]] (default: the built-in coinflip targets: "
-                          "users.encrypted_secret, users.referral_payout_escrow_secret, "
-                          "wagers.creator_escrow_secret, wagers.acceptor_escrow_secret).")(f)
-    return _db_option(f)
-
-
-PASSWORD_IN_ARGV = ("kms-migrate: warning: --db carries a password, which ps and "
-                    "/proc/<pid>/cmdline show to every user of this machine while the command "
-                    "runs: export DATABASE_URL instead")
-_warnings: list[str] = []  # printed by main() once the command ran (a refusal stays one line)
-
-
-def _db_url(flag: str | None) -> str:
-    """--db, else DATABASE_URL; a password on the command line draws a warning."""
-    url = resolve_db_url(flag)
-    if flag and carries_password(flag) and PASSWORD_IN_ARGV not in _warnings:
-        _warnings.append(PASSWORD_IN_ARGV)
-    return url
-
-
-def _settings(opts: dict[str, Any]) -> Settings:
-    env = os.environ
-    return Settings(
-        db_url=_db_url(opts.get("db")),
-        targets=load_targets(opts.get("config_file")),
-        key_id=opts.get("key_id") or env.get("AWS_KMS_KEY_ID") or DEFAULT_KEY_ID,
-        region=validate_region(opts.get("region") or env.get("AWS_REGION") or DEFAULT_REGION),
-        batch_size=opts.get("batch_size") or DEFAULT_BATCH_SIZE,
-        concurrency=opts.get("concurrency") or DEFAULT_CONCURRENCY,
-        max_kms_rps=(DEFAULT_MAX_KMS_RPS if opts.get("max_kms_rps") is None
-                     else float(opts["max_kms_rps"])),
-        encryption_context=bool(opts.get("encryption_context")),
-        fernet_keys=fernet_keys_from_env(env),
-    )
-
-
-def make_kms(settings: Settings) -> KMS:
-    """The run's KMS: one boto3 client, credentials and endpoint from boto3's own chain."""
-    client = make_client(settings.region, settings.concurrency)
-    limiter = RateLimiter(settings.max_kms_rps) if settings.max_kms_rps > 0 else None
-    return KMS(client, settings.key_id, settings.region, concurrency=settings.concurrency,
-               limiter=limiter)
-
 
 def _setup_logging(opts: dict[str, Any]) -> None:
     configure_from_options(opts)
 
 
-def _confirm(word: str, url: str, yes: bool, what: str, *, always: bool = False) -> None:
-    """Ask the operator to type `word` before writing to a non-SQLite database (to any
-    database with `always`, for what cannot be undone)."""
-    if yes or (is_sqlite(url) and not always):
-        return
-    if not sys.stdin.isatty():
-        raise ConfigError(
-            f"refusing to {what} {safe_url(url)} without confirmation: run it from a terminal "
-            "or pass --yes; nothing was written"
-        )
-    typed = click.prompt(f"This will {what} {safe_url(url)}. Type {word} to proceed",
-                         default="", show_default=False)
-    if typed.strip() != word:
-        raise ConfigError(f"cancelled (you did not type {word}); nothing was written")
-
-
 # -- output ------------------------------------------------------------------------------
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    cells = [list(map(str, headers))] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = []
-    for n, r in enumerate(cells):
-        lines.append("  ".join(
-            c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r)
-        ).rstrip())
-        if n == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def _failure_lines(failures: Sequence[Any], limit: int = 100) -> list[str]:
-    out = [f"  {f.table_name} pk={f.pk} {f.column_name}: {f.reason}" for f in failures[:limit]]
-    if len(failures) > limit:
-        out.append(f"  ... and {len(failures) - limit} more (kms-migrate status --json lists all)")
-    return out
-
-
-def print_migrate(result: MigrateResult, settings: Settings) -> None:
-    head = "DRY RUN (nothing was written)" if result.dry_run else (
-        f"run {result.run_id}" + (" (joined)" if result.joined else
-                                  " (resumed)" if result.resumed else ""))
-    click.echo(f"migrate {head}: {safe_url(settings.db_url)}, key {settings.key_id}")
-    rows = [(f"{c.table}.{c.column}", c.migrated, c.skipped, c.already, c.failed, c.conflicts)
-            for c in result.columns]
-    first = "would migrate" if result.dry_run else "migrated"
-    click.echo(_table(["column", first, "skipped", "already kms", "failed", "conflicts"], rows))
-    click.echo(f"KMS requests: {result.kms_requests} (retries: {result.retries}); "
-               f"{result.seconds:.2f} s")
-    if result.rate_limit is not None and result.throttles:
-        click.echo(f"KMS throttled {result.throttles} time(s): the rate limit went down from "
-                   f"{result.rate_limit:g}/s and was back at {result.rate_now:.0f}/s at the end")
-    if result.dry_run:
-        todo = sum(c.migrated for c in result.columns)
-        calls = 2 * todo + 1
-        click.echo(f"A real run would migrate {todo} value(s) with about {calls} KMS "
-                   "requests (Encrypt + verifying Decrypt per value, one DescribeKey), "
-                   f"and leave {result.failed} failed value(s) untouched.")
-        click.echo(estimate_line(calls, result.kms_requests, result.seconds, result.rate_limit))
-    for c in result.columns:
-        if c.unfit:
-            kind = "will not fit their KMS text" if result.dry_run else "did not fit their KMS text"
-            on = " on AWS KMS" if result.dry_run else ""
-            click.echo(f"{c.table}.{c.column} is {c.column_type}: {c.unfit} value(s) {kind} "
-                       f"(up to {c.unfit_need} characters{on}): widen the column to at least "
-                       f"{c.unfit_need} characters"
-                       + ("" if result.dry_run else ", then migrate --retry-failed"))
-    if result.conflicts:
-        click.echo(f"{result.conflicts} value(s) changed by the application while being migrated "
-                   "were left as written (listed below); `kms-migrate migrate --retry-failed` "
-                   "picks them up.")
-    if result.failures:
-        click.echo(f"Failed values ({len(result.failures)}), left untouched:")
-        for line in _failure_lines(result.failures):
-            click.echo(line)
-
-
-def estimate_seconds(calls: int, measured_calls: int, seconds: float,
-                     limit: float | None) -> float | None:
-    """How long the real run should take: the dry-run's own KMS rate, capped by the limit.
-
-    The dry-run makes the same KMS calls as the real run; the real run adds the writes,
-    which the pipeline overlaps with KMS work.
-    """
-    measured = measured_calls / seconds if seconds > 0 else 0.0
-    rates = [r for r in (measured, limit) if r]
-    return calls / min(rates) if rates else None
-
-
-def estimate_line(calls: int, measured_calls: int, seconds: float,
-                  limit: float | None) -> str:
-    est = estimate_seconds(calls, measured_calls, seconds, limit)
-    if est is None:
-        return "Estimated duration of the real run: unknown (nothing was measured)."
-    measured = measured_calls / seconds if seconds > 0 else 0.0
-    bound = "the --max-kms-rps limit" if limit and measured > limit else "the measured rate"
-    cost = kms_cost(calls)
-    return (f"Estimated duration of the real run: {_duration(est)} (measured {measured:.0f} "
-            f"KMS requests/s; limit {f'{limit:g}/s' if limit else 'none'}; bound by {bound}). "
-            f"Estimated KMS cost: ${cost['usd']:.2f} (${cost['usd_after_free_tier']:.2f} past "
-            "the 20,000 free requests a month).")
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
-def print_rollback(result: RollbackResult) -> None:
-    click.echo(f"rollback run {result.run_id}" + (" (resumed)" if result.resumed else "") + ":")
-    rows = [(f"{c.table}.{c.column}", c.migrated, c.conflicts) for c in result.columns]
-    click.echo(_table(["column", "restored", "conflicts"], rows))
-    if result.failures:
-        click.echo(f"Not restored ({len(result.failures)}):")
-        for line in _failure_lines(result.failures):
-            click.echo(line)
-
-
-def print_verify(result: VerifyResult) -> None:
-    rows = [(f"{c.table}.{c.column}", c.kms_ok, c.fernet_left, c.empty, c.undecryptable,
-             c.other_key) for c in result.columns]
-    click.echo(_table(["column", "kms ok", "fernet left", "null/empty", "undecryptable",
-                       "other key"], rows))
-    for arn, n in sorted(result.other_keys().items()):
-        click.echo(f"{n} value(s) under KMS key {arn}" if arn else
-                   f"{n} value(s) under a KMS key this caller cannot use")
-    if result.other_keys():
-        click.echo("  (the configured key cannot decrypt them: re-encrypt them under it, or "
-                   "check --key-id)")
-    click.echo(f"KMS requests: {result.kms_requests}; {result.seconds:.2f} s")
-    if result.problems:
-        click.echo(f"Problems ({len(result.problems)}):")
-        for t, c, pk, why in result.problems[:100]:
-            click.echo(f"  {t} pk={pk} {c}: {why}")
-    click.echo("verify: OK" if result.ok else "verify: FAILED")
-
-
-# -- commands ------------------------------------------------------------------------------
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="kms-migrate")
@@ -392,8 +82,13 @@ def cli() -> None:
     """
 
 
+cli.add_command(status_cmd)
+cli.add_command(demo_cmd)
+cli.add_command(iam_policy_cmd)
+
+
 @cli.command("migrate")
-@_target_options
+@target_options
 @click.option("--dry-run", is_flag=True,
               help="Read, decrypt, encrypt and verify with KMS, and write nothing at all.")
 @click.option("--encryption-context", is_flag=True,
@@ -408,12 +103,7 @@ def cli() -> None:
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), metavar="PATH",
               help="Write a JSON report: counts, failures, KMS requests, estimated cost, "
                    "duration (and, for a dry-run, the estimate for the real run).")
-@click.option("--no-backup", is_flag=True,
-              help="SQLite only: skip the backup copy taken before the first write.")
-@_workers_options
-@_progress_option
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-@_log_options
+@writing_run_options
 def migrate_cmd(**opts: Any) -> int:
     """Re-encrypt every Fernet value in the target columns with KMS, batch by batch.
 
@@ -422,7 +112,7 @@ def migrate_cmd(**opts: Any) -> int:
     resumes an unfinished run where it stopped.
     """
     _setup_logging(opts)
-    settings = _settings(opts)
+    settings = settings_from(opts)
     if not os.environ.get("ENCRYPTION_KEY", "").strip():
         # ENCRYPTION_KEY_LEGACY alone would run, migrate the legacy tokens and fail every
         # current-key value (and the codec would name a legacy key ENCRYPTION_KEY).
@@ -443,20 +133,21 @@ def migrate_cmd(**opts: Any) -> int:
         refuse_sqlite_workers(settings.db_url, workers)
     engine = make_engine(settings.db_url, read_only=dry)
     if not dry:
-        _confirm("MIGRATE", settings.db_url, opts["yes"], "re-encrypt the secrets in")
+        confirm("MIGRATE", settings.db_url, opts["yes"], "re-encrypt the secrets in")
     started_at = datetime.now(UTC)
     label = "dry-run" if dry else "migrate"
-    had_bookkeeping = _had_bookkeeping(engine)
+    had_tables = had_bookkeeping(engine)
     with make_kms(settings) as kms, graceful_stop() as stop:
-        backup = lambda: _backup_before_first_write(  # noqa: E731
-            engine, settings.db_url, "migrate", opts["no_backup"], had_bookkeeping)
+        backup = lambda: backup_before_first_write(  # noqa: E731
+            engine, settings.db_url, "migrate", opts["no_backup"], had_tables)
         progress = make_progress(label, not opts["no_progress"])
         if workers is not None:
-            result = migrate_ranged(
-                settings, engine=engine, kms=kms, workers=workers, new_run=opts["new_run"],
-                lease_seconds=opts["lease_seconds"], rows_per_range=opts["rows_per_range"],
-                progress=progress, should_stop=stop.requested, before_first_write=backup,
-                log_opts=_log_opts(opts))
+            here = Here(workers, lease_seconds=opts["lease_seconds"],
+                        rows_per_range=opts["rows_per_range"], progress=progress,
+                        should_stop=stop.requested, before_first_write=backup,
+                        log_opts=_log_opts(opts))
+            result = migrate_ranged(settings, engine=engine, kms=kms, here=here,
+                                    new_run=opts["new_run"])
         else:
             result = migrate(settings, engine=engine, kms=kms, dry_run=dry,
                              new_run=opts["new_run"], retry_failed=opts["retry_failed"],
@@ -474,7 +165,7 @@ def migrate_cmd(**opts: Any) -> int:
 
 
 @cli.command("verify")
-@_target_options
+@target_options
 @click.option("--encryption-context", is_flag=True,
               help="Decrypt with the context migrate --encryption-context wrote with.")
 @click.option("--workers", type=click.IntRange(1, 256), default=1, show_default=True,
@@ -485,14 +176,14 @@ def migrate_cmd(**opts: Any) -> int:
 @click.option("--rows-per-range", type=click.IntRange(1, 10_000_000),
               default=DEFAULT_ROWS_PER_RANGE, show_default=True,
               help="With --workers: rows per key range, the unit a process takes.")
-@_log_options
+@log_options
 def verify_cmd(**opts: Any) -> int:
     """Decrypt every KMS value in the target columns with KMS; report what is left or broken.
 
     Exit 1 when a Fernet token is left or a value cannot be decrypted. Writes nothing.
     """
     _setup_logging(opts)
-    settings = _settings(opts)
+    settings = settings_from(opts)
     engine = make_engine(settings.db_url, read_only=True)
     with make_kms(settings) as kms:
         result = verify(settings, engine=engine, kms=kms, workers=opts["workers"],
@@ -502,15 +193,10 @@ def verify_cmd(**opts: Any) -> int:
 
 
 @cli.command("rollback")
-@_db_option
+@db_option
 @click.option("--batch-size", type=click.IntRange(1, 100_000), default=DEFAULT_BATCH_SIZE,
               show_default=True, help="Journal rows per batch (one transaction each).")
-@click.option("--no-backup", is_flag=True,
-              help="SQLite only: skip the backup copy taken before the first write.")
-@_workers_options
-@_progress_option
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-@_log_options
+@writing_run_options
 def rollback_cmd(**opts: Any) -> int:
     """Put back the original Fernet token of every value the tool migrated.
 
@@ -518,23 +204,23 @@ def rollback_cmd(**opts: Any) -> int:
     value the tool wrote. Resumable. Needs no KMS access and no Fernet key.
     """
     _setup_logging(opts)
-    url = _db_url(opts.get("db"))
+    url = db_url_from(opts.get("db"))
     workers = opts.get("workers")
     if workers is not None:
         refuse_sqlite_workers(url, workers)
     engine = make_engine(url)
-    _confirm("ROLLBACK", url, opts["yes"], "restore the Fernet tokens in")
+    confirm("ROLLBACK", url, opts["yes"], "restore the Fernet tokens in")
     with graceful_stop() as stop:
-        backup = lambda: _backup_before_first_write(  # noqa: E731
+        backup = lambda: backup_before_first_write(  # noqa: E731
             engine, url, "rollback", opts["no_backup"])
         progress = make_progress("rollback", not opts["no_progress"])
         if workers is not None:
+            here = Here(workers, lease_seconds=opts["lease_seconds"],
+                        rows_per_range=opts["rows_per_range"], progress=progress,
+                        should_stop=stop.requested, before_first_write=backup,
+                        log_opts=_log_opts(opts))
             result = rollback_ranged(
-                engine, settings=Settings(db_url=url, batch_size=opts["batch_size"]),
-                workers=workers, lease_seconds=opts["lease_seconds"],
-                rows_per_range=opts["rows_per_range"], progress=progress,
-                should_stop=stop.requested, before_first_write=backup,
-                log_opts=_log_opts(opts))
+                engine, settings=Settings(db_url=url, batch_size=opts["batch_size"]), here=here)
         else:
             result = rollback(engine, batch_size=opts["batch_size"], before_first_write=backup,
                               progress=progress, should_stop=stop.requested)
@@ -549,12 +235,12 @@ def rollback_cmd(**opts: Any) -> int:
 
 
 @cli.command("finalize")
-@_target_options
+@target_options
 @click.option("--encryption-context", is_flag=True,
               help="Verify with the context migrate --encryption-context wrote with.")
 @click.option("--yes", is_flag=True,
               help="Do not ask for confirmation (asked on every database, SQLite too).")
-@_log_options
+@log_options
 def finalize_cmd(**opts: Any) -> int:
     """Delete the rollback journal once verify passes: the last step, and irreversible.
 
@@ -573,9 +259,9 @@ def finalize_cmd(**opts: Any) -> int:
     from .finalize import finalize
 
     _setup_logging(opts)
-    settings = _settings(opts)
+    settings = settings_from(opts)
     engine = make_engine(settings.db_url)
-    _confirm("FINALIZE", settings.db_url, opts["yes"], "delete the rollback journal of",
+    confirm("FINALIZE", settings.db_url, opts["yes"], "delete the rollback journal of",
              always=True)
     with make_kms(settings) as kms, graceful_stop() as stop:
         result = finalize(settings, engine=engine, kms=kms, batch_size=settings.batch_size,
@@ -594,101 +280,12 @@ def finalize_cmd(**opts: Any) -> int:
     return EXIT_OK
 
 
-@cli.command("status")
-@_db_option
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def status_cmd(db: str | None, as_json: bool) -> int:
-    """Show runs (state, timings), progress per table and column, and failures."""
-    configure_logging("warning")
-    url = _db_url(db)
-    engine = make_engine(url, read_only=True)
-    report = collect_status(engine)
-    if report is None:
-        if as_json:
-            click.echo(json.dumps({"runs": []}))
-        else:
-            click.echo(f"no kms-migrate runs in {safe_url(url)}")
-        return EXIT_OK
-    if as_json:
-        click.echo(json.dumps(report.as_dict(), indent=2, default=str))
-        return EXIT_OK
-    click.echo(_table(["run", "kind", "state", "started", "finished", "seconds"], [
-        (r["id"], r["kind"], r["state"], r["started_at"] or "", r["finished_at"] or "",
-         r["seconds"] if r["seconds"] is not None else "")
-        for r in report.runs
-    ]))
-    if report.run_id is not None:
-        click.echo(f"\nlatest migrate run {report.run_id}:")
-        click.echo(_table(
-            ["column", "migrated", "skipped", "already", "failed", "conflicts", "remaining",
-             "last pk"],
-            [(f"{p.table}.{p.column}", p.migrated, p.skipped, p.already, p.failed, p.conflicts,
-              "done" if p.done else (p.remaining if p.remaining is not None else "?"),
-              p.last_pk or "") for p in report.progress]))
-    if report.ranged_run_id is not None:
-        _print_ranged(report)
-    if report.failures:
-        click.echo(f"\nfailures of run {report.run_id} ({report.failures_total}):")
-        for f in report.failures:
-            click.echo(f"  {f['table_name']} pk={f['pk']} {f['column_name']}: {f['reason']}")
-    if report.journal:
-        click.echo("\njournal: " + ", ".join(f"{k}={v}" for k, v in report.journal.items()))
-    return EXIT_OK
-
-
-RANGE_LINES = 200
-
-
-def _print_ranged(report: Any) -> None:
-    click.echo(f"\nworkers of run {report.ranged_run_id}:")
-    click.echo(_table(
-        ["worker", "host", "pid", "state", "range", "rate share", "kms requests", "heartbeat"],
-        [(w["id"], w["host"], w["pid"], w["state"], w["range_id"] or "",
-          w["rate_share"] if w["rate_share"] is not None else "", w["kms_requests"],
-          f"{w['heartbeat_age_s']:g} s ago" if w["state"] == "running" else "")
-         for w in report.workers]))
-    states: dict[str, int] = {}
-    for r in report.ranges:
-        states[r["state"]] = states.get(r["state"], 0) + 1
-    click.echo(f"\nranges of run {report.ranged_run_id}: "
-               + ", ".join(f"{n} {s}" for s, n in sorted(states.items())))
-    shown = report.ranges if len(report.ranges) <= RANGE_LINES else [
-        r for r in report.ranges if r["state"] != "done"][:RANGE_LINES]
-    if shown:
-        click.echo(_table(
-            ["range", "column", "after", "up to", "state", "at", "worker", "claims",
-             "migrated", "failed"],
-            [(r["id"], f"{r['table']}.{r['column']}", r["after"] or "(start)",
-              r["upto"] or "(end)", r["state"], r["last_pk"] or "", r["worker_id"] or "",
-              r["claims"], r["migrated"], r["failed"]) for r in shown]))
-    if len(shown) < len(report.ranges):
-        click.echo(f"({len(report.ranges) - len(shown)} more ranges: kms-migrate status "
-                   "--json lists all)")
-
-
-@cli.command("demo")
-@click.option("--dir", "workdir", type=click.Path(file_okay=False),
-              help="Where to put the sample database (default: a new temporary folder).")
-@click.option("--rows", type=click.IntRange(10, 1_000_000), default=200, show_default=True,
-              help="Users in the sample database (wagers: the same number).")
-def demo_cmd(workdir: str | None, rows: int) -> int:
-    """A rehearsal with no AWS account: a sample SQLite database and an emulated KMS (moto).
-
-    Runs dry-run, migrate (interrupted and resumed), verify, status and rollback end to end,
-    and checks each step's promise.
-    """
-    from .demo import run_demo
-
-    configure_logging("warning")
-    return run_demo(Path(workdir) if workdir else None, rows)
-
-
 @cli.command("preflight")
-@_target_options
+@target_options
 @click.option("--encryption-context", is_flag=True,
               help="Do the round trip with an encryption context (table, column, pk), as "
                    "migrate --encryption-context will: checks a policy that requires one.")
-@_log_options
+@log_options
 def preflight_cmd(**opts: Any) -> int:
     """Check that a migration can start, one line per check; writes nothing.
 
@@ -707,7 +304,7 @@ def preflight_cmd(**opts: Any) -> int:
     from .preflight import format_check, preflight, summary
 
     _setup_logging(opts)
-    settings = _settings(opts)
+    settings = settings_from(opts)
     checks = preflight(settings, env=os.environ)
     for check in checks:
         click.echo(format_check(check))
@@ -718,52 +315,6 @@ def preflight_cmd(**opts: Any) -> int:
                    f"({', '.join(failed)}); fix each as its FAIL line says, then re-run",
                    err=True)
         return EXIT_FATAL
-    return EXIT_OK
-
-
-@cli.command("iam-policy")
-@click.option("--key-id", metavar="KEY",
-              help="KMS key id, ARN or alias, resolved to the key ARN with DescribeKey "
-                   f"(default: $AWS_KMS_KEY_ID, else {DEFAULT_KEY_ID}). Without credentials, "
-                   "pass the key ARN itself.")
-@click.option("--region", metavar="R",
-              help=f"AWS region of the key (default: $AWS_REGION, else {DEFAULT_REGION}).")
-@click.option("--app-writes/--app-read-only", default=True, show_default=True,
-              help="Whether the application policy also allows kms:Encrypt (it writes new "
-                   "secrets with KMS, USE_AWS_KMS=true) or only kms:Decrypt.")
-@click.option("--which", type=click.Choice(["migration", "application", "both"]),
-              default="both", show_default=True,
-              help="Which policy to print: both as {\"migration\": ..., \"application\": ...}, "
-                   "or one bare policy document.")
-@click.option("--encryption-context", is_flag=True,
-              help="Allow Encrypt and Decrypt only with the encryption context keys table, "
-                   "column and pk and no other (for migrate --encryption-context and an "
-                   "application passing context=...). DescribeKey stays unconditioned.")
-def iam_policy_cmd(key_id: str | None, region: str | None, app_writes: bool, which: str,
-                   encryption_context: bool) -> int:
-    """Print least-privilege IAM policies (JSON) for the KMS key, naming its key ARN.
-
-    The migration's policy allows kms:Encrypt, kms:Decrypt and kms:DescribeKey; the
-    application's allows kms:Decrypt, plus kms:Encrypt unless --app-read-only. Both name
-    the one key by its key ARN (an alias ARN as Resource does not grant use of the key),
-    instead of the guide's key/* (every key of the account).
-
-    Attach each to its own IAM role or user (aws iam put-role-policy --policy-document
-    file://policy.json); the key policy must let IAM policies grant access (the default
-    key policy does). Remove the migration's policy once the migration is verified. The
-    output is plain JSON, as IAM requires (no comments).
-    """
-    from .iam import policies, resolve_key_arn
-
-    configure_logging("warning")
-    env = os.environ
-    key = key_id or env.get("AWS_KMS_KEY_ID") or DEFAULT_KEY_ID
-    reg = validate_region(region or env.get("AWS_REGION") or DEFAULT_REGION)
-    arn, note = resolve_key_arn(key, reg)
-    if note:
-        click.echo(f"kms-migrate: {note}", err=True)
-    doc = policies(arn, which, app_writes=app_writes, encryption_context=encryption_context)
-    click.echo(json.dumps(doc, indent=2))
     return EXIT_OK
 
 
@@ -794,84 +345,22 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-# click >= 8.2 raises this UsageError for a bare group; older click prints the help itself.
-_NO_ARGS_IS_HELP: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
-
-
-def _error(message: str) -> None:
-    """One line on stderr, with every database credential this process used masked."""
-    click.echo(scrub_known(message).replace("\n", " "), err=True)
-
-
-def _log_unexpected(exc: BaseException) -> None:
-    """An unexpected exception, at debug level: its type and where it was raised, frame by
-    frame (file, line, function), and the types of the exceptions it chained. Never its
-    message, nor any chained one's, nor local variables: those can hold a value, a token or
-    a password; the code's location and names cannot."""
-    chain: list[str] = []
-    frames: list[str] = []
-    seen: BaseException | None = exc
-    while seen is not None and len(chain) < 10:
-        chain.append(type(seen).__name__)
-        frames.extend(f"{Path(f.filename).name}:{f.lineno} in {f.name}"
-                      for f in traceback.extract_tb(seen.__traceback__))
-        seen = seen.__cause__ or seen.__context__
-    get_logger().debug("unexpected_error", error_type=chain[0], chained=chain[1:],
-                       frames=frames)
-
-
 def main(argv: Sequence[str] | None = None) -> NoReturn:
-    """Console entry point: one line on stderr for every refusal, never a traceback."""
+    """Console entry point: one line on stderr for every refusal, never a traceback.
+
+    Every exception, the unexpected ones included, goes through `exits.report`, the one
+    place that maps an exception to its exit code and line."""
     signal.signal(signal.SIGTERM, _on_sigterm)
-    _warnings.clear()
+    options.WARNINGS.clear()
     code: int
     try:
         rv = cli.main(args=list(argv) if argv is not None else None, prog_name="kms-migrate",
                       standalone_mode=False)
         code = rv if isinstance(rv, int) else EXIT_OK
-    except click.exceptions.Exit as exc:
-        code = exc.exit_code
-    except (KeyboardInterrupt, click.exceptions.Abort):
-        click.echo("kms-migrate: interrupted; committed batches are kept, re-run the same "
-                   "command to resume", err=True)
-        code = EXIT_INTERRUPTED
-    except _NO_ARGS_IS_HELP as exc:  # bare `kms-migrate`: the help, as click shows it
-        exc.show()
-        code = exc.exit_code
-    except click.UsageError as exc:
-        hint = f" (see {exc.ctx.command_path} --help)" if exc.ctx else ""
-        msg = exc.format_message().replace("\n", " ")
-        _error(f"kms-migrate: error: {msg}{hint}")
-        code = EXIT_FATAL
-    except click.ClickException as exc:
-        _error(f"kms-migrate: error: {exc.format_message()}")
-        code = EXIT_FATAL
-    except KmsMigrateError as exc:
-        _error(f"kms-migrate: error: {exc}")
-        code = exc.exit_code
-    except SQLAlchemyError as exc:
-        # Never the statement or its parameters (they hold tokens): the driver's first line.
-        orig = getattr(exc, "orig", None)
-        reason = str(orig).strip().splitlines()[0] if orig else type(exc).__name__
-        if "database is locked" in reason:
-            reason = (f"the SQLite database is locked by another writer (waited "
-                      f"{SQLITE_BUSY_TIMEOUT:g} s); let it finish or stop it")
-        elif "lock timeout" in reason:
-            reason = (f"a row or table stayed locked by another session for "
-                      f"{PG_LOCK_TIMEOUT:g} s; let it finish or stop it")
-        _error(f"kms-migrate: database error: {reason}; committed batches are kept, "
-               "re-run to resume")
-        code = EXIT_FATAL
-    except Exception as exc:  # the last guard: one line, never a traceback
-        # Not str(exc): the message of an exception nobody anticipated could hold a value.
-        with contextlib.suppress(Exception):
-            _log_unexpected(exc)
-        _error(f"kms-migrate: error: unexpected {type(exc).__name__} (its message is not "
-               "shown, as it could hold a secret); committed batches are kept: re-run with "
-               "--log-level debug to log where it was raised, and report it")
-        code = EXIT_FATAL
+    except (Exception, KeyboardInterrupt) as exc:
+        code = exits.report(exc)
     if code != EXIT_FATAL:  # a refusal stays one line
-        for warning in _warnings:
+        for warning in options.WARNINGS:
             click.echo(warning, err=True)
     sys.stdout.flush()
     sys.exit(code)

@@ -27,6 +27,7 @@ __all__ = [
     "KMS_BLOB_OVERHEAD",
     "KMS_MAX_CIPHERTEXT",
     "KMS_MAX_PLAINTEXT",
+    "BadFernetKey",
     "FernetCodec",
     "ValueKind",
     "classify",
@@ -38,6 +39,7 @@ __all__ = [
     "fernet_token_length",
     "kms_text_length",
     "max_plaintext_fitting",
+    "multi_fernet",
 ]
 
 FERNET_PREFIX = "gAAAAA"
@@ -56,16 +58,24 @@ FERNET_OVERHEAD = 57  # version, timestamp, IV and HMAC around the AES-CBC ciphe
 class ValueKind(enum.Enum):
     EMPTY = "empty"  # NULL or the empty string: nothing to migrate
     FERNET = "fernet"  # shaped like a Fernet token: to migrate
-    OTHER = "other"  # anything else: taken as already migrated (verify decides if it opens)
+    KMS = "kms"  # the stored KMS format (strict base64 of a blob): verify asks KMS to open it
+    OTHER = "other"  # anything else: neither format (migrate leaves it; verify reports it)
 
 
 def classify(value: object) -> ValueKind:
-    """Say what a stored value is by its shape alone (no key needed)."""
+    """Say what a stored value is by its shape alone (no key needed).
+
+    The one place that decides it: a Fernet token by its prefix, a KMS value by decoding as
+    the stored KMS format (`decode_kms`). Whether KMS really opens a KMS value is for KMS
+    to say (verify); migrate counts KMS and OTHER alike as already migrated.
+    """
     if value is None or value == "" or value == b"":
         return ValueKind.EMPTY
-    if isinstance(value, str) and value.startswith(FERNET_PREFIX):
+    if not isinstance(value, str):
+        return ValueKind.OTHER
+    if value.startswith(FERNET_PREFIX):
         return ValueKind.FERNET
-    return ValueKind.OTHER
+    return ValueKind.KMS if decode_kms(value) is not None else ValueKind.OTHER
 
 
 def kms_text_length(plaintext_len: int) -> int:
@@ -114,6 +124,34 @@ def encryption_context(table: str, column: str, pk: object) -> dict[str, str]:
     return {"table": table, "column": column, "pk": str(pk)}
 
 
+class BadFernetKey(Exception):
+    """A Fernet key that does not parse; carries the key's name only, never the key."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+def multi_fernet(named: Sequence[tuple[str, str]]) -> MultiFernet:
+    """A MultiFernet over (name, key) pairs, tried in order: the one parser of Fernet keys,
+    for the tool (`FernetCodec`) and the application helper (`migration.runtime`).
+
+    Raises BadFernetKey naming the first malformed key, outside any except clause, so no
+    error it raises holds (or chains to one that holds) a key. Needs at least one key.
+    """
+    fernets: list[Fernet] = []
+    for name, key in named:
+        parsed: Fernet | None
+        try:
+            parsed = Fernet(key.encode("utf-8"))
+        except (ValueError, binascii.Error, UnicodeEncodeError, TypeError):
+            parsed = None
+        if parsed is None:
+            raise BadFernetKey(name)
+        fernets.append(parsed)
+    return MultiFernet(fernets)
+
+
 class FernetCodec:
     """Opens Fernet tokens with the current key and every legacy key, as MultiFernet does."""
 
@@ -123,19 +161,20 @@ class FernetCodec:
                 "ENCRYPTION_KEY is not set: export the Fernet key the application uses "
                 "(older keys go in ENCRYPTION_KEY_LEGACY, comma-separated)"
             )
-        fernets: list[Fernet] = []
-        for i, key in enumerate(keys):
-            name = "ENCRYPTION_KEY" if i == 0 else f"ENCRYPTION_KEY_LEGACY key #{i}"
-            try:
-                fernets.append(Fernet(key.encode("utf-8")))
-            except (ValueError, binascii.Error, UnicodeEncodeError):
-                # Never echo the key: only say which one is malformed and what a good one is.
-                raise ConfigError(
-                    f"{name} is not a valid Fernet key (it must be 32 bytes in url-safe "
-                    "base64, 44 characters ending in '='): set the key the application "
-                    "really encrypts with"
-                ) from None
-        self._multi = MultiFernet(fernets)
+        named = [("ENCRYPTION_KEY" if i == 0 else f"ENCRYPTION_KEY_LEGACY key #{i}", key)
+                 for i, key in enumerate(keys)]
+        bad: str | None = None
+        try:
+            self._multi = multi_fernet(named)
+        except BadFernetKey as exc:
+            bad = exc.name
+        if bad is not None:
+            # Never echo the key: only say which one is malformed and what a good one is.
+            raise ConfigError(
+                f"{bad} is not a valid Fernet key (it must be 32 bytes in url-safe "
+                "base64, 44 characters ending in '='): set the key the application "
+                "really encrypts with"
+            ) from None
 
     def decrypt(self, token: str) -> bytes | None:
         """The plaintext a token holds, or None when no key opens it (corrupt, unknown key)."""

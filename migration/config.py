@@ -28,6 +28,7 @@ __all__ = [
     "Target",
     "fernet_keys_from_env",
     "load_targets",
+    "named_fernet_keys",
     "resolve_db_url",
     "targets_fingerprint",
 ]
@@ -40,6 +41,10 @@ DEFAULT_CONCURRENCY = 16
 # operations is 10,000/s in most regions, shared with the live application: 2,000/s leaves
 # it 80%. 0 means no limit.
 DEFAULT_MAX_KMS_RPS = 2000.0
+# Ranged runs (--workers): rows per key range, and how long a worker's claim on a range
+# lasts without a heartbeat before another worker may take the range over.
+DEFAULT_ROWS_PER_RANGE = 20_000
+DEFAULT_LEASE_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -95,17 +100,33 @@ def resolve_db_url(flag: str | None, env: Mapping[str, str] = os.environ) -> str
     return url
 
 
+def named_fernet_keys(
+    env: Mapping[str, str] = os.environ, current: str | None = None
+) -> tuple[tuple[str, str], ...]:
+    """(name, key) for every Fernet key, as MultiFernet tries them: the current key first,
+    then each ENCRYPTION_KEY_LEGACY key (comma-separated, blanks and spaces dropped).
+
+    The current key is `current` when given (named "the encryption_key argument": the
+    application helper's override), else ENCRYPTION_KEY. Each key is named by where it
+    comes from and its position, so that an error can say which one is wrong without
+    showing it. Shared by the tool (`fernet_keys_from_env`) and `migration.runtime`.
+    """
+    named: list[tuple[str, str]] = []
+    given = (current or "").strip()
+    key = given or env.get("ENCRYPTION_KEY", "").strip()
+    if key:
+        named.append(("the encryption_key argument" if given else "ENCRYPTION_KEY", key))
+    legacy = [k.strip() for k in env.get("ENCRYPTION_KEY_LEGACY", "").split(",") if k.strip()]
+    named.extend((f"ENCRYPTION_KEY_LEGACY key #{i}", k) for i, k in enumerate(legacy, 1))
+    return tuple(named)
+
+
 def fernet_keys_from_env(env: Mapping[str, str] = os.environ) -> tuple[str, ...]:
     """ENCRYPTION_KEY first, then every ENCRYPTION_KEY_LEGACY key, as MultiFernet tries them."""
-    keys: list[str] = []
-    current = env.get("ENCRYPTION_KEY", "").strip()
-    if current:
-        keys.append(current)
-    keys.extend(k.strip() for k in env.get("ENCRYPTION_KEY_LEGACY", "").split(",") if k.strip())
-    return tuple(keys)
+    return tuple(key for _, key in named_fernet_keys(env))
 
 
-def load_targets(path: str | Path | None) -> tuple[Target, ...]:
+def load_targets(path: str | Path | None) -> tuple[Target, ...]:  # noqa: C901
     """Read targets from a TOML file, or return the built-in coinflip targets.
 
     The file holds ``[[targets]]`` tables with ``table``, ``primary_key`` and ``columns``.

@@ -17,21 +17,18 @@ import click
 from cryptography.fernet import Fernet
 from sqlalchemy import create_engine, select
 
-from .cli import make_kms, print_migrate, print_rollback, print_verify
 from .config import Settings
 from .db import make_engine
-from .errors import KmsMigrateError
+from .errors import DemoCheckFailed, KmsMigrateError
 from .migrator import migrate
+from .options import make_kms
+from .render import print_migrate, print_rollback, print_verify
 from .rollback import rollback
 from .sample import coinflip_metadata, create_coinflip_schema, fill_coinflip
 from .status import collect_status
 from .verify import verify
 
 __all__ = ["run_demo"]
-
-
-class DemoCheckFailed(KmsMigrateError):
-    pass
 
 
 def _check(ok: bool, what: str) -> None:
@@ -58,7 +55,7 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def run_demo(workdir: Path | None, rows: int) -> int:
+def run_demo(workdir: Path | None, rows: int) -> int:  # noqa: PLR0915
     try:
         from moto import mock_aws
     except ImportError:

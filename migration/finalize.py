@@ -17,21 +17,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
-from sqlalchemy import (
-    ColumnElement,
-    Connection,
-    Engine,
-    and_,
-    delete,
-    func,
-    or_,
-    select,
-    text,
-    update,
-)
+from sqlalchemy import Connection, Engine, func, select
 
 from checkpoints import store
 from checkpoints.lock import RunLock
+from checkpoints.rollback_journal import delete_batch as _delete_batch  # tests wrap it
 from checkpoints.store import Run
 from checkpoints.tables import journal, runs
 
@@ -40,7 +30,7 @@ from .config import Settings, Target
 from .errors import ConfigError
 from .kms import KMS
 from .logs import get_logger
-from .migrator import lock_held
+from .runs import lock_held
 from .verify import VerifyResult, verify
 
 __all__ = ["FinalizeResult", "finalize", "finalized_note", "finalized_refusal"]
@@ -171,7 +161,7 @@ def journal_targets(
     return targets, sorted(set(extra))
 
 
-def _finalize(
+def _finalize(  # noqa: PLR0913
     engine: Engine,
     batch_size: int,
     result: FinalizeResult,
@@ -218,8 +208,7 @@ def _finalize(
             with engine.begin() as conn:
                 run_lock.fence(conn)
                 deleted = _delete_batch(conn, batch_size, pairs)
-                conn.execute(update(runs).where(runs.c.id == run.id)
-                             .values(updated_at=store.now()))
+                store.touch_run(conn, run.id)
         state = "completed"
     except KeyboardInterrupt:
         state = "interrupted"
@@ -236,20 +225,6 @@ def _finalize(
         log.info("run_finished", state=state, deleted=result.deleted,
                  seconds=round(result.seconds, 3))
     return result
-
-
-def _delete_batch(conn: Connection, batch_size: int, pairs: Sequence[tuple[str, str]]) -> int:
-    """Delete the next `batch_size` journal rows of the verified (table, column) pairs (any
-    status), and rows no rollback would replay (rolled back, conflict), by id; how many."""
-    if conn.dialect.name == "sqlite":
-        # Zero the freed space, so the tokens are not left readable in the database file.
-        conn.execute(text("PRAGMA secure_delete = ON"))
-    j = journal.c
-    verified: list[ColumnElement[bool]] = [
-        and_(j.table_name == t, j.column_name == c) for t, c in pairs]
-    ids = (select(j.id).where(or_(j.status != "migrated", *verified))
-           .order_by(j.id).limit(batch_size).scalar_subquery())
-    return int(conn.execute(delete(journal).where(journal.c.id.in_(ids))).rowcount)
 
 
 def _refuse_unfinished_writers(conn: Connection) -> None:

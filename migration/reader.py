@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Table,
     func,
+    inspect,
     select,
 )
 from sqlalchemy.exc import NoSuchTableError
@@ -262,3 +263,18 @@ def fetch_batch(
         q = q.where(bt.pk <= upto)
     with engine.connect() as conn:
         return [Row(pk, value) for pk, value in conn.execute(q)]
+
+
+def primary_key_of(engine: Engine, table: str) -> str:
+    """The name of a table's one primary-key column (for a table the journal names)."""
+    with engine.connect() as conn:
+        insp = inspect(conn)
+        if not insp.has_table(table):
+            raise ConfigError(
+                f"the journal names table {table}, which no longer exists: restore it or "
+                "check --db; nothing was written"
+            )
+        cols = insp.get_pk_constraint(table).get("constrained_columns") or []
+    if len(cols) != 1:
+        raise ConfigError(f"table {table} no longer has a single-column primary key")
+    return str(cols[0])

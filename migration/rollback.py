@@ -11,24 +11,24 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
-from sqlalchemy import Connection, Engine, func, select
+from sqlalchemy import Engine, func, select
 
 from checkpoints import store
-from checkpoints.leases import Lease
 from checkpoints.lock import RunLock
 from checkpoints.store import FailureRow, Run
 from checkpoints.tables import journal
 
 from . import __version__
-from .applier import apply_rollback_batch
-from .config import Target
+from .batches import ColumnSummary
+from .config import Settings, Target
 from .errors import ConfigError, ResumeMismatchError
+from .finalize import finalized_refusal
 from .logs import get_logger
-from .migrator import ColumnSummary, lock_held
+from .pipeline import ColumnJob, Hooks, rollback_column
 from .progress import NullProgress, Progress
-from .reader import BoundTarget, bind_target
+from .reader import BoundTarget, bind_target, primary_key_of
+from .runs import RunEnd, lifecycle, lock_held
 
 __all__ = ["RollbackResult", "rollback"]
 
@@ -89,8 +89,6 @@ def check_can_roll_back(engine: Engine) -> None:
             "nothing to roll back: this database has no kms-migrate journal (no migrate run "
             "has written to it); check --db"
         )
-    from .finalize import finalized_refusal  # local: finalize imports this module
-
     with engine.connect() as conn:
         finalized = finalized_refusal(conn)
     if finalized is not None:
@@ -133,7 +131,7 @@ def start_rollback_run(engine: Engine, batch_size: int, run_lock: RunLock,
     return run, resumed
 
 
-def _rollback(
+def _rollback(  # noqa: PLR0913
     engine: Engine,
     batch_size: int,
     result: RollbackResult,
@@ -150,59 +148,43 @@ def _rollback(
         positions = store.load_checkpoints(conn, run.id)
 
     bound: dict[str, BoundTarget] = {}
-    state = "stopped"
+    end = RunEnd()
     try:
-        for (table, column), ck in sorted(positions.items()):
-            summary = ColumnSummary(table, column, migrated=ck.migrated, conflicts=ck.conflicts)
-            result.columns.append(summary)
-            if ck.done:
-                continue
-            if table not in bound:
-                pk_name = _pk_name(engine, table)
-                with engine.connect() as conn:
-                    bound[table] = bind_target(conn, Target(table, pk_name, (column,)))
-            bt = bound[table]
-            if bt.target.columns != (column,):
-                bt = BoundTarget(Target(table, bt.target.primary_key, (column,)), bt.table,
-                                 bt.pk_is_int)
-            after = int(ck.last_pk) if ck.last_pk is not None else 0
-            progress.start(table, column, _journal_left(engine, table, column, after))
-            _rollback_column(engine, bt, column, after, batch_size, run.id, run_lock.fence,
-                             summary, log, progress, should_stop)
-        state = "completed"
-    except KeyboardInterrupt:
-        state = "interrupted"
-        raise
+        with lifecycle(engine, run.id, end):
+            for (table, column), ck in sorted(positions.items()):
+                summary = ColumnSummary(table, column, migrated=ck.migrated,
+                                        conflicts=ck.conflicts)
+                result.columns.append(summary)
+                if ck.done:
+                    continue
+                bt = _bound_column(engine, bound, table, column)
+                after = int(ck.last_pk) if ck.last_pk is not None else 0
+                progress.start(table, column, _journal_left(engine, table, column, after))
+                job = ColumnJob(engine, bt, column, Settings(db_url="", batch_size=batch_size),
+                                run_id=run.id, fence=run_lock.fence, after=after, log=log)
+                rollback_column(job, summary, Hooks(progress, should_stop=should_stop))
     finally:
         progress.finish()
         result.seconds = time.monotonic() - started
-        try:
-            with engine.begin() as conn:
-                store.set_state(conn, run.id, state)
-        except Exception:  # best effort; the run stays resumable
-            log.warning("run_state_not_recorded", state=state)
-        log.info("run_finished", state=state, seconds=round(result.seconds, 3))
+        log.info("run_finished", state=end.state, seconds=round(result.seconds, 3))
     with engine.connect() as conn:
         result.failures = store.failures_of(conn, run.id)
     return result
 
 
-def _journal_page(
-    engine: Engine, table: str, column: str, after: int, limit: int, upto: int | None = None
-) -> list[tuple[int, str, str, str]]:
-    """The next journal entries still to roll back for one column, in journal order
-    (up to journal id `upto`, the end of a range, when given)."""
-    j = journal.c
-    q = (
-        select(j.id, j.pk, j.original, j.migrated)
-        .where(j.table_name == table, j.column_name == column, j.status == "migrated",
-               j.id > after)
-        .order_by(j.id).limit(limit)
-    )
-    if upto is not None:
-        q = q.where(j.id <= upto)
-    with engine.connect() as conn:
-        return [(int(r.id), r.pk, r.original, r.migrated) for r in conn.execute(q)]
+def _bound_column(engine: Engine, bound: dict[str, BoundTarget], table: str,
+                  column: str) -> BoundTarget:
+    """The journalled table bound once (its primary key from the schema), narrowed to
+    `column`."""
+    if table not in bound:
+        pk_name = primary_key_of(engine, table)
+        with engine.connect() as conn:
+            bound[table] = bind_target(conn, Target(table, pk_name, (column,)))
+    bt = bound[table]
+    if bt.target.columns != (column,):
+        bt = BoundTarget(Target(table, bt.target.primary_key, (column,)), bt.table,
+                         bt.pk_is_int)
+    return bt
 
 
 def _journal_left(engine: Engine, table: str, column: str, after: int) -> int:
@@ -211,46 +193,3 @@ def _journal_left(engine: Engine, table: str, column: str, after: int) -> int:
         j.table_name == table, j.column_name == column, j.status == "migrated", j.id > after)
     with engine.connect() as conn:
         return int(conn.execute(q).scalar_one())
-
-
-def _rollback_column(
-    engine: Engine, bt: BoundTarget, column: str, after: int, batch_size: int, run_id: int,
-    fence: Callable[[Connection], None], summary: ColumnSummary, log: Any, progress: Progress,
-    should_stop: Callable[[], bool] | None, *, upto: int | None = None,
-    lease: Lease | None = None,
-) -> int:
-    """Replay one column's journal from id `after` (to id `upto`, the end of a range of a
-    ranged run, whose checkpoint `lease` then moves); the number of batches."""
-    batch_no = 0
-    while True:
-        entries = _journal_page(engine, bt.name, column, after, batch_size, upto)
-        # The end of the column, or the range's last id: done, without an empty batch.
-        done = len(entries) < batch_size or (upto is not None and entries[-1][0] == upto)
-        counts = apply_rollback_batch(engine, bt, column, run_id, entries, done=done,
-                                      fence=fence, lease=lease)
-        summary.add(counts)
-        batch_no += 1
-        log.info("batch_committed", table=bt.name, column=column, batch=batch_no,
-                 restored=counts.migrated, conflicts=counts.conflicts)
-        progress.advance(bt.name, column, len(entries))
-        if done:
-            return batch_no
-        if should_stop is not None and should_stop():
-            raise KeyboardInterrupt  # asked to stop: this batch is committed, stop here
-        after = entries[-1][0]
-
-
-def _pk_name(engine: Engine, table: str) -> str:
-    from sqlalchemy import inspect
-
-    with engine.connect() as conn:
-        insp = inspect(conn)
-        if not insp.has_table(table):
-            raise ConfigError(
-                f"the journal names table {table}, which no longer exists: restore it or "
-                "check --db; nothing was written"
-            )
-        cols = insp.get_pk_constraint(table).get("constrained_columns") or []
-    if len(cols) != 1:
-        raise ConfigError(f"table {table} no longer has a single-column primary key")
-    return str(cols[0])

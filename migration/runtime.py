@@ -36,8 +36,6 @@ exceptions, whose messages name the operation and key, never the data.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 import os
 import threading
@@ -47,9 +45,11 @@ from typing import Any
 import boto3
 import botocore.exceptions
 from botocore.config import Config
-from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+from cryptography.fernet import InvalidToken
 
+from . import runtime_fernet
 from .codec import (
+    KMS_MAX_CIPHERTEXT,
     KMS_MAX_PLAINTEXT,
     ValueKind,
     classify,
@@ -57,8 +57,19 @@ from .codec import (
     encode_kms,
     encryption_context,
 )
-from .config import DEFAULT_KEY_ID, DEFAULT_REGION, fernet_keys_from_env
+from .config import DEFAULT_KEY_ID, DEFAULT_REGION, named_fernet_keys
 from .errors import SecretDecryptError
+from .runtime_fernet import cached_multi_fernet
+from .runtime_values import (
+    EMPTY_VALUE,
+    NO_FERNET_KEY_OPENS,
+    NOT_A_FORMAT,
+    as_text,
+    checked_context,
+    decode_guide_base64,
+    plain_bytes,
+    utf8,
+)
 
 __all__ = [
     "CLIENT_CONFIG",
@@ -87,26 +98,10 @@ CLIENT_CONFIG = Config(
     max_pool_connections=50,  # one pool shared by all threads; botocore's default is 10
 )
 
-KMS_MAX_CIPHERTEXT = 6144  # Decrypt's CiphertextBlob limit
 # Decrypt's answers meaning "this value cannot be opened": corrupt, made under another key,
 # or read with another encryption context than it was written with. Anything else (access
 # denied, disabled key, throttling) is about the service, not the value, and propagates.
 _UNOPENABLE = frozenset({"InvalidCiphertextException", "IncorrectKeyException"})
-
-_NOT_A_FORMAT = (
-    "the value is neither a Fernet token nor a KMS ciphertext (standard base64 of a "
-    "CiphertextBlob)"
-)
-_EMPTY = "the value is empty (NULL or ''): there is nothing to decrypt"
-_NO_FERNET_KEY_OPENS = (
-    "no Fernet key opens this token (corrupt, or made with a key that is in neither "
-    "ENCRYPTION_KEY nor ENCRYPTION_KEY_LEGACY)"
-)
-_NOT_UTF8 = "the decrypted secret is not UTF-8 text"
-_NOT_ENCODABLE = (
-    "the secret cannot be encoded as UTF-8 (it holds a lone surrogate, e.g. from a "
-    "surrogateescape decode): pass the secret as valid text"
-)
 
 _OTHER_KEY = (
     "the value was made under a KMS key that is neither AWS_KMS_KEY_ID nor one of "
@@ -126,9 +121,6 @@ _clients: dict[str, Any] = {}
 _arn_lock = threading.Lock()
 # (region, key id as configured: an alias or a key id) -> the key ARNs KMS confirmed for it.
 _confirmed_arns: dict[tuple[str, str], frozenset[str]] = {}
-_fernet_lock = threading.Lock()
-_fernets: dict[tuple[str, ...], MultiFernet] = {}
-_FERNET_CACHE_MAX = 8
 
 
 # -- configuration and caches -----------------------------------------------------------
@@ -165,8 +157,7 @@ def reset_cache() -> None:
         _clients.clear()
     with _arn_lock:
         _confirmed_arns.clear()
-    with _fernet_lock:
-        _fernets.clear()
+    runtime_fernet.clear()
 
 
 def previous_key_ids_env() -> tuple[str, ...]:
@@ -203,10 +194,9 @@ def _confirm(region: str, key_id: str, arn: str) -> None:
 def _forget_after_fork() -> None:
     # A client's connection pool must not be shared across fork, and a lock held by another
     # thread at fork time would never be released in the child: start over with new ones.
-    global _client_lock, _clients, _fernet_lock, _fernets, _arn_lock
+    global _client_lock, _clients, _arn_lock
     _client_lock, _clients = threading.Lock(), {}
     _arn_lock = threading.Lock()  # the ARNs stay: what KMS confirmed is still true
-    _fernet_lock, _fernets = threading.Lock(), {}
 
 
 if hasattr(os, "register_at_fork"):
@@ -216,128 +206,10 @@ if hasattr(os, "register_at_fork"):
 def _fernet_keys(encryption_key: str | None) -> tuple[tuple[str, str], ...]:
     """(name, key): the current key (the argument, else ENCRYPTION_KEY) first, then the
     legacy keys, each named by where it comes from and its position (never its value)."""
-    current = (encryption_key or "").strip()
-    current_name = "the encryption_key argument" if current else "ENCRYPTION_KEY"
-    env_current = fernet_keys_from_env({
-        "ENCRYPTION_KEY": os.environ.get("ENCRYPTION_KEY", ""),
-    })
-    legacy = fernet_keys_from_env({
-        "ENCRYPTION_KEY_LEGACY": os.environ.get("ENCRYPTION_KEY_LEGACY", ""),
-    })
-    named: list[tuple[str, str]] = []
-    if current or env_current:
-        named.append((current_name, current or env_current[0]))
-    named.extend((f"ENCRYPTION_KEY_LEGACY key #{i}", k) for i, k in enumerate(legacy, 1))
-    return tuple(named)
-
-
-def _multi_fernet(named: tuple[tuple[str, str], ...]) -> MultiFernet:
-    """A MultiFernet over the keys of `named`, parsed once and cached until they change."""
-    keys = tuple(k for _, k in named)
-    cached = _fernets.get(keys)
-    if cached is not None:
-        return cached
-    if not keys:
-        raise ValueError(
-            "ENCRYPTION_KEY not set: export the application's Fernet key (older keys go in "
-            "ENCRYPTION_KEY_LEGACY, comma-separated)"
-        )
-    fernets: list[Fernet] = []
-    bad: str | None = None
-    for name, key in named:
-        try:
-            fernets.append(Fernet(key.encode("utf-8")))
-        except (ValueError, binascii.Error, UnicodeEncodeError, TypeError):
-            bad = name
-            break
-    if bad is not None:  # raised here, outside the except, so no error holds the key
-        raise ValueError(
-            f"{bad} is not a valid Fernet key: it must be 32 bytes in url-safe base64, 44 "
-            "characters ending in '=' (fix or remove it)"
-        )
-    multi = MultiFernet(fernets)
-    with _fernet_lock:
-        if len(_fernets) >= _FERNET_CACHE_MAX:
-            _fernets.clear()
-        _fernets[keys] = multi
-    return multi
+    return named_fernet_keys(os.environ, encryption_key)
 
 
 # -- shared pieces ----------------------------------------------------------------------
-
-def _plain_bytes(plaintext: str) -> bytes:
-    if not isinstance(plaintext, str):
-        raise TypeError(f"encrypt_secret takes a str, not {type(plaintext).__name__}")
-    data: bytes | None
-    try:
-        data = plaintext.encode("utf-8")
-    except UnicodeEncodeError:  # its .object, args and repr hold the whole secret
-        data = None
-    if data is None:  # raised here, outside the except, so nothing chains to that error
-        raise ValueError(_NOT_ENCODABLE)
-    return data
-
-
-def _utf8(data: bytes) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        pass
-    raise SecretDecryptError(_NOT_UTF8)  # outside the except: the error holds the bytes
-
-
-def _context(context: Mapping[str, str] | None) -> dict[str, str] | None:
-    if not context:
-        return None
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in context.items()):
-        raise TypeError(
-            "an encryption context maps str to str: build it with "
-            "encryption_context(table, column, pk)"
-        )
-    encodable = True
-    try:
-        for k, v in context.items():
-            k.encode("utf-8")
-            v.encode("utf-8")
-    except UnicodeEncodeError:  # it would hold the text
-        encodable = False
-    if not encodable:
-        raise ValueError("the encryption context holds text that cannot be encoded as UTF-8 "
-                         "(a lone surrogate): pass valid text")
-    return dict(context)
-
-
-def _as_text(value: object) -> str:
-    """The stored value as text; bytes from a BLOB column are taken as ASCII."""
-    if isinstance(value, str):
-        return value
-    text: str | None = None
-    if isinstance(value, bytes | bytearray | memoryview):
-        try:
-            text = bytes(value).decode("ascii")
-        except UnicodeDecodeError:
-            text = None
-    if text is None:
-        raise SecretDecryptError(_EMPTY if value is None else _NOT_A_FORMAT)
-    return text
-
-
-def _decode_kms_lenient(text: str) -> bytes | None:
-    """The blob behind stored base64, decoded as the guide's helper decodes it.
-
-    The guide uses non-strict ``base64.b64decode``, which skips characters outside the
-    alphabet (newlines, spaces), so a value it wrote or reads is read here too. Anything
-    that does not decode to a KMS ciphertext is refused by KMS itself.
-    """
-    blob = decode_kms(text)  # the stored format, strict
-    if blob is not None:
-        return blob
-    try:
-        blob = base64.b64decode(text.encode("utf-8"), validate=False)
-    except (binascii.Error, UnicodeEncodeError, ValueError):
-        blob = None
-    return blob or None
-
 
 def _decrypt(
     value: object,
@@ -348,25 +220,25 @@ def _decrypt(
     """Open a stored value by its format: Fernet with the keys, anything else with KMS."""
     # Surrounding whitespace (a trailing newline from a file or a form) is read, as the
     # guide's helper reads it: Fernet and its non-strict base64 both skip it.
-    text = _as_text(value).strip()
+    text = as_text(value).strip()
     kind = classify(text)
     if kind is ValueKind.EMPTY:
-        raise SecretDecryptError(_EMPTY)
+        raise SecretDecryptError(EMPTY_VALUE)
     if kind is ValueKind.FERNET:
         # Fernet has no encryption context: a Fernet value opens wherever it is copied,
         # which is one reason to migrate. `context` only binds KMS values.
-        multi = _multi_fernet(_fernet_keys(encryption_key))
+        multi = cached_multi_fernet(_fernet_keys(encryption_key))
         opened: bytes | None
         try:
             opened = multi.decrypt(text.encode("ascii"))
         except (InvalidToken, UnicodeEncodeError, ValueError, TypeError):
             opened = None
         if opened is None:
-            raise SecretDecryptError(_NO_FERNET_KEY_OPENS)
-        return _utf8(opened)
-    blob = _decode_kms_lenient(text)
+            raise SecretDecryptError(NO_FERNET_KEY_OPENS)
+        return utf8(opened)
+    blob = decode_kms(text) if kind is ValueKind.KMS else decode_guide_base64(text)
     if blob is None or len(blob) > KMS_MAX_CIPHERTEXT:
-        raise SecretDecryptError(_NOT_A_FORMAT)
+        raise SecretDecryptError(NOT_A_FORMAT)
     return (kms or KMSEncryption())._decrypt_blob(blob, context)
 
 
@@ -403,14 +275,14 @@ class KMSEncryption:
 
         With `context`, the ciphertext only decrypts with the very same context.
         """
-        data = _plain_bytes(plaintext)
+        data = plain_bytes(plaintext)
         if len(data) > KMS_MAX_PLAINTEXT:
             raise ValueError(
                 f"the secret is {len(data)} bytes, over KMS's {KMS_MAX_PLAINTEXT}-byte Encrypt "
                 "limit: encrypt it with a data key (envelope encryption) instead"
             )
         params: dict[str, Any] = {"KeyId": self.key_id, "Plaintext": data}
-        ctx = _context(context)
+        ctx = checked_context(context)
         if ctx:
             params["EncryptionContext"] = ctx
         response = self.kms.encrypt(**params)
@@ -429,7 +301,7 @@ class KMSEncryption:
 
     def _decrypt_blob(self, blob: bytes, context: Mapping[str, str] | None) -> str:
         params: dict[str, Any] = {"CiphertextBlob": blob}
-        ctx = _context(context)
+        ctx = checked_context(context)
         if ctx:
             params["EncryptionContext"] = ctx
         code = ""
@@ -450,7 +322,7 @@ class KMSEncryption:
         if not self._accepts(arn, params):
             raise SecretDecryptError(_OTHER_KEY)
         plaintext: bytes = response["Plaintext"]
-        return _utf8(plaintext)
+        return utf8(plaintext)
 
     def _accepts(self, arn: str, params: Mapping[str, Any]) -> bool:
         """Whether the key `arn` that Decrypt used is one this object was given.
@@ -502,15 +374,14 @@ def encrypt_secret(
     """
     if use_aws_kms():
         return KMSEncryption().encrypt_secret(plaintext, context=context)
-    data = _plain_bytes(plaintext)
-    current = (encryption_key or "").strip()
-    name = "the encryption_key argument" if current else "ENCRYPTION_KEY"
-    current = current or os.environ.get("ENCRYPTION_KEY", "").strip()
-    if not current:
-        raise ValueError("ENCRYPTION_KEY not set: export the application's Fernet key")
+    data = plain_bytes(plaintext)
     # Writing needs the current key only: a malformed legacy key (needed only to read old
     # tokens) does not stop the application from storing new secrets.
-    return _multi_fernet(((name, current),)).encrypt(data).decode("ascii")
+    current = named_fernet_keys({"ENCRYPTION_KEY": os.environ.get("ENCRYPTION_KEY", "")},
+                                encryption_key)
+    if not current:
+        raise ValueError("ENCRYPTION_KEY not set: export the application's Fernet key")
+    return cached_multi_fernet(current).encrypt(data).decode("ascii")
 
 
 def decrypt_secret(

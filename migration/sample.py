@@ -56,7 +56,7 @@ def _secret(rng: random.Random) -> str:
     return "".join(rng.choice(B58) for _ in range(88))
 
 
-def fill_coinflip(
+def fill_coinflip(  # noqa: C901
     engine: Engine,
     rows: int,
     current_key: str,

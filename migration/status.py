@@ -88,9 +88,7 @@ def collect_status(engine: Engine, failure_limit: int = 50) -> StatusReport | No
                     table, column, ck.done, None if latest.ranged else ck.last_pk,
                     ck.batches + sum(x.batches for x in rows
                                      if (x.table_name, x.column_name) == (table, column)),
-                    ck.migrated + rc.migrated, ck.skipped + rc.skipped,
-                    ck.already + rc.already, ck.failed + rc.failed,
-                    ck.conflicts + rc.conflicts, remaining,
+                    *_five(ck.counts + rc), remaining,
                 ))
             report.failures = [
                 asdict(f) for f in store.failures_of(conn, latest.id, limit=failure_limit)
@@ -180,3 +178,7 @@ def _range(r: RangeRow) -> dict[str, Any]:
         "skipped": r.skipped, "already": r.already, "failed": r.failed,
         "conflicts": r.conflicts,
     }
+
+
+def _five(c: BatchCounts) -> tuple[int, int, int, int, int]:
+    return c.migrated, c.skipped, c.already, c.failed, c.conflicts

@@ -26,43 +26,15 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from checkpoints import leases
 
-from .codec import ValueKind, classify, decode_kms, encryption_context
-from .config import Settings
+from .config import DEFAULT_ROWS_PER_RANGE, Settings
 from .db import is_sqlite, make_engine, safe_url, sqlite_path
 from .errors import ConfigError, DatabaseError, KmsMigrateError
-from .kms import KMS, KeyInfo, Opening, RateLimiter, make_client
+from .kms import KMS, KeyInfo, RateLimiter, make_client
 from .logs import configure_from_options, get_logger
-from .reader import BoundTarget, bind_targets, fetch_batch
-from .workers import DEFAULT_ROWS_PER_RANGE
+from .pipeline import ColumnCheck, ColumnJob, Problem, verify_column
+from .reader import BoundTarget, bind_targets
 
 __all__ = ["ColumnCheck", "VerifyResult", "verify"]
-
-Problem = tuple[str, str, str, str]  # table, column, pk, why
-
-
-@dataclass
-class ColumnCheck:
-    table: str
-    column: str
-    kms_ok: int = 0
-    fernet_left: int = 0
-    empty: int = 0
-    undecryptable: int = 0
-    # Under another KMS key than the one configured: a problem (the application's key-scoped
-    # policy cannot decrypt them). Counted per key ARN ("" when this caller may not use it).
-    other_key: int = 0
-    other_keys: dict[str, int] = field(default_factory=dict)
-
-    def add(self, other: ColumnCheck) -> None:
-        """Add the counts of another part (a key range) of the same column."""
-        self.kms_ok += other.kms_ok
-        self.fernet_left += other.fernet_left
-        self.empty += other.empty
-        self.undecryptable += other.undecryptable
-        self.other_key += other.other_key
-        for arn, n in other.other_keys.items():
-            self.other_keys[arn] = self.other_keys.get(arn, 0) + n
-
 
 @dataclass
 class VerifyResult:
@@ -111,15 +83,14 @@ def verify(
     bound = bind_targets(engine, settings.targets)
     key = kms.describe()  # fails fast on a key that is missing, disabled or misused
     result = VerifyResult()
-    reason = _reason(settings)
     if workers == 1:
         log = get_logger(kind="verify")
         for bt in bound:
             for column in bt.target.columns:
                 check = ColumnCheck(bt.name, column)
                 result.columns.append(check)
-                _verify_column(settings, engine, kms, bt, column, key.arn, reason, check,
-                               result.problems, log)
+                verify_column(ColumnJob(engine, bt, column, settings, kms=kms, log=log),
+                              check, result.problems)
         result.kms_requests = kms.requests
     else:
         _verify_ranged(settings, engine, bound, key.arn, workers, rows_per_range,
@@ -127,70 +98,6 @@ def verify(
         result.kms_requests += kms.requests
     result.seconds = time.monotonic() - started
     return result
-
-
-def _reason(settings: Settings) -> str:
-    return ("KMS cannot decrypt it with this row's encryption context"
-            if settings.encryption_context else "KMS cannot decrypt it")
-
-
-def _verify_column(
-    settings: Settings, engine: Engine, kms: KMS, bt: BoundTarget, column: str, arn: str,
-    reason: str, check: ColumnCheck, problems: list[Problem], log: Any,
-    after: Any | None = None, upto: Any | None = None,
-) -> None:
-    """Verify the rows of one column with `after < pk <= upto` (either end open when None),
-    batch by batch in key order, counting into `check` and appending to `problems`."""
-    while True:
-        rows = fetch_batch(engine, bt, column, after, settings.batch_size, upto)
-        blobs: list[tuple[str, bytes]] = []
-        ctxs: list[dict[str, str] | None] = []
-        for row in rows:
-            kind = classify(row.value)
-            pk = bt.pk_text(row.pk)
-            if kind is ValueKind.EMPTY:
-                check.empty += 1
-            elif kind is ValueKind.FERNET:
-                check.fernet_left += 1
-                problems.append((bt.name, column, pk, "still a Fernet token"))
-            else:
-                blob = decode_kms(row.value) if isinstance(row.value, str) else None
-                if blob is None:
-                    check.undecryptable += 1
-                    problems.append((bt.name, column, pk, "neither a Fernet token nor base64"))
-                else:
-                    blobs.append((pk, blob))
-                    ctxs.append(encryption_context(bt.name, column, pk)
-                                if settings.encryption_context else None)
-        opened = kms.map(kms.open_stored,
-                         [(b, c) for (_, b), c in zip(blobs, ctxs, strict=True)])
-        _tally(check, problems, bt.name, column, blobs, opened, reason)
-        log.info("batch_verified", table=bt.name, column=column, rows=len(rows))
-        if len(rows) < settings.batch_size or (upto is not None and rows[-1].pk == upto):
-            return  # the end of the column, or of the range
-        after = rows[-1].pk
-
-
-def _tally(
-    check: ColumnCheck,
-    problems: list[Problem],
-    table: str,
-    column: str,
-    blobs: Sequence[tuple[str, bytes]],
-    opened: Sequence[Opening],
-    reason: str,
-) -> None:
-    for (pk, _), out in zip(blobs, opened, strict=True):
-        if out.ok:
-            check.kms_ok += 1
-        elif out.other_key is not None:
-            check.other_key += 1
-            check.other_keys[out.other_key] = check.other_keys.get(out.other_key, 0) + 1
-            problems.append((table, column, pk, f"under another KMS key ({out.other_key})"
-                             if out.other_key else "under a KMS key this caller cannot use"))
-        else:
-            check.undecryptable += 1
-            problems.append((table, column, pk, out.problem or reason))
 
 
 # -- the parallel mode ----------------------------------------------------------------------
@@ -213,7 +120,7 @@ class _RangeOutcome:
     kms_requests: int
 
 
-def _verify_ranged(
+def _verify_ranged(  # noqa: PLR0913
     settings: Settings, engine: Engine, bound: Sequence[BoundTarget], arn: str, workers: int,
     rows_per_range: int, log_opts: dict[str, Any], result: VerifyResult,
 ) -> None:
@@ -326,8 +233,8 @@ def _verify_range(task: _Task) -> _RangeOutcome:
     problems: list[Problem] = []
     before = c.kms.requests
     try:
-        _verify_column(c.settings, c.engine, c.kms, bt, task.column, c.arn,
-                       _reason(c.settings), check, problems, c.log, task.after, task.upto)
+        verify_column(ColumnJob(c.engine, bt, task.column, c.settings, after=task.after,
+                                upto=task.upto, kms=c.kms, log=c.log), check, problems)
     except SQLAlchemyError as exc:
         # Not the statement or its parameters: the driver's first line, as the CLI prints.
         orig = getattr(exc, "orig", None)

@@ -9,7 +9,6 @@ under CI=true, where a missing server fails the run.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ import pytest
 from cryptography.fernet import Fernet
 from hypothesis import HealthCheck, settings
 
-from tests.pgserver import PgServer, pg_bindir, running_pg_server
+from tests.pgserver import PgServer, free_port, pg_bindir, running_pg_server
 
 # Never let a test reach real AWS: fake credentials, no profile, a fixed region.
 for _var in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
@@ -43,12 +42,6 @@ REPO = Path(__file__).resolve().parent.parent
 ALIAS = "alias/coinflip-master-key"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(autouse=True)
 def _logging_to_stderr() -> None:
     """Each test starts with logging on stderr: a command run in-process by an earlier test
@@ -56,6 +49,28 @@ def _logging_to_stderr() -> None:
     from migration.logs import configure_logging
 
     configure_logging("warning")
+
+
+@pytest.fixture(autouse=True)
+def _engines_disposed() -> Iterator[None]:
+    """Every engine a test connected through is disposed when the test ends: its own, and
+    the ones handed to the code under test (`migrate(s, engine=make_engine(url), ...)`),
+    which the code does not dispose since the caller owns them. Left to the garbage
+    collector, each keeps its pooled connections, PostgreSQL sessions, open until then."""
+    from sqlalchemy import Connection, Engine, event
+
+    engines: dict[int, Engine] = {}
+
+    def connected(conn: Connection) -> None:
+        engines.setdefault(id(conn.engine), conn.engine)
+
+    event.listen(Engine, "engine_connect", connected)
+    try:
+        yield
+    finally:
+        event.remove(Engine, "engine_connect", connected)
+        for engine in engines.values():
+            engine.dispose()
 
 
 # -- Fernet ---------------------------------------------------------------------------------
@@ -106,13 +121,23 @@ def _make_key(client: Any, alias: str = ALIAS) -> KmsHandle:
     return KmsHandle(client, meta["KeyId"], meta["Arn"])
 
 
-@pytest.fixture
-def kms() -> Iterator[KmsHandle]:
-    """moto's KMS in this process, with alias/coinflip-master-key ready."""
+def _mocked_kms() -> Iterator[KmsHandle]:
     from moto import mock_aws
 
     with mock_aws():
         yield _make_key(boto3.client("kms", region_name="us-east-1"))
+
+
+@pytest.fixture
+def kms() -> Iterator[KmsHandle]:
+    """moto's KMS in this process, with alias/coinflip-master-key ready."""
+    yield from _mocked_kms()
+
+
+@pytest.fixture(scope="module")
+def module_kms() -> Iterator[KmsHandle]:
+    """The same, one for the whole module: hypothesis tests share it across examples."""
+    yield from _mocked_kms()
 
 
 # -- KMS server mode (moto_server in a subprocess), for CLI subprocess tests --------------

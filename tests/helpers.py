@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import base64
 import signal
+import subprocess
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, select
+from sqlalchemy import create_engine, inspect, select, text
+from sqlalchemy.pool import NullPool
 
 from migration.config import Settings
 from migration.kms import KMS, RetryPolicy
@@ -67,8 +70,12 @@ def interrupted_migrate(url: str, settings: Settings, client: Any, after_batches
         if committed[0] == after_batches:
             raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
-        migrate(settings, engine=make_engine(url), kms=make_kms(client, settings), on_batch=stop)
+    engine = make_engine(url)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            migrate(settings, engine=engine, kms=make_kms(client, settings), on_batch=stop)
+    finally:
+        engine.dispose()
 
 
 def make_kms(client: Any, settings: Settings, sleep: Any = None) -> KMS:
@@ -93,20 +100,109 @@ def assert_no_leaks(texts: Iterable[str], dump: str, truth: SampleSecrets, keys:
             assert needle not in hay, f"{what} leaked into {where}"
 
 
+def bookkeeping_tables(url: str) -> list[str]:
+    """The kms_migrate_* tables at `url`, sorted (NullPool: no connection is kept)."""
+    eng = create_engine(url, poolclass=NullPool)
+    try:
+        return sorted(t for t in inspect(eng).get_table_names() if t.startswith("kms_migrate"))
+    finally:
+        eng.dispose()
+
+
 def dump_bookkeeping(url: str) -> str:
-    """Every row of every kms_migrate_* table, as text."""
-    from sqlalchemy import MetaData, inspect
+    """Every row of every kms_migrate_* table, as text (each value as str(), not repr(), so
+    that a leaked value shows as it is, not escaped)."""
+    eng = create_engine(url, poolclass=NullPool)
+    parts: list[str] = []
+    try:
+        with eng.connect() as conn:
+            for t in bookkeeping_tables(url):
+                parts.append(f"== {t}")
+                for row in conn.execute(text(f'SELECT * FROM "{t}"')):
+                    parts.append(" | ".join(map(str, row)))
+    finally:
+        eng.dispose()
+    return "\n".join(parts)
+
+
+def journal_cells(url: str) -> Counter[Cell]:
+    """How many journal rows in status migrated each cell has; empty before the bookkeeping
+    tables exist (a run refused up front writes nothing at all)."""
+    from checkpoints.tables import journal
 
     eng = create_engine(url)
-    names = [t for t in inspect(eng).get_table_names() if t.startswith("kms_migrate")]
-    md = MetaData()
-    md.reflect(eng, only=names)
-    out: list[str] = []
-    with eng.connect() as conn:
-        for name in names:
-            out.extend(repr(tuple(r)) for r in conn.execute(select(md.tables[name])))
-    eng.dispose()
-    return "\n".join(out)
+    try:
+        if not inspect(eng).has_table("kms_migrate_journal"):
+            return Counter()
+        with eng.connect() as conn:
+            rows = conn.execute(select(journal.c.table_name, journal.c.pk,
+                                       journal.c.column_name)
+                                .where(journal.c.status == "migrated")).all()
+    finally:
+        eng.dispose()
+    return Counter((t, p, c) for t, p, c in rows)
+
+
+def run_migrate(settings: Settings, client: Any) -> Any:
+    """migrate() as a command runs it, on an engine of its own (disposed after)."""
+    from migration.db import make_engine
+    from migration.migrator import migrate
+
+    engine = make_engine(settings.db_url)
+    try:
+        return migrate(settings, engine=engine, kms=make_kms(client, settings))
+    finally:
+        engine.dispose()
+
+
+def migrate_db(url: str, keys: Any, kms: Any, **kw: Any) -> Any:
+    """migrate() over the coinflip database at `url` with both keys (settings_for's
+    settings, `kw` on top) and the KMS of the `kms` fixture."""
+    return run_migrate(settings_for(url, keys.current, keys.legacy, **kw), kms.client)
+
+
+def run_cli(args: list[str], env: dict[str, str],
+            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """The real CLI in a subprocess; one that runs past `timeout` fails the test."""
+    from tests.conftest import kms_migrate_bin
+
+    return subprocess.run([kms_migrate_bin(), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_clean(*texts: str, keys: Any = None) -> None:
+    """No AWS secret key, no traceback and (given `keys`) no Fernet key in any text."""
+    from tests.conftest import AWS_SECRET
+
+    for t in texts:
+        assert AWS_SECRET not in t and "Traceback" not in t
+        if keys is not None:
+            assert keys.current not in t and keys.legacy not in t
+
+
+def assert_refused(code: int, out: str, err: str, *expected: str) -> str:
+    """Exit 2, exactly one line on stderr, nothing on stdout, no traceback, no AWS secret;
+    return the line, which holds every `expected` fragment."""
+    from tests.conftest import AWS_SECRET
+
+    assert code == 2, (code, out, err)
+    lines = err.strip("\n").split("\n")
+    assert len(lines) == 1, err
+    line = lines[0]
+    assert line.startswith("kms-migrate: "), line
+    assert "Traceback" not in err and "Traceback" not in out
+    assert out == ""
+    assert AWS_SECRET not in err
+    for fragment in expected:
+        assert fragment in line, (fragment, line)
+    return line
+
+
+def assert_error_line(code: int, out: str, err: str, *expected: str) -> str:
+    """assert_refused, and the line is an error: `kms-migrate: error: ...`."""
+    line = assert_refused(code, out, err, *expected)
+    assert line.startswith("kms-migrate: error: "), line
+    return line
 
 
 def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:

@@ -18,38 +18,15 @@ from typing import Any
 
 import pytest
 from cryptography.fernet import Fernet
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import create_engine, text
 
-from tests.helpers import make_db, run_main, snapshot
+from tests.helpers import assert_refused, bookkeeping_tables, make_db, run_main, snapshot
 
 GUIDE_EXAMPLE_KEY = "my-super-secret-key-12345"
 AWS_SECRET = os.environ["AWS_SECRET_ACCESS_KEY"]  # set by conftest; must never be printed
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-def assert_refused(code: int, out: str, err: str, *expected: str) -> str:
-    """Exit 2, exactly one line on stderr, nothing on stdout, no traceback; return the line."""
-    assert code == 2, (code, out, err)
-    lines = err.strip("\n").split("\n")
-    assert len(lines) == 1, err
-    line = lines[0]
-    assert line.startswith("kms-migrate: "), line
-    assert "Traceback" not in err and "Traceback" not in out
-    assert out == ""
-    assert AWS_SECRET not in err
-    for fragment in expected:
-        assert fragment in line, (fragment, line)
-    return line
-
-
-def bookkeeping_tables(url: str) -> list[str]:
-    eng = create_engine(url)
-    try:
-        return [t for t in inspect(eng).get_table_names() if t.startswith("kms_migrate")]
-    finally:
-        eng.dispose()
-
 
 def empty_database(url: str) -> None:
     """Make sure the database exists (SQLite creates its file on first connect)."""
@@ -402,6 +379,7 @@ def test_an_unexpected_error_is_one_line_naming_its_type_never_its_message(
     tmp_path: Path,
 ) -> None:
     import migration.cli as cli_mod
+    import migration.cli_info as info_mod  # where `status` lives
 
     make_db(sqlite_url, 5, env_keys.current, env_keys.legacy)
     secret = "plaintext-that-must-never-show"
@@ -410,7 +388,7 @@ def test_an_unexpected_error_is_one_line_naming_its_type_never_its_message(
         raise RuntimeError(f"could not handle {secret}") from KeyError(secret)
 
     monkeypatch.setattr(cli_mod, "migrate", boom)
-    monkeypatch.setattr(cli_mod, "collect_status", boom)
+    monkeypatch.setattr(info_mod, "collect_status", boom)
     log = tmp_path / "debug.log"
     line = assert_refused(*run_main(capsys, "migrate", "--db", sqlite_url, "--yes",
                                     "--no-progress", "--log-level", "debug",

@@ -34,10 +34,10 @@ def test_classify_calls_a_real_fernet_token_fernet() -> None:
     assert classify(token) is ValueKind.FERNET
 
 
-def test_classify_calls_stored_kms_base64_other() -> None:
+def test_classify_calls_stored_kms_base64_kms() -> None:
     # Real KMS ciphertext blobs start with 0x01; the stored text is standard base64 of it.
     stored = encode_kms(b"\x01\x02\x02\x00x" + os.urandom(180))
-    assert classify(stored) is ValueKind.OTHER
+    assert classify(stored) is ValueKind.KMS
 
 
 @pytest.mark.parametrize(
@@ -53,7 +53,7 @@ def test_no_blob_whose_first_byte_is_not_0x80_ever_looks_like_fernet() -> None:
     for first in range(256):
         if first == 0x80:
             continue
-        assert classify(encode_kms(bytes([first]) + tail)) is ValueKind.OTHER, first
+        assert classify(encode_kms(bytes([first]) + tail)) is ValueKind.KMS, first
 
 
 # -- FernetCodec ------------------------------------------------------------------------------

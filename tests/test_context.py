@@ -8,12 +8,18 @@ from sqlalchemy import create_engine, update
 from migration import SecretDecryptError, decrypt_secret, encryption_context
 from migration.db import make_engine
 from migration.errors import ResumeMismatchError
-from migration.migrator import migrate
 from migration.runtime import reset_cache
 from migration.sample import coinflip_metadata
 from migration.verify import verify
 from tests.conftest import Keys, KmsHandle
-from tests.helpers import interrupted_migrate, make_db, make_kms, settings_for, snapshot
+from tests.helpers import (
+    interrupted_migrate,
+    make_db,
+    make_kms,
+    run_migrate,
+    settings_for,
+    snapshot,
+)
 
 
 def test_context_binds_each_value_to_its_row_and_verify_reports_a_moved_one(
@@ -21,7 +27,7 @@ def test_context_binds_each_value_to_its_row_and_verify_reports_a_moved_one(
 ) -> None:
     truth = make_db(db_url, 20, keys.current, keys.legacy, bad_values=False)
     s = settings_for(db_url, keys.current, keys.legacy, encryption_context=True)
-    migrate(s, engine=make_engine(db_url), kms=make_kms(kms.client, s))
+    run_migrate(s, kms.client)
     after = snapshot(db_url)
     monkeypatch.setenv("ENCRYPTION_KEY", keys.current)
     reset_cache()
@@ -69,4 +75,4 @@ def test_a_run_is_not_resumed_with_another_context_setting(
     interrupted_migrate(sqlite_url, s, kms.client)
     s2 = settings_for(sqlite_url, keys.current, batch_size=5, encryption_context=True)
     with pytest.raises(ResumeMismatchError, match="encryption context"):
-        migrate(s2, engine=make_engine(sqlite_url), kms=make_kms(kms.client, s2))
+        run_migrate(s2, kms.client)

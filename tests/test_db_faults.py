@@ -15,7 +15,7 @@ from sqlalchemy import create_engine, event, select, text, update
 
 import migration.db
 import migration.migrator
-from checkpoints.tables import checkpoints, journal
+from checkpoints.tables import checkpoints
 from migration.applier import REASON_CONFLICT
 from migration.cli import main
 from migration.codec import ValueKind, classify
@@ -24,16 +24,15 @@ from migration.migrator import REASON_BEHIND, migrate
 from migration.rollback import rollback
 from migration.sample import coinflip_metadata
 from tests.conftest import Keys, KmsHandle
-from tests.helpers import Cell, make_db, make_kms, settings_for, snapshot
-
-
-def _journal_cells(url: str) -> set[Cell]:
-    eng = create_engine(url)
-    with eng.connect() as conn:
-        rows = conn.execute(select(journal.c.table_name, journal.c.pk, journal.c.column_name)
-                            .where(journal.c.status == "migrated")).all()
-    eng.dispose()
-    return {(t, p, c) for t, p, c in rows}
+from tests.helpers import (
+    Cell,
+    journal_cells,
+    make_db,
+    make_kms,
+    run_migrate,
+    settings_for,
+    snapshot,
+)
 
 
 @pytest.mark.postgres
@@ -62,7 +61,7 @@ def test_postgres_connection_killed_mid_batch_rolls_the_batch_back(
     admin.dispose()
     mid = snapshot(pg_url)
     changed = {c for c in before if before[c] != mid[c]}
-    assert changed == _journal_cells(pg_url)  # the killed batch left nothing behind
+    assert changed == set(journal_cells(pg_url))  # the killed batch left nothing behind
     first_batch = {c for c in truth.plaintexts
                    if c[0] == "users" and c[2] == "encrypted_secret" and int(c[1]) <= 10}
     assert changed == first_batch
@@ -72,9 +71,9 @@ def test_postgres_connection_killed_mid_batch_rolls_the_batch_back(
             checkpoints.c.column_name == "encrypted_secret")).one()
     eng.dispose()
     assert ck.last_pk == "10"
-    result = migrate(settings, engine=make_engine(pg_url), kms=make_kms(kms.client, settings))
+    result = run_migrate(settings, kms.client)
     assert result.resumed
-    assert _journal_cells(pg_url) == set(truth.plaintexts)
+    assert set(journal_cells(pg_url)) == set(truth.plaintexts)
     after = snapshot(pg_url)
     assert all(kms.decrypt_text(after[c]) == p for c, p in truth.plaintexts.items())
 
@@ -156,7 +155,7 @@ def test_concurrent_application_writes_during_migrate_are_never_lost(
     while writer.count < 3:  # the application is really writing before the tool starts
         time.sleep(0.005)
     try:
-        first = migrate(settings, engine=make_engine(db_url), kms=make_kms(kms.client, settings))
+        first = run_migrate(settings, kms.client)
     finally:
         writer.stop.set()
         writer.join()
@@ -168,11 +167,11 @@ def test_concurrent_application_writes_during_migrate_are_never_lost(
     assert {(f.table_name, f.pk, f.column_name) for f in first.failures} == left
     assert first.failed + first.conflicts == len(first.failures) == len(left)
     assert all(f.reason in (REASON_BEHIND, REASON_CONFLICT) for f in first.failures)
-    second = migrate(settings, engine=make_engine(db_url), kms=make_kms(kms.client, settings))
+    second = run_migrate(settings, kms.client)
     final = snapshot(db_url)
     for cell, plaintext in truth.plaintexts.items():
         expected = writer.writes.get(cell, (plaintext, ""))[0]
-        assert classify(final[cell]) is ValueKind.OTHER, cell  # the next run migrated it
+        assert classify(final[cell]) is ValueKind.KMS, cell  # the next run migrated it
         assert kms.decrypt_text(final[cell]) == expected, cell  # the app's last write won
     assert second.failed == 0
 
@@ -183,7 +182,7 @@ def test_concurrent_application_writes_during_rollback_are_never_lost(
     truth = make_db(db_url, 80, keys.current, keys.legacy, bad_values=False)
     before = snapshot(db_url)
     settings = settings_for(db_url, keys.current, keys.legacy)
-    migrate(settings, engine=make_engine(db_url), kms=make_kms(kms.client, settings))
+    run_migrate(settings, kms.client)
     writer = AppWriter(db_url, keys.current, sorted(truth.plaintexts))
     writer.start()
     while writer.count < 3:  # the application is really writing before the tool starts

@@ -31,13 +31,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, create_engine, inspect, text
+from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 
 from migration.sample import SampleSecrets
 from tests.conftest import Keys, KmsHandle, MotoServer, kms_migrate_bin
-from tests.helpers import Cell, assert_no_leaks, make_db, snapshot
+from tests.helpers import (
+    Cell,
+    assert_no_leaks,
+    bookkeeping_tables,
+    dump_bookkeeping,
+    make_db,
+    snapshot,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -182,22 +189,6 @@ def runs_of(engine: Engine) -> list[tuple[int, str, str]]:
     with engine.connect() as conn:
         return [tuple(r) for r in conn.execute(text(  # type: ignore[misc]
             "SELECT id, kind, state FROM kms_migrate_runs ORDER BY id")).all()]
-
-
-def kms_tables(engine: Engine) -> list[str]:
-    with engine.connect() as conn:
-        return sorted(t for t in inspect(conn).get_table_names() if t.startswith("kms_migrate_"))
-
-
-def dump_bookkeeping(engine: Engine) -> str:
-    """Every row of every kms_migrate_* table, as text."""
-    parts: list[str] = []
-    with engine.connect() as conn:
-        for t in kms_tables(engine):
-            parts.append(f"== {t}")
-            for row in conn.execute(text(f'SELECT * FROM "{t}"')):
-                parts.append(" | ".join(map(str, row)))
-    return "\n".join(parts)
 
 
 # -- the invariants -------------------------------------------------------------------------
@@ -372,7 +363,7 @@ def test_sigkill_mid_migrate_and_mid_rollback(
     assert snapshot(url) == before
     assert {e.status for e in journal_entries(eng)} == {"rolled_back"}
 
-    dump = dump_bookkeeping(eng)
+    dump = dump_bookkeeping(url)
     assert before[next(iter(truth.plaintexts))] in dump  # the dump really holds the journal
     assert_no_leaks(outputs.texts, dump, truth, keys)
     eng.dispose()
@@ -425,9 +416,7 @@ def test_dry_run_changes_no_byte_and_creates_nothing(
         assert f"  {table} pk={pk} {column}: " in res.out
     assert _sha256(db) == digest, "the dry run changed the database file"
     assert sorted(p.name for p in tmp_path.iterdir()) == files  # no -journal/-wal left behind
-    eng = poll_engine(sqlite_url)
-    assert kms_tables(eng) == []
-    eng.dispose()
+    assert bookkeeping_tables(sqlite_url) == []
     assert_no_leaks(outputs.texts, "", truth, keys)
 
 
@@ -460,9 +449,7 @@ def test_disabled_key_refuses_with_exit_2_and_writes_nothing(
     assert res.out == ""
     assert snapshot(sqlite_url) == before
     assert _sha256(tmp_path / "coinflip.db") == digest
-    eng = poll_engine(sqlite_url)
-    assert kms_tables(eng) == []
-    eng.dispose()
+    assert bookkeeping_tables(sqlite_url) == []
     assert_no_leaks(outputs.texts, "", truth, keys)
 
 
@@ -523,6 +510,6 @@ def test_sigint_exits_130_and_the_next_migrate_resumes(
     assert changed == len(truth.plaintexts) == len(entries)
     check_checkpoints(eng, sqlite_url, before, truth)
     assert len({e.cell for e in entries}) == len(entries)  # nothing migrated twice
-    dump = dump_bookkeeping(eng)
+    dump = dump_bookkeeping(sqlite_url)
     eng.dispose()
     assert_no_leaks(outputs.texts, dump, truth, keys)

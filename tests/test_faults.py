@@ -8,39 +8,27 @@ errors are injected by tests/kms_proxy.py with KMS's real error codes and HTTP s
 from __future__ import annotations
 
 import re
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, inspect, select
+from sqlalchemy import create_engine, select
 
-from checkpoints.tables import checkpoints, journal, runs
+from checkpoints.tables import checkpoints, runs
 from migration.kms import RetryPolicy
-from tests.conftest import Keys, KmsHandle, MotoServer, kms_migrate_bin
-from tests.helpers import assert_no_leaks, dump_bookkeeping, make_db, snapshot
+from tests.conftest import Keys, KmsHandle, MotoServer
+from tests.helpers import (
+    assert_no_leaks,
+    dump_bookkeeping,
+    journal_cells,
+    make_db,
+    run_cli,
+    snapshot,
+)
 from tests.kms_proxy import Rule, kms_proxy
 
 pytestmark = pytest.mark.e2e
-
-
-def run_cli(
-    args: list[str], env: dict[str, str], timeout: float = 120
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([kms_migrate_bin(), *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def _journal_cells(url: str) -> set[tuple[str, str, str]]:
-    eng = create_engine(url)
-    if not inspect(eng).has_table("kms_migrate_journal"):
-        return set()  # refused before creating its tables: nothing written at all
-    with eng.connect() as conn:
-        rows = conn.execute(select(journal.c.table_name, journal.c.pk, journal.c.column_name)
-                            .where(journal.c.status == "migrated")).all()
-    eng.dispose()
-    return {(t, p, c) for t, p, c in rows}
 
 
 def _changed(before: dict[Any, Any], after: dict[Any, Any]) -> set[Any]:
@@ -124,7 +112,7 @@ def test_dead_or_wrong_key_stops_fast_and_writes_nothing(
         named = "alias/no-such-key" if "alias/no-such-key" in extra else "alias/coinflip-master-key"
         assert named in lines[0]
         assert snapshot(db_url) == before  # no batch half-written
-        assert _journal_cells(db_url) == set()
+        assert set(journal_cells(db_url)) == set()
         # After the fix, re-running completes (resuming the stopped run where one exists).
         state.rules.clear()
         if action == "disable":
@@ -136,7 +124,7 @@ def test_dead_or_wrong_key_stops_fast_and_writes_nothing(
     assert res2.returncode == 0, res2.stderr
     if rule is not None:
         assert "(resumed)" in res2.stdout  # the stopped run was resumed, not restarted
-    assert _journal_cells(db_url) == set(truth.plaintexts)
+    assert set(journal_cells(db_url)) == set(truth.plaintexts)
 
 
 def test_key_disabled_mid_run_stops_at_the_failing_batch_then_resumes(
@@ -157,7 +145,7 @@ def test_key_disabled_mid_run_stops_at_the_failing_batch_then_resumes(
         changed = _changed(before, mid)
         # Whole batches only: every changed cell is journaled, the checkpoint sits on a
         # batch boundary, and every value up to it (and none after) was migrated.
-        assert changed == _journal_cells(db_url)
+        assert changed == set(journal_cells(db_url))
         eng = create_engine(db_url)
         with eng.connect() as conn:
             run = conn.execute(select(runs)).one()
@@ -177,6 +165,6 @@ def test_key_disabled_mid_run_stops_at_the_failing_batch_then_resumes(
     assert res2.returncode == 0, res2.stderr
     assert "(resumed)" in res2.stdout
     after = snapshot(db_url)
-    assert _journal_cells(db_url) == set(truth.plaintexts)
+    assert set(journal_cells(db_url)) == set(truth.plaintexts)
     assert all(server_kms.decrypt_text(after[c]) == p for c, p in truth.plaintexts.items())
     assert all(after[c] == mid[c] for c in changed)  # committed values not re-encrypted

@@ -23,24 +23,27 @@ from migration.config import Settings
 from migration.db import make_engine
 from migration.errors import ConfigError
 from migration.finalize import FinalizeResult, finalize
-from migration.migrator import migrate
 from migration.rollback import rollback
 from migration.sample import coinflip_metadata
 from migration.status import collect_status
 from migration.verify import verify
 from tests.conftest import Keys, KmsHandle
-from tests.helpers import interrupted_migrate, make_db, make_kms, run_main, settings_for, snapshot
+from tests.helpers import (
+    assert_error_line,
+    interrupted_migrate,
+    make_db,
+    make_kms,
+    migrate_db,
+    run_main,
+    settings_for,
+    snapshot,
+)
 
 # -- helpers ------------------------------------------------------------------------------
 
 
 def _settings(url: str, keys: Keys, **kw: Any) -> Settings:
     return settings_for(url, keys.current, keys.legacy, **kw)
-
-
-def _migrate(url: str, keys: Keys, kms: KmsHandle, **kw: Any) -> Any:
-    s = _settings(url, keys, **kw)
-    return migrate(s, engine=make_engine(url), kms=make_kms(kms.client, s))
 
 
 def _finalize(url: str, keys: Keys, kms: KmsHandle, batch_size: int = 5000,
@@ -68,18 +71,6 @@ def _runs(url: str) -> list[tuple[str, str]]:
     return out
 
 
-def _one_line(code: int, out: str, err: str, *fragments: str) -> str:
-    """Exit 2 with exactly one line on stderr, nothing on stdout, no traceback."""
-    assert code == 2, (code, out, err)
-    lines = err.strip("\n").split("\n")
-    assert len(lines) == 1, err
-    assert lines[0].startswith("kms-migrate: error: "), lines[0]
-    assert out == "" and "Traceback" not in err
-    for f in fragments:
-        assert f in lines[0], (f, lines[0])
-    return lines[0]
-
-
 class _Terminal(io.StringIO):
     """A stdin that claims to be a terminal, with the operator's typing in it."""
 
@@ -96,7 +87,7 @@ def test_finalize_refuses_while_verify_fails_and_deletes_nothing(
     db_url: str, kms: KmsHandle, keys: Keys
 ) -> None:
     make_db(db_url, 20, keys.current, keys.legacy, bad_values=True)
-    _migrate(db_url, keys, kms)  # the corrupt, unknown-key and oversize values stay Fernet
+    migrate_db(db_url, keys, kms)  # the corrupt, unknown-key and oversize values stay Fernet
     before, cells = _journal(db_url), snapshot(db_url)
     assert before
     with pytest.raises(ConfigError) as err:
@@ -113,7 +104,7 @@ def test_finalize_verifies_with_the_encryption_context_it_is_given(
     sqlite_url: str, kms: KmsHandle, keys: Keys
 ) -> None:
     make_db(sqlite_url, 10, keys.current, keys.legacy, bad_values=False)
-    _migrate(sqlite_url, keys, kms, encryption_context=True)
+    migrate_db(sqlite_url, keys, kms, encryption_context=True)
     n = len(_journal(sqlite_url))
     with pytest.raises(ConfigError, match=rf"0 Fernet value\(s\) left, {n} undecryptable"):
         _finalize(sqlite_url, keys, kms)  # without the context, nothing opens
@@ -145,7 +136,7 @@ def test_finalize_refuses_while_a_retry_or_rollback_run_is_unfinished(
     sqlite_url: str, kms: KmsHandle, keys: Keys, kind: str, how: str
 ) -> None:
     make_db(sqlite_url, 10, keys.current, keys.legacy, bad_values=False)
-    _migrate(sqlite_url, keys, kms)
+    migrate_db(sqlite_url, keys, kms)
     eng = create_engine(sqlite_url)
     with eng.begin() as conn:
         run = store.create_run(conn, kind=kind, targets=[], targets_json="[]",
@@ -163,7 +154,7 @@ def test_finalize_refuses_when_a_run_starts_while_it_verifies(
     sqlite_url: str, kms: KmsHandle, keys: Keys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     make_db(sqlite_url, 10, keys.current, keys.legacy, bad_values=False)
-    _migrate(sqlite_url, keys, kms)
+    migrate_db(sqlite_url, keys, kms)
     real = fin.verify
 
     def verify_then_a_migrate_runs(*a: Any, **kw: Any) -> Any:
@@ -204,9 +195,9 @@ def test_finalize_deletes_every_journal_row_and_records_a_run(
     db_url: str, kms: KmsHandle, keys: Keys
 ) -> None:
     make_db(db_url, 25, keys.current, keys.legacy, bad_values=False)
-    _migrate(db_url, keys, kms)
+    migrate_db(db_url, keys, kms)
     rollback(make_engine(db_url))
-    _migrate(db_url, keys, kms)  # journal rows of both statuses now
+    migrate_db(db_url, keys, kms)  # journal rows of both statuses now
     rows = _journal(db_url)
     assert {s for _, s, _ in rows} == {"rolled_back", "migrated"}
     cells = snapshot(db_url)
@@ -231,7 +222,7 @@ def test_rollback_after_finalize_refuses_and_changes_nothing(
     db_url: str, kms: KmsHandle, keys: Keys
 ) -> None:
     make_db(db_url, 15, keys.current, keys.legacy, bad_values=False)
-    _migrate(db_url, keys, kms)
+    migrate_db(db_url, keys, kms)
     result = _finalize(db_url, keys, kms)
     cells, history = snapshot(db_url), _runs(db_url)
     with pytest.raises(ConfigError) as err:
@@ -247,21 +238,9 @@ def test_an_interrupted_finalize_blocks_rollback_and_a_rerun_finishes_it(
     db_url: str, kms: KmsHandle, keys: Keys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     make_db(db_url, 20, keys.current, keys.legacy, bad_values=False)
-    _migrate(db_url, keys, kms)
+    migrate_db(db_url, keys, kms)
     total = len(_journal(db_url))
-    real = fin._delete_batch
-    calls: list[int] = []
-
-    def crash_on_third(*args: Any) -> int:
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(fin, "_delete_batch", crash_on_third)
-    with pytest.raises(KeyboardInterrupt):
-        _finalize(db_url, keys, kms, batch_size=5)
-    monkeypatch.setattr(fin, "_delete_batch", real)
+    _interrupt_finalize(db_url, keys, kms, monkeypatch, at_batch=3)
     assert len(_journal(db_url)) == total - 10  # two batches committed, the third rolled back
     assert _runs(db_url) == [("migrate", "completed"), ("finalize", "interrupted")]
     cells = snapshot(db_url)
@@ -279,7 +258,7 @@ def test_migrate_after_finalize_writes_a_fresh_journal_that_rollback_uses(
     db_url: str, kms: KmsHandle, keys: Keys
 ) -> None:
     truth = make_db(db_url, 20, keys.current, keys.legacy, bad_values=False)
-    _migrate(db_url, keys, kms)
+    migrate_db(db_url, keys, kms)
     _finalize(db_url, keys, kms)
     # The application, still on Fernet writes, stores three new secrets.
     _, users, _ = coinflip_metadata()
@@ -293,7 +272,7 @@ def test_migrate_after_finalize_writes_a_fresh_journal_that_rollback_uses(
             conn.execute(update(users).where(users.c.user_id == pk)
                          .values(encrypted_secret=token))
     eng.dispose()
-    result = _migrate(db_url, keys, kms)
+    result = migrate_db(db_url, keys, kms)
     assert not result.resumed and sum(c.migrated for c in result.columns) == 3
     rows = _journal(db_url)
     assert sorted(orig for _, _, orig in rows) == sorted(new.values())
@@ -319,11 +298,11 @@ def test_cli_finalize_asks_even_on_sqlite_and_refuses_without_a_terminal(
     sqlite_url: str, kms: KmsHandle, env_keys: Keys, capsys: pytest.CaptureFixture[str]
 ) -> None:
     make_db(sqlite_url, 10, env_keys.current, env_keys.legacy, bad_values=False)
-    _migrate(sqlite_url, env_keys, kms)
+    migrate_db(sqlite_url, env_keys, kms)
     before = _journal(sqlite_url)
-    _one_line(*run_main(capsys, "finalize", "--db", sqlite_url),
-              "refusing to delete the rollback journal of", "without confirmation",
-              "pass --yes")
+    assert_error_line(*run_main(capsys, "finalize", "--db", sqlite_url),
+                      "refusing to delete the rollback journal of", "without confirmation",
+                      "pass --yes")
     assert _journal(sqlite_url) == before
 
 
@@ -332,7 +311,7 @@ def test_cli_finalize_takes_the_typed_word_and_nothing_else(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     make_db(sqlite_url, 10, env_keys.current, env_keys.legacy, bad_values=False)
-    _migrate(sqlite_url, env_keys, kms)
+    migrate_db(sqlite_url, env_keys, kms)
     before = _journal(sqlite_url)
     monkeypatch.setattr(sys, "stdin", _Terminal("finalize\n"))
     code, out, err = run_main(capsys, "finalize", "--db", sqlite_url)
@@ -350,7 +329,7 @@ def test_cli_finalize_with_yes_deletes_the_journal_then_rollback_exits_2(
     db_url: str, kms: KmsHandle, env_keys: Keys, capsys: pytest.CaptureFixture[str]
 ) -> None:
     make_db(db_url, 20, env_keys.current, env_keys.legacy, bad_values=False)
-    _migrate(db_url, env_keys, kms)
+    migrate_db(db_url, env_keys, kms)
     rows = _journal(db_url)
     code, out, err = run_main(capsys, "finalize", "--db", db_url, "--yes",
                                "--batch-size", "10")
@@ -361,9 +340,9 @@ def test_cli_finalize_with_yes_deletes_the_journal_then_rollback_exits_2(
     assert "rollback is no longer possible" in out
     assert _journal(db_url) == []
     cells = snapshot(db_url)
-    line = _one_line(*run_main(capsys, "rollback", "--db", db_url, "--yes"),
-                     "the rollback journal was deleted by finalize (run 2, ",
-                     "cannot roll back", "restore the backup taken before the migration")
+    line = assert_error_line(*run_main(capsys, "rollback", "--db", db_url, "--yes"),
+                             "the rollback journal was deleted by finalize (run 2, ",
+                             "cannot roll back", "restore the backup taken before the migration")
     assert snapshot(db_url) == cells
     for text_ in (out, err, line):  # never a token
         assert not any(orig in text_ for _, _, orig in rows)
@@ -374,10 +353,10 @@ def test_cli_finalize_refuses_while_verify_fails(
     sqlite_url: str, kms: KmsHandle, env_keys: Keys, capsys: pytest.CaptureFixture[str]
 ) -> None:
     make_db(sqlite_url, 10, env_keys.current, env_keys.legacy, bad_values=True)
-    _migrate(sqlite_url, env_keys, kms)
+    migrate_db(sqlite_url, env_keys, kms)
     before = _journal(sqlite_url)
-    _one_line(*run_main(capsys, "finalize", "--db", sqlite_url, "--yes"),
-              "verify did not pass (3 Fernet value(s) left", "nothing was deleted")
+    assert_error_line(*run_main(capsys, "finalize", "--db", sqlite_url, "--yes"),
+                      "verify did not pass (3 Fernet value(s) left", "nothing was deleted")
     assert _journal(sqlite_url) == before
     eng = create_engine(sqlite_url)
     with eng.connect() as conn:
@@ -453,8 +432,8 @@ def test_cli_finalize_verifies_every_journalled_column_not_only_the_given_target
     migrated = _set_seed(db_url, 3, fresh)
     cells = snapshot(db_url)
     code, out, err = run_main(capsys, "finalize", "--db", db_url, "--yes")  # no --config
-    line = _one_line(code, out, err, "verify did not pass (1 Fernet value(s) left",
-                     "vaults.seed", "nothing was deleted")
+    line = assert_error_line(code, out, err, "verify did not pass (1 Fernet value(s) left",
+                             "vaults.seed", "nothing was deleted")
     assert fresh not in line
     assert _journal_tables(db_url) == journalled and snapshot(db_url) == cells
     # Once the vault value is right again, finalize (still without --config) verifies
@@ -470,7 +449,7 @@ def test_finalize_refuses_journal_columns_no_run_recorded(
     sqlite_url: str, kms: KmsHandle, keys: Keys
 ) -> None:
     make_db(sqlite_url, 10, keys.current, keys.legacy, bad_values=False)
-    _migrate(sqlite_url, keys, kms)
+    migrate_db(sqlite_url, keys, kms)
     eng = create_engine(sqlite_url)
     with eng.begin() as conn:  # the run's record of its targets lost (edited by hand)
         conn.execute(update(runs).values(targets_json="[]"))
@@ -484,17 +463,18 @@ def test_finalize_refuses_journal_columns_no_run_recorded(
 
 
 def _interrupt_finalize(url: str, keys: Keys, kms: KmsHandle,
-                        monkeypatch: pytest.MonkeyPatch) -> None:
+                        monkeypatch: pytest.MonkeyPatch, at_batch: int = 2) -> None:
+    """Run finalize with batches of 5, interrupted (Ctrl-C) on its `at_batch`-th delete."""
     real = fin._delete_batch
     calls: list[int] = []
 
-    def crash_on_second(*args: Any) -> int:
+    def crash(*args: Any) -> int:
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == at_batch:
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(fin, "_delete_batch", crash_on_second)
+    monkeypatch.setattr(fin, "_delete_batch", crash)
     with pytest.raises(KeyboardInterrupt):
         _finalize(url, keys, kms, batch_size=5)
     monkeypatch.setattr(fin, "_delete_batch", real)
@@ -505,7 +485,7 @@ def test_cli_migrate_and_retry_refuse_while_a_finalize_is_unfinished(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     truth = make_db(db_url, 20, env_keys.current, env_keys.legacy, bad_values=False)
-    _migrate(db_url, env_keys, kms)
+    migrate_db(db_url, env_keys, kms)
     _interrupt_finalize(db_url, env_keys, kms, monkeypatch)
     # The application writes a new Fernet secret: migrate would have work to do.
     _, users, _ = coinflip_metadata()
@@ -517,13 +497,14 @@ def test_cli_migrate_and_retry_refuse_while_a_finalize_is_unfinished(
     eng.dispose()
     history, cells, jr = _runs(db_url), snapshot(db_url), _journal(db_url)
     for extra in ((), ("--retry-failed",)):
-        _one_line(*run_main(capsys, "migrate", "--db", db_url, "--yes", "--no-progress",
-                            *extra),
-                  "finalize run 2 is unfinished", "kms-migrate finalize", "nothing was written")
+        assert_error_line(*run_main(capsys, "migrate", "--db", db_url, "--yes", "--no-progress",
+                                    *extra),
+                          "finalize run 2 is unfinished", "kms-migrate finalize",
+                          "nothing was written")
         assert _runs(db_url) == history and snapshot(db_url) == cells
         assert _journal(db_url) == jr
-    _one_line(*run_main(capsys, "rollback", "--db", db_url, "--yes", "--no-progress"),
-              "finalize run 2", "a rollback would be partial")
+    assert_error_line(*run_main(capsys, "rollback", "--db", db_url, "--yes", "--no-progress"),
+                      "finalize run 2", "a rollback would be partial")
     assert snapshot(db_url) == cells
 
 
@@ -531,7 +512,7 @@ def test_rollback_refuses_after_an_unfinished_finalize_whatever_ran_since(
     db_url: str, kms: KmsHandle, keys: Keys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     make_db(db_url, 20, keys.current, keys.legacy, bad_values=False)
-    _migrate(db_url, keys, kms)
+    migrate_db(db_url, keys, kms)
     _interrupt_finalize(db_url, keys, kms, monkeypatch)
     # A migrate run recorded after it (an older kms-migrate did not refuse to start one).
     eng = create_engine(db_url)
@@ -550,7 +531,7 @@ def test_cli_rollback_after_a_completed_finalize_says_what_stays_kms(
     sqlite_url: str, kms: KmsHandle, env_keys: Keys, capsys: pytest.CaptureFixture[str]
 ) -> None:
     truth = make_db(sqlite_url, 10, env_keys.current, env_keys.legacy, bad_values=False)
-    _migrate(sqlite_url, env_keys, kms)
+    migrate_db(sqlite_url, env_keys, kms)
     fin_run = _finalize(sqlite_url, env_keys, kms).run_id
     _, users, _ = coinflip_metadata()
     pk = min(int(p) for t, p, c in truth.plaintexts if t == "users")
@@ -559,7 +540,7 @@ def test_cli_rollback_after_a_completed_finalize_says_what_stays_kms(
         conn.execute(update(users).where(users.c.user_id == pk).values(
             encrypted_secret=Fernet(env_keys.current.encode()).encrypt(b"late").decode()))
     eng.dispose()
-    _migrate(sqlite_url, env_keys, kms)
+    migrate_db(sqlite_url, env_keys, kms)
     code, out, err = run_main(capsys, "rollback", "--db", sqlite_url, "--yes", "--no-progress")
     assert code == 0, err
     assert f"note: values finalized by run {fin_run} (" in out

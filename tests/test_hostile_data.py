@@ -6,29 +6,22 @@ from __future__ import annotations
 
 import re
 import sqlite3
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography.fernet import Fernet
-from sqlalchemy import Engine, create_engine, delete, event, inspect, select, text, update
+from sqlalchemy import Engine, create_engine, delete, event, select, text, update
 
 from checkpoints.tables import checkpoints, runs
 from migration.config import load_targets
 from migration.sample import coinflip_metadata
-from tests.conftest import Keys, KmsHandle, MotoServer, kms_migrate_bin
-from tests.helpers import make_db, run_main, settings_for, snapshot
+from tests.conftest import Keys, KmsHandle, MotoServer
+from tests.helpers import bookkeeping_tables, make_db, run_cli, run_main, settings_for, snapshot
 
 # A command that loops forever is cut off here and fails its test.
 LOOP_TIMEOUT = 60.0
-
-
-def run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """The real CLI in a subprocess, with a timeout: an endless loop fails the test."""
-    return subprocess.run([kms_migrate_bin(), *args], env=env, capture_output=True, text=True,
-                          timeout=LOOP_TIMEOUT)
 
 
 def _retry_checkpoint(url: str) -> Any:
@@ -63,14 +56,14 @@ def test_retry_failed_ends_when_whole_pages_of_failed_keys_were_deleted(
             conn.execute(update(users).where(users.c.user_id == pk)
                          .values(encrypted_secret=token.decode()))
     common = ["--db", db_url, "--yes", "--no-backup", "--no-progress", "--batch-size", "4"]
-    first = run_cli(["migrate", *common], cli_env)
+    first = run_cli(["migrate", *common], cli_env, timeout=LOOP_TIMEOUT)
     assert first.returncode == 1, first.stdout + first.stderr
     # The application deletes the first eight failed rows: two whole pages of the key list.
     with eng.begin() as conn:
         conn.execute(delete(users).where(users.c.user_id.in_(bad[:8])))
     eng.dispose()
     env = {**cli_env, "ENCRYPTION_KEY_LEGACY": f"{keys.legacy},{third.decode()}"}  # the fix
-    retry = run_cli(["migrate", "--retry-failed", *common], env)
+    retry = run_cli(["migrate", "--retry-failed", *common], env, timeout=LOOP_TIMEOUT)
     assert retry.returncode == 0, retry.stdout + retry.stderr
     after = snapshot(db_url)
     for pk in bad[8:]:
@@ -111,13 +104,6 @@ def vault_values(url: str) -> dict[Any, Any]:
     return out
 
 
-def _bookkeeping_tables(url: str) -> list[str]:
-    eng = create_engine(url)
-    names = [t for t in inspect(eng).get_table_names() if t.startswith("kms_migrate")]
-    eng.dispose()
-    return names
-
-
 @pytest.mark.parametrize("null_rows", [5, 2], ids=["more-than-a-batch", "fewer-than-a-batch"])
 def test_null_primary_keys_are_refused_up_front(
     sqlite_url: str, keys: Keys, server_kms: KmsHandle, moto_server: MotoServer,
@@ -135,17 +121,17 @@ def test_null_primary_keys_are_refused_up_front(
     common = ["--db", sqlite_url, "--config", config, "--batch-size", "4"]
     for args in (["migrate", "--yes", "--no-progress", *common],
                  ["migrate", "--dry-run", "--no-progress", *common], ["verify", *common]):
-        res = run_cli(args, cli_env)
+        res = run_cli(args, cli_env, timeout=LOOP_TIMEOUT)
         assert res.returncode == 2, (args, res.stdout, res.stderr)
         lines = res.stderr.strip().splitlines()
         assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
         assert re.search(rf"table vaults has {null_rows} row\(s\) whose primary key vault_id "
                          "is NULL", lines[0]), lines[0]
     assert vault_values(sqlite_url) == before
-    assert _bookkeeping_tables(sqlite_url) == []
+    assert bookkeeping_tables(sqlite_url) == []
     assert not list(tmp_path.glob("*.kms-migrate-backup-*"))  # no backup either: no write
     env = {**cli_env, "AWS_ENDPOINT_URL_STS": moto_server.url}
-    pre = run_cli(["preflight", "--db", sqlite_url, "--config", config], env)
+    pre = run_cli(["preflight", "--db", sqlite_url, "--config", config], env, timeout=LOOP_TIMEOUT)
     assert pre.returncode == 2, (pre.stdout, pre.stderr)
     assert re.search(rf"^FAIL  table vaults: table vaults has {null_rows} row\(s\) whose "
                      "primary key vault_id is NULL", pre.stdout, re.M), pre.stdout
@@ -207,7 +193,7 @@ def test_keys_that_open_none_of_a_spread_sample_still_refuse(
         code, out, err = run_main(capsys, "migrate", *extra, "--db", db_url, "--config", config,
                                   "--no-progress")
         assert code == 2 and "open none of the" in err, out + err
-    assert _bookkeeping_tables(db_url) == []
+    assert bookkeeping_tables(db_url) == []
 
 
 @pytest.mark.parametrize("text_key", [False, True], ids=["integer-key", "text-key"])

@@ -21,8 +21,8 @@ from migration.iam import (
     policies,
     resolve_key_arn,
 )
-from tests.conftest import AWS_SECRET, Keys, KmsHandle
-from tests.helpers import run_main
+from tests.conftest import Keys, KmsHandle
+from tests.helpers import assert_clean, run_main
 
 ALIAS = "alias/coinflip-master-key"
 KEY_ARN = "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
@@ -55,13 +55,6 @@ def actions(policy: dict[str, Any]) -> list[str]:
 
 def resources(policy: dict[str, Any]) -> set[str]:
     return {st["Resource"] for st in statements(policy)}
-
-
-def assert_clean(*texts: str, keys: Keys | None = None) -> None:
-    for t in texts:
-        assert AWS_SECRET not in t and "Traceback" not in t
-        if keys is not None:
-            assert keys.current not in t and keys.legacy not in t
 
 
 # -- the CLI ----------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from migration.errors import RunLockedError
 from migration.migrator import migrate
 from migration.rollback import rollback
 from tests.conftest import Keys, KmsHandle
-from tests.helpers import make_db, make_kms, settings_for, snapshot
+from tests.helpers import make_db, make_kms, run_migrate, settings_for, snapshot
 
 
 def _hold_lock_as(url: str, pid: int, run_id: int | None = 7, host: str | None = None) -> None:
@@ -49,7 +49,7 @@ def test_second_migrate_refuses_naming_the_running_run(
     _hold_lock_as(db_url, live_pid, run_id=7)
     settings = settings_for(db_url, keys.current)
     with pytest.raises(RunLockedError, match=rf"migrate run 7 .*pid {live_pid}"):
-        migrate(settings, engine=make_engine(db_url), kms=make_kms(kms.client, settings))
+        run_migrate(settings, kms.client)
     with pytest.raises(RunLockedError, match="already running"):
         rollback(make_engine(db_url))
     assert snapshot(db_url) == before
@@ -63,7 +63,7 @@ def test_lock_of_a_dead_process_is_taken_over(
     dead.wait()
     _hold_lock_as(db_url, dead.pid)
     settings = settings_for(db_url, keys.current)
-    result = migrate(settings, engine=make_engine(db_url), kms=make_kms(kms.client, settings))
+    result = run_migrate(settings, kms.client)
     assert sum(c.migrated for c in result.columns) == len(truth.plaintexts)
     eng = create_engine(db_url)
     with eng.connect() as conn:
@@ -78,11 +78,11 @@ def test_lock_on_another_host_is_stale_only_without_heartbeat(
     _hold_lock_as(sqlite_url, live_pid, host="other-host")
     settings = settings_for(sqlite_url, keys.current)
     with pytest.raises(RunLockedError, match="host other-host"):
-        migrate(settings, engine=make_engine(sqlite_url), kms=make_kms(kms.client, settings))
+        run_migrate(settings, kms.client)
     eng = create_engine(sqlite_url)
     with eng.begin() as conn:
         conn.execute(update(lock).values(heartbeat_at=store.now() - timedelta(minutes=3)))
-    migrate(settings, engine=make_engine(sqlite_url), kms=make_kms(kms.client, settings))
+    run_migrate(settings, kms.client)
 
 
 def test_a_process_that_lost_its_lock_commits_nothing_more(
@@ -124,7 +124,7 @@ def _other_machine(tmp_path: object, monkeypatch: pytest.MonkeyPatch, boot: str)
     a container of the same name on another machine)."""
     from pathlib import Path
 
-    import checkpoints.leases as leases_mod
+    import checkpoints.hosts as leases_mod
 
     path = Path(str(tmp_path)) / f"boot_id-{boot}"
     path.write_text(boot + "\n")
@@ -160,7 +160,7 @@ def test_a_lock_without_a_readable_boot_id_waits_for_the_heartbeat(
     sqlite_url: str, kms: KmsHandle, keys: Keys, tmp_path: object,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import checkpoints.leases as leases_mod
+    import checkpoints.hosts as leases_mod
 
     make_db(sqlite_url, 5, keys.current, bad_values=False)
     monkeypatch.setattr(leases_mod, "BOOT_ID_PATH", str(tmp_path) + "/absent", raising=False)
@@ -169,12 +169,12 @@ def test_a_lock_without_a_readable_boot_id_waits_for_the_heartbeat(
     _hold_lock_as(sqlite_url, dead.pid)
     settings = settings_for(sqlite_url, keys.current)
     with pytest.raises(RunLockedError, match="already running"):
-        migrate(settings, engine=make_engine(sqlite_url), kms=make_kms(kms.client, settings))
+        run_migrate(settings, kms.client)
     eng = create_engine(sqlite_url)
     with eng.begin() as conn:
         conn.execute(update(lock).values(heartbeat_at=store.now() - timedelta(minutes=3)))
     eng.dispose()
-    migrate(settings, engine=make_engine(sqlite_url), kms=make_kms(kms.client, settings))
+    run_migrate(settings, kms.client)
 
 
 def test_a_worker_on_another_boot_of_the_same_hostname_keeps_its_range(

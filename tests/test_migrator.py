@@ -28,6 +28,7 @@ from tests.helpers import (
     make_kms,
     make_vault,
     run_main,
+    run_migrate,
     settings_for,
     snapshot,
     vault_values,
@@ -61,11 +62,11 @@ def test_migrate_rewrites_good_values_and_fails_bad_ones(
     truth = make_db(db_url, 60, keys.current, keys.legacy)
     before = snapshot(db_url)
     settings = settings_for(db_url, keys.current, keys.legacy)
-    result = migrate(settings, engine=make_engine(db_url), kms=make_kms(kms.client, settings))
+    result = run_migrate(settings, kms.client)
 
     after = snapshot(db_url)
     for cell, plaintext in truth.plaintexts.items():
-        assert classify(after[cell]) is ValueKind.OTHER
+        assert classify(after[cell]) is ValueKind.KMS
         assert kms.decrypt_text(after[cell]) == plaintext
     for cell in truth.bad:
         assert after[cell] == before[cell]
@@ -93,7 +94,7 @@ def test_guides_own_decrypt_secret_reads_migrated_values(
 
     truth = make_db(sqlite_url, 20, keys.current, keys.legacy, bad_values=False)
     settings = settings_for(sqlite_url, keys.current, keys.legacy)
-    migrate(settings, engine=make_engine(sqlite_url), kms=make_kms(kms.client, settings))
+    run_migrate(settings, kms.client)
     monkeypatch.setenv("USE_AWS_KMS", "true")
     after = snapshot(sqlite_url)
     for cell, plaintext in truth.plaintexts.items():
@@ -105,9 +106,9 @@ def test_second_run_finds_everything_already_migrated(
 ) -> None:
     truth = make_db(db_url, 30, keys.current, keys.legacy)
     settings = settings_for(db_url, keys.current, keys.legacy)
-    migrate(settings, engine=make_engine(db_url), kms=make_kms(kms.client, settings))
+    run_migrate(settings, kms.client)
     first = snapshot(db_url)
-    again = migrate(settings, engine=make_engine(db_url), kms=make_kms(kms.client, settings))
+    again = run_migrate(settings, kms.client)
     assert not again.resumed
     assert sum(c.migrated for c in again.columns) == 0
     assert sum(c.already for c in again.columns) == len(truth.plaintexts)
@@ -147,11 +148,11 @@ def test_resume_refuses_another_key_or_targets(
     other = kms.client.create_key()["KeyMetadata"]
     s2 = settings_for(sqlite_url, keys.current, keys.legacy, key_id=other["KeyId"])
     with pytest.raises(ResumeMismatchError, match="the KMS key"):
-        migrate(s2, engine=make_engine(sqlite_url), kms=make_kms(kms.client, s2))
+        run_migrate(s2, kms.client)
     s3 = settings_for(sqlite_url, keys.current, keys.legacy,
                       targets=settings.targets[:1])
     with pytest.raises(ResumeMismatchError, match="the targets"):
-        migrate(s3, engine=make_engine(sqlite_url), kms=make_kms(kms.client, s3))
+        run_migrate(s3, kms.client)
     # --new-run abandons the old run and starts over; values already migrated stay.
     result = migrate(s3, engine=make_engine(sqlite_url), kms=make_kms(kms.client, s3),
                      new_run=True)
@@ -236,7 +237,7 @@ def test_fatal_kms_error_stops_with_nothing_of_the_batch_written(
     assert int(ck.last_pk) >= committed_pks[-1]
     assert int(ck.last_pk) % 10 == 0
     # After the fix, re-running resumes and finishes.
-    result = migrate(settings, engine=make_engine(db_url), kms=make_kms(kms.client, settings))
+    result = run_migrate(settings, kms.client)
     assert result.resumed
     assert len(_journal(db_url)) == len(truth.plaintexts)
 
@@ -278,7 +279,7 @@ def test_compare_and_swap_keeps_a_concurrent_application_write(
     assert after[("users", str(pk), "encrypted_secret")] == app_token  # the app's write survived
     assert not any(r.pk == str(pk) and r.column_name == "encrypted_secret"
                    for r in _journal(db_url))
-    again = migrate(settings, engine=make_engine(db_url), kms=make_kms(kms.client, settings))
+    again = run_migrate(settings, kms.client)
     assert sum(c.migrated for c in again.columns) == 1
     final = snapshot(db_url)
     assert kms.decrypt_text(final[("users", str(pk), "encrypted_secret")]) == "the app's new secret"
@@ -289,9 +290,9 @@ def test_text_and_integer_primary_keys_page_in_order(
 ) -> None:
     truth = make_db(db_url, 57, keys.current, bad_values=False, seed=3)
     settings = settings_for(db_url, keys.current, batch_size=4)
-    migrate(settings, engine=make_engine(db_url), kms=make_kms(kms.client, settings))
+    run_migrate(settings, kms.client)
     after = snapshot(db_url)
-    assert all(classify(after[c]) is ValueKind.OTHER for c in truth.plaintexts)
+    assert all(classify(after[c]) is ValueKind.KMS for c in truth.plaintexts)
     eng = create_engine(db_url)
     with eng.connect() as conn:
         cks = conn.execute(select(checkpoints)).all()
@@ -315,7 +316,7 @@ def test_missing_table_or_column_refused_before_any_write(
     ):
         s = settings_for(sqlite_url, keys.current, targets=targets)
         with pytest.raises(ConfigError, match=msg):
-            migrate(s, engine=make_engine(sqlite_url), kms=make_kms(kms.client, s))
+            run_migrate(s, kms.client)
     eng = create_engine(sqlite_url)
     assert not [t for t in inspect(eng).get_table_names() if t.startswith("kms_migrate")]
 
@@ -329,7 +330,7 @@ def test_table_without_primary_key_is_refused(sqlite_url: str, kms: KmsHandle, k
         conn.execute(text("CREATE TABLE loose (id INTEGER, secret TEXT)"))
     s = settings_for(sqlite_url, keys.current, targets=(Target("loose", "id", ("secret",)),))
     with pytest.raises(ConfigError, match="has no primary key"):
-        migrate(s, engine=make_engine(sqlite_url), kms=make_kms(kms.client, s))
+        run_migrate(s, kms.client)
 
 
 def test_own_alembic_version_table_leaves_the_apps_alone(
@@ -341,7 +342,7 @@ def test_own_alembic_version_table_leaves_the_apps_alone(
         conn.execute(text("CREATE TABLE alembic_version (version_num VARCHAR(32) PRIMARY KEY)"))
         conn.execute(text("INSERT INTO alembic_version VALUES ('app_rev_42')"))
     settings = settings_for(db_url, keys.current)
-    migrate(settings, engine=make_engine(db_url), kms=make_kms(kms.client, settings))
+    run_migrate(settings, kms.client)
     with eng.connect() as conn:
         assert conn.execute(text("SELECT version_num FROM alembic_version")).all() == [
             ("app_rev_42",)]
@@ -394,7 +395,7 @@ def test_kms_validation_exception_on_one_value_is_its_failure(
     settings = settings_for(sqlite_url, keys.current, concurrency=1)
     client = make_client("us-east-1", 1)
     inject(client, Injector("ValidationException"), "Encrypt")
-    result = migrate(settings, engine=make_engine(sqlite_url), kms=make_kms(client, settings))
+    result = run_migrate(settings, client)
     assert [f.reason for f in result.failures] == ["KMS refused this value (ValidationException)"]
     assert sum(c.migrated for c in result.columns) == len(truth.plaintexts) - 1
     failed = result.failures[0]
@@ -418,7 +419,7 @@ def test_a_kms_text_too_long_for_its_column_fails_that_value_not_the_batch(
     after = vault_values(db_url)
     assert after[1] == before[1]
     for i in (2, 3):
-        assert classify(after[i]) is ValueKind.OTHER and len(after[i]) <= VAULT_LENGTH
+        assert classify(after[i]) is ValueKind.KMS and len(after[i]) <= VAULT_LENGTH
         assert len(kms.decrypt_text(after[i])) == VAULT_SIZES[i]
 
 

@@ -30,8 +30,15 @@ from migration.config import Settings, Target
 from migration.db import safe_url
 from migration.preflight import Check, format_check, preflight, summary
 from migration.sample import create_coinflip_schema
-from tests.conftest import AWS_SECRET, Keys, KmsHandle, MotoServer, kms_migrate_bin
-from tests.helpers import VAULT_LENGTH, make_db, make_vault, run_main, settings_for
+from tests.conftest import Keys, KmsHandle, MotoServer, kms_migrate_bin
+from tests.helpers import (
+    VAULT_LENGTH,
+    assert_clean,
+    make_db,
+    make_vault,
+    run_main,
+    settings_for,
+)
 from tests.kms_proxy import Rule, kms_proxy
 from tests.test_kms import Injector, inject
 
@@ -75,7 +82,7 @@ def run(settings: Settings, keys: Keys | None = None, **kw: Any) -> dict[str, Ch
     kw.setdefault("sleep", lambda s: None)
     checks = preflight(settings, **kw)
     lines = "\n".join(format_check(c) for c in checks) + summary(checks)
-    assert_clean(lines, keys)
+    assert_clean(lines, keys=keys)
     out: dict[str, Check] = {}
     for c in checks:
         if c.name in out:  # a name appears twice only for bookkeeping lines
@@ -83,13 +90,6 @@ def run(settings: Settings, keys: Keys | None = None, **kw: Any) -> dict[str, Ch
         else:
             out[c.name] = c
     return out
-
-
-def assert_clean(textout: str, keys: Keys | None) -> None:
-    assert AWS_SECRET not in textout
-    assert "Traceback" not in textout
-    if keys is not None:
-        assert keys.current not in textout and keys.legacy not in textout
 
 
 def failed(checks: dict[str, Check]) -> set[str]:
@@ -134,7 +134,7 @@ def test_every_check_passes_on_a_good_setup(db_url: str, keys: Keys, kms: KmsHan
     assert "account 123456789012" in by["caller identity"].detail
     assert by["bookkeeping"].ok is None and "no kms-migrate tables yet" in by["bookkeeping"].detail
     text_ = "\n".join(format_check(c) for c in checks)
-    assert_clean(text_, keys)
+    assert_clean(text_, keys=keys)
     assert summary(checks).startswith("preflight OK")
 
 
@@ -265,7 +265,7 @@ def test_missing_encryption_key_is_a_fail_line_in_the_cli(
     assert "FAIL  Fernet keys: ENCRYPTION_KEY is not set" in out
     assert "Traceback" not in out + err
     assert len(err.strip().splitlines()) == 1 and "Fernet keys" in err
-    assert_clean(out + err, keys)
+    assert_clean(out + err, keys=keys)
 
 
 def test_keys_that_open_none_of_the_sample(sqlite_url: str, keys: Keys, kms: KmsHandle) -> None:
@@ -353,7 +353,7 @@ def test_access_denied_on_describe_key_through_the_proxy_cli(
     assert re.search(r"^FAIL  KMS key: KMS denied DescribeKey .*AccessDeniedException",
                      res.stdout, re.M), res.stdout
     assert "ok    Encrypt+Decrypt round trip" in res.stdout
-    assert_clean(res.stdout + res.stderr, keys)
+    assert_clean(res.stdout + res.stderr, keys=keys)
 
 
 def test_disabled_key(db: str, keys: Keys, kms: KmsHandle) -> None:
@@ -586,7 +586,7 @@ def test_cli_prints_one_line_per_check_and_exits_0(
     assert lines[0].startswith("ok    database: reachable: sqlite:///")
     assert lines[-1].startswith("preflight OK")
     assert err == ""
-    assert_clean(out + err, keys)
+    assert_clean(out + err, keys=keys)
 
 
 def test_cli_fails_with_exit_2_on_a_disabled_key(
@@ -646,7 +646,7 @@ def test_real_cli_subprocess_fails_on_a_disabled_key(
     assert len(refusal) == 1 and "key enabled" in refusal[0]
     assert "Traceback" not in res.stderr
     for out in (ok.stdout, ok.stderr, res.stdout, res.stderr):
-        assert_clean(out, keys)
+        assert_clean(out, keys=keys)
 
 
 def test_preflight_reports_a_column_too_short_for_real_kms_ciphertexts(
@@ -658,4 +658,4 @@ def test_preflight_reports_a_column_too_short_for_real_kms_ciphertexts(
     assert code == 2, (out, err)
     assert (f"FAIL  column fit vault.secret: VARCHAR({VAULT_LENGTH}) cannot hold the AWS KMS "
             "text of 2 value(s)") in out
-    assert_clean(out + err, env_keys)
+    assert_clean(out + err, keys=env_keys)

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 from cryptography.fernet import Fernet
 from hypothesis import HealthCheck, given, settings
@@ -21,11 +19,10 @@ from migration.codec import encode_kms
 from migration.config import Settings, Target
 from migration.db import make_engine
 from migration.errors import ConfigError
-from migration.migrator import migrate
 from migration.rollback import rollback
 from migration.verify import verify
-from tests.conftest import ALIAS
-from tests.helpers import make_kms
+from tests.conftest import ALIAS, KmsHandle
+from tests.helpers import make_kms, run_migrate
 
 CURRENT, LEGACY, STRANGER = (Fernet.generate_key().decode() for _ in range(3))
 KINDS = ["null", "empty", "current", "legacy", "unknown", "corrupt", "oversize", "kms", "unicode"]
@@ -38,17 +35,6 @@ table_st = st.fixed_dictionaries({
     "rows": st.lists(st.tuples(cell_st, cell_st), max_size=30),
     "batch_size": st.integers(1, 50),
 })
-
-
-@pytest.fixture(scope="module")
-def kms_client() -> Iterator[Any]:
-    from moto import mock_aws
-
-    with mock_aws():
-        client = boto3.client("kms", region_name="us-east-1")
-        key = client.create_key()["KeyMetadata"]["KeyId"]
-        client.create_alias(AliasName=ALIAS, TargetKeyId=key)
-        yield client
 
 
 def _value(kind: str, text: str, client: Any) -> tuple[str | None, str | None]:
@@ -107,11 +93,11 @@ def _check(url: str, spec: dict[str, Any], client: Any) -> None:
     if not any(k in GOOD or k == "oversize" for k in kinds) and any(k in BAD for k in kinds):
         # Every Fernet value is unopenable: the run must refuse rather than fail them all.
         with pytest.raises(ConfigError, match="open none"):
-            migrate(s, engine=make_engine(url), kms=make_kms(client, s))
+            run_migrate(s, client)
         assert dump() == before
         eng.dispose()
         return
-    result = migrate(s, engine=make_engine(url), kms=make_kms(client, s))
+    result = run_migrate(s, client)
     assert {(f.pk, f.column_name) for f in result.failures} == {
         (str(pk), col) for (pk, col), (k, _) in expect.items() if k in BAD}
     assert sum(c.migrated for c in result.columns) == sum(k in GOOD for k in kinds)
@@ -142,12 +128,14 @@ COMMON = settings(max_examples=30, deadline=None,
 
 @COMMON
 @given(spec=table_st)
-def test_migrate_verify_rollback_properties_sqlite(kms_client: Any, spec: dict[str, Any]) -> None:
+def test_migrate_verify_rollback_properties_sqlite(
+    module_kms: KmsHandle, spec: dict[str, Any]
+) -> None:
     d = Path(tempfile.mkdtemp(prefix="kms-migrate-prop-"))
     try:
         url = f"sqlite:///{d / 'p.db'}"
         create_engine(url).connect().close()
-        _check(url, spec, kms_client)
+        _check(url, spec, module_kms.client)
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
@@ -157,6 +145,6 @@ def test_migrate_verify_rollback_properties_sqlite(kms_client: Any, spec: dict[s
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(spec=table_st)
 def test_migrate_verify_rollback_properties_postgres(
-    kms_client: Any, pg_server: Any, spec: dict[str, Any]
+    module_kms: KmsHandle, pg_server: Any, spec: dict[str, Any]
 ) -> None:
-    _check(pg_server.new_database(), spec, kms_client)
+    _check(pg_server.new_database(), spec, module_kms.client)

@@ -132,7 +132,7 @@ def test_every_postgres_session_is_bounded(pg_url: str) -> None:
     """Idle-in-transaction timeout, lock timeout and TCP keepalives on every session; a
     worker's idle timeout is below its lease, and its statements are bounded too."""
     from migration.db import make_engine
-    from migration.workers import worker_engine
+    from migration.worker import worker_engine
 
     def shown(engine: Any) -> dict[str, str]:
         names = ("idle_in_transaction_session_timeout", "lock_timeout", "statement_timeout",
@@ -313,7 +313,7 @@ def test_a_worker_whose_run_lock_is_gone_says_so_in_one_line(
     another command stops with the lock's one-line message, exit 2, not a raw LockLost."""
     import io
 
-    from migration.workers import WorkerSpec
+    from migration.worker import WorkerSpec
     from tests.helpers import run_main
     from tests.test_workers import _run_with_ranges
 
@@ -332,7 +332,7 @@ def test_a_fenced_out_worker_does_not_stop_the_live_run(pg_url: str) -> None:
     """A worker whose lock was taken over meets a fatal error: the run, now another
     command's, is not marked stopped by it."""
     from checkpoints.lock import RunLock
-    from migration.workers import _stop_run_quietly
+    from migration.worker import _stop_run_quietly
     from tests.test_workers import _run_with_ranges
 
     eng, run_id = _run_with_ranges(pg_url, 1)
@@ -432,7 +432,7 @@ def test_a_worker_that_joined_during_a_resumed_runs_planning_is_not_marked_lost(
     from checkpoints import leases, store
     from checkpoints.lock import RunLock
     from checkpoints.store import BatchCounts
-    from migration.workers import _resume_planned
+    from migration.ranged_start import resume_planned as _resume_planned
     from tests.test_workers import _claim, _register, _run_with_ranges
 
     eng, run_id = _run_with_ranges(pg_url, 2)
@@ -499,8 +499,9 @@ def test_status_after_crashes_shows_dead_machines_workers_lost_and_real_seconds(
     from checkpoints import leases
     from checkpoints.lock import RunLock
     from checkpoints.store import BatchCounts
+    from migration.ranged_start import RangedStart
     from migration.status import collect_status
-    from migration.workers import RangedStart, _conclude
+    from migration.supervisor import _conclude
     from tests.test_workers import _claim, _register, _run_with_ranges
 
     eng, run_id = _run_with_ranges(pg_url, 1)

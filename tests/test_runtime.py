@@ -38,7 +38,14 @@ from migration.migrator import migrate
 from migration.sample import coinflip_metadata, create_coinflip_schema
 from tests import guide_kms_encryption as guide
 from tests.conftest import ALIAS, Keys, KmsHandle
-from tests.helpers import interrupted_migrate, make_db, make_kms, settings_for, snapshot
+from tests.helpers import (
+    interrupted_migrate,
+    make_db,
+    make_kms,
+    run_migrate,
+    settings_for,
+    snapshot,
+)
 
 SECRET = "5KQwrPbwdL6PhXujxW37FSSQZ1JiwsST4cqQzDeyXtP79zkvFD3"  # looks like a wallet key
 
@@ -96,7 +103,7 @@ def test_helper_reads_both_formats_in_a_half_migrated_table(
     mid = snapshot(db_url)
     column = {c: v for c, v in mid.items() if c[0] == "users" and c[2] == "encrypted_secret"}
     kinds = {classify(v) for c, v in column.items() if c in truth.plaintexts}
-    assert kinds == {ValueKind.FERNET, ValueKind.OTHER}  # the same column holds both
+    assert kinds == {ValueKind.FERNET, ValueKind.KMS}  # the same column holds both
 
     for flag in (None, "false", "true"):
         if flag is None:
@@ -109,7 +116,7 @@ def test_helper_reads_both_formats_in_a_half_migrated_table(
 
     # The guide's helper reads with one branch only, so one format always breaks mid-way.
     fernet_cell = next(c for c in truth.plaintexts if classify(mid[c]) is ValueKind.FERNET)
-    kms_cell = next(c for c in truth.plaintexts if classify(mid[c]) is ValueKind.OTHER)
+    kms_cell = next(c for c in truth.plaintexts if classify(mid[c]) is ValueKind.KMS)
     monkeypatch.setenv("USE_AWS_KMS", "true")
     with pytest.raises(Exception):  # noqa: B017 - base64 or KMS error, whichever comes first
         guide.decrypt_secret(mid[fernet_cell])
@@ -133,7 +140,7 @@ def test_migrate_migrates_helper_fernet_values_and_skips_helper_kms_values(
         stored[pk] = encrypt_secret(p)
     stored[31], stored[32] = None, ""
     fernet = {pk for pk, v in stored.items() if v and classify(v) is ValueKind.FERNET}
-    helper_kms = {pk for pk, v in stored.items() if v and classify(v) is ValueKind.OTHER}
+    helper_kms = {pk for pk, v in stored.items() if v and classify(v) is ValueKind.KMS}
     assert len(fernet) == 20 and len(helper_kms) == 10
 
     _users(create_engine(db_url), stored)
@@ -147,7 +154,7 @@ def test_migrate_migrates_helper_fernet_values_and_skips_helper_kms_values(
     for pk in helper_kms:
         assert after[pk] == stored[pk]  # the helper's KMS values are left byte-identical
     for pk in fernet:
-        assert classify(after[pk]) is ValueKind.OTHER
+        assert classify(after[pk]) is ValueKind.KMS
     assert after[31] is None and after[32] == ""
     monkeypatch.setenv("USE_AWS_KMS", "true")
     for pk, p in plaintexts.items():
@@ -163,10 +170,10 @@ def test_values_the_tool_migrated_are_read_by_the_helper_and_the_guide(
 ) -> None:
     truth = make_db(db_url, 25, keys.current, keys.legacy, bad_values=False)
     settings = settings_for(db_url, keys.current, keys.legacy)
-    migrate(settings, engine=make_engine(db_url), kms=make_kms(kms.client, settings))
+    run_migrate(settings, kms.client)
     after = snapshot(db_url)
     for cell, plaintext in truth.plaintexts.items():
-        assert classify(after[cell]) is ValueKind.OTHER
+        assert classify(after[cell]) is ValueKind.KMS
         assert decrypt_secret(after[cell]) == plaintext  # USE_AWS_KMS unset: still reads
     monkeypatch.setenv("USE_AWS_KMS", "true")
     for cell, plaintext in truth.plaintexts.items():
@@ -183,7 +190,7 @@ def test_guide_and_helper_read_each_others_values(
     assert guide.decrypt_secret(ours_fernet) == SECRET
     monkeypatch.setenv("USE_AWS_KMS", "true")
     guide_kms, ours_kms = guide.encrypt_secret(SECRET), encrypt_secret(SECRET)
-    assert classify(ours_kms) is ValueKind.OTHER
+    assert classify(ours_kms) is ValueKind.KMS
     assert guide.decrypt_secret(ours_kms) == SECRET
     assert kms.decrypt_text(ours_kms) == SECRET
     for flag in ("true", "false"):
@@ -361,7 +368,7 @@ def test_environment_is_read_at_call_time_and_key_changes_invalidate_the_cache(
 ) -> None:
     assert classify(encrypt_secret(SECRET)) is ValueKind.FERNET
     monkeypatch.setenv("USE_AWS_KMS", "TRUE")  # the guide lower-cases it too
-    assert classify(encrypt_secret(SECRET)) is ValueKind.OTHER
+    assert classify(encrypt_secret(SECRET)) is ValueKind.KMS
     monkeypatch.setenv("USE_AWS_KMS", "1")  # the guide only honours "true"; so do we
     assert classify(encrypt_secret(SECRET)) is ValueKind.FERNET
 
@@ -387,7 +394,7 @@ def test_after_the_migration_legacy_key_alone_still_reads_old_tokens(
     monkeypatch.setenv("USE_AWS_KMS", "true")
     assert decrypt_secret(token) == SECRET
     written = encrypt_secret(SECRET)
-    assert classify(written) is ValueKind.OTHER
+    assert classify(written) is ValueKind.KMS
     assert decrypt_secret(written) == SECRET
 
 

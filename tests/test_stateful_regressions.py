@@ -78,3 +78,31 @@ def test_resumed_migrate_does_not_exit_0_past_a_value_written_behind_its_checkpo
         assert left == [], f"exit 0 with Fernet value(s) left in rows {left}"
     else:
         assert code == 1 and all(f"vault pk={pk} s:" in out for pk in left), (code, out, err)
+
+
+def test_retry_failed_is_not_refused_for_tokens_it_does_not_retry(
+    capsys: Any, db_url: str, kms: KmsHandle, env_keys: Keys, tmp_path: Path,
+    monkeypatch: Any,
+) -> None:
+    """Machine sequence (PostgreSQL, long profile): a run records one value as failed (a
+    token of an empty plaintext: it opens, KMS cannot take it); the application then writes
+    a token under the legacy key, which this command's environment lacks; `migrate
+    --retry-failed`. Invariant 4: exit 2 only for a run-level cause. The retry touches only
+    the recorded failures, yet it was refused because the keys open none of the *other*
+    tokens (the key check's sample leaves recorded failures out)."""
+    cur = Fernet(env_keys.current.encode())
+    legacy = Fernet(env_keys.legacy.encode())
+    config = _vault(db_url, tmp_path, {"empty": cur.encrypt(b"").decode(),
+                                       "good": cur.encrypt(b"secret").decode()})
+    common = ["--db", db_url, "--config", config, "--yes", "--no-backup", "--no-progress"]
+    code, out, err = run_main(capsys, "migrate", *common)
+    assert code == 1 and "vault pk=empty s:" in out, (code, out, err)
+    eng = create_engine(db_url)
+    with eng.begin() as conn:  # written by the application after the run, legacy key
+        conn.execute(text("INSERT INTO vault (id, s) VALUES ('late', :s)"),
+                     {"s": legacy.encrypt(b"late secret").decode()})
+    eng.dispose()
+    monkeypatch.delenv("ENCRYPTION_KEY_LEGACY", raising=False)
+    code, out, err = run_main(capsys, "migrate", *common, "--retry-failed")
+    assert code == 1, (code, out, err)  # the empty plaintext fails again, named
+    assert "vault pk=empty s:" in out and "vault pk=late" not in out

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from migration.db import make_engine
-from migration.migrator import migrate
 from migration.status import collect_status
 from tests.conftest import Keys, KmsHandle
-from tests.helpers import interrupted_migrate, make_db, make_kms, settings_for
+from tests.helpers import interrupted_migrate, make_db, run_migrate, settings_for
 
 
 def test_status_of_a_fresh_database_is_none(sqlite_url: str, keys: Keys) -> None:
@@ -27,7 +26,7 @@ def test_status_shows_progress_remaining_and_failures(
     assert first.last_pk == "20" and first.remaining == 10 and not first.done
     assert first.batches == 2
 
-    migrate(settings, engine=make_engine(db_url), kms=make_kms(kms.client, settings))
+    run_migrate(settings, kms.client)
     done = collect_status(make_engine(db_url, read_only=True))
     assert done is not None
     assert done.runs[0]["state"] == "completed"

@@ -12,11 +12,10 @@ from checkpoints.tables import journal
 from migration.db import make_engine
 from migration.errors import FatalKMSError
 from migration.kms import make_client
-from migration.migrator import migrate
 from migration.sample import coinflip_metadata
 from migration.verify import verify
 from tests.conftest import Keys, KmsHandle
-from tests.helpers import make_db, make_kms, run_main, settings_for, snapshot
+from tests.helpers import make_db, make_kms, run_main, run_migrate, settings_for, snapshot
 
 
 def test_verify_before_and_after_migration(db_url: str, kms: KmsHandle, keys: Keys) -> None:
@@ -28,7 +27,7 @@ def test_verify_before_and_after_migration(db_url: str, kms: KmsHandle, keys: Ke
     assert sum(c.fernet_left for c in pre.columns) == len(truth.plaintexts) + len(truth.bad)
     assert sum(c.kms_ok for c in pre.columns) == 0
 
-    migrate(settings, engine=make_engine(db_url), kms=make_kms(kms.client, settings))
+    run_migrate(settings, kms.client)
     post = verify(settings, engine=make_engine(db_url, read_only=True),
                   kms=make_kms(kms.client, settings))
     assert sum(c.kms_ok for c in post.columns) == len(truth.plaintexts)
@@ -42,7 +41,7 @@ def test_verify_flags_tampered_and_foreign_values(
 ) -> None:
     truth = make_db(db_url, 20, keys.current, bad_values=False)
     settings = settings_for(db_url, keys.current)
-    migrate(settings, engine=make_engine(db_url), kms=make_kms(kms.client, settings))
+    run_migrate(settings, kms.client)
     ok = verify(settings, engine=make_engine(db_url, read_only=True),
                 kms=make_kms(kms.client, settings))
     assert ok.ok and sum(c.kms_ok for c in ok.columns) == len(truth.plaintexts)
@@ -74,7 +73,7 @@ def test_verify_counts_values_under_another_key(
 ) -> None:
     make_db(sqlite_url, 10, keys.current, bad_values=False)
     settings = settings_for(sqlite_url, keys.current)
-    migrate(settings, engine=make_engine(sqlite_url), kms=make_kms(kms.client, settings))
+    run_migrate(settings, kms.client)
     other = kms.client.create_key()["KeyMetadata"]["Arn"]
     s2 = settings_for(sqlite_url, keys.current, key_id=other)
     res = verify(s2, engine=make_engine(sqlite_url, read_only=True), kms=make_kms(kms.client, s2))
@@ -141,7 +140,7 @@ def test_a_value_under_a_key_this_caller_cannot_use_is_a_problem_not_a_stop(
 
     truth = make_db(sqlite_url, 10, keys.current, bad_values=False)
     settings = settings_for(sqlite_url, keys.current, concurrency=1)
-    migrate(settings, engine=make_engine(sqlite_url), kms=make_kms(kms.client, settings))
+    run_migrate(settings, kms.client)
     client = make_client("us-east-1", 1)
     # Real KMS: the pinned Decrypt says another key encrypted it; the naming call, unpinned,
     # is denied (that key's policy does not let this caller use it).
@@ -161,7 +160,7 @@ def test_access_denied_on_every_decrypt_still_stops_verify(
 
     make_db(sqlite_url, 5, keys.current, bad_values=False)
     settings = settings_for(sqlite_url, keys.current, concurrency=1)
-    migrate(settings, engine=make_engine(sqlite_url), kms=make_kms(kms.client, settings))
+    run_migrate(settings, kms.client)
     client = make_client("us-east-1", 1)
     inject(client, Injector(forever="AccessDeniedException"), "Decrypt")
     with pytest.raises(FatalKMSError, match="grant the caller kms:Decrypt"):
@@ -196,7 +195,7 @@ def test_validation_exception_on_a_verify_decrypt_is_that_values_problem(
 
     truth = make_db(sqlite_url, 10, keys.current, bad_values=False)
     settings = settings_for(sqlite_url, keys.current, concurrency=1)
-    migrate(settings, engine=make_engine(sqlite_url), kms=make_kms(kms.client, settings))
+    run_migrate(settings, kms.client)
     client = make_client("us-east-1", 1)
     inject(client, Injector("ValidationException"), "Decrypt")
     res = verify(settings, engine=make_engine(sqlite_url, read_only=True),

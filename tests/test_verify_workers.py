@@ -26,11 +26,17 @@ from migration import verify as verify_module
 from migration.config import Settings
 from migration.db import make_engine
 from migration.errors import ConfigError, FatalKMSError
-from migration.migrator import migrate
 from migration.sample import coinflip_metadata
 from migration.verify import VerifyResult, verify
 from tests.conftest import Keys, KmsHandle, MotoServer, kms_migrate_bin
-from tests.helpers import assert_no_leaks, dump_bookkeeping, make_db, make_kms, settings_for
+from tests.helpers import (
+    assert_no_leaks,
+    dump_bookkeeping,
+    make_db,
+    make_kms,
+    run_migrate,
+    settings_for,
+)
 from tests.helpers import snapshot as take_snapshot
 from tests.kms_proxy import Rule, kms_proxy
 
@@ -45,12 +51,6 @@ def _counts(result: VerifyResult) -> list[tuple[str, str, int, int, int, int, in
 def _verify(settings: Settings, client: Any, **kw: Any) -> VerifyResult:
     return verify(settings, engine=make_engine(settings.db_url, read_only=True),
                   kms=make_kms(client, settings), **kw)
-
-
-def _migrate(settings: Settings, client: Any) -> None:
-    result = migrate(settings, engine=make_engine(settings.db_url),
-                     kms=make_kms(client, settings))
-    assert result.columns
 
 
 class _SpyPool(ProcessPoolExecutor):
@@ -70,7 +70,8 @@ def test_parallel_verify_matches_one_process(
     monkeypatch.setenv("AWS_ENDPOINT_URL_KMS", moto_server.url)
     truth = make_db(db_url, ROWS, keys.current, keys.legacy, bad_values=True)
     assert truth.bad and truth.empty
-    _migrate(settings_for(db_url, keys.current, keys.legacy, concurrency=16), server_kms.client)
+    assert run_migrate(settings_for(db_url, keys.current, keys.legacy, concurrency=16),
+                       server_kms.client).columns
     settings = settings_for(db_url, keys.current, keys.legacy, batch_size=10)
 
     one = _verify(settings, server_kms.client)
@@ -117,7 +118,7 @@ def test_parallel_verify_reports_tampered_values(
     monkeypatch.setenv("AWS_ENDPOINT_URL_KMS", moto_server.url)
     truth = make_db(db_url, 60, keys.current, bad_values=False)
     settings = settings_for(db_url, keys.current, encryption_context=True, concurrency=16)
-    _migrate(settings, server_kms.client)
+    assert run_migrate(settings, server_kms.client).columns
 
     cells = sorted((c for c in truth.plaintexts if c[0] == "users"
                     and c[2] == "encrypted_secret"), key=lambda c: int(c[1]))
@@ -154,7 +155,7 @@ def test_fatal_kms_error_in_a_child_reaches_the_caller(
 
     make_db(sqlite_url, 30, keys.current, bad_values=False)
     settings = settings_for(sqlite_url, keys.current)
-    _migrate(settings, server_kms.client)
+    assert run_migrate(settings, server_kms.client).columns
     with kms_proxy(moto_server.url) as (url, state):
         state.rules.append(Rule("AccessDeniedException", target="Decrypt"))
         monkeypatch.setenv("AWS_ENDPOINT_URL_KMS", url)
@@ -278,7 +279,8 @@ def test_a_pool_process_killed_during_verify_is_one_line_and_exit_2(
     and exit 1 ("values are left or broken"), but one line, exit 2, and what to do."""
     monkeypatch.setenv("AWS_ENDPOINT_URL_KMS", moto_server.url)
     truth = make_db(pg_url, 150, keys.current, bad_values=False)
-    _migrate(settings_for(pg_url, keys.current, concurrency=16), server_kms.client)
+    assert run_migrate(settings_for(pg_url, keys.current, concurrency=16),
+                       server_kms.client).columns
     proc = subprocess.Popen(
         [kms_migrate_bin(), "verify", "--db", pg_url, "--workers", "2",
          "--rows-per-range", "10", "--batch-size", "5", "--max-kms-rps", "40"],

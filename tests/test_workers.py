@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
-from collections import Counter
 from collections.abc import Sequence
 from datetime import timedelta
 from itertools import pairwise
@@ -24,18 +23,13 @@ from migration.db import make_engine
 from migration.errors import ResumeMismatchError
 from migration.kms import RateLimiter
 from migration.migrator import migrate
-from migration.workers import (
-    Heartbeat,
-    WorkerSpec,
-    migrate_ranged,
-    rollback_ranged,
-    settings_to_dict,
-    start_ranged_migrate,
-    work,
-)
+from migration.ranged_start import start_ranged_migrate
+from migration.supervisor import Here, migrate_ranged, rollback_ranged
+from migration.worker import Heartbeat, WorkerSpec, settings_to_dict, work
 from tests.conftest import Keys, KmsHandle
 from tests.helpers import (
     interrupted_migrate,
+    journal_cells,
     make_db,
     make_kms,
     run_main,
@@ -217,14 +211,6 @@ class Recorder:
         self.finished = True
 
 
-def _journal_per_cell(url: str) -> Counter[tuple[str, str, str]]:
-    eng = create_engine(url)
-    with eng.connect() as conn:
-        rows = conn.execute(select(journal.c.table_name, journal.c.pk, journal.c.column_name)
-                            .where(journal.c.status == "migrated")).all()
-    return Counter((t, p, c) for t, p, c in rows)
-
-
 def test_ranged_run_resumes_a_single_process_run_and_migrates_each_value_once(
     db_url: str, keys: Keys, kms: KmsHandle,
 ) -> None:
@@ -235,15 +221,16 @@ def test_ranged_run_resumes_a_single_process_run_and_migrates_each_value_once(
     n = 3 if db_url.startswith("postgresql") else 1
     progress = Recorder()
     result = migrate_ranged(settings, engine=make_engine(db_url),
-                            kms=make_kms(kms.client, settings), workers=n, rows_per_range=11,
-                            spawn=thread_spawn(settings, kms.client), progress=progress)
+                            kms=make_kms(kms.client, settings),
+                            here=Here(n, rows_per_range=11,
+                                      spawn=thread_spawn(settings, kms.client), progress=progress))
     assert result.resumed
     # One count over all columns: the rows left after the interrupted run's checkpoint,
     # all of them seen by the end.
     [(name, total)] = progress.started
     assert "4 column(s)" in name and 0 < total < 4 * 60
     assert progress.advanced == total and progress.finished
-    per_cell = _journal_per_cell(db_url)
+    per_cell = journal_cells(db_url)
     assert set(per_cell) == set(truth.plaintexts) and max(per_cell.values()) == 1
     assert sum(c.migrated for c in result.columns) == len(truth.plaintexts)
     assert result.failed == len(truth.bad)
@@ -257,8 +244,8 @@ def test_ranged_run_resumes_a_single_process_run_and_migrates_each_value_once(
         assert run is not None and run.state == "completed" and run.ranged
         assert conn.execute(select(lock)).first() is None  # released
     # A plain migrate afterwards finds nothing left; rollback with workers restores all.
-    rb = rollback_ranged(eng, settings=settings, workers=n, rows_per_range=13,
-                         spawn=thread_spawn(settings, kms.client))
+    rb = rollback_ranged(eng, settings=settings,
+                         here=Here(n, rows_per_range=13, spawn=thread_spawn(settings, kms.client)))
     assert rb.restored == len(truth.plaintexts) and not rb.failures
     assert snapshot(db_url) == before
 
@@ -337,8 +324,8 @@ def test_workers_with_a_single_process_mode_are_refused(
 def test_a_fatal_kms_error_in_one_worker_stops_the_run_resumably(
     pg_url: str, keys: Keys, kms: KmsHandle,
 ) -> None:
+    from migration.errors import WorkersFailed
     from migration.kms import make_client
-    from migration.workers import WorkersFailed
     from tests.test_kms import Injector, inject
 
     truth = make_db(pg_url, 40, keys.current, keys.legacy, bad_values=False)
@@ -352,8 +339,8 @@ def test_a_fatal_kms_error_in_one_worker_stops_the_run_resumably(
 
     eng = make_engine(pg_url)
     with pytest.raises(WorkersFailed, match="disabled") as excinfo:
-        migrate_ranged(settings, engine=eng, kms=make_kms(kms.client, settings), workers=2,
-                       rows_per_range=10, spawn=spawn_after_disabling)
+        migrate_ranged(settings, engine=eng, kms=make_kms(kms.client, settings),
+                       here=Here(2, rows_per_range=10, spawn=spawn_after_disabling))
     assert "re-run the same command to resume" in str(excinfo.value)
     assert snapshot(pg_url) == before  # nothing was written
     with eng.connect() as conn:
@@ -361,8 +348,9 @@ def test_a_fatal_kms_error_in_one_worker_stops_the_run_resumably(
         states = {w.state for w in leases.list_workers(conn, run.id)}
         assert conn.execute(select(lock)).first() is None
     assert run.state == "stopped" and "failed" in states
-    result = migrate_ranged(settings, engine=eng, kms=make_kms(kms.client, settings), workers=2,
-                            rows_per_range=10, spawn=thread_spawn(settings, kms.client))
+    result = migrate_ranged(settings, engine=eng, kms=make_kms(kms.client, settings),
+                            here=Here(2, rows_per_range=10,
+                                      spawn=thread_spawn(settings, kms.client)))
     assert result.resumed and result.run_id == run.id
     assert sum(c.migrated for c in result.columns) == len(truth.plaintexts)
 
@@ -411,7 +399,7 @@ def test_one_worker_process_on_sqlite_migrates_and_rolls_back(
     assert mig.returncode == 0, mig.stderr
     after = snapshot(sqlite_url)
     assert all(server_kms.decrypt_text(after[c]) == p for c, p in truth.plaintexts.items())
-    assert set(_journal_per_cell(sqlite_url)) == set(truth.plaintexts)
+    assert set(journal_cells(sqlite_url)) == set(truth.plaintexts)
     rb = subprocess.run([kms_migrate_bin(), "rollback", *common], env=cli_env,
                         capture_output=True, text=True, timeout=120)
     assert rb.returncode == 0, rb.stderr
@@ -432,8 +420,8 @@ def test_a_validation_exception_in_a_worker_fails_that_value_not_the_run(
     inject(client, Injector("ValidationException"), "Encrypt")
     n = 2 if db_url.startswith("postgresql") else 1
     result = migrate_ranged(settings, engine=make_engine(db_url),
-                            kms=make_kms(kms.client, settings), workers=n, rows_per_range=10,
-                            spawn=thread_spawn(settings, client))
+                            kms=make_kms(kms.client, settings),
+                            here=Here(n, rows_per_range=10, spawn=thread_spawn(settings, client)))
     assert result.failed == 1
     assert sum(c.migrated for c in result.columns) == len(truth.plaintexts) - 1
 
@@ -462,7 +450,8 @@ def test_a_ranged_run_names_a_fernet_token_written_behind_it_and_retry_takes_it(
                      {"v": token, "pk": int(pk)})
     n = 2 if db_url.startswith("postgresql") else 1
     result = migrate_ranged(settings, engine=eng, kms=make_kms(kms.client, settings),
-                            workers=n, rows_per_range=9, spawn=thread_spawn(settings, kms.client))
+                            here=Here(n, rows_per_range=9,
+                                      spawn=thread_spawn(settings, kms.client)))
     assert result.resumed and result.failed == 1
     assert [(f.table_name, f.column_name, f.pk, f.reason) for f in result.failures] == [
         (table, column, pk, REASON_BEHIND)]

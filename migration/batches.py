@@ -1,0 +1,170 @@
+"""One batch of values between its read and its write: classify, Fernet-decrypt, start the
+KMS round trips (prepare), then turn their outcomes into compare-and-swap rewrites and named
+failures (finish). The per-value half of the pipeline; the column loops are in pipeline.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from checkpoints.store import BatchCounts, FailureRow
+
+from .applier import Rewrite
+from .codec import (
+    KMS_MAX_PLAINTEXT,
+    FernetCodec,
+    ValueKind,
+    classify,
+    column_length,
+    encode_kms,
+    encryption_context,
+    kms_text_length,
+)
+from .kms import KMS, REASON_EMPTY, Pending
+from .reader import BoundTarget, Row
+
+__all__ = [
+    "REASON_BEHIND", "REASON_EMPTY", "REASON_NO_KEY", "REASON_OVERSIZE", "ColumnSummary",
+    "Prepared", "finish_rows", "prepare_rows", "reason_unfit",
+]
+
+REASON_NO_KEY = (
+    "no Fernet key opens this token (corrupt, or made with a key that is in neither "
+    "ENCRYPTION_KEY nor ENCRYPTION_KEY_LEGACY)"
+)
+REASON_OVERSIZE = f"plaintext is over KMS's {KMS_MAX_PLAINTEXT}-byte Encrypt limit"
+REASON_BEHIND = (
+    "a Fernet token written after the run had passed this row (the application still "
+    "writes Fernet): migrate --retry-failed picks it up"
+)
+
+@dataclass
+class ColumnSummary:
+    table: str
+    column: str
+    migrated: int = 0
+    skipped: int = 0
+    already: int = 0
+    failed: int = 0
+    conflicts: int = 0
+    # Values whose KMS text does not fit the column's declared length (failed, counted
+    # in `failed` too), and the length the longest of them needs.
+    unfit: int = 0
+    unfit_need: int = 0
+    column_type: str = ""  # as declared, e.g. VARCHAR(255)
+
+    def add(self, c: BatchCounts) -> None:
+        self.migrated += c.migrated
+        self.skipped += c.skipped
+        self.already += c.already
+        self.failed += c.failed
+        self.conflicts += c.conflicts
+
+
+@dataclass
+class Prepared:
+    """One batch between its read and its write: Fernet done, KMS round trips submitted.
+
+    The plaintexts live only in the submitted calls; nothing here holds one.
+    """
+
+    rows: list[Row]
+    waiting: list[Row]
+    pending: Pending[bytes | str]
+    failures: list[FailureRow]
+    skipped: int
+    already: int
+    unfit: list[int] = field(default_factory=list)  # the length each unfit value needs
+
+    def cancel(self) -> None:
+        self.pending.cancel()
+
+
+def reason_unfit(need: int, bt: BoundTarget, column: str, *, estimated: bool) -> str:
+    """Why a value is left: its KMS text is longer than the column (never the value)."""
+    kind = bt.col(column).type
+    if estimated:
+        return (f"its KMS ciphertext will not fit the column ({kind}): about {need} "
+                "characters on AWS KMS; widen the column first")
+    return (f"its KMS ciphertext ({need} characters) does not fit the column ({kind}): "
+            "widen the column, then migrate --retry-failed")
+
+
+def prepare_rows(  # noqa: PLR0913
+    rows: list[Row], bt: BoundTarget, column: str, codec: FernetCodec, kms: KMS,
+    with_context: bool = False, *, size_for_aws: bool = False,
+) -> Prepared:
+    """Classify and Fernet-decrypt a batch, and start its KMS round trips (non-blocking).
+
+    With `size_for_aws` (a dry-run), a value whose KMS text would not fit the column's
+    declared length on real AWS KMS (codec.kms_text_length) fails here: a rehearsal
+    against moto, whose ciphertexts are shorter, must not hide it.
+    """
+    skipped = already = 0
+    unfit: list[int] = []
+    length = column_length(bt.col(column)) if size_for_aws else None
+    failures: list[FailureRow] = []
+    waiting: list[Row] = []
+    plaintexts: list[bytes] = []
+    contexts: list[dict[str, str]] = []
+    for row in rows:
+        kind = classify(row.value)
+        if kind is ValueKind.EMPTY:
+            skipped += 1
+        elif kind in (ValueKind.KMS, ValueKind.OTHER):
+            already += 1
+        else:
+            plaintext = codec.decrypt(row.value)
+            if plaintext is None:
+                failures.append(FailureRow(bt.name, column, bt.pk_text(row.pk), REASON_NO_KEY))
+            elif not plaintext:
+                failures.append(FailureRow(bt.name, column, bt.pk_text(row.pk), REASON_EMPTY))
+            elif len(plaintext) > KMS_MAX_PLAINTEXT:
+                failures.append(FailureRow(bt.name, column, bt.pk_text(row.pk), REASON_OVERSIZE))
+            elif length is not None and kms_text_length(len(plaintext)) > length:
+                need = kms_text_length(len(plaintext))
+                unfit.append(need)
+                failures.append(FailureRow(bt.name, column, bt.pk_text(row.pk),
+                                           reason_unfit(need, bt, column, estimated=True)))
+            else:
+                waiting.append(row)
+                plaintexts.append(plaintext)
+                if with_context:
+                    contexts.append(encryption_context(bt.name, column, bt.pk_text(row.pk)))
+    pending: Pending[bytes | str]
+    if with_context:
+        pending = kms.submit(kms.round_trip_in_context, list(zip(plaintexts, contexts,
+                                                                 strict=True)))
+    else:
+        pending = kms.submit(kms.round_trip, plaintexts)
+    del plaintexts
+    return Prepared(rows, waiting, pending, failures, skipped, already, unfit)
+
+
+def finish_rows(
+    prep: Prepared, bt: BoundTarget, column: str
+) -> tuple[list[Rewrite], list[FailureRow], BatchCounts]:
+    """Wait for a batch's KMS work; turn it into compare-and-swap rewrites and failures.
+
+    A new ciphertext longer than the column's declared length is that value's failure,
+    decided here: written, it would fail the whole batch's transaction (PostgreSQL: "value
+    too long") on every re-run, or be cut short by a database that truncates.
+    """
+    results = prep.pending.result()
+    rewrites: list[Rewrite] = []
+    failures = list(prep.failures)
+    length = column_length(bt.col(column))
+    for row, result in zip(prep.waiting, results, strict=True):
+        if isinstance(result, bytes):
+            text = encode_kms(result)
+            if length is not None and len(text) > length:
+                prep.unfit.append(len(text))
+                failures.append(FailureRow(bt.name, column, bt.pk_text(row.pk),
+                                           reason_unfit(len(text), bt, column, estimated=False)))
+                continue
+            rewrites.append(Rewrite(row.pk, old=row.value, new=text))
+        else:
+            failures.append(FailureRow(bt.name, column, bt.pk_text(row.pk), result))
+    counts = BatchCounts(migrated=len(rewrites), skipped=prep.skipped, already=prep.already,
+                         failed=len(failures))
+    return rewrites, failures, counts

@@ -1,0 +1,335 @@
+"""The column loops every kind of run drives: one column (or one key range of it) read page
+by page, each page through its steps, each written in one transaction.
+
+- `migrate_column`: rows -> prepare (batches.py: Fernet, KMS round trips) -> finish ->
+  applier; migrate, `--retry-failed` and ranged workers drive it, a dry-run with no writer.
+- `rollback_column`: journal entries -> applier's mirror compare-and-swap.
+- `verify_column`: rows -> KMS Decrypt pinned to the run's key -> counts (writes nothing).
+
+A loop works on a `ColumnJob` (what and where) and `Hooks` (progress, the per-batch hook,
+the stop request). Pages come from a `Fetcher`, which alone decides "is this the last
+page?" (`last_page`), and whose cursor strictly increases: every loop ends.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from sqlalchemy import Connection, Engine, select
+
+from checkpoints.leases import Lease
+from checkpoints.store import BatchCounts, FailureRow
+from checkpoints.tables import journal
+
+from .applier import Rewrite, apply_migrate_batch, apply_rollback_batch
+from .batches import ColumnSummary, Prepared, finish_rows, prepare_rows
+from .codec import FernetCodec, ValueKind, classify, decode_kms, encryption_context
+from .config import Settings
+from .kms import KMS, Opening
+from .logs import get_logger
+from .progress import NullProgress, Progress
+from .reader import BoundTarget, Row, fetch_batch, fetch_keys
+
+__all__ = [
+    "BatchHook", "ColumnCheck", "ColumnJob", "Fetcher", "Hooks", "Problem", "journal_fetcher",
+    "key_list_fetcher", "keyset_fetcher", "last_page", "migrate_column", "rollback_column",
+    "verify_column",
+]
+
+T = TypeVar("T")
+BatchHook = Callable[[str, str, BatchCounts], None]
+Problem = tuple[str, str, str, str]  # table, column, pk, why
+JournalEntry = tuple[int, str, str, str]  # journal id, pk, original, migrated
+
+
+@dataclass(frozen=True)
+class ColumnJob:
+    """One column of one run, or one key range of it: what a column loop works on.
+
+    `after`/`upto`: the keys (journal ids for a rollback) the loop starts after and ends
+    at, either end open when None. `run_id` None: nothing is written (dry-run, verify).
+    `lease`: the range of a ranged run whose checkpoint each batch moves."""
+
+    engine: Engine
+    target: BoundTarget
+    column: str
+    settings: Settings
+    run_id: int | None = None
+    fence: Callable[[Connection], None] | None = None
+    lease: Lease | None = None
+    after: Any | None = None
+    upto: Any | None = None
+    kms: KMS | None = None
+    codec: FernetCodec | None = None
+    log: Any = None
+
+    @property
+    def name(self) -> str:
+        return self.target.name
+
+    def logger(self) -> Any:
+        log = self.log if self.log is not None else get_logger()
+        return log.bind(table=self.name, column=self.column)
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """What a column loop reports after each committed batch, and how it is told to stop."""
+
+    progress: Progress = field(default_factory=NullProgress)
+    on_batch: BatchHook | None = None
+    should_stop: Callable[[], bool] | None = None
+
+    def batch_done(self, table: str, column: str, rows: int, counts: BatchCounts,
+                   *, last: bool) -> None:
+        """After a batch committed: progress, the hook, then the stop request (raised as
+        KeyboardInterrupt between batches, never after the last one)."""
+        self.progress.advance(table, column, rows)
+        if self.on_batch is not None:
+            self.on_batch(table, column, counts)
+        if not last and self.should_stop is not None and self.should_stop():
+            raise KeyboardInterrupt  # asked to stop: this batch is committed, stop here
+
+
+# -- pages -----------------------------------------------------------------------------------
+
+# after -> (items, cursor, last page?). The cursor is the key the page covered up to: the
+# next page starts after it. It comes from what was asked for, not from the rows found, so
+# it advances even when a page finds no row (keys deleted since they were listed).
+Fetcher = Callable[[Any], tuple[list[T], Any, bool]]
+
+
+def last_page(found: int, size: int, last_key: Any, upto: Any | None) -> bool:
+    """The one "last page?" rule: a short page, or one that reached the range's end."""
+    return found < size or (upto is not None and found > 0 and last_key == upto)
+
+
+def keyset_fetcher(engine: Engine, bt: BoundTarget, column: str, size: int,
+                   upto: Any | None = None) -> Fetcher[Row]:
+    """Pages of one column in key order, up to key `upto` when given."""
+    def fetch(after: Any) -> tuple[list[Row], Any, bool]:
+        rows = fetch_batch(engine, bt, column, after, size, upto)
+        last = rows[-1].pk if rows else None
+        return rows, last if rows else after, last_page(len(rows), size, last, upto)
+    return fetch
+
+
+def key_list_fetcher(engine: Engine, bt: BoundTarget, column: str, keys: list[Any],
+                     size: int) -> Fetcher[Row]:
+    """Pages through a sorted list of keys (--retry-failed) instead of the whole table."""
+    def fetch(after: Any) -> tuple[list[Row], Any, bool]:
+        start = 0 if after is None else bisect.bisect_right(keys, after)
+        page = keys[start:start + size]
+        # The cursor is the page's last key, found or not: a page whose rows were all
+        # deleted since still moves on (falling back to None would start over, forever).
+        cursor = page[-1] if page else after
+        return fetch_keys(engine, bt, column, page), cursor, start + size >= len(keys)
+    return fetch
+
+
+def journal_fetcher(engine: Engine, table: str, column: str, size: int,
+                    upto: int | None = None) -> Fetcher[JournalEntry]:
+    """Pages of one column's journal entries still to roll back, in journal id order (up to
+    journal id `upto`, the end of a range, when given)."""
+    j = journal.c
+
+    def fetch(after: Any) -> tuple[list[JournalEntry], Any, bool]:
+        q = (select(j.id, j.pk, j.original, j.migrated)
+             .where(j.table_name == table, j.column_name == column, j.status == "migrated",
+                    j.id > (after or 0))
+             .order_by(j.id).limit(size))
+        if upto is not None:
+            q = q.where(j.id <= upto)
+        with engine.connect() as conn:
+            entries = [(int(r.id), r.pk, r.original, r.migrated) for r in conn.execute(q)]
+        last = entries[-1][0] if entries else None
+        return entries, last if entries else after, last_page(len(entries), size, last, upto)
+    return fetch
+
+
+def _moved_on(job: ColumnJob, after: Any, cursor: Any, last: bool) -> None:
+    """Every loop ends: a page that is not the last must move the cursor on."""
+    if not last and (cursor is None or cursor == after):
+        raise RuntimeError(f"paging {job.name}.{job.column} did not advance past key {after!r}")
+
+
+# -- migrate ---------------------------------------------------------------------------------
+
+def migrate_column(job: ColumnJob, fetch: Fetcher[Row], summary: ColumnSummary, hooks: Hooks,
+                   dry_failures: list[FailureRow] | None = None) -> None:
+    """Migrate one column from `job.after` to the end of what `fetch` pages through.
+
+    With no `job.run_id` (a dry-run) nothing is written: the failures go to
+    `dry_failures`. The next page is read and its KMS work started before this page's
+    write, so the two overlap; the pages hold disjoint keys, and the next one writes
+    nothing until this one has committed its checkpoint."""
+    assert job.kms is not None and job.codec is not None
+    kms, codec, bt, column = job.kms, job.codec, job.target, job.column
+    clog = job.logger()
+    ctx = job.settings.encryption_context
+    dry = job.run_id is None  # a dry-run sizes the KMS texts for real AWS KMS
+    summary.column_type = str(bt.col(column).type)
+    after = job.after
+    rows, cursor, done = fetch(after)
+    prep = prepare_rows(rows, bt, column, codec, kms, ctx, size_for_aws=dry)
+    upcoming: Prepared | None = None
+    batch_no = 0
+    try:
+        while True:
+            batch_no += 1
+            batch_rows, last_pk = rows, cursor
+            _moved_on(job, after, last_pk, done)
+            rewrites, failures, counts = finish_rows(prep, bt, column)
+            summary.unfit += len(prep.unfit)
+            summary.unfit_need = max([summary.unfit_need, *prep.unfit])
+            next_done = True
+            if not done:
+                after = last_pk
+                rows, cursor, next_done = fetch(last_pk)
+                upcoming = prepare_rows(rows, bt, column, codec, kms, ctx, size_for_aws=dry)
+            if dry:
+                if dry_failures is not None:
+                    dry_failures.extend(failures)
+            else:
+                counts = _write_migrate(job, rewrites, failures, counts, last_pk, done)
+            summary.add(counts)
+            clog.info("batch_checked" if dry else "batch_committed", batch=batch_no,
+                      migrated=counts.migrated, skipped=counts.skipped, already=counts.already,
+                      failed=counts.failed, conflicts=counts.conflicts)
+            hooks.batch_done(bt.name, column, len(batch_rows), counts, last=done)
+            if done:
+                return
+            assert upcoming is not None
+            prep, upcoming, done = upcoming, None, next_done
+    except BaseException:
+        # Whatever stopped us, the batch read ahead writes nothing: drop its KMS work.
+        prep.cancel()
+        if upcoming is not None:
+            upcoming.cancel()
+        raise
+
+
+def _write_migrate(job: ColumnJob, rewrites: list[Rewrite], failures: list[FailureRow],
+                   counts: BatchCounts, last_pk: Any, done: bool) -> BatchCounts:
+    assert job.run_id is not None
+    return apply_migrate_batch(
+        job.engine, job.target, job.column, job.run_id, rewrites=rewrites, failures=failures,
+        counts=counts, last_pk=last_pk, done=done, fence=job.fence, lease=job.lease)
+
+
+# -- rollback --------------------------------------------------------------------------------
+
+def rollback_column(job: ColumnJob, summary: ColumnSummary, hooks: Hooks) -> int:
+    """Replay one column's journal from id `job.after` (to id `job.upto`, the end of a range
+    of a ranged run, whose checkpoint `job.lease` then moves); the number of batches."""
+    assert job.run_id is not None
+    bt, column = job.target, job.column
+    fetch = journal_fetcher(job.engine, bt.name, column, job.settings.batch_size, job.upto)
+    clog = job.logger()
+    after = job.after or 0
+    batch_no = 0
+    while True:
+        entries, cursor, done = fetch(after)
+        _moved_on(job, after, cursor, done)
+        counts = apply_rollback_batch(job.engine, bt, column, job.run_id, entries, done=done,
+                                      fence=job.fence, lease=job.lease)
+        summary.add(counts)
+        batch_no += 1
+        clog.info("batch_committed", batch=batch_no, restored=counts.migrated,
+                  conflicts=counts.conflicts)
+        hooks.batch_done(bt.name, column, len(entries), counts, last=done)
+        if done:
+            return batch_no
+        after = cursor
+
+
+# -- verify ----------------------------------------------------------------------------------
+
+@dataclass
+class ColumnCheck:
+    table: str
+    column: str
+    kms_ok: int = 0
+    fernet_left: int = 0
+    empty: int = 0
+    undecryptable: int = 0
+    # Under another KMS key than the one configured: a problem (the application's key-scoped
+    # policy cannot decrypt them). Counted per key ARN ("" when this caller may not use it).
+    other_key: int = 0
+    other_keys: dict[str, int] = field(default_factory=dict)
+
+    def add(self, other: ColumnCheck) -> None:
+        """Add the counts of another part (a key range) of the same column."""
+        self.kms_ok += other.kms_ok
+        self.fernet_left += other.fernet_left
+        self.empty += other.empty
+        self.undecryptable += other.undecryptable
+        self.other_key += other.other_key
+        for arn, n in other.other_keys.items():
+            self.other_keys[arn] = self.other_keys.get(arn, 0) + n
+
+
+def verify_column(job: ColumnJob, check: ColumnCheck, problems: list[Problem]) -> None:
+    """Verify the rows of one column with `after < pk <= upto`, batch by batch in key
+    order, counting into `check` and appending to `problems` (writes nothing)."""
+    assert job.kms is not None
+    bt, column, settings = job.target, job.column, job.settings
+    fetch = keyset_fetcher(job.engine, bt, column, settings.batch_size, job.upto)
+    log = job.logger()
+    after = job.after
+    while True:
+        rows, cursor, done = fetch(after)
+        _moved_on(job, after, cursor, done)
+        blobs = _classify_for_verify(job, rows, check, problems)
+        opened = job.kms.map(job.kms.open_stored, [(b, c) for _, b, c in blobs])
+        _tally(job, check, problems, [pk for pk, _, _ in blobs], opened)
+        log.info("batch_verified", rows=len(rows))
+        if done:
+            return
+        after = cursor
+
+
+def _classify_for_verify(job: ColumnJob, rows: Sequence[Row], check: ColumnCheck,
+                         problems: list[Problem]) -> list[tuple[str, bytes, Any]]:
+    """Count the empty, Fernet and non-base64 values; the (pk, blob, context) to open."""
+    bt, column = job.target, job.column
+    blobs: list[tuple[str, bytes, Any]] = []
+    for row in rows:
+        kind = classify(row.value)
+        pk = bt.pk_text(row.pk)
+        if kind is ValueKind.EMPTY:
+            check.empty += 1
+        elif kind is ValueKind.FERNET:
+            check.fernet_left += 1
+            problems.append((bt.name, column, pk, "still a Fernet token"))
+        else:
+            blob = decode_kms(row.value) if kind is ValueKind.KMS else None
+            if blob is None:
+                check.undecryptable += 1
+                problems.append((bt.name, column, pk, "neither a Fernet token nor base64"))
+            else:
+                ctx = (encryption_context(bt.name, column, pk)
+                       if job.settings.encryption_context else None)
+                blobs.append((pk, blob, ctx))
+    return blobs
+
+
+def _tally(job: ColumnJob, check: ColumnCheck, problems: list[Problem], pks: Sequence[str],
+           opened: Sequence[Opening]) -> None:
+    table, column = job.name, job.column
+    reason = ("KMS cannot decrypt it with this row's encryption context"
+              if job.settings.encryption_context else "KMS cannot decrypt it")
+    for pk, out in zip(pks, opened, strict=True):
+        if out.ok:
+            check.kms_ok += 1
+        elif out.other_key is not None:
+            check.other_key += 1
+            check.other_keys[out.other_key] = check.other_keys.get(out.other_key, 0) + 1
+            problems.append((table, column, pk, f"under another KMS key ({out.other_key})"
+                             if out.other_key else "under a KMS key this caller cannot use"))
+        else:
+            check.undecryptable += 1
+            problems.append((table, column, pk, out.problem or reason))

@@ -1,0 +1,103 @@
+"""The KMS rate limiter: a token bucket over every KMS call of a run, adapting to throttling.
+
+One per run (or one per worker process, holding that worker's share of the run's limit),
+shared by every thread that calls KMS; `migration.kms.KMS` acquires a token before each
+request and reports each throttling answer.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+__all__ = ["RateLimiter"]
+
+
+class RateLimiter:
+    """A token bucket over every KMS call of a run, adapting to throttling (AIMD).
+
+    At most ``rate * t + burst`` calls start in any t seconds. When KMS throttles, the rate
+    is halved (at most once per `cooldown`, since one burst of throttles is one signal) and
+    then recovers additively, by `recovery` of the configured rate per second, so the run
+    backs off fast from a live application's traffic and returns to it slowly.
+
+    Callers that find no token reserve one (the bucket goes negative) and sleep outside
+    the lock for exactly their deficit: fair, and no busy waiting.
+    """
+
+    def __init__(  # noqa: PLR0913
+        self,
+        rate: float,
+        burst: float | None = None,
+        *,
+        min_rate: float = 1.0,
+        decrease: float = 0.5,
+        recovery: float = 0.02,
+        cooldown: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be positive")
+        self.max_rate = rate
+        self.burst = burst if burst is not None else max(1.0, min(rate, 32.0))
+        self.min_rate = min(min_rate, rate)
+        self.decrease, self.recovery, self.cooldown = decrease, recovery, cooldown
+        self._clock, self._sleep = clock, sleep
+        self._lock = threading.Lock()
+        now = clock()
+        self._tokens = self.burst
+        self._stamp = now
+        self._base = rate  # the rate right after the last decrease
+        self._cut_at: float | None = None  # when it happened
+        self.throttles = 0
+
+    def rate_at(self, now: float) -> float:
+        if self._cut_at is None:
+            return self.max_rate
+        grown = self._base + self.recovery * self.max_rate * (now - self._cut_at)
+        return min(self.max_rate, grown)
+
+    @property
+    def rate(self) -> float:
+        with self._lock:
+            return self.rate_at(self._clock())
+
+    def acquire(self) -> None:
+        """Block until one call may start."""
+        with self._lock:
+            now = self._clock()
+            rate = self.rate_at(now)
+            self._tokens = min(self.burst, self._tokens + (now - self._stamp) * rate)
+            self._stamp = now
+            self._tokens -= 1
+            wait = -self._tokens / rate if self._tokens < 0 else 0.0
+        if wait > 0:
+            self._sleep(wait)
+
+    def set_max_rate(self, rate: float) -> None:
+        """Change the configured rate (a worker's share of a run's limit). Tokens earned so
+        far are kept; a rate cut by throttling keeps its proportion of the new rate."""
+        if rate <= 0:
+            raise ValueError("rate must be positive")
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate_at(now))
+            self._stamp = now
+            self._base = self._base * rate / self.max_rate
+            self.max_rate = rate
+            self.min_rate = min(self.min_rate, rate)
+            self._base = max(self.min_rate, self._base)
+            self.burst = max(1.0, min(rate, 32.0))
+            self._tokens = min(self._tokens, self.burst)
+
+    def on_throttle(self) -> None:
+        """KMS said slow down: cut the rate multiplicatively."""
+        with self._lock:
+            now = self._clock()
+            self.throttles += 1
+            if self._cut_at is not None and now - self._cut_at < self.cooldown:
+                return
+            self._base = max(self.min_rate, self.rate_at(now) * self.decrease)
+            self._cut_at = now

@@ -1,0 +1,388 @@
+"""The worker of a ranged run (`kms-migrate worker`, started by the supervisor): one
+process that claims ranges of the run under a lease and works through each with the
+pipeline's column loops, each batch moving the range's checkpoint by a compare-and-swap on
+the lease token; a heartbeat thread keeps its lease and its share of the rate limit.
+
+The rate limit is divided among the live workers: each one sets its own token bucket to
+`--max-kms-rps / live workers`, re-counted at every heartbeat. A bucket kept in the
+database would cost a round trip and a write on one hot row per KMS call (or per batch
+of tokens), which is the contention the ranges exist to avoid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import Engine, select
+from sqlalchemy.exc import DBAPIError
+
+from checkpoints import leases, store
+from checkpoints.leases import Lease, LeaseLost
+from checkpoints.lock import LockLost, RunLock
+from checkpoints.store import BatchCounts
+from checkpoints.tables import runs
+
+from .batches import ColumnSummary
+from .codec import FernetCodec
+from .config import (
+    Settings,
+    Target,
+    fernet_keys_from_env,
+)
+from .errors import KmsMigrateError, RunLockedError
+from .kms import KMS, KeyInfo
+from .logs import get_logger
+from .pipeline import ColumnJob, Hooks, keyset_fetcher, migrate_column, rollback_column
+from .reader import BoundTarget, bind_target, bind_targets, primary_key_of
+
+__all__ = [
+    "MAX_HEARTBEAT", "Heartbeat", "WorkerOutcome", "WorkerSpec", "heartbeat_every",
+    "settings_from_dict", "settings_to_dict", "work", "worker_engine", "worker_signals",
+]
+
+MAX_HEARTBEAT = 5.0  # seconds between heartbeats, at most (a quarter of the lease below 20 s)
+# Ranges in a row a worker may lose to its database session being cut off (the server
+# ends a session left idle inside a transaction, e.g. by a worker frozen mid-batch) before
+# it stops on the error: the batch rolled back whole, so it claims again, boundedly.
+MAX_SESSION_LOSSES = 3
+SIBLINGS_WAIT = 120.0  # seconds a worker counts its not-yet-registered siblings as live
+WORKER_STATEMENT_TIMEOUT = 120.0  # seconds: a worker's statements are one batch's
+
+
+def worker_engine(url: str, lease_seconds: float) -> Engine:
+    """A worker's engine: its sessions are cut off by the server when idle inside a
+    transaction for half a lease, so a worker frozen mid-batch (GC pause, VM freeze,
+    SIGSTOP) releases its row locks and its share of the run lock's row before its lease
+    expires, and the range's next claimer can work; once it runs again, its batch fails
+    on the lost session and rolls back, and its range's lease is no longer its own."""
+    from .db import idle_timeout_for_lease, make_engine
+
+    return make_engine(url, idle_timeout=idle_timeout_for_lease(lease_seconds),
+                       statement_timeout=WORKER_STATEMENT_TIMEOUT)
+
+
+def heartbeat_every(lease_seconds: float) -> float:
+    return min(MAX_HEARTBEAT, lease_seconds / 4)
+
+
+# -- what a worker is told ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker process needs but its Fernet keys, which it reads from its own
+    environment like any kms-migrate command. Sent on the worker's stdin (not argv, which
+    `ps` shows: the database URL may hold a password)."""
+
+    kind: str  # migrate | rollback
+    run_id: int
+    lock_token: str
+    lease_seconds: float
+    settings: dict[str, Any]
+    log: dict[str, Any] = field(default_factory=dict)
+    workers: int = 1  # started by the same command, this one included
+    others: int = 0  # live workers of the run elsewhere when the command started its own
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkerSpec:
+        return cls(**json.loads(text))
+
+
+def settings_to_dict(settings: Settings) -> dict[str, Any]:
+    d = asdict(replace(settings, fernet_keys=()))
+    d.pop("fernet_keys")
+    d["targets"] = [t.as_dict() for t in settings.targets]
+    return d
+
+
+def settings_from_dict(d: dict[str, Any]) -> Settings:
+    targets = tuple(Target(t["table"], t["primary_key"], tuple(t["columns"]))
+                    for t in d["targets"])
+    return Settings(**{**d, "targets": targets}, fernet_keys=fernet_keys_from_env())
+
+
+# -- the worker -----------------------------------------------------------------------------
+
+@dataclass
+class WorkerOutcome:
+    worker_id: str
+    state: str  # finished | interrupted
+    ranges: int = 0
+    batches: int = 0
+
+
+class Heartbeat(threading.Thread):
+    """Every few seconds, in its own short transaction: renew the held lease, record the
+    worker's heartbeat and KMS counts, re-count the live workers to set this worker's
+    share of the rate limit, and notice a run stopped by another worker."""
+
+    def __init__(self, engine: Engine, spec: WorkerSpec, worker_id: str, kms: KMS,
+                 run_lock: RunLock, watch_parent: bool) -> None:
+        super().__init__(name="kms-migrate-heartbeat", daemon=True)
+        self.engine, self.spec, self.worker_id, self.kms = engine, spec, worker_id, kms
+        self.run_lock = run_lock
+        self.every = heartbeat_every(spec.lease_seconds)
+        self.lease: Lease | None = None
+        self.stop_reason: str | None = None
+        self.live = 1
+        self._done = threading.Event()
+        self._ppid = os.getppid() if watch_parent else None
+        self._max_rps = float(spec.settings.get("max_kms_rps") or 0)
+        # The share from the first call on: this worker's siblings, started at the same
+        # moment, may not have registered yet, but will. Counted as live until the count
+        # has reached them once (or, for a sibling that never came, for SIBLINGS_WAIT).
+        self._expected = max(1, spec.workers + spec.others)
+        self._expect_until = time.monotonic() + SIBLINGS_WAIT
+
+    def run(self) -> None:
+        while not self._done.wait(self.every):
+            self.beat()
+
+    def close(self) -> None:
+        self._done.set()
+
+    def wait(self, seconds: float) -> None:
+        self._done.wait(seconds)
+
+    def beat(self) -> None:
+        limiter = self.kms.limiter
+        try:
+            with self.engine.begin() as conn:
+                lease = self.lease
+                if lease is not None:
+                    leases.renew(conn, lease)
+                leases.heartbeat(
+                    conn, self.worker_id, kms_requests=self.kms.requests,
+                    retries=self.kms.retries,
+                    throttles=limiter.throttles if limiter else 0,
+                    rate=limiter.rate if limiter else None,
+                )
+                live = leases.live_workers(conn, self.spec.run_id,
+                                           timedelta(seconds=3 * self.every))
+                state = conn.execute(
+                    select(runs.c.state).where(runs.c.id == self.spec.run_id)).scalar()
+            self.run_lock.touch(self.engine, timedelta(seconds=self.every))
+        except Exception as exc:  # a database hiccup: the next beat tries again
+            get_logger(worker=self.worker_id).warning("heartbeat_failed",
+                                                      error=type(exc).__name__)
+            return
+        self.live = max(1, len(live))
+        if self._expected > self.live and time.monotonic() < self._expect_until:
+            self.live = self._expected
+        else:
+            self._expected = 0  # every sibling came (or never will): the live count rules
+        if limiter is not None and self._max_rps > 0:
+            limiter.set_max_rate(self._max_rps / self.live)
+        if state != "running":  # stopped by another worker's fatal error, or abandoned
+            self.stop_reason = f"run {self.spec.run_id} is {state}"
+        if self._ppid is not None and os.getppid() != self._ppid:
+            self.stop_reason = "the command that started this worker is gone"
+
+
+def work(  # noqa: C901, PLR0915
+    spec: WorkerSpec,
+    settings: Settings,
+    *,
+    engine: Engine,
+    kms: KMS,
+    should_stop: Callable[[], bool] | None = None,
+    watch_parent: bool = False,
+) -> WorkerOutcome:
+    """Claim ranges of the run and work through them until every range is done.
+
+    Waits (polling) while other live workers still hold the last ranges, so that a range
+    whose worker dies is picked up and the run ends complete. Stops after the batch in
+    flight when `should_stop` says so, or when the run was stopped by another worker.
+    """
+    run_lock = RunLock(spec.lock_token, spec.kind)
+    try:
+        with engine.begin() as conn:
+            run_lock.shared_fence(conn)  # still this run's lock: refuse to start otherwise
+            worker_id = leases.register_worker(conn, spec.run_id)
+    except LockLost:
+        with engine.connect() as conn:
+            run = store.get_run(conn, spec.run_id)
+        if run is not None and run.state == "completed":
+            return WorkerOutcome("", "finished")  # joined as the last range was done
+        raise RunLockedError(
+            f"run {spec.run_id}'s lock was taken over or released before this worker could "
+            "start (the run was resumed or finished elsewhere): nothing was written; check "
+            "`kms-migrate status`") from None
+    log = get_logger(run_id=spec.run_id, worker=worker_id, kind=spec.kind)
+    beat = Heartbeat(engine, spec, worker_id, kms, run_lock, watch_parent)
+    beat.beat()  # the rate share before the first call
+    beat.start()
+    outcome = WorkerOutcome(worker_id, "interrupted")
+    state, note = "interrupted", None
+
+    def stopping() -> bool:
+        return bool(beat.stop_reason) or (should_stop is not None and should_stop())
+
+    job = _Job(spec, settings, engine, kms, run_lock, log, stopping)
+    poll = min(1.0, spec.lease_seconds / 10)
+    log.info("worker_started", pid=os.getpid(), rate_share=round(
+        kms.limiter.max_rate, 1) if kms.limiter else None)
+    losses = 0  # ranges lost in a row to a session cut off
+    try:
+        while not stopping():
+            with engine.begin() as conn:
+                lease = leases.claim(conn, spec.run_id, worker_id, spec.lease_seconds)
+                left = leases.undone(conn, spec.run_id) if lease is None else 1
+            if lease is None:
+                if left == 0:
+                    outcome.state = state = "finished"
+                    break
+                beat.wait(poll)  # others hold the last ranges: take one over if they die
+                continue
+            beat.lease = lease
+            log.info("range_claimed", range=lease.range_id, table=lease.table_name,
+                     column=lease.column_name, resume_after=lease.last_pk or lease.lo)
+            try:
+                outcome.batches += job.run(lease)
+                outcome.ranges += 1
+                losses = 0
+            except LeaseLost:
+                log.warning("lease_lost", range=lease.range_id)
+            except DBAPIError as exc:
+                if not exc.connection_invalidated or losses >= MAX_SESSION_LOSSES:
+                    raise
+                # The batch in flight rolled back with its session (cut off by the server,
+                # e.g. after this process was frozen inside it): nothing of it was written.
+                # Its range may have moved to another worker by now: claim again.
+                losses += 1
+                log.warning("session_lost", range=lease.range_id,
+                            error=type(exc.orig).__name__ if exc.orig else type(exc).__name__)
+            finally:
+                beat.lease = None
+                _release_quietly(engine, lease)
+        if state != "finished" and beat.stop_reason:
+            note = beat.stop_reason
+            log.warning("worker_stopping", reason=note)
+    except LockLost as exc:
+        state, note = "stopped", "lock taken over"
+        raise RunLockedError(str(exc)) from None
+    except KmsMigrateError as exc:
+        state, note = "failed", str(exc)
+        # The others stop after their batch (unless this worker was fenced out: the run
+        # is then another command's, which this error says nothing about).
+        _stop_run_quietly(engine, spec.run_id, str(exc), spec.lock_token)
+        raise
+    finally:
+        beat.close()
+        _finish_quietly(engine, worker_id, state, note, kms)
+        log.info("worker_finished", state=state, ranges=outcome.ranges)
+    if state != "finished":
+        raise KeyboardInterrupt  # stopped between batches: resumable
+    return outcome
+
+
+class _Job:
+    """One range's work, for a migrate or a rollback worker."""
+
+    def __init__(self, spec: WorkerSpec, settings: Settings, engine: Engine, kms: KMS,  # noqa: PLR0913
+                 run_lock: RunLock, log: Any, stopping: Callable[[], bool]) -> None:
+        self.spec, self.settings, self.engine, self.kms = spec, settings, engine, kms
+        self.run_lock, self.log, self.stopping = run_lock, log, stopping
+        self.bound: dict[tuple[str, str], BoundTarget] = {}
+        if spec.kind == "migrate":
+            for bt in bind_targets(engine, settings.targets):
+                for column in bt.target.columns:
+                    self.bound[(bt.name, column)] = bt
+            self.codec = FernetCodec(settings.fernet_keys)
+            with engine.connect() as conn:
+                run = store.get_run(conn, spec.run_id)
+            if kms.key is None and run is not None and run.key_arn:
+                # The run's key as the command that started the run described it (a run
+                # refuses another key): Decrypt is pinned to it, and from now on KMS's
+                # ValidationException is about a value (see KMS._classify), as in migrate.
+                kms.key = KeyInfo(key_id=settings.key_id, arn=run.key_arn)
+
+    def target(self, table: str, column: str) -> BoundTarget:
+        bt = self.bound.get((table, column))
+        if bt is None:  # a rollback: the journal names the tables
+            with self.engine.connect() as conn:
+                bt = bind_target(conn, Target(table, primary_key_of(self.engine, table),
+                                                (column,)))
+            self.bound[(table, column)] = bt
+        return bt
+
+    def run(self, lease: Lease) -> int:
+        bt = self.target(lease.table_name, lease.column_name)
+        column = lease.column_name
+        start = lease.last_pk if lease.last_pk is not None else lease.lo
+        log = self.log.bind(range=lease.range_id)
+        if self.spec.kind == "rollback":
+            job = ColumnJob(self.engine, bt, column, self.settings, run_id=self.spec.run_id,
+                            fence=self.run_lock.shared_fence, lease=lease,
+                            after=int(start) if start is not None else 0,
+                            upto=int(lease.hi) if lease.hi is not None else None, log=log)
+            return rollback_column(job, ColumnSummary(bt.name, column),
+                                   Hooks(should_stop=self.stopping))
+        job = ColumnJob(self.engine, bt, column, self.settings, run_id=self.spec.run_id,
+                        fence=self.run_lock.shared_fence, lease=lease,
+                        after=bt.pk_value(start) if start is not None else None,
+                        upto=bt.pk_value(lease.hi) if lease.hi is not None else None,
+                        kms=self.kms, codec=self.codec, log=log)
+        batches = 0
+
+        def on_batch(table: str, col: str, counts: BatchCounts) -> None:
+            nonlocal batches
+            batches += 1
+
+        fetch = keyset_fetcher(self.engine, bt, column, self.settings.batch_size, job.upto)
+        migrate_column(job, fetch, ColumnSummary(bt.name, column),
+                       Hooks(on_batch=on_batch, should_stop=self.stopping))
+        return batches
+
+
+def _release_quietly(engine: Engine, lease: Lease) -> None:
+    with contextlib.suppress(Exception), engine.begin() as conn:
+        leases.release(conn, lease)
+
+
+def _finish_quietly(engine: Engine, worker_id: str, state: str, note: str | None,
+                    kms: KMS) -> None:
+    limiter = kms.limiter
+    with contextlib.suppress(Exception), engine.begin() as conn:
+        leases.finish_worker(conn, worker_id, state, note, kms_requests=kms.requests,
+                             retries=kms.retries,
+                             throttles=limiter.throttles if limiter else 0)
+
+
+def _stop_run_quietly(engine: Engine, run_id: int, note: str, lock_token: str) -> None:
+    """Stop the run on this worker's fatal error, if the run's lock is still the one this
+    worker was started under."""
+    with contextlib.suppress(Exception), engine.begin() as conn:
+        store.stop_running(conn, run_id, note, lock_token=lock_token)
+
+
+@contextlib.contextmanager
+def worker_signals() -> Iterator[Callable[[], bool]]:
+    """In a worker process: ignore Ctrl-C (the terminal sends it to the whole group; the
+    command forwards it), first SIGTERM stops after the batch, second aborts it."""
+    requested = False
+
+    def on_term(signum: int, frame: object) -> None:
+        nonlocal requested
+        if requested:
+            raise KeyboardInterrupt
+        requested = True
+
+    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    old_term = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield lambda: requested
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
