@@ -57,19 +57,24 @@ def _engines_disposed() -> Iterator[None]:
     the ones handed to the code under test (`migrate(s, engine=make_engine(url), ...)`),
     which the code does not dispose since the caller owns them. Left to the garbage
     collector, each keeps its pooled connections, PostgreSQL sessions, open until then."""
+    import weakref
+
     from sqlalchemy import Connection, Engine, event
 
-    engines: dict[int, Engine] = {}
+    # Weak references: an engine the code dropped is collected (its connections closed) as
+    # it would be without this fixture; a test that runs thousands of commands (the state
+    # machine) must not keep every engine, and its PostgreSQL sessions, alive to its end.
+    engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
     def connected(conn: Connection) -> None:
-        engines.setdefault(id(conn.engine), conn.engine)
+        engines.add(conn.engine)
 
     event.listen(Engine, "engine_connect", connected)
     try:
         yield
     finally:
         event.remove(Engine, "engine_connect", connected)
-        for engine in engines.values():
+        for engine in list(engines):
             engine.dispose()
 
 
