@@ -30,7 +30,7 @@ from .config import Settings, Target
 from .errors import ConfigError
 from .kms import KMS
 from .logs import get_logger
-from .runs import lock_held
+from .runs import RunEnd, lifecycle, lock_held
 from .verify import VerifyResult, verify
 
 __all__ = ["FinalizeResult", "finalize", "finalized_note", "finalized_refusal"]
@@ -195,34 +195,28 @@ def _finalize(  # noqa: PLR0913
     result.run_id = run.id
     log = get_logger(run_id=run.id, kind="finalize")
     log.info("run_started", resumed=result.resumed, batch_size=batch_size)
-    state = "stopped"
+    end = RunEnd()
     try:
-        while True:
-            result.deleted += deleted
-            result.batches += 1
-            log.info("batch_committed", batch=result.batches, deleted=deleted)
-            if deleted < batch_size:
-                break
-            if should_stop is not None and should_stop():
-                raise KeyboardInterrupt  # asked to stop: this batch is committed, stop here
-            with engine.begin() as conn:
-                run_lock.fence(conn)
-                deleted = _delete_batch(conn, batch_size, pairs)
-                store.touch_run(conn, run.id)
-        state = "completed"
-    except KeyboardInterrupt:
-        state = "interrupted"
-        raise
+        with lifecycle(engine, run.id, end):
+            try:
+                while True:
+                    result.deleted += deleted
+                    result.batches += 1
+                    log.info("batch_committed", batch=result.batches, deleted=deleted)
+                    if deleted < batch_size:
+                        break
+                    if should_stop is not None and should_stop():
+                        raise KeyboardInterrupt  # asked to stop: this batch is committed
+                    with engine.begin() as conn:
+                        run_lock.fence(conn)
+                        deleted = _delete_batch(conn, batch_size, pairs)
+                        store.touch_run(conn, run.id)
+            finally:
+                end.note = f"deleted {result.deleted} rollback journal row(s)" + (
+                    " (resumed)" if result.resumed else "")
     finally:
         result.seconds = time.monotonic() - started
-        note = f"deleted {result.deleted} rollback journal row(s)" + (
-            " (resumed)" if result.resumed else "")
-        try:
-            with engine.begin() as conn:
-                store.set_state(conn, run.id, state, note=note)
-        except Exception:  # best effort; the run stays resumable
-            log.warning("run_state_not_recorded", state=state)
-        log.info("run_finished", state=state, deleted=result.deleted,
+        log.info("run_finished", state=end.state, deleted=result.deleted,
                  seconds=round(result.seconds, 3))
     return result
 

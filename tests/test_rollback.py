@@ -9,6 +9,7 @@ from cryptography.fernet import Fernet
 from sqlalchemy import create_engine, select, update
 
 from checkpoints.tables import journal, runs
+from checkpoints.tables import lock as lock_table
 from migration.db import make_engine
 from migration.errors import ConfigError
 from migration.migrator import migrate
@@ -123,3 +124,36 @@ def test_rollback_without_a_journal_says_so(sqlite_url: str, keys: Keys) -> None
     make_db(sqlite_url, 3, keys.current)
     with pytest.raises(ConfigError, match="nothing to roll back"):
         rollback(make_engine(sqlite_url))
+
+
+def test_a_rollback_whose_lock_was_taken_over_leaves_the_run_to_the_new_holder(
+    db_url: str, kms: KmsHandle, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # runs.lifecycle: when the lock is lost mid-run (another command took it over), the
+    # fenced-out command stops with one line and writes nothing more, not even its run's
+    # state: the run is the new holder's now. Before, rollback marked it `stopped`.
+    import migration.pipeline as pl
+    from migration.errors import RunLockedError
+
+    make_db(db_url, 30, keys.current, keys.legacy)
+    migrate_db(db_url, keys, kms)
+    real = pl.apply_rollback_batch
+    calls = []
+
+    def taken_over_on_second(*a: Any, **kw: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:  # another command takes the lock over, as after a crash
+            eng = create_engine(db_url)
+            with eng.begin() as conn:
+                conn.execute(update(lock_table).values(token="the-new-holder"))
+            eng.dispose()
+        return real(*a, **kw)
+
+    monkeypatch.setattr(pl, "apply_rollback_batch", taken_over_on_second)
+    with pytest.raises(RunLockedError):
+        rollback(make_engine(db_url), batch_size=5)
+    eng = create_engine(db_url)
+    with eng.connect() as conn:
+        states = [(r.kind, r.state) for r in conn.execute(select(runs).order_by(runs.c.id))]
+    eng.dispose()
+    assert states[-1] == ("rollback", "running"), states
