@@ -236,9 +236,13 @@ def work(  # noqa: C901, PLR0915
     losses = 0  # ranges lost in a row to a session cut off
     try:
         while not stopping():
-            with engine.begin() as conn:
-                lease = leases.claim(conn, spec.run_id, worker_id, spec.lease_seconds)
-                left = leases.undone(conn, spec.run_id) if lease is None else 1
+            try:
+                with engine.begin() as conn:
+                    lease = leases.claim(conn, spec.run_id, worker_id, spec.lease_seconds)
+                    left = leases.undone(conn, spec.run_id) if lease is None else 1
+            except DBAPIError as exc:  # the claim rolled back whole: claim again, boundedly
+                losses = _after_session_lost(exc, losses, log, None)
+                continue
             if lease is None:
                 if left == 0:
                     outcome.state = state = "finished"
@@ -255,14 +259,10 @@ def work(  # noqa: C901, PLR0915
             except LeaseLost:
                 log.warning("lease_lost", range=lease.range_id)
             except DBAPIError as exc:
-                if not exc.connection_invalidated or losses >= MAX_SESSION_LOSSES:
-                    raise
                 # The batch in flight rolled back with its session (cut off by the server,
                 # e.g. after this process was frozen inside it): nothing of it was written.
                 # Its range may have moved to another worker by now: claim again.
-                losses += 1
-                log.warning("session_lost", range=lease.range_id,
-                            error=type(exc.orig).__name__ if exc.orig else type(exc).__name__)
+                losses = _after_session_lost(exc, losses, log, lease.range_id)
             finally:
                 beat.lease = None
                 _release_quietly(engine, lease)
@@ -285,6 +285,17 @@ def work(  # noqa: C901, PLR0915
     if state != "finished":
         raise KeyboardInterrupt  # stopped between batches: resumable
     return outcome
+
+
+def _after_session_lost(exc: DBAPIError, losses: int, log: Any, range_id: int | None) -> int:
+    """A transaction lost with its database session (the server cut it off, e.g. while this
+    process was frozen) wrote nothing: go on claiming, up to MAX_SESSION_LOSSES in a row;
+    any other database error, or one loss too many, stops the worker (raised again)."""
+    if not exc.connection_invalidated or losses >= MAX_SESSION_LOSSES:
+        raise exc
+    log.warning("session_lost", range=range_id,
+                error=type(exc.orig).__name__ if exc.orig else type(exc).__name__)
+    return losses + 1
 
 
 class _Job:

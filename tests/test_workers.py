@@ -459,3 +459,34 @@ def test_a_ranged_run_names_a_fernet_token_written_behind_it_and_retry_takes_it(
     retry = migrate(settings, engine=eng, kms=make_kms(kms.client, settings), retry_failed=True)
     assert retry.failed == 0 and sum(c.migrated for c in retry.columns) == 1
     assert kms.decrypt_text(snapshot(db_url)[(table, pk, column)]) == "written again"
+
+
+def test_a_claim_whose_session_was_cut_is_claimed_again_not_a_worker_exit(
+    db_url: str, keys: Keys, kms: KmsHandle, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Issue 16's chaos run: two workers exited 2 when the server cut their session during a
+    # range claim. The claim rolls back whole, so the worker claims again (boundedly, as
+    # after a batch lost with its session).
+    from sqlalchemy.exc import DBAPIError
+
+    truth = make_db(db_url, 30, keys.current, bad_values=False)
+    settings = settings_for(db_url, keys.current, batch_size=5)
+    real = leases.claim
+    cut = [0]
+
+    def claim_cut_once(*a: Any, **kw: Any) -> Any:
+        if cut[0] < 2:
+            cut[0] += 1
+            raise DBAPIError("SELECT … FOR UPDATE SKIP LOCKED", None,
+                             Exception("server closed the connection"),
+                             connection_invalidated=True)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(leases, "claim", claim_cut_once)
+    result = migrate_ranged(settings, engine=make_engine(db_url),
+                            kms=make_kms(kms.client, settings),
+                            here=Here(1, rows_per_range=10,
+                                      spawn=thread_spawn(settings, kms.client)))
+    assert cut[0] == 2
+    assert sum(c.migrated for c in result.columns) == len(truth.plaintexts)
+    assert result.failed == 0
