@@ -54,7 +54,8 @@ from .runs import RunEnd, acquire_lock, lifecycle
 
 __all__ = [
     "REASON_BEHIND", "REASON_EMPTY", "REASON_NO_KEY", "REASON_OVERSIZE", "ColumnSummary",
-    "MigrateResult", "migrate", "name_left_behind", "record_left_behind",
+    "MigrateResult", "migrate", "name_left_behind", "record_all_left_behind",
+    "record_left_behind",
 ]
 
 
@@ -230,13 +231,19 @@ def name_left_behind(engine: Engine, bound: Sequence[BoundTarget], result: Migra
                      fence: Callable[[Connection], None] | None) -> None:
     """`record_left_behind` for every column of a migrate run, in one fenced transaction,
     counted into the result's column summaries."""
-    by_name = {b.name: b for b in bound}
     with engine.begin() as conn:
         if fence is not None:
             fence(conn)
-        for summary in result.columns:
-            summary.failed += record_left_behind(conn, by_name[summary.table], summary.column,
-                                                 result.run_id)
+        left = record_all_left_behind(conn, bound, result.run_id)
+    for summary in result.columns:
+        summary.failed += left[(summary.table, summary.column)]
+
+
+def record_all_left_behind(conn: Connection, bound: Sequence[BoundTarget],
+                           run_id: int | None) -> dict[tuple[str, str], int]:
+    """`record_left_behind` for every column of the targets; how many per column."""
+    return {(bt.name, column): record_left_behind(conn, bt, column, run_id)
+            for bt in bound for column in bt.target.columns}
 
 
 def record_left_behind(conn: Connection, bt: BoundTarget, column: str,

@@ -45,7 +45,7 @@ from .config import (
 from .errors import ConfigError, WorkersFailed
 from .kms import KMS
 from .logs import get_logger
-from .migrator import MigrateResult, record_left_behind
+from .migrator import MigrateResult, record_all_left_behind
 from .progress import NullProgress, Progress
 from .ranged_start import (
     RANGES_PER_WORKER,
@@ -276,7 +276,7 @@ def _conclude(engine: Engine, start: RangedStart, codes: Sequence[int],
     release the lock when no worker of the run is left anywhere; otherwise say why.
 
     `bound`: a migrate run's targets; the command that completes the run records the
-    Fernet tokens written behind its ranges (`record_left_behind`), so exit 0 still means
+    Fernet tokens written behind its ranges (`record_all_left_behind`), so exit 0 still means
     nothing is left."""
     run_id = start.run.id
     with engine.begin() as conn:
@@ -289,9 +289,7 @@ def _conclude(engine: Engine, start: RangedStart, codes: Sequence[int],
             leases.mark_silent_lost(conn, run_id, timedelta(seconds=3 * MAX_HEARTBEAT))
             # True when this command completed it: no other one records twice.
             if store.complete_ranged(conn, run_id):
-                for bt in bound:
-                    for column in bt.target.columns:
-                        record_left_behind(conn, bt, column, run_id)
+                record_all_left_behind(conn, bound, run_id)
         elif not others and all(c != 2 for c in codes):
             # Stopped between batches; a run another worker stopped on its fatal error
             # stays `stopped`, with that error as its note.
