@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy import Connection, delete, func, insert, select, update
 
 from .base import BatchCounts, now
 from .errors import CheckpointLost
@@ -37,6 +37,7 @@ __all__ = [
     "create_run",
     "ensure_schema",
     "failures_of",
+    "forget_failures",
     "interrupt_running",
     "list_runs",
     "load_checkpoints",
@@ -322,6 +323,33 @@ def failures_of(conn: Connection, run_id: int, limit: int | None = None) -> list
     if limit is not None:
         q = q.limit(limit)
     return [FailureRow(*r) for r in conn.execute(q).all()]
+
+
+def forget_failures(conn: Connection, run_id: int, table_name: str, column_name: str,
+                    pks: Iterable[str]) -> int:
+    """Drop the run's recorded failures of these keys in one column, and take them off the
+    column checkpoint's `failed` count, in the caller's transaction; how many.
+
+    For failures whose value no longer exists (row deleted, or rewritten by the
+    application): once the run is through, only values still left may be counted. On a
+    ranged run the failures were counted on its ranges: the checkpoint then holds the
+    correction, and every reader sums the two."""
+    keys = sorted(pks)
+    f = failures.c
+    gone = 0
+    for i in range(0, len(keys), 500):
+        gone += conn.execute(delete(failures).where(
+            f.run_id == run_id, f.table_name == table_name, f.column_name == column_name,
+            f.pk.in_(keys[i:i + 500]))).rowcount
+    if gone:
+        c = checkpoints.c
+        moved = conn.execute(update(checkpoints).where(
+            c.run_id == run_id, c.table_name == table_name, c.column_name == column_name,
+        ).values(failed=c.failed - gone, updated_at=now())).rowcount
+        if moved != 1:
+            raise CheckpointLost(
+                f"checkpoint of run {run_id} for {table_name}.{column_name} matched {moved} rows")
+    return gone
 
 
 def count_failures(conn: Connection, run_id: int) -> int:

@@ -53,9 +53,16 @@ from .refusals import check_keys_open_something, refuse_other_settings, refuse_t
 from .runs import RunEnd, acquire_lock, lifecycle
 
 __all__ = [
-    "REASON_BEHIND", "REASON_EMPTY", "REASON_NO_KEY", "REASON_OVERSIZE", "ColumnSummary",
-    "MigrateResult", "migrate", "name_left_behind", "record_all_left_behind",
-    "record_left_behind",
+    "REASON_BEHIND",
+    "REASON_EMPTY",
+    "REASON_NO_KEY",
+    "REASON_OVERSIZE",
+    "ColumnSummary",
+    "MigrateResult",
+    "migrate",
+    "name_left_behind",
+    "settle_column",
+    "settle_failures",
 ]
 
 
@@ -229,29 +236,35 @@ def migrate(  # noqa: C901, PLR0913, PLR0915
 
 def name_left_behind(engine: Engine, bound: Sequence[BoundTarget], result: MigrateResult,
                      fence: Callable[[Connection], None] | None) -> None:
-    """`record_left_behind` for every column of a migrate run, in one fenced transaction,
+    """`settle_failures` for every column of a migrate run, in one fenced transaction,
     counted into the result's column summaries."""
     with engine.begin() as conn:
         if fence is not None:
             fence(conn)
-        left = record_all_left_behind(conn, bound, result.run_id)
+        change = settle_failures(conn, bound, result.run_id)
     for summary in result.columns:
-        summary.failed += left[(summary.table, summary.column)]
+        summary.failed += change[(summary.table, summary.column)]
 
 
-def record_all_left_behind(conn: Connection, bound: Sequence[BoundTarget],
-                           run_id: int | None) -> dict[tuple[str, str], int]:
-    """`record_left_behind` for every column of the targets; how many per column."""
-    return {(bt.name, column): record_left_behind(conn, bt, column, run_id)
+def settle_failures(conn: Connection, bound: Sequence[BoundTarget],
+                    run_id: int | None) -> dict[tuple[str, str], int]:
+    """`settle_column` for every column of the targets; the change of each one's failed
+    count."""
+    return {(bt.name, column): settle_column(conn, bt, column, run_id)
             for bt in bound for column in bt.target.columns}
 
 
-def record_left_behind(conn: Connection, bt: BoundTarget, column: str,
-                       run_id: int | None) -> int:
-    """Once a migrate run has been through a column: record as failures (REASON_BEHIND)
-    the Fernet tokens it holds that the run neither migrated nor already recorded, in the
-    caller's transaction; how many. They were written behind the run's cursor (by the
-    application, or before a resume), and would otherwise be left under an exit 0."""
+def settle_column(conn: Connection, bt: BoundTarget, column: str, run_id: int | None) -> int:
+    """Once a migrate run has been through a column, make its failures the Fernet tokens
+    the column still holds that the run did not migrate, in the caller's transaction; the
+    change of its failed count. Exit 0 then means nothing is left, and exit 1 names only
+    values that exist.
+
+    - A token the run neither migrated nor recorded is recorded (REASON_BEHIND): it was
+      written behind the run's cursor (by the application, or before a resume).
+    - A recorded failure whose row is gone or holds no Fernet token any more (deleted, or
+      rewritten by the application since, e.g. between an interrupted pass and its resume)
+      is dropped: no value of it is left to fail."""
     assert run_id is not None
     f = failures.c
     recorded = set(conn.execute(select(f.pk).where(
@@ -260,18 +273,19 @@ def record_left_behind(conn: Connection, bt: BoundTarget, column: str,
     # LIKE narrows the read on the server (case-insensitive on some databases: classify
     # decides); the prefix holds neither '%' nor '_'.
     q = select(bt.pk, col).where(bt.pk.is_not(None), col.like(f"{FERNET_PREFIX}%"))
-    left = [
-        FailureRow(bt.name, column, bt.pk_text(pk), REASON_BEHIND)
-        for pk, value in conn.execute(q)
-        if classify(value) is ValueKind.FERNET and bt.pk_text(pk) not in recorded
-    ]
+    holding = {bt.pk_text(pk) for pk, value in conn.execute(q)
+               if classify(value) is ValueKind.FERNET}
+    left = [FailureRow(bt.name, column, pk, REASON_BEHIND) for pk in sorted(holding - recorded)]
+    log = get_logger(run_id=run_id)
+    gone = store.forget_failures(conn, run_id, bt.name, column, recorded - holding)
+    if gone:
+        log.warning("failed_values_gone", table=bt.name, column=column, values=gone)
     if left:
         ck = store.load_checkpoints(conn, run_id)[(bt.name, column)]
         store.record_batch(conn, run_id, bt.name, column, last_pk=ck.last_pk,
                            counts=BatchCounts(failed=len(left)), done=True, failure_rows=left)
-        get_logger(run_id=run_id).warning("written_behind_the_run", table=bt.name,
-                                          column=column, values=len(left))
-    return len(left)
+        log.warning("written_behind_the_run", table=bt.name, column=column, values=len(left))
+    return len(left) - gone
 
 
 def failed_keys(engine: Engine, bt: BoundTarget, column: str) -> list[Any]:

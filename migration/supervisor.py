@@ -45,7 +45,7 @@ from .config import (
 from .errors import ConfigError, WorkersFailed
 from .kms import KMS
 from .logs import get_logger
-from .migrator import MigrateResult, record_all_left_behind
+from .migrator import MigrateResult, settle_failures
 from .progress import NullProgress, Progress
 from .ranged_start import (
     RANGES_PER_WORKER,
@@ -275,9 +275,9 @@ def _conclude(engine: Engine, start: RangedStart, codes: Sequence[int],
     """After this machine's workers exited: complete the run when every range is done,
     release the lock when no worker of the run is left anywhere; otherwise say why.
 
-    `bound`: a migrate run's targets; the command that completes the run records the
-    Fernet tokens written behind its ranges (`record_all_left_behind`), so exit 0 still means
-    nothing is left."""
+    `bound`: a migrate run's targets; the command that completes the run settles its
+    failures (`settle_failures`: tokens written behind its ranges recorded, failures whose
+    value is gone dropped), so exit 0 means nothing is left and exit 1 names what is."""
     run_id = start.run.id
     with engine.begin() as conn:
         leases.mark_dead_here(conn, run_id)
@@ -289,7 +289,7 @@ def _conclude(engine: Engine, start: RangedStart, codes: Sequence[int],
             leases.mark_silent_lost(conn, run_id, timedelta(seconds=3 * MAX_HEARTBEAT))
             # True when this command completed it: no other one records twice.
             if store.complete_ranged(conn, run_id):
-                record_all_left_behind(conn, bound, run_id)
+                settle_failures(conn, bound, run_id)
         elif not others and all(c != 2 for c in codes):
             # Stopped between batches; a run another worker stopped on its fatal error
             # stays `stopped`, with that error as its note.

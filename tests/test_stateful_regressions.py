@@ -106,3 +106,71 @@ def test_retry_failed_is_not_refused_for_tokens_it_does_not_retry(
     code, out, err = run_main(capsys, "migrate", *common, "--retry-failed")
     assert code == 1, (code, out, err)  # the empty plaintext fails again, named
     assert "vault pk=empty s:" in out and "vault pk=late" not in out
+
+
+def test_a_failed_value_deleted_before_the_run_resumes_is_no_longer_counted(
+    capsys: Any, db_url: str, kms: KmsHandle, env_keys: Keys, tmp_path: Path
+) -> None:
+    """Machine sequence (PostgreSQL, long profile): `migrate` stopped after one batch, which
+    recorded one value as failed (a token of an empty plaintext); the application deletes
+    that row; `migrate` again (resumes the run). Invariant 4: exit 0 exactly when nothing is
+    left. The resumed run carried the stale failure in its counts and its failure list,
+    named a row that no longer exists, and exited 1 with nothing left."""
+    cur = Fernet(env_keys.current.encode())
+    config = _vault(db_url, tmp_path, {"a": cur.encrypt(b"").decode(),
+                                       **{k: cur.encrypt(k.encode()).decode()
+                                          for k in ("b", "c", "d")}})
+    settings = settings_for(db_url, env_keys.current, targets=(Target("vault", "id", ("s",)),),
+                            batch_size=2)
+    interrupted_migrate(db_url, settings, kms.client, after_batches=1)  # a failed, b migrated
+    eng = create_engine(db_url)
+    with eng.begin() as conn:
+        conn.execute(text("DELETE FROM vault WHERE id = 'a'"))
+    common = ["--db", db_url, "--config", config, "--yes", "--no-backup", "--no-progress"]
+    code, out, err = run_main(capsys, "migrate", *common, "--batch-size", "2")
+    assert "(resumed)" in out
+    assert code == 0, (code, out, err)
+    assert "vault pk=a" not in out
+    code, out, err = run_main(capsys, "status", "--db", db_url)
+    assert code == 0, (code, out, err)
+    with eng.connect() as conn:
+        left = conn.execute(text("SELECT count(*) FROM vault WHERE s LIKE 'gAAAAA%'")).scalar()
+        recorded = conn.execute(text("SELECT count(*) FROM kms_migrate_failures")).scalar()
+    eng.dispose()
+    assert left == 0 and recorded == 0, (left, recorded)
+
+
+def test_a_failed_value_the_application_rewrites_during_the_run_is_no_longer_counted(
+    capsys: Any, db_url: str, kms: KmsHandle, env_keys: Keys, tmp_path: Path
+) -> None:
+    """The same within one invocation: a value fails in the first batch; before the run
+    ends the application replaces it with a KMS ciphertext (its helper encrypts on write).
+    Nothing is left, so exit 0; the value the run failed on no longer exists."""
+    cur = Fernet(env_keys.current.encode())
+    config = _vault(db_url, tmp_path, {"a": cur.encrypt(b"").decode(),
+                                       **{k: cur.encrypt(k.encode()).decode()
+                                          for k in ("b", "c", "d")}})
+    rewritten = _kms_text(kms, b"written by the app")
+    url = db_url
+
+    def app_writes(table: str, column: str, counts: object) -> None:
+        eng = create_engine(url)
+        with eng.begin() as conn:
+            conn.execute(text("UPDATE vault SET s = :s WHERE id = 'a'"), {"s": rewritten})
+        eng.dispose()
+
+    from migration.db import make_engine
+    from migration.migrator import migrate
+    from tests.helpers import make_kms
+
+    settings = settings_for(db_url, env_keys.current, targets=(Target("vault", "id", ("s",)),),
+                            batch_size=2)
+    engine = make_engine(db_url)
+    try:
+        result = migrate(settings, engine=engine, kms=make_kms(kms.client, settings),
+                         on_batch=app_writes)
+    finally:
+        engine.dispose()
+    assert result.failures == [], result.failures
+    assert sum(c.failed for c in result.columns) == 0
+    assert config

@@ -18,7 +18,7 @@ from checkpoints import leases, store
 from checkpoints.leases import LeaseLost
 from checkpoints.lock import LockLost, RunLock
 from checkpoints.store import BatchCounts
-from checkpoints.tables import journal, lock, ranges, workers
+from checkpoints.tables import failures, journal, lock, ranges, workers
 from migration.db import make_engine
 from migration.errors import ResumeMismatchError
 from migration.kms import RateLimiter
@@ -459,6 +459,34 @@ def test_a_ranged_run_names_a_fernet_token_written_behind_it_and_retry_takes_it(
     retry = migrate(settings, engine=eng, kms=make_kms(kms.client, settings), retry_failed=True)
     assert retry.failed == 0 and sum(c.migrated for c in retry.columns) == 1
     assert kms.decrypt_text(snapshot(db_url)[(table, pk, column)]) == "written again"
+
+
+def test_a_ranged_run_drops_a_failure_whose_row_was_deleted_before_it_resumed(
+    db_url: str, keys: Keys, kms: KmsHandle,
+) -> None:
+    # The state machine's stale failure (tests/test_stateful_regressions.py), ranged: the
+    # single-process pass recorded failures, the application deleted those rows, and the
+    # ranged run that completes the column counts and names only values that exist.
+    truth = make_db(db_url, 60, keys.current, keys.legacy, bad_values=True)
+    settings = settings_for(db_url, keys.current, keys.legacy, batch_size=7)
+    interrupted_migrate(db_url, settings, kms.client, after_batches=12)
+    eng = make_engine(db_url)
+    with eng.begin() as conn:
+        f = failures.c
+        recorded = conn.execute(select(f.table_name, f.pk)).all()
+        assert recorded, "the interrupted pass recorded no failure: the test proves nothing"
+        for table, pk in recorded:
+            key_col = "user_id" if table == "users" else "wager_id"
+            conn.execute(text(f"DELETE FROM {table} WHERE {key_col} = :pk"), {"pk": int(pk)})
+    gone = {(t, int(pk)) for t, pk in recorded}
+    n = 2 if db_url.startswith("postgresql") else 1
+    result = migrate_ranged(settings, engine=eng, kms=make_kms(kms.client, settings),
+                            here=Here(n, rows_per_range=9,
+                                      spawn=thread_spawn(settings, kms.client)))
+    left_bad = {cell for cell in truth.bad if (cell[0], int(cell[1])) not in gone}
+    assert result.resumed
+    assert {(x.table_name, int(x.pk)) for x in result.failures} & gone == set()
+    assert result.failed == len(result.failures) == len(left_bad), (result.failures, left_bad)
 
 
 def test_a_claim_whose_session_was_cut_is_claimed_again_not_a_worker_exit(
