@@ -28,10 +28,12 @@ from .schema import ensure_schema, schema_present
 from .tables import checkpoints, failures, journal, lock, runs
 
 __all__ = [
+    "Batch",
     "BatchCounts",
     "Checkpoint",
     "FailureRow",
     "JournalRow",
+    "NewRun",
     "Run",
     "complete_ranged",
     "create_run",
@@ -141,21 +143,25 @@ def list_runs(conn: Connection, limit: int = 20) -> list[Run]:
     return [_run(r) for r in rows]
 
 
-def create_run(  # noqa: PLR0913
-    conn: Connection,
-    *,
-    kind: str,
-    targets: Sequence[tuple[str, str]],
-    targets_json: str,
-    fingerprint: str,
-    batch_size: int,
-    key_id: str | None = None,
-    key_arn: str | None = None,
-    region: str | None = None,
-    tool_version: str = "",
-    ranged: bool = False,
-    fernet_key_ids: str | None = None,
-) -> Run:
+@dataclass(frozen=True)
+class NewRun:
+    """What a new run records about itself. A journal-driven run (rollback, finalize) has
+    no key and the fingerprint "journal"."""
+
+    kind: str
+    batch_size: int
+    targets: Sequence[tuple[str, str]] = ()
+    targets_json: str = "[]"
+    fingerprint: str = "journal"
+    key_id: str | None = None
+    key_arn: str | None = None
+    region: str | None = None
+    tool_version: str = ""
+    ranged: bool = False
+    fernet_key_ids: str | None = None
+
+
+def create_run(conn: Connection, new: NewRun) -> Run:
     """Insert a run in state `running` and a zeroed checkpoint per (table, column).
 
     `ranged`: a run spread over workers, joinable from the moment it exists (joiners
@@ -163,20 +169,21 @@ def create_run(  # noqa: PLR0913
     ts = now()
     inserted = conn.execute(
         insert(runs).values(
-            kind=kind, state="running", key_id=key_id, key_arn=key_arn, region=region,
-            targets_json=targets_json, targets_fingerprint=fingerprint, batch_size=batch_size,
-            host=socket.gethostname(), pid=os.getpid(), tool_version=tool_version,
-            started_at=ts, updated_at=ts, ranged=ranged, fernet_key_ids=fernet_key_ids,
+            kind=new.kind, state="running", key_id=new.key_id, key_arn=new.key_arn,
+            region=new.region, targets_json=new.targets_json,
+            targets_fingerprint=new.fingerprint, batch_size=new.batch_size,
+            host=socket.gethostname(), pid=os.getpid(), tool_version=new.tool_version,
+            started_at=ts, updated_at=ts, ranged=new.ranged, fernet_key_ids=new.fernet_key_ids,
         )
     ).inserted_primary_key
     assert inserted is not None
     run_id = int(inserted[0])
-    if targets:
+    if new.targets:
         conn.execute(insert(checkpoints), [
             dict(run_id=run_id, table_name=t, column_name=c, last_pk=None, done=False,
                  batches=0, migrated=0, skipped=0, already=0, failed=0, conflicts=0,
                  updated_at=ts)
-            for t, c in targets
+            for t, c in new.targets
         ])
     run = get_run(conn, run_id)
     assert run is not None
@@ -250,19 +257,20 @@ def load_checkpoints(conn: Connection, run_id: int) -> dict[tuple[str, str], Che
     }
 
 
-def record_batch(  # noqa: PLR0913
-    conn: Connection,
-    run_id: int,
-    table_name: str,
-    column_name: str,
-    *,
-    last_pk: str | None,
-    counts: BatchCounts,
-    done: bool = False,
-    journal_rows: Iterable[JournalRow] = (),
-    failure_rows: Iterable[FailureRow] = (),
-    lease: Lease | None = None,
-) -> None:
+@dataclass(frozen=True)
+class Batch:
+    """What one committed batch records: where its column's checkpoint moves to, its
+    counts, and its journal and failure rows."""
+
+    last_pk: str | None
+    counts: BatchCounts
+    done: bool = False
+    journal_rows: Sequence[JournalRow] = ()
+    failure_rows: Sequence[FailureRow] = ()
+
+
+def record_batch(conn: Connection, run_id: int, table_name: str, column_name: str,
+                 batch: Batch, lease: Lease | None = None) -> None:
     """Write a batch's journal rows, failures and checkpoint in the caller's transaction.
 
     Refuses (raises CheckpointLost) unless exactly one checkpoint row moved, as Alembic checks its
@@ -272,36 +280,28 @@ def record_batch(  # noqa: PLR0913
     so the workers of one run never wait on each other's batches.
     """
     ts = now()
-    jrows = [
-        dict(run_id=run_id, table_name=table_name, column_name=column_name, pk=j.pk,
-             original=j.original, migrated=j.migrated, status="migrated", migrated_at=ts)
-        for j in journal_rows
-    ]
-    if jrows:
-        conn.execute(insert(journal), jrows)
-    frows = [
-        dict(run_id=run_id, table_name=f.table_name, column_name=f.column_name, pk=f.pk,
-             reason=f.reason, created_at=ts)
-        for f in failure_rows
-    ]
-    if frows:
-        conn.execute(insert(failures), frows)
+    where = dict(run_id=run_id, table_name=table_name, column_name=column_name)
+    if batch.journal_rows:
+        conn.execute(insert(journal), [
+            dict(where, pk=j.pk, original=j.original, migrated=j.migrated, status="migrated",
+                 migrated_at=ts) for j in batch.journal_rows])
+    if batch.failure_rows:
+        conn.execute(insert(failures), [
+            dict(run_id=run_id, table_name=f.table_name, column_name=f.column_name, pk=f.pk,
+                 reason=f.reason, created_at=ts) for f in batch.failure_rows])
     if lease is not None:
-        record_on_range(conn, lease, last_pk=last_pk, counts=counts, done=done)
+        record_on_range(conn, lease, last_pk=batch.last_pk, counts=batch.counts,
+                        done=batch.done)
         return
-    c = checkpoints.c
+    c, counts = checkpoints.c, batch.counts
     values: dict[str, Any] = dict(
-        batches=c.batches + 1,
-        migrated=c.migrated + counts.migrated,
-        skipped=c.skipped + counts.skipped,
-        already=c.already + counts.already,
-        failed=c.failed + counts.failed,
-        conflicts=c.conflicts + counts.conflicts,
-        done=done,
-        updated_at=ts,
+        batches=c.batches + 1, migrated=c.migrated + counts.migrated,
+        skipped=c.skipped + counts.skipped, already=c.already + counts.already,
+        failed=c.failed + counts.failed, conflicts=c.conflicts + counts.conflicts,
+        done=batch.done, updated_at=ts,
     )
-    if last_pk is not None:
-        values["last_pk"] = last_pk
+    if batch.last_pk is not None:
+        values["last_pk"] = batch.last_pk
     moved = conn.execute(
         update(checkpoints)
         .where(c.run_id == run_id, c.table_name == table_name, c.column_name == column_name)

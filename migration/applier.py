@@ -10,18 +10,20 @@ and is counted as a conflict for the next run to pick up.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sqlalchemy import Connection, Engine, Table, Update, bindparam, case, select, update
 
 from checkpoints import rollback_journal, store
 from checkpoints.leases import Lease
-from checkpoints.store import BatchCounts, FailureRow, JournalRow
+from checkpoints.store import Batch, BatchCounts, FailureRow, JournalRow
 
 from .db import max_bind_params
 from .reader import BoundTarget
 
-__all__ = ["REASON_CONFLICT", "Rewrite", "apply_migrate_batch", "apply_rollback_batch"]
+__all__ = [
+    "REASON_CONFLICT", "Rewrite", "Writer", "apply_migrate_batch", "apply_rollback_batch",
+]
 
 REASON_CONFLICT = (
     "changed by the application while being migrated; left as the application wrote it "
@@ -130,28 +132,32 @@ def cas_many(
     return took
 
 
-def apply_migrate_batch(  # noqa: PLR0913
-    engine: Engine,
-    bt: BoundTarget,
-    column: str,
-    run_id: int,
-    *,
-    rewrites: Sequence[Rewrite],
-    failures: Sequence[FailureRow],
-    counts: BatchCounts,
-    last_pk: object,
-    done: bool,
-    fence: Callable[[Connection], None] | None = None,
-    lease: Lease | None = None,
-) -> BatchCounts:
-    """Commit one migrate batch; return its counts with the conflicts the CAS found.
+@dataclass(frozen=True)
+class Writer:
+    """Where one column's batches commit: the engine and target column, the run (and the
+    range of a ranged run, with its lease), and the fence that proves the lock is ours."""
 
-    `lease`: the batch belongs to a range of a ranged run, whose checkpoint it moves."""
+    engine: Engine
+    target: BoundTarget
+    column: str
+    run_id: int
+    fence: Callable[[Connection], None] | None = None
+    lease: Lease | None = None
+
+    def record(self, conn: Connection, batch: Batch) -> None:
+        store.record_batch(conn, self.run_id, self.target.name, self.column, batch,
+                           self.lease)
+
+
+def apply_migrate_batch(w: Writer, rewrites: Sequence[Rewrite], failures: Sequence[FailureRow],
+                        counts: BatchCounts, last_pk: object, done: bool) -> BatchCounts:
+    """Commit one migrate batch; return its counts with the conflicts the CAS found."""
+    bt, column = w.target, w.column
     journal_rows: list[JournalRow] = []
     conflicted: list[FailureRow] = []
-    with engine.begin() as conn:
-        if fence is not None:
-            fence(conn)  # first: holds the lock row until commit, raises if the lock was lost
+    with w.engine.begin() as conn:
+        if w.fence is not None:
+            w.fence(conn)  # first: holds the lock row until commit, raises if the lock was lost
         for rw, took in zip(rewrites, cas_many(conn, bt, column, rewrites), strict=True):
             if took:
                 journal_rows.append(JournalRow(bt.pk_text(rw.pk), original=rw.old, migrated=rw.new))
@@ -160,64 +166,39 @@ def apply_migrate_batch(  # noqa: PLR0913
                 # and `migrate --retry-failed` finds it.
                 conflicted.append(FailureRow(bt.name, column, bt.pk_text(rw.pk),
                                              REASON_CONFLICT))
-        conflicts = len(conflicted)
-        final = BatchCounts(
-            migrated=len(journal_rows),
-            skipped=counts.skipped,
-            already=counts.already,
-            failed=counts.failed,
-            conflicts=conflicts,
-        )
-        store.record_batch(
-            conn, run_id, bt.name, column,
-            last_pk=None if last_pk is None else bt.pk_text(last_pk),
-            counts=final, done=done, journal_rows=journal_rows,
-            failure_rows=[*failures, *conflicted], lease=lease,
-        )
+        final = replace(counts, migrated=len(journal_rows), conflicts=len(conflicted))
+        w.record(conn, Batch(None if last_pk is None else bt.pk_text(last_pk), final, done,
+                             journal_rows, [*failures, *conflicted]))
     return final
 
 
-def apply_rollback_batch(  # noqa: PLR0913
-    engine: Engine,
-    bt: BoundTarget,
-    column: str,
-    run_id: int,
-    entries: Sequence[tuple[int, str, str, str]],
-    *,
-    done: bool,
-    fence: Callable[[Connection], None] | None = None,
-    lease: Lease | None = None,
-) -> BatchCounts:
+def apply_rollback_batch(w: Writer, entries: Sequence[tuple[int, str, str, str]],
+                         done: bool) -> BatchCounts:
     """Commit one rollback batch of journal entries (id, pk, original, migrated).
 
     The CAS is the mirror of migrate's: put the original back only where the column still
     holds exactly the value the tool wrote.
     """
-    restored = 0
+    bt, column = w.target, w.column
     failures: list[FailureRow] = []
     ts = store.now()
-    with engine.begin() as conn:
-        if fence is not None:
-            fence(conn)
+    with w.engine.begin() as conn:
+        if w.fence is not None:
+            w.fence(conn)
         took = cas_many(conn, bt, column, [
             Rewrite(bt.pk_value(pk_text), old=migrated, new=original)
             for _, pk_text, original, migrated in entries
         ])
         outcomes: list[tuple[int, bool]] = []
         for (jid, pk_text, _, _), ok in zip(entries, took, strict=True):
-            if ok:
-                restored += 1
-            else:
+            if not ok:
                 failures.append(FailureRow(
                     bt.name, column, pk_text,
                     "value changed since kms-migrate wrote it; left as it is",
                 ))
             outcomes.append((jid, ok))
-        rollback_journal.mark_replayed(conn, run_id, outcomes, ts)
-        counts = BatchCounts(migrated=restored, conflicts=len(failures))
-        store.record_batch(
-            conn, run_id, bt.name, column,
-            last_pk=str(entries[-1][0]) if entries else None,
-            counts=counts, done=done, failure_rows=failures, lease=lease,
-        )
+        rollback_journal.mark_replayed(conn, w.run_id, outcomes, ts)
+        counts = BatchCounts(migrated=sum(took), conflicts=len(failures))
+        w.record(conn, Batch(str(entries[-1][0]) if entries else None, counts, done,
+                             failure_rows=failures))
     return counts

@@ -35,7 +35,7 @@ from .errors import (
     ConfigError,
 )
 from .logs import configure_from_options
-from .migrator import migrate
+from .migrator import Mode, migrate
 from .options import (
     confirm,
     db_option,
@@ -46,6 +46,7 @@ from .options import (
     target_options,
     writing_run_options,
 )
+from .pipeline import Hooks
 from .progress import make_progress
 from .render import estimate_seconds, print_migrate, print_rollback, print_verify
 from .report import build_report, write_report
@@ -149,10 +150,10 @@ def migrate_cmd(**opts: Any) -> int:
             result = migrate_ranged(settings, engine=engine, kms=kms, here=here,
                                     new_run=opts["new_run"])
         else:
-            result = migrate(settings, engine=engine, kms=kms, dry_run=dry,
-                             new_run=opts["new_run"], retry_failed=opts["retry_failed"],
-                             before_first_write=backup, progress=progress,
-                             should_stop=stop.requested)
+            result = migrate(settings, engine=engine, kms=kms,
+                             mode=Mode(dry, opts["retry_failed"], opts["new_run"]),
+                             hooks=Hooks(progress, should_stop=stop.requested),
+                             before_first_write=backup)
     print_migrate(result, settings)
     if opts["report_path"]:
         estimate = estimate_seconds(2 * sum(c.migrated for c in result.columns) + 1,

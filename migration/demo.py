@@ -20,8 +20,9 @@ from sqlalchemy import create_engine, select
 from .config import Settings
 from .db import make_engine
 from .errors import DemoCheckFailed, KmsMigrateError
-from .migrator import migrate
+from .migrator import Mode, migrate
 from .options import make_kms
+from .pipeline import Hooks
 from .render import print_migrate, print_rollback, print_verify
 from .rollback import rollback
 from .sample import coinflip_metadata, create_coinflip_schema, fill_coinflip
@@ -95,7 +96,7 @@ def run_demo(workdir: Path | None, rows: int) -> int:  # noqa: PLR0915
         click.echo("\n== 2. migrate --dry-run: everything but the writes")
         digest = _sha(db)
         result = migrate(settings, engine=make_engine(url, read_only=True), kms=kms,
-                         dry_run=True)
+                         mode=Mode(dry_run=True))
         print_migrate(result, settings)
         _check(_sha(db) == digest, "the database file is byte-identical after the dry-run")
 
@@ -109,7 +110,8 @@ def run_demo(workdir: Path | None, rows: int) -> int:  # noqa: PLR0915
                 raise KeyboardInterrupt
 
         try:
-            migrate(settings, engine=engine, kms=make_kms(settings), on_batch=stop_after_three)
+            migrate(settings, engine=engine, kms=make_kms(settings),
+                    hooks=Hooks(on_batch=stop_after_three))
         except KeyboardInterrupt:
             click.echo("  interrupted after 3 committed batches")
         click.echo("\n== 4. migrate again: resumes from the checkpoint")

@@ -187,9 +187,8 @@ def _finalize(  # noqa: PLR0913
             store.set_state(conn, run.id, "running")
             result.resumed = True
         else:
-            run = store.create_run(conn, kind="finalize", targets=[], targets_json="[]",
-                                   fingerprint="journal", batch_size=batch_size,
-                                   tool_version=__version__)
+            run = store.create_run(conn, store.NewRun(
+                "finalize", batch_size, tool_version=__version__))
         run_lock.bind_run(conn, run.id)
         deleted = _delete_batch(conn, batch_size, pairs)
     result.run_id = run.id

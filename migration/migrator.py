@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sqlalchemy import Connection, Engine, select
@@ -34,7 +34,6 @@ from .errors import ConfigError, ResumeMismatchError
 from .kms import KMS
 from .logs import get_logger
 from .pipeline import (
-    BatchHook,
     ColumnJob,
     Fetcher,
     Hooks,
@@ -42,7 +41,6 @@ from .pipeline import (
     keyset_fetcher,
     migrate_column,
 )
-from .progress import NullProgress, Progress
 from .reader import (
     BoundTarget,
     Row,
@@ -59,6 +57,7 @@ __all__ = [
     "REASON_OVERSIZE",
     "ColumnSummary",
     "MigrateResult",
+    "Mode",
     "migrate",
     "name_left_behind",
     "settle_column",
@@ -91,34 +90,39 @@ class MigrateResult:
         return sum(c.conflicts for c in self.columns)
 
 
-def resume_or_start(  # noqa: PLR0913
-    engine: Engine,
-    settings: Settings,
-    key_arn: str,
-    targets_json: str,
-    new_run: bool,
-    run_lock: RunLock,
-    retry_failed: bool = False,
-    ranged: bool = False,
-) -> tuple[Run, bool]:
-    fingerprint = targets_fingerprint(settings.targets, settings.encryption_context)
-    pairs = [(t.table, c) for t in settings.targets for c in t.columns]
+@dataclass(frozen=True)
+class Mode:
+    """How a migrate command runs. `dry_run`: the same reads, decrypts, KMS encrypts and
+    verifies, nothing written. `retry_failed`: only the values runs recorded as failed.
+    `new_run`: abandon an unfinished run instead of resuming it."""
+
+    dry_run: bool = False
+    retry_failed: bool = False
+    new_run: bool = False
+
+
+def resume_or_start(engine: Engine, settings: Settings, key_arn: str, run_lock: RunLock,
+                    mode: Mode, ranged: bool = False) -> tuple[Run, bool]:
+    """The run this command works on, with the lock bound to it: the unfinished migrate run
+    resumed, or a new one (always new for a retry); whether it was resumed."""
+    new = store.NewRun(
+        "retry" if mode.retry_failed else "migrate", settings.batch_size,
+        targets=[(t.table, c) for t in settings.targets for c in t.columns],
+        targets_json=json.dumps([t.as_dict() for t in settings.targets], sort_keys=True),
+        fingerprint=targets_fingerprint(settings.targets, settings.encryption_context),
+        key_id=settings.key_id, key_arn=key_arn, region=settings.region,
+        tool_version=__version__, ranged=ranged)
     with engine.begin() as conn:
-        refuse_to_start(conn, retry_failed=retry_failed)
-        if retry_failed:
+        refuse_to_start(conn, retry_failed=mode.retry_failed)
+        if mode.retry_failed:
             old = store.unfinished_run(conn, "retry")
             if old is not None:  # a retry re-reads the failures: nothing to resume
                 store.set_state(conn, old.id, "abandoned", note="superseded by a new retry")
-            retry = store.create_run(
-                conn, kind="retry", targets=pairs, targets_json=targets_json,
-                fingerprint=fingerprint, batch_size=settings.batch_size,
-                key_id=settings.key_id, key_arn=key_arn, region=settings.region,
-                tool_version=__version__,
-            )
+            retry = store.create_run(conn, replace(new, ranged=False))
             run_lock.bind_run(conn, retry.id)
             return retry, False
         run = store.unfinished_run(conn, "migrate")
-        if run is not None and new_run:
+        if run is not None and mode.new_run:
             store.set_state(conn, run.id, "abandoned", note="abandoned by --new-run")
             run = None
         if run is not None:
@@ -132,106 +136,107 @@ def resume_or_start(  # noqa: PLR0913
             store.set_state(conn, run.id, "running")
             run_lock.bind_run(conn, run.id)
             return run, True
-        run = store.create_run(
-            conn, kind="migrate", targets=pairs, targets_json=targets_json,
-            fingerprint=fingerprint, batch_size=settings.batch_size, key_id=settings.key_id,
-            key_arn=key_arn, region=settings.region, tool_version=__version__,
-            ranged=ranged, fernet_key_ids=json.dumps(fernet_key_ids(settings.fernet_keys)),
-        )
+        run = store.create_run(conn, replace(
+            new, fernet_key_ids=json.dumps(fernet_key_ids(settings.fernet_keys))))
         run_lock.bind_run(conn, run.id)
         return run, False
 
 
-def migrate(  # noqa: C901, PLR0913, PLR0915
+def migrate(
     settings: Settings,
     *,
     engine: Engine,
     kms: KMS,
-    dry_run: bool = False,
-    new_run: bool = False,
-    on_batch: BatchHook | None = None,
-    progress: Progress | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    retry_failed: bool = False,
+    mode: Mode = Mode(),
+    hooks: Hooks | None = None,
     before_first_write: Callable[[], None] | None = None,
 ) -> MigrateResult:
     """Re-encrypt every Fernet value of the targets with KMS; resume an unfinished run.
 
-    With dry_run, the same reads, decrypts, KMS encrypts and verifies happen, and nothing
-    is written (the engine is read-only too, as a second guard).
-    """
+    With `mode.dry_run`, the same reads, decrypts, KMS encrypts and verifies happen, and
+    nothing is written (the engine is read-only too, as a second guard).
+    `before_first_write` (e.g. the SQLite backup) runs once every check passed and the lock
+    is ours."""
+    if mode.dry_run and mode.retry_failed:
+        raise ConfigError("--retry-failed cannot be combined with --dry-run")
     started = time.monotonic()
+    hooks = hooks or Hooks()
     bound = bind_targets(engine, settings.targets)
     codec = FernetCodec(settings.fernet_keys)
-    if not retry_failed:
+    if not mode.retry_failed:
         # A retry goes through the recorded failures only: a key that opens none of them
         # fails each one again, named (exit 1), and the tokens it does not retry are none
         # of its business (whether they open decided nothing: a refusal here was wrong).
         check_keys_open_something(engine, bound, codec)
     key = kms.describe()
-    result = MigrateResult(dry_run=dry_run)
-    log = get_logger(dry_run=dry_run, key_id=settings.key_id)
-
+    result = MigrateResult(dry_run=mode.dry_run)
+    log = get_logger(dry_run=mode.dry_run, key_id=settings.key_id)
     run_lock: RunLock | None = None
-    if dry_run and retry_failed:
-        raise ConfigError("--retry-failed cannot be combined with --dry-run")
-    if dry_run:
-        positions: dict[tuple[str, str], store.Checkpoint | None] = {
-            (bt.name, c): None for bt in bound for c in bt.target.columns
-        }
-    else:
-        store.ensure_schema(engine)
-        run_lock = acquire_lock(engine, "migrate")
-        targets_json = json.dumps([t.as_dict() for t in settings.targets], sort_keys=True)
-        try:
-            with engine.connect() as conn:
-                refuse_to_start(conn, retry_failed=retry_failed)
-            if before_first_write is not None:
-                # Every check passed and the lock is ours: e.g. the SQLite backup (a
-                # refused second migrate must not write a copy).
-                before_first_write()
-            run, result.resumed = resume_or_start(
-                engine, settings, key.arn, targets_json, new_run, run_lock, retry_failed
-            )
-        except BaseException:
-            run_lock.release(engine)
-            raise
-        result.run_id = run.id
-        log = log.bind(run_id=run.id)
+    positions: dict[tuple[str, str], store.Checkpoint | None] = {
+        (bt.name, c): None for bt in bound for c in bt.target.columns}
+    if not mode.dry_run:
+        run_lock, run = _take_run(engine, settings, key.arn, mode, before_first_write)
+        result.run_id, result.resumed = run
+        log = log.bind(run_id=result.run_id)
         with engine.connect() as conn:
-            positions = dict(store.load_checkpoints(conn, run.id))
+            positions = dict(store.load_checkpoints(conn, result.run_id))
     log.info("run_started", resumed=result.resumed, batch_size=settings.batch_size,
              concurrency=settings.concurrency, encryption_context=settings.encryption_context)
-
+    fence = run_lock.fence if run_lock else None
     end = RunEnd()
     try:
         with lifecycle(engine, result.run_id, end):
-            columns = _Columns(engine, settings, kms, codec, result, log,
-                               Hooks(progress or NullProgress(), on_batch, should_stop),
-                               run_lock.fence if run_lock else None, positions, retry_failed)
+            columns = _Columns(engine, settings, kms, codec, result, log, hooks, fence,
+                               positions, mode.retry_failed)
             for bt in bound:
                 for column in bt.target.columns:
                     columns.run(bt, column)
-            if not dry_run and not retry_failed:
+            if not mode.dry_run and not mode.retry_failed:
                 # Exit 0 means nothing is left: a token the application wrote behind the
                 # cursor (this run's, or before a resume) is named now, never passed over.
-                name_left_behind(engine, bound, result, run_lock.fence if run_lock else None)
+                name_left_behind(engine, bound, result, fence)
     finally:
-        result.kms_requests, result.retries = kms.requests, kms.retries
-        if kms.limiter is not None:
-            result.rate_limit, result.rate_now = kms.limiter.max_rate, kms.limiter.rate
-            result.throttles = kms.limiter.throttles
-        result.seconds = time.monotonic() - started
-        if result.run_id is not None and end.state == "completed":
-            with engine.connect() as conn:
-                result.failures = store.failures_of(conn, result.run_id)
+        _close(engine, kms, result, end.state, started)
         if run_lock is not None:
             run_lock.release(engine)
-        if progress is not None:
-            progress.finish()
+        hooks.progress.finish()
         log.info("run_finished", state=end.state, seconds=round(result.seconds, 3),
                  kms_requests=result.kms_requests, retries=result.retries)
     return result
+
+
+def _take_run(engine: Engine, settings: Settings, key_arn: str, mode: Mode,
+              before_first_write: Callable[[], None] | None,
+              ) -> tuple[RunLock, tuple[int, bool]]:
+    """The lock, then the run resumed or started: (lock, (run id, resumed))."""
+    store.ensure_schema(engine)
+    run_lock = acquire_lock(engine, "migrate")
+    try:
+        with engine.connect() as conn:
+            refuse_to_start(conn, retry_failed=mode.retry_failed)
+        if before_first_write is not None:
+            # Every check passed and the lock is ours: e.g. the SQLite backup (a refused
+            # second migrate must not write a copy).
+            before_first_write()
+        run, resumed = resume_or_start(engine, settings, key_arn, run_lock, mode)
+    except BaseException:
+        run_lock.release(engine)
+        raise
+    return run_lock, (run.id, resumed)
+
+
+def _close(engine: Engine, kms: KMS, result: MigrateResult, state: str,
+           started: float) -> None:
+    """What the result reports once the run ended (however it ended): KMS figures, time,
+    and for a completed run its settled failures."""
+    result.kms_requests, result.retries = kms.requests, kms.retries
+    if kms.limiter is not None:
+        result.rate_limit, result.rate_now = kms.limiter.max_rate, kms.limiter.rate
+        result.throttles = kms.limiter.throttles
+    result.seconds = time.monotonic() - started
+    if result.run_id is not None and state == "completed":
+        with engine.connect() as conn:
+            result.failures = store.failures_of(conn, result.run_id)
 
 
 def name_left_behind(engine: Engine, bound: Sequence[BoundTarget], result: MigrateResult,
@@ -282,8 +287,9 @@ def settle_column(conn: Connection, bt: BoundTarget, column: str, run_id: int | 
         log.warning("failed_values_gone", table=bt.name, column=column, values=gone)
     if left:
         ck = store.load_checkpoints(conn, run_id)[(bt.name, column)]
-        store.record_batch(conn, run_id, bt.name, column, last_pk=ck.last_pk,
-                           counts=BatchCounts(failed=len(left)), done=True, failure_rows=left)
+        store.record_batch(conn, run_id, bt.name, column,
+                           store.Batch(ck.last_pk, BatchCounts(failed=len(left)), done=True,
+                                       failure_rows=left))
         log.warning("written_behind_the_run", table=bt.name, column=column, values=len(left))
     return len(left) - gone
 

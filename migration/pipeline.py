@@ -24,7 +24,7 @@ from checkpoints.leases import Lease
 from checkpoints.store import BatchCounts, FailureRow
 from checkpoints.tables import journal
 
-from .applier import Rewrite, apply_migrate_batch, apply_rollback_batch
+from .applier import Writer, apply_migrate_batch, apply_rollback_batch
 from .batches import ColumnSummary, Prepared, finish_rows, prepare_rows
 from .codec import FernetCodec, ValueKind, classify, decode_kms, encryption_context
 from .config import Settings
@@ -69,6 +69,11 @@ class ColumnJob:
     @property
     def name(self) -> str:
         return self.target.name
+
+    def writer(self) -> Writer:
+        assert self.run_id is not None
+        return Writer(self.engine, self.target, self.column, self.run_id, self.fence,
+                      self.lease)
 
     def logger(self) -> Any:
         log = self.log if self.log is not None else get_logger()
@@ -194,7 +199,8 @@ def migrate_column(job: ColumnJob, fetch: Fetcher[Row], summary: ColumnSummary, 
                 if dry_failures is not None:
                     dry_failures.extend(failures)
             else:
-                counts = _write_migrate(job, rewrites, failures, counts, last_pk, done)
+                counts = apply_migrate_batch(job.writer(), rewrites, failures, counts,
+                                             last_pk, done)
             summary.add(counts)
             clog.info("batch_checked" if dry else "batch_committed", batch=batch_no,
                       migrated=counts.migrated, skipped=counts.skipped, already=counts.already,
@@ -212,14 +218,6 @@ def migrate_column(job: ColumnJob, fetch: Fetcher[Row], summary: ColumnSummary, 
         raise
 
 
-def _write_migrate(job: ColumnJob, rewrites: list[Rewrite], failures: list[FailureRow],
-                   counts: BatchCounts, last_pk: Any, done: bool) -> BatchCounts:
-    assert job.run_id is not None
-    return apply_migrate_batch(
-        job.engine, job.target, job.column, job.run_id, rewrites=rewrites, failures=failures,
-        counts=counts, last_pk=last_pk, done=done, fence=job.fence, lease=job.lease)
-
-
 # -- rollback --------------------------------------------------------------------------------
 
 def rollback_column(job: ColumnJob, summary: ColumnSummary, hooks: Hooks) -> int:
@@ -228,14 +226,14 @@ def rollback_column(job: ColumnJob, summary: ColumnSummary, hooks: Hooks) -> int
     assert job.run_id is not None
     bt, column = job.target, job.column
     fetch = journal_fetcher(job.engine, bt.name, column, job.settings.batch_size, job.upto)
+    writer = job.writer()
     clog = job.logger()
     after = job.after or 0
     batch_no = 0
     while True:
         entries, cursor, done = fetch(after)
         _moved_on(job, after, cursor, done)
-        counts = apply_rollback_batch(job.engine, bt, column, job.run_id, entries, done=done,
-                                      fence=job.fence, lease=job.lease)
+        counts = apply_rollback_batch(writer, entries, done)
         summary.add(counts)
         batch_no += 1
         clog.info("batch_committed", batch=batch_no, restored=counts.migrated,

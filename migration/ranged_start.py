@@ -4,7 +4,6 @@ by the command that starts the run while joiners wait for it."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from .config import (
 )
 from .errors import RunLockedError
 from .logs import get_logger
-from .migrator import resume_or_start
+from .migrator import Mode, resume_or_start
 from .reader import BoundTarget, bind_targets
 from .refusals import refuse_other_settings, refuse_to_start
 
@@ -77,9 +76,8 @@ def join_or_refuse(engine: Engine, kind: str, exc: LockHeld) -> tuple[RunLock, R
     raise RunLockedError(str(exc)) from None
 
 
-def start_ranged_migrate(  # noqa: PLR0913
-    settings: Settings, engine: Engine, key_arn: str, *, new_run: bool,
-    rows_per_range: int, workers: int = 1,
+def start_ranged_migrate(
+    settings: Settings, engine: Engine, key_arn: str, split: Split, *, new_run: bool = False,
     before_first_write: Callable[[], None] | None = None,
 ) -> RangedStart:
     """Take the run lock and start or resume a ranged run, or join the one running.
@@ -103,17 +101,16 @@ def start_ranged_migrate(  # noqa: PLR0913
             ) from None
         return RangedStart(run, run_lock, joined=True, resumed=True)
     try:
-        targets_json = json.dumps([t.as_dict() for t in settings.targets], sort_keys=True)
         with engine.connect() as conn:
             refuse_to_start(conn)
         if before_first_write is not None:
             before_first_write()
-        run, resumed = resume_or_start(engine, settings, key_arn, targets_json, new_run,
-                                        run_lock, ranged=True)
+        run, resumed = resume_or_start(engine, settings, key_arn, run_lock,
+                                        Mode(new_run=new_run), ranged=True)
         bound = bind_targets(engine, settings.targets)
         with engine.begin() as conn:
             plan_ranges(conn, run, [(bt, c) for bt in bound for c in bt.target.columns],
-                  Sizing(rows_per_range, RANGES_PER_WORKER * workers, settings.batch_size),
+                  split.sizing(settings.batch_size),
                   run_lock)
             store.set_run_rate(conn, run.id, settings.max_kms_rps)
             run = store.get_run(conn, run.id) or run
@@ -124,6 +121,18 @@ def start_ranged_migrate(  # noqa: PLR0913
 
 
 RANGES_PER_WORKER = 4  # per column, at the least: the last ranges end close together
+
+
+@dataclass(frozen=True)
+class Split:
+    """How the command that plans a ranged run splits each column: about `rows_per_range`
+    rows a range, and at least RANGES_PER_WORKER ranges for each of its `workers`."""
+
+    rows_per_range: int
+    workers: int = 1
+
+    def sizing(self, batch_size: int) -> Sizing:
+        return Sizing(self.rows_per_range, RANGES_PER_WORKER * self.workers, batch_size)
 
 
 @dataclass(frozen=True)

@@ -121,11 +121,10 @@ def start_rollback_run(engine: Engine, batch_size: int, run_lock: RunLock,
     if run is None:
         pairs = _pending_targets(engine)
         with engine.begin() as conn:
-            run = store.create_run(
-                conn, kind="rollback", targets=pairs,
+            run = store.create_run(conn, store.NewRun(
+                "rollback", batch_size, targets=pairs,
                 targets_json=json.dumps([{"table": t, "columns": [c]} for t, c in pairs]),
-                fingerprint="journal", batch_size=batch_size, tool_version=__version__,
-            )
+                tool_version=__version__))
     with engine.begin() as conn:
         run_lock.bind_run(conn, run.id)
     return run, resumed

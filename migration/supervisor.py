@@ -48,9 +48,8 @@ from .logs import get_logger
 from .migrator import MigrateResult, settle_failures
 from .progress import NullProgress, Progress
 from .ranged_start import (
-    RANGES_PER_WORKER,
     RangedStart,
-    Sizing,
+    Split,
     join_or_refuse,
     plan_rollback,
     start_ranged_migrate,
@@ -122,8 +121,8 @@ def migrate_ranged(
     bound = bind_targets(engine, settings.targets)
     check_keys_open_something(engine, bound, FernetCodec(settings.fernet_keys))
     key = kms.describe()
-    start = start_ranged_migrate(settings, engine, key.arn, new_run=new_run,
-                                 rows_per_range=here.rows_per_range, workers=here.workers,
+    start = start_ranged_migrate(settings, engine, key.arn,
+                                 Split(here.rows_per_range, here.workers), new_run=new_run,
                                  before_first_write=here.before_first_write)
     if start.run.max_kms_rps is not None:  # the run's limit, whoever started it
         settings = replace(settings, max_kms_rps=start.run.max_kms_rps)
@@ -161,9 +160,8 @@ def rollback_ranged(engine: Engine, *, settings: Settings, here: Here) -> Rollba
             run, resumed = start_rollback_run(engine, settings.batch_size, run_lock,
                                               ranged=True)
             with engine.begin() as conn:
-                plan_rollback(conn, run, Sizing(here.rows_per_range,
-                                                RANGES_PER_WORKER * here.workers,
-                                                settings.batch_size), run_lock)
+                plan_rollback(conn, run, Split(here.rows_per_range, here.workers)
+                              .sizing(settings.batch_size), run_lock)
         except BaseException:
             run_lock.release(engine)
             raise

@@ -62,6 +62,7 @@ def interrupted_migrate(url: str, settings: Settings, client: Any, after_batches
     Ctrl-C would (KeyboardInterrupt from the batch hook); the run is left resumable."""
     from migration.db import make_engine
     from migration.migrator import migrate
+    from migration.pipeline import Hooks
 
     committed = [0]
 
@@ -73,7 +74,8 @@ def interrupted_migrate(url: str, settings: Settings, client: Any, after_batches
     engine = make_engine(url)
     try:
         with pytest.raises(KeyboardInterrupt):
-            migrate(settings, engine=engine, kms=make_kms(client, settings), on_batch=stop)
+            migrate(settings, engine=engine, kms=make_kms(client, settings),
+                    hooks=Hooks(on_batch=stop))
     finally:
         engine.dispose()
 

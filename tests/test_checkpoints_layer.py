@@ -34,8 +34,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "checkpoints"
 
 def _run(eng: Engine, kind: str = "migrate", targets: Any = (("users", "secret"),)) -> int:
     with eng.begin() as conn:
-        return store.create_run(conn, kind=kind, targets=list(targets), targets_json="[]",
-                                fingerprint="f", batch_size=10).id
+        return store.create_run(conn, store.NewRun(kind, 10, targets=list(targets),
+                                                   fingerprint="f")).id
 
 
 def test_the_errors_form_one_tree_and_keep_their_old_homes() -> None:
@@ -53,8 +53,7 @@ def test_a_batch_whose_checkpoint_row_is_gone_is_refused_with_checkpoint_lost(
 ) -> None:
     run_id = _run(eng)
     with pytest.raises(CheckpointLost, match=r"users\.other matched 0 rows"), eng.begin() as c:
-        store.record_batch(c, run_id, "users", "other", last_pk="5",
-                           counts=BatchCounts(migrated=5))
+        store.record_batch(c, run_id, "users", "other", store.Batch("5", BatchCounts(migrated=5)))
     with eng.connect() as conn:  # nothing of the refused batch was written
         row = conn.execute(select(checkpoints).where(checkpoints.c.run_id == run_id)).one()
         assert (row.batches, row.migrated, row.last_pk) == (0, 0, None)
@@ -137,10 +136,9 @@ def test_the_journal_writes_of_rollback_and_finalize(eng: Engine) -> None:
     run_id = _run(eng, targets=[("users", "a"), ("users", "b")])
     with eng.begin() as conn:
         for column in ("a", "b"):
-            store.record_batch(conn, run_id, "users", column, last_pk="3",
-                               counts=BatchCounts(migrated=3), journal_rows=[
-                                   JournalRow(str(pk), f"fernet-{pk}", f"kms-{pk}")
-                                   for pk in (1, 2, 3)])
+            store.record_batch(conn, run_id, "users", column, store.Batch(
+                "3", BatchCounts(migrated=3), journal_rows=[
+                    JournalRow(str(pk), f"fernet-{pk}", f"kms-{pk}") for pk in (1, 2, 3)]))
         ids = [i for (i,) in conn.execute(select(journal.c.id).order_by(journal.c.id))]
     rollback_id = _run(eng, kind="rollback")
     with eng.begin() as conn:

@@ -139,8 +139,7 @@ def test_finalize_refuses_while_a_retry_or_rollback_run_is_unfinished(
     migrate_db(sqlite_url, keys, kms)
     eng = create_engine(sqlite_url)
     with eng.begin() as conn:
-        run = store.create_run(conn, kind=kind, targets=[], targets_json="[]",
-                               fingerprint="x", batch_size=5)
+        run = store.create_run(conn, store.NewRun(kind, 5, fingerprint="x"))
         store.set_state(conn, run.id, "stopped")
     eng.dispose()
     before = _journal(sqlite_url)
@@ -161,8 +160,7 @@ def test_finalize_refuses_when_a_run_starts_while_it_verifies(
         result = real(*a, **kw)
         eng = create_engine(sqlite_url)
         with eng.begin() as conn:  # another operator's migrate, start to finish
-            run = store.create_run(conn, kind="migrate", targets=[], targets_json="[]",
-                                   fingerprint="x", batch_size=5)
+            run = store.create_run(conn, store.NewRun("migrate", 5, fingerprint="x"))
             store.set_state(conn, run.id, "completed")
         eng.dispose()
         return result
@@ -517,8 +515,7 @@ def test_rollback_refuses_after_an_unfinished_finalize_whatever_ran_since(
     # A migrate run recorded after it (an older kms-migrate did not refuse to start one).
     eng = create_engine(db_url)
     with eng.begin() as conn:
-        run = store.create_run(conn, kind="migrate", targets=[], targets_json="[]",
-                               fingerprint="x", batch_size=5)
+        run = store.create_run(conn, store.NewRun("migrate", 5, fingerprint="x"))
         store.set_state(conn, run.id, "completed")
     eng.dispose()
     cells = snapshot(db_url)

@@ -16,6 +16,7 @@ from checkpoints.tables import journal, lock
 from migration.db import make_engine
 from migration.errors import RunLockedError
 from migration.migrator import migrate
+from migration.pipeline import Hooks
 from migration.rollback import rollback
 from tests.conftest import Keys, KmsHandle
 from tests.helpers import make_db, make_kms, run_migrate, settings_for, snapshot
@@ -100,7 +101,8 @@ def test_a_process_that_lost_its_lock_commits_nothing_more(
                 conn.execute(update(lock).values(token="stolen"))
 
     with pytest.raises(RunLockedError, match="taken over"):
-        migrate(settings, engine=eng, kms=make_kms(kms.client, settings), on_batch=steal_after_two)
+        migrate(settings, engine=eng, kms=make_kms(kms.client, settings),
+                hooks=Hooks(on_batch=steal_after_two))
     with eng.connect() as conn:
         n = len(conn.execute(select(journal)).all())
     assert n == 10  # exactly the two batches committed before the lock was lost
@@ -190,8 +192,7 @@ def test_a_worker_on_another_boot_of_the_same_hostname_keeps_its_range(
     dead.wait()
     _other_machine(tmp_path, monkeypatch, "aaaaaaaa-0000-4000-8000-000000000001")
     with eng.begin() as conn:
-        run = store.create_run(conn, kind="migrate", targets=[], targets_json="[]",
-                               fingerprint="x", batch_size=5)
+        run = store.create_run(conn, store.NewRun("migrate", 5, fingerprint="x"))
         leases.create_ranges(conn, run.id, "users", "encrypted_secret", None, ["10"])
         there = leases.register_worker(conn, run.id)
         assert leases.claim(conn, run.id, there, 600) is not None

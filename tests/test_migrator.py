@@ -17,7 +17,7 @@ from migration.codec import ValueKind, classify
 from migration.db import make_engine
 from migration.errors import ConfigError, FatalKMSError, ResumeMismatchError
 from migration.kms import make_client
-from migration.migrator import REASON_EMPTY, REASON_NO_KEY, REASON_OVERSIZE, migrate
+from migration.migrator import REASON_EMPTY, REASON_NO_KEY, REASON_OVERSIZE, Mode, migrate
 from migration.sample import coinflip_metadata
 from tests.conftest import Keys, KmsHandle
 from tests.helpers import (
@@ -155,7 +155,7 @@ def test_resume_refuses_another_key_or_targets(
         run_migrate(s3, kms.client)
     # --new-run abandons the old run and starts over; values already migrated stay.
     result = migrate(s3, engine=make_engine(sqlite_url), kms=make_kms(kms.client, s3),
-                     new_run=True)
+                     mode=Mode(new_run=True))
     assert not result.resumed
     eng = create_engine(sqlite_url)
     with eng.connect() as conn:
@@ -170,7 +170,8 @@ def test_dry_run_writes_nothing(db_url: str, kms: KmsHandle, keys: Keys) -> None
     digest = hashlib.sha256(path.read_bytes()).hexdigest() if path else None
     settings = settings_for(db_url, keys.current, keys.legacy)
     k = make_kms(kms.client, settings)
-    result = migrate(settings, engine=make_engine(db_url, read_only=True), kms=k, dry_run=True)
+    result = migrate(settings, engine=make_engine(db_url, read_only=True), kms=k,
+                     mode=Mode(dry_run=True))
     assert result.dry_run and result.run_id is None
     assert sum(c.migrated for c in result.columns) == len(truth.plaintexts)
     assert len(result.failures) == len(truth.bad)

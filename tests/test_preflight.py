@@ -546,9 +546,10 @@ def test_bookkeeping_shows_an_unfinished_run_and_the_lock(sqlite_url: str, keys:
 
     with eng.begin() as conn:
         run_ = store.create_run(
-            conn, kind="migrate", targets=[("users", "encrypted_secret")], targets_json="[]",
-            fingerprint=targets_fingerprint(settings.targets), batch_size=25,
-            key_id=settings.key_id, key_arn=kms.arn, region="us-east-1")
+            conn, store.NewRun(
+                "migrate", 25, targets=[("users", "encrypted_secret")],
+                fingerprint=targets_fingerprint(settings.targets),
+            key_id=settings.key_id, key_arn=kms.arn, region="us-east-1"))
     held = RunLock.acquire(eng, "migrate")
     before = file_digest(sqlite_url)
     try:

@@ -161,6 +161,7 @@ def test_a_failed_value_the_application_rewrites_during_the_run_is_no_longer_cou
 
     from migration.db import make_engine
     from migration.migrator import migrate
+    from migration.pipeline import Hooks
     from tests.helpers import make_kms
 
     settings = settings_for(db_url, env_keys.current, targets=(Target("vault", "id", ("s",)),),
@@ -168,7 +169,7 @@ def test_a_failed_value_the_application_rewrites_during_the_run_is_no_longer_cou
     engine = make_engine(db_url)
     try:
         result = migrate(settings, engine=engine, kms=make_kms(kms.client, settings),
-                         on_batch=app_writes)
+                         hooks=Hooks(on_batch=app_writes))
     finally:
         engine.dispose()
     assert result.failures == [], result.failures

@@ -22,8 +22,8 @@ from checkpoints.tables import failures, journal, lock, ranges, workers
 from migration.db import make_engine
 from migration.errors import ResumeMismatchError
 from migration.kms import RateLimiter
-from migration.migrator import migrate
-from migration.ranged_start import start_ranged_migrate
+from migration.migrator import Mode, migrate
+from migration.ranged_start import Split, start_ranged_migrate
 from migration.supervisor import Here, migrate_ranged, rollback_ranged
 from migration.worker import Heartbeat, WorkerSpec, settings_to_dict, work
 from tests.conftest import Keys, KmsHandle
@@ -43,8 +43,8 @@ def _run_with_ranges(url: str, n: int) -> tuple[Any, int]:
     eng = create_engine(url)
     store.ensure_schema(eng)
     with eng.begin() as conn:
-        run = store.create_run(conn, kind="migrate", targets=[("users", "encrypted_secret")],
-                               targets_json="[]", fingerprint="f", batch_size=10)
+        run = store.create_run(conn, store.NewRun(
+            "migrate", 10, targets=[("users", "encrypted_secret")], fingerprint="f"))
         leases.create_ranges(conn, run.id, "users", "encrypted_secret", None,
                              [str(10 * i) for i in range(1, n)])
     return eng, run.id
@@ -257,8 +257,7 @@ def test_a_single_process_migrate_will_not_resume_a_ranged_run(
     settings = settings_for(db_url, keys.current, keys.legacy, batch_size=5)
     eng = make_engine(db_url)
     k = make_kms(kms.client, settings)
-    start = start_ranged_migrate(settings, eng, k.describe().arn, new_run=False,
-                                 rows_per_range=10)
+    start = start_ranged_migrate(settings, eng, k.describe().arn, Split(10))
     start.lock.release(eng)  # as if its workers were interrupted
     with pytest.raises(ResumeMismatchError, match="started with --workers"):
         migrate(settings, engine=eng, kms=k)
@@ -271,14 +270,14 @@ def test_the_same_command_elsewhere_joins_the_running_ranged_run(
     settings = settings_for(db_url, keys.current, keys.legacy, batch_size=5)
     eng = make_engine(db_url)
     arn = make_kms(kms.client, settings).describe().arn
-    first = start_ranged_migrate(settings, eng, arn, new_run=False, rows_per_range=10)
+    first = start_ranged_migrate(settings, eng, arn, Split(10))
     assert not first.joined
     other = subprocess.Popen(["sleep", "30"])  # the lock now looks held by a live process
     try:
         with eng.begin() as conn:
             conn.execute(update(lock).values(pid=other.pid))
         slower = settings_for(db_url, keys.current, keys.legacy, batch_size=5, max_kms_rps=123)
-        second = start_ranged_migrate(slower, eng, arn, new_run=False, rows_per_range=10)
+        second = start_ranged_migrate(slower, eng, arn, Split(10))
         assert second.joined and second.run.id == first.run.id
         assert second.run.max_kms_rps == settings.max_kms_rps  # one limit for the whole run
         assert second.lock.token == first.lock.token
@@ -288,7 +287,7 @@ def test_the_same_command_elsewhere_joins_the_running_ranged_run(
         changed = settings_for(db_url, keys.current, keys.legacy, batch_size=5,
                                encryption_context=True)
         with pytest.raises(ResumeMismatchError, match="encryption context"):
-            start_ranged_migrate(changed, eng, arn, new_run=False, rows_per_range=10)
+            start_ranged_migrate(changed, eng, arn, Split(10))
     finally:
         other.kill()
         other.wait()
@@ -456,7 +455,8 @@ def test_a_ranged_run_names_a_fernet_token_written_behind_it_and_retry_takes_it(
     assert [(f.table_name, f.column_name, f.pk, f.reason) for f in result.failures] == [
         (table, column, pk, REASON_BEHIND)]
     assert snapshot(db_url)[(table, pk, column)] == token  # named, left as written
-    retry = migrate(settings, engine=eng, kms=make_kms(kms.client, settings), retry_failed=True)
+    retry = migrate(settings, engine=eng, kms=make_kms(kms.client, settings),
+                    mode=Mode(retry_failed=True))
     assert retry.failed == 0 and sum(c.migrated for c in retry.columns) == 1
     assert kms.decrypt_text(snapshot(db_url)[(table, pk, column)]) == "written again"
 
