@@ -12,6 +12,7 @@ import hmac
 import secrets
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -39,7 +40,7 @@ def preflight_kms(
 ) -> KMS:
     """A KMS for preflight's calls on `key`: one call at a time, a few attempts, and
     messages that end in re-running preflight."""
-    kms = KMS(client, key, region, concurrency=1, policy=POLICY, sleep=sleep)
+    kms = KMS(client, key, region, concurrency=1, policy=replace(POLICY, sleep=sleep))
     kms.wording = PREFLIGHT
     return kms
 

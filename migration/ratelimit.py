@@ -10,8 +10,21 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
-__all__ = ["RateLimiter"]
+__all__ = ["Backoff", "RateLimiter"]
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """How a `RateLimiter` answers throttling: the rate is multiplied by `decrease` (at most
+    once per `cooldown` seconds, never below `min_rate`), then grows back by `recovery` of
+    the configured rate per second."""
+
+    min_rate: float = 1.0
+    decrease: float = 0.5
+    recovery: float = 0.02
+    cooldown: float = 1.0
 
 
 class RateLimiter:
@@ -26,15 +39,12 @@ class RateLimiter:
     the lock for exactly their deficit: fair, and no busy waiting.
     """
 
-    def __init__(  # noqa: PLR0913
+    def __init__(
         self,
         rate: float,
         burst: float | None = None,
         *,
-        min_rate: float = 1.0,
-        decrease: float = 0.5,
-        recovery: float = 0.02,
-        cooldown: float = 1.0,
+        backoff: Backoff = Backoff(),
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -42,8 +52,9 @@ class RateLimiter:
             raise ValueError("rate must be positive")
         self.max_rate = rate
         self.burst = burst if burst is not None else max(1.0, min(rate, 32.0))
-        self.min_rate = min(min_rate, rate)
-        self.decrease, self.recovery, self.cooldown = decrease, recovery, cooldown
+        self.min_rate = min(backoff.min_rate, rate)
+        self.decrease, self.recovery = backoff.decrease, backoff.recovery
+        self.cooldown = backoff.cooldown
         self._clock, self._sleep = clock, sleep
         self._lock = threading.Lock()
         now = clock()

@@ -117,7 +117,7 @@ def settings_from_dict(d: dict[str, Any]) -> Settings:
 @dataclass
 class WorkerOutcome:
     worker_id: str
-    state: str  # finished | interrupted
+    state: str  # finished | interrupted (stopped | failed while it raises)
     ranges: int = 0
     batches: int = 0
 
@@ -190,7 +190,7 @@ class Heartbeat(threading.Thread):
             self.stop_reason = "the command that started this worker is gone"
 
 
-def work(  # noqa: C901, PLR0915
+def work(
     spec: WorkerSpec,
     settings: Settings,
     *,
@@ -206,85 +206,100 @@ def work(  # noqa: C901, PLR0915
     flight when `should_stop` says so, or when the run was stopped by another worker.
     """
     run_lock = RunLock(spec.lock_token, spec.kind)
-    try:
-        with engine.begin() as conn:
-            run_lock.shared_fence(conn)  # still this run's lock: refuse to start otherwise
-            worker_id = leases.register_worker(conn, spec.run_id)
-    except LockLost:
-        with engine.connect() as conn:
-            run = store.get_run(conn, spec.run_id)
-        if run is not None and run.state == "completed":
-            return WorkerOutcome("", "finished")  # joined as the last range was done
-        raise RunLockedError(
-            f"run {spec.run_id}'s lock was taken over or released before this worker could "
-            "start (the run was resumed or finished elsewhere): nothing was written; check "
-            "`kms-migrate status`") from None
+    worker_id = _register(engine, spec, run_lock)
+    if worker_id is None:
+        return WorkerOutcome("", "finished")  # joined as the last range was done
     log = get_logger(run_id=spec.run_id, worker=worker_id, kind=spec.kind)
     beat = Heartbeat(engine, spec, worker_id, kms, run_lock, watch_parent)
     beat.beat()  # the rate share before the first call
     beat.start()
     outcome = WorkerOutcome(worker_id, "interrupted")
-    state, note = "interrupted", None
+    note: str | None = None
 
     def stopping() -> bool:
         return bool(beat.stop_reason) or (should_stop is not None and should_stop())
 
     job = _Job(spec, settings, engine, kms, run_lock, log, stopping)
-    poll = min(1.0, spec.lease_seconds / 10)
     log.info("worker_started", pid=os.getpid(), rate_share=round(
         kms.limiter.max_rate, 1) if kms.limiter else None)
-    losses = 0  # ranges lost in a row to a session cut off
     try:
-        while not stopping():
-            try:
-                with engine.begin() as conn:
-                    lease = leases.claim(conn, spec.run_id, worker_id, spec.lease_seconds)
-                    left = leases.undone(conn, spec.run_id) if lease is None else 1
-            except DBAPIError as exc:  # the claim rolled back whole: claim again, boundedly
-                losses = _after_session_lost(exc, losses, log, None)
-                continue
-            if lease is None:
-                if left == 0:
-                    outcome.state = state = "finished"
-                    break
-                beat.wait(poll)  # others hold the last ranges: take one over if they die
-                continue
-            beat.lease = lease
-            log.info("range_claimed", range=lease.range_id, table=lease.table_name,
-                     column=lease.column_name, resume_after=lease.last_pk or lease.lo)
-            try:
-                outcome.batches += job.run(lease)
-                outcome.ranges += 1
-                losses = 0
-            except LeaseLost:
-                log.warning("lease_lost", range=lease.range_id)
-            except DBAPIError as exc:
-                # The batch in flight rolled back with its session (cut off by the server,
-                # e.g. after this process was frozen inside it): nothing of it was written.
-                # Its range may have moved to another worker by now: claim again.
-                losses = _after_session_lost(exc, losses, log, lease.range_id)
-            finally:
-                beat.lease = None
-                _release_quietly(engine, lease)
-        if state != "finished" and beat.stop_reason:
+        _claim_until_done(job, beat, outcome)
+        if outcome.state != "finished" and beat.stop_reason:
             note = beat.stop_reason
             log.warning("worker_stopping", reason=note)
     except LockLost as exc:
-        state, note = "stopped", "lock taken over"
+        outcome.state, note = "stopped", "lock taken over"
         raise RunLockedError(str(exc)) from None
     except KmsMigrateError as exc:
-        state, note = "failed", str(exc)
+        outcome.state, note = "failed", str(exc)
         # The others stop after their batch (unless this worker was fenced out: the run
         # is then another command's, which this error says nothing about).
         _stop_run_quietly(engine, spec.run_id, str(exc), spec.lock_token)
         raise
     finally:
         beat.close()
-        _finish_quietly(engine, worker_id, state, note, kms)
-        log.info("worker_finished", state=state, ranges=outcome.ranges)
-    if state != "finished":
+        _finish_quietly(engine, worker_id, outcome.state, note, kms)
+        log.info("worker_finished", state=outcome.state, ranges=outcome.ranges)
+    if outcome.state != "finished":
         raise KeyboardInterrupt  # stopped between batches: resumable
     return outcome
+
+
+def _register(engine: Engine, spec: WorkerSpec, run_lock: RunLock) -> str | None:
+    """This worker's id in the run, once the run's lock is checked to be still the one it
+    was started under; None when the run completed meanwhile."""
+    try:
+        with engine.begin() as conn:
+            run_lock.shared_fence(conn)  # still this run's lock: refuse to start otherwise
+            return leases.register_worker(conn, spec.run_id)
+    except LockLost:
+        with engine.connect() as conn:
+            run = store.get_run(conn, spec.run_id)
+        if run is not None and run.state == "completed":
+            return None
+        raise RunLockedError(
+            f"run {spec.run_id}'s lock was taken over or released before this worker could "
+            "start (the run was resumed or finished elsewhere): nothing was written; check "
+            "`kms-migrate status`") from None
+
+
+def _claim_until_done(job: _Job, beat: Heartbeat, outcome: WorkerOutcome) -> None:
+    """Claim range after range and work through each, until no range is left (state
+    "finished") or the worker is asked to stop."""
+    spec, engine, log = job.spec, job.engine, job.log
+    poll = min(1.0, spec.lease_seconds / 10)
+    losses = 0  # ranges lost in a row to a session cut off
+    while not job.stopping():
+        try:
+            with engine.begin() as conn:
+                lease = leases.claim(conn, spec.run_id, outcome.worker_id, spec.lease_seconds)
+                left = leases.undone(conn, spec.run_id) if lease is None else 1
+        except DBAPIError as exc:  # the claim rolled back whole: claim again, boundedly
+            losses = _after_session_lost(exc, losses, log, None)
+            continue
+        if lease is None:
+            if left == 0:
+                outcome.state = "finished"
+                return
+            beat.wait(poll)  # others hold the last ranges: take one over if they die
+            continue
+        beat.lease = lease
+        log.info("range_claimed", range=lease.range_id, table=lease.table_name,
+                 column=lease.column_name, resume_after=lease.last_pk or lease.lo)
+        try:
+            outcome.batches += job.run(lease)
+            outcome.ranges += 1
+            losses = 0
+        except LeaseLost:
+            log.warning("lease_lost", range=lease.range_id)
+        except DBAPIError as exc:
+            # The batch in flight rolled back with its session (cut off by the server,
+            # e.g. after this process was frozen inside it): nothing of it was written.
+            # Its range may have moved to another worker by now: claim again.
+            losses = _after_session_lost(exc, losses, log, lease.range_id)
+        finally:
+            beat.lease = None
+            _release_quietly(engine, lease)
 
 
 def _after_session_lost(exc: DBAPIError, losses: int, log: Any, range_id: int | None) -> int:
@@ -298,14 +313,22 @@ def _after_session_lost(exc: DBAPIError, losses: int, log: Any, range_id: int | 
     return losses + 1
 
 
+@dataclass
 class _Job:
     """One range's work, for a migrate or a rollback worker."""
 
-    def __init__(self, spec: WorkerSpec, settings: Settings, engine: Engine, kms: KMS,  # noqa: PLR0913
-                 run_lock: RunLock, log: Any, stopping: Callable[[], bool]) -> None:
-        self.spec, self.settings, self.engine, self.kms = spec, settings, engine, kms
-        self.run_lock, self.log, self.stopping = run_lock, log, stopping
-        self.bound: dict[tuple[str, str], BoundTarget] = {}
+    spec: WorkerSpec
+    settings: Settings
+    engine: Engine
+    kms: KMS
+    run_lock: RunLock
+    log: Any
+    stopping: Callable[[], bool]
+    bound: dict[tuple[str, str], BoundTarget] = field(default_factory=dict)
+    codec: FernetCodec | None = None
+
+    def __post_init__(self) -> None:
+        spec, settings, engine, kms = self.spec, self.settings, self.engine, self.kms
         if spec.kind == "migrate":
             for bt in bind_targets(engine, settings.targets):
                 for column in bt.target.columns:

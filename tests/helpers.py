@@ -82,7 +82,7 @@ def interrupted_migrate(url: str, settings: Settings, client: Any, after_batches
 
 def make_kms(client: Any, settings: Settings, sleep: Any = None) -> KMS:
     return KMS(client, settings.key_id, settings.region, concurrency=settings.concurrency,
-               policy=RetryPolicy(max_attempts=5), sleep=sleep or (lambda s: None))
+               policy=RetryPolicy(max_attempts=5, sleep=sleep or (lambda s: None)))
 
 
 def assert_no_leaks(texts: Iterable[str], dump: str, truth: SampleSecrets, keys: Any) -> None:

@@ -238,8 +238,8 @@ def test_a_kms_that_stays_unreachable_is_named_so() -> None:
 
     client = _FailingClient(lambda: botocore.exceptions.EndpointConnectionError(
         endpoint_url="https://kms.example"))
-    kms = KMS(client, "alias/k", "us-east-1", policy=RetryPolicy(max_attempts=2),
-              sleep=lambda _: None)
+    kms = KMS(client, "alias/k", "us-east-1",
+              policy=RetryPolicy(max_attempts=2, sleep=lambda _: None))
     with pytest.raises(FatalKMSError) as caught:
         kms.encrypt(b"x")
     assert client.calls == 2 and caught.value.code == "EndpointConnectionError"
@@ -249,10 +249,10 @@ def test_a_kms_that_stays_unreachable_is_named_so() -> None:
 
 def test_a_per_value_refusal_is_a_kms_value_error_never_fatal() -> None:
     from migration.errors import KMSValueError
-    from migration.kms import KMS, KeyInfo
+    from migration.kms import KMS, KeyInfo, RetryPolicy
 
     client = _FailingClient(lambda: _client_error("InvalidCiphertextException"))
-    kms = KMS(client, "alias/k", "us-east-1", sleep=lambda _: None)
+    kms = KMS(client, "alias/k", "us-east-1", policy=RetryPolicy(sleep=lambda _: None))
     kms.key = KeyInfo("alias/k", "arn:aws:kms:us-east-1:111122223333:key/k")
     with pytest.raises(KMSValueError, match="InvalidCiphertextException"):
         kms.call("Decrypt", CiphertextBlob=b"\x01blob")

@@ -77,8 +77,8 @@ def client(kms: Any) -> Any:
 def make(client: Any, waits: list[float] | None = None, *, attempts: int = 5,
          concurrency: int = 4, key_id: str = ALIAS, region: str = "us-east-1") -> KMS:
     return KMS(client, key_id, region, concurrency=concurrency,
-               policy=RetryPolicy(max_attempts=attempts, max_wait=5.0, multiplier=0.05),
-               sleep=(waits.append if waits is not None else _no_sleep))
+               policy=RetryPolicy(max_attempts=attempts, max_wait=5.0, multiplier=0.05,
+                                  sleep=waits.append if waits is not None else _no_sleep))
 
 
 def _no_sleep(seconds: float) -> None:
@@ -185,7 +185,7 @@ def test_always_throttled_stops_after_max_attempts_saying_lower_concurrency(clie
 def test_default_policy_is_bounded_too(client: Any) -> None:
     inj = inject(client, Injector(forever="KMSInternalException"))
     waits: list[float] = []
-    k = KMS(client, ALIAS, "us-east-1", sleep=waits.append)
+    k = KMS(client, ALIAS, "us-east-1", policy=RetryPolicy(sleep=waits.append))
     with pytest.raises(FatalKMSError):
         k.describe()
     assert inj.calls == RetryPolicy().max_attempts
@@ -197,8 +197,8 @@ def test_waits_go_to_the_injected_sleep_growing_exponentially_under_the_cap(
 ) -> None:
     inject(client, Injector(forever="ThrottlingException"))
     waits: list[float] = []
-    policy = RetryPolicy(max_attempts=10, max_wait=0.4, multiplier=0.05)
-    k = KMS(client, ALIAS, "us-east-1", policy=policy, sleep=waits.append)
+    policy = RetryPolicy(max_attempts=10, max_wait=0.4, multiplier=0.05, sleep=waits.append)
+    k = KMS(client, ALIAS, "us-east-1", policy=policy)
     started = time.monotonic()
     with pytest.raises(FatalKMSError):
         k.encrypt(b"x")

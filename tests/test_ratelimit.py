@@ -12,6 +12,7 @@ import pytest
 from migration.db import make_engine
 from migration.kms import KMS, RateLimiter, RetryPolicy
 from migration.migrator import migrate
+from migration.ratelimit import Backoff
 from tests.conftest import Keys, KmsHandle
 from tests.helpers import make_db, settings_for
 from tests.test_kms import kms_error_response
@@ -58,7 +59,8 @@ def test_bucket_admits_a_burst_then_exactly_the_rate() -> None:
 
 def test_throttling_halves_the_rate_once_per_cooldown_then_it_recovers_slowly() -> None:
     ft = FakeTime()
-    lim = RateLimiter(1000, clock=ft.clock, sleep=ft.sleep, recovery=0.02, cooldown=1.0)
+    lim = RateLimiter(1000, clock=ft.clock, sleep=ft.sleep,
+                      backoff=Backoff(recovery=0.02, cooldown=1.0))
     lim.on_throttle()
     assert lim.rate == 500
     lim.on_throttle()  # same burst of throttles: one signal
@@ -128,9 +130,9 @@ def test_the_rate_adapts_down_when_kms_throttles(
         return None
 
     kms.client.meta.events.register_first("before-send.kms", throttle_a_third)
-    limiter = RateLimiter(settings.max_kms_rps, cooldown=0.05)
+    limiter = RateLimiter(settings.max_kms_rps, backoff=Backoff(cooldown=0.05))
     k = KMS(kms.client, settings.key_id, settings.region, concurrency=4, limiter=limiter,
-            policy=RetryPolicy(max_attempts=12), sleep=lambda s: None)
+            policy=RetryPolicy(max_attempts=12, sleep=lambda s: None))
     result = migrate(settings, engine=make_engine(sqlite_url), kms=k)
     assert result.failed == 0
     assert sum(c.migrated for c in result.columns) == len(truth.plaintexts)
