@@ -44,6 +44,7 @@ __all__ = [
     "Lease",
     "LeaseLost",
     "RangeRow",
+    "Sizing",
     "WorkerRow",
     "aware",
     "boot_id",
@@ -110,22 +111,27 @@ class RangeRow:
     conflicts: int
 
 
-def boundaries(  # noqa: PLR0913
-    conn: Connection, source: FromClause, key: ColumnElement[Any],
-    where: Sequence[ColumnElement[bool]], rows_per_range: int, *, min_ranges: int = 1,
-    min_rows: int = 1,
-) -> list[Any]:
-    """Upper bounds splitting the rows matching `where` into ranges of about
-    `rows_per_range` keys each, in the database's own key order (one index scan).
+@dataclass(frozen=True)
+class Sizing:
+    """How finely `boundaries` splits: about `rows_per_range` rows a range, and at least
+    `min_ranges` ranges (so that every worker gets some, and the last ones end together) as
+    long as each keeps `min_rows` rows (a batch: a smaller range is not worth a claim)."""
 
-    At least `min_ranges` ranges (so that every worker gets some, and the last ones end
-    together) as long as each keeps `min_rows` rows (a batch). The last range is left
-    open (no bound), so rows inserted after the plan are covered.
+    rows_per_range: int
+    min_ranges: int = 1
+    min_rows: int = 1
+
+
+def boundaries(conn: Connection, source: FromClause, key: ColumnElement[Any],
+               where: Sequence[ColumnElement[bool]], sizing: Sizing) -> list[Any]:
+    """Upper bounds splitting the rows matching `where` into ranges as `sizing` says, in
+    the database's own key order (one index scan). The last range is left open (no bound),
+    so rows inserted after the plan are covered.
     """
     n = int(conn.execute(
         select(func.count()).select_from(source).where(*where)).scalar_one())
-    k = max(math.ceil(n / max(1, rows_per_range)),
-            min(min_ranges, math.ceil(n / max(1, min_rows))))
+    k = max(math.ceil(n / max(1, sizing.rows_per_range)),
+            min(sizing.min_ranges, math.ceil(n / max(1, sizing.min_rows))))
     k = min(MAX_RANGES, k)
     if k <= 1:
         return []

@@ -24,8 +24,15 @@ from .kms import KMS, REASON_EMPTY, Pending
 from .reader import BoundTarget, Row
 
 __all__ = [
-    "REASON_BEHIND", "REASON_EMPTY", "REASON_NO_KEY", "REASON_OVERSIZE", "ColumnSummary",
-    "Prepared", "finish_rows", "prepare_rows", "reason_unfit",
+    "REASON_BEHIND",
+    "REASON_EMPTY",
+    "REASON_NO_KEY",
+    "REASON_OVERSIZE",
+    "ColumnSteps",
+    "ColumnSummary",
+    "Prepared",
+    "finish_rows",
+    "reason_unfit",
 ]
 
 REASON_NO_KEY = (
@@ -90,55 +97,77 @@ def reason_unfit(need: int, bt: BoundTarget, column: str, *, estimated: bool) ->
             "widen the column, then migrate --retry-failed")
 
 
-def prepare_rows(  # noqa: PLR0913
-    rows: list[Row], bt: BoundTarget, column: str, codec: FernetCodec, kms: KMS,
-    with_context: bool = False, *, size_for_aws: bool = False,
-) -> Prepared:
-    """Classify and Fernet-decrypt a batch, and start its KMS round trips (non-blocking).
+@dataclass(frozen=True)
+class ColumnSteps:
+    """The two steps of each batch of one column: `prepare` (classify, Fernet-decrypt,
+    start the KMS round trips, non-blocking) and `finish` (wait for them; compare-and-swap
+    rewrites and failures).
 
     With `size_for_aws` (a dry-run), a value whose KMS text would not fit the column's
-    declared length on real AWS KMS (codec.kms_text_length) fails here: a rehearsal
-    against moto, whose ciphertexts are shorter, must not hide it.
-    """
-    skipped = already = 0
-    unfit: list[int] = []
-    length = column_length(bt.col(column)) if size_for_aws else None
-    failures: list[FailureRow] = []
-    waiting: list[Row] = []
-    plaintexts: list[bytes] = []
-    contexts: list[dict[str, str]] = []
-    for row in rows:
-        kind = classify(row.value)
-        if kind is ValueKind.EMPTY:
-            skipped += 1
-        elif kind in (ValueKind.KMS, ValueKind.OTHER):
-            already += 1
-        else:
-            plaintext = codec.decrypt(row.value)
-            if plaintext is None:
-                failures.append(FailureRow(bt.name, column, bt.pk_text(row.pk), REASON_NO_KEY))
-            elif not plaintext:
-                failures.append(FailureRow(bt.name, column, bt.pk_text(row.pk), REASON_EMPTY))
-            elif len(plaintext) > KMS_MAX_PLAINTEXT:
-                failures.append(FailureRow(bt.name, column, bt.pk_text(row.pk), REASON_OVERSIZE))
-            elif length is not None and kms_text_length(len(plaintext)) > length:
-                need = kms_text_length(len(plaintext))
-                unfit.append(need)
-                failures.append(FailureRow(bt.name, column, bt.pk_text(row.pk),
-                                           reason_unfit(need, bt, column, estimated=True)))
+    declared length on real AWS KMS (codec.kms_text_length) fails in `prepare`: a
+    rehearsal against moto, whose ciphertexts are shorter, must not hide it."""
+
+    target: BoundTarget
+    column: str
+    codec: FernetCodec
+    kms: KMS
+    with_context: bool = False
+    size_for_aws: bool = False
+
+    def finish(self, prep: Prepared) -> tuple[list[Rewrite], list[FailureRow], BatchCounts]:
+        return finish_rows(prep, self.target, self.column)
+
+    def prepare(self, rows: list[Row]) -> Prepared:
+        """Classify and Fernet-decrypt a batch, and start its KMS round trips."""
+        bt, column, codec, kms = self.target, self.column, self.codec, self.kms
+        with_context = self.with_context
+        skipped = already = 0
+        unfit: list[int] = []
+        length = column_length(bt.col(column)) if self.size_for_aws else None
+        failures: list[FailureRow] = []
+        waiting: list[Row] = []
+        plaintexts: list[bytes] = []
+        contexts: list[dict[str, str]] = []
+        for row in rows:
+            kind = classify(row.value)
+            if kind is ValueKind.EMPTY:
+                skipped += 1
+            elif kind in (ValueKind.KMS, ValueKind.OTHER):
+                already += 1
             else:
-                waiting.append(row)
-                plaintexts.append(plaintext)
-                if with_context:
-                    contexts.append(encryption_context(bt.name, column, bt.pk_text(row.pk)))
-    pending: Pending[bytes | str]
-    if with_context:
-        pending = kms.submit(kms.round_trip_in_context, list(zip(plaintexts, contexts,
-                                                                 strict=True)))
-    else:
-        pending = kms.submit(kms.round_trip, plaintexts)
-    del plaintexts
-    return Prepared(rows, waiting, pending, failures, skipped, already, unfit)
+                plaintext = codec.decrypt(row.value)
+                why = self._refusal(plaintext, length, unfit)
+                if why is not None or plaintext is None:
+                    failures.append(FailureRow(bt.name, column, bt.pk_text(row.pk),
+                                               why or REASON_NO_KEY))
+                else:
+                    waiting.append(row)
+                    plaintexts.append(plaintext)
+                    if with_context:
+                        contexts.append(encryption_context(bt.name, column, bt.pk_text(row.pk)))
+        pending: Pending[bytes | str]
+        if with_context:
+            pending = kms.submit(kms.round_trip_in_context, list(zip(plaintexts, contexts,
+                                                                     strict=True)))
+        else:
+            pending = kms.submit(kms.round_trip, plaintexts)
+        del plaintexts
+        return Prepared(rows, waiting, pending, failures, skipped, already, unfit)
+
+    def _refusal(self, plaintext: bytes | None, length: int | None,
+                 unfit: list[int]) -> str | None:
+        """Why this value cannot go to KMS Encrypt (its failure), or None."""
+        if plaintext is None:
+            return REASON_NO_KEY
+        if not plaintext:
+            return REASON_EMPTY
+        if len(plaintext) > KMS_MAX_PLAINTEXT:
+            return REASON_OVERSIZE
+        need = kms_text_length(len(plaintext))
+        if length is not None and need > length:
+            unfit.append(need)
+            return reason_unfit(need, self.target, self.column, estimated=True)
+        return None
 
 
 def finish_rows(

@@ -223,8 +223,9 @@ def rollback_cmd(**opts: Any) -> int:
             result = rollback_ranged(
                 engine, settings=Settings(db_url=url, batch_size=opts["batch_size"]), here=here)
         else:
-            result = rollback(engine, batch_size=opts["batch_size"], before_first_write=backup,
-                              progress=progress, should_stop=stop.requested)
+            result = rollback(engine, batch_size=opts["batch_size"],
+                              hooks=Hooks(progress, should_stop=stop.requested),
+                              before_first_write=backup)
     print_rollback(result)
     from .finalize import finalized_note
 

@@ -105,8 +105,8 @@ def finalize(
     pairs = [(t.table, c) for t in targets for c in t.columns]
     store.ensure_schema(engine)  # an older bookkeeping schema may lack the lock table
     with lock_held(engine, "finalize") as run_lock:
-        return _finalize(engine, batch_size, result, run_lock, writers_seen, started,
-                         should_stop, pairs)
+        return _finalize(_Journal(engine, run_lock, pairs, batch_size), result, writers_seen,
+                         started, should_stop)
 
 
 def journal_targets(
@@ -161,16 +161,24 @@ def journal_targets(
     return targets, sorted(set(extra))
 
 
-def _finalize(  # noqa: PLR0913
-    engine: Engine,
-    batch_size: int,
-    result: FinalizeResult,
-    run_lock: RunLock,
-    writers_seen: int,
-    started: float,
-    should_stop: Callable[[], bool] | None,
-    pairs: Sequence[tuple[str, str]],
-) -> FinalizeResult:
+@dataclass(frozen=True)
+class _Journal:
+    """The journal rows finalize deletes: those of the verified (table, column) pairs, a
+    batch at a time, each batch behind the fence of finalize's lock."""
+
+    engine: Engine
+    run_lock: RunLock
+    pairs: Sequence[tuple[str, str]]
+    batch_size: int
+
+    def delete_batch(self, conn: Connection) -> int:
+        self.run_lock.fence(conn)
+        return _delete_batch(conn, self.batch_size, self.pairs)
+
+
+def _finalize(journal: _Journal, result: FinalizeResult, writers_seen: int, started: float,
+              should_stop: Callable[[], bool] | None) -> FinalizeResult:
+    engine, run_lock, batch_size = journal.engine, journal.run_lock, journal.batch_size
     # Under the lock, and in the transaction of the first delete: nothing may have started
     # writing since the checks above, and a finalize run exists only once it deletes.
     with engine.begin() as conn:
@@ -190,7 +198,7 @@ def _finalize(  # noqa: PLR0913
             run = store.create_run(conn, store.NewRun(
                 "finalize", batch_size, tool_version=__version__))
         run_lock.bind_run(conn, run.id)
-        deleted = _delete_batch(conn, batch_size, pairs)
+        deleted = journal.delete_batch(conn)
     result.run_id = run.id
     log = get_logger(run_id=run.id, kind="finalize")
     log.info("run_started", resumed=result.resumed, batch_size=batch_size)
@@ -207,8 +215,7 @@ def _finalize(  # noqa: PLR0913
                     if should_stop is not None and should_stop():
                         raise KeyboardInterrupt  # asked to stop: this batch is committed
                     with engine.begin() as conn:
-                        run_lock.fence(conn)
-                        deleted = _delete_batch(conn, batch_size, pairs)
+                        deleted = journal.delete_batch(conn)
                         store.touch_run(conn, run.id)
             finally:
                 end.note = f"deleted {result.deleted} rollback journal row(s)" + (

@@ -25,7 +25,7 @@ from checkpoints.store import BatchCounts, FailureRow
 from checkpoints.tables import journal
 
 from .applier import Writer, apply_migrate_batch, apply_rollback_batch
-from .batches import ColumnSummary, Prepared, finish_rows, prepare_rows
+from .batches import ColumnSteps, ColumnSummary, Prepared
 from .codec import FernetCodec, ValueKind, classify, decode_kms, encryption_context
 from .config import Settings
 from .kms import KMS, Opening
@@ -179,7 +179,8 @@ def migrate_column(job: ColumnJob, fetch: Fetcher[Row], summary: ColumnSummary, 
     summary.column_type = str(bt.col(column).type)
     after = job.after
     rows, cursor, done = fetch(after)
-    prep = prepare_rows(rows, bt, column, codec, kms, ctx, size_for_aws=dry)
+    steps = ColumnSteps(bt, column, codec, kms, ctx, size_for_aws=dry)
+    prep = steps.prepare(rows)
     upcoming: Prepared | None = None
     batch_no = 0
     try:
@@ -187,14 +188,14 @@ def migrate_column(job: ColumnJob, fetch: Fetcher[Row], summary: ColumnSummary, 
             batch_no += 1
             batch_rows, last_pk = rows, cursor
             _moved_on(job, after, last_pk, done)
-            rewrites, failures, counts = finish_rows(prep, bt, column)
+            rewrites, failures, counts = steps.finish(prep)
             summary.unfit += len(prep.unfit)
             summary.unfit_need = max([summary.unfit_need, *prep.unfit])
             next_done = True
             if not done:
                 after = last_pk
                 rows, cursor, next_done = fetch(last_pk)
-                upcoming = prepare_rows(rows, bt, column, codec, kms, ctx, size_for_aws=dry)
+                upcoming = steps.prepare(rows)
             if dry:
                 if dry_failures is not None:
                     dry_failures.extend(failures)

@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import Engine
 
 from checkpoints import leases, store
+from checkpoints.leases import Sizing
 from checkpoints.lock import LockHeld, RunLock
 from checkpoints.store import Run
 from checkpoints.tables import journal
@@ -135,13 +136,6 @@ class Split:
         return Sizing(self.rows_per_range, RANGES_PER_WORKER * self.workers, batch_size)
 
 
-@dataclass(frozen=True)
-class Sizing:
-    rows_per_range: int
-    min_ranges: int
-    min_rows: int  # a batch: a range smaller than that is not worth a claim
-
-
 def plan_ranges(conn: Any, run: Run, columns: Sequence[tuple[BoundTarget, str]],
           sizing: Sizing, lock: RunLock) -> None:
     """Split each unfinished column into ranges from its checkpoint on (once per run);
@@ -155,8 +149,7 @@ def plan_ranges(conn: Any, run: Run, columns: Sequence[tuple[BoundTarget, str]],
         if ck is None or ck.done:
             continue
         where = [bt.pk > bt.pk_value(ck.last_pk)] if ck.last_pk is not None else []
-        bounds = leases.boundaries(conn, bt.table, bt.pk, where, sizing.rows_per_range,
-                                   min_ranges=sizing.min_ranges, min_rows=sizing.min_rows)
+        bounds = leases.boundaries(conn, bt.table, bt.pk, where, sizing)
         leases.create_ranges(conn, run.id, bt.name, column, ck.last_pk,
                              [bt.pk_text(b) for b in bounds])
     store.mark_ranged(conn, run.id)
@@ -184,7 +177,6 @@ def plan_rollback(conn: Any, run: Run, sizing: Sizing, lock: RunLock) -> None:
         start = int(ck.last_pk) if ck.last_pk is not None else 0
         where = [j.table_name == table, j.column_name == column, j.status == "migrated",
                  j.id > start]
-        bounds = leases.boundaries(conn, journal, j.id, where, sizing.rows_per_range,
-                                   min_ranges=sizing.min_ranges, min_rows=sizing.min_rows)
+        bounds = leases.boundaries(conn, journal, j.id, where, sizing)
         leases.create_ranges(conn, run.id, table, column, ck.last_pk, [str(b) for b in bounds])
     store.mark_ranged(conn, run.id)

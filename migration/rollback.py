@@ -26,7 +26,6 @@ from .errors import ConfigError, ResumeMismatchError
 from .finalize import finalized_refusal
 from .logs import get_logger
 from .pipeline import ColumnJob, Hooks, rollback_column
-from .progress import NullProgress, Progress
 from .reader import BoundTarget, bind_target, primary_key_of
 from .runs import RunEnd, lifecycle, lock_held
 
@@ -64,11 +63,12 @@ def rollback(
     engine: Engine,
     *,
     batch_size: int = 500,
-    progress: Progress | None = None,
-    should_stop: Callable[[], bool] | None = None,
+    hooks: Hooks | None = None,
     before_first_write: Callable[[], None] | None = None,
 ) -> RollbackResult:
-    """Restore the original token of every migrated value not yet rolled back; resumable."""
+    """Restore the original token of every migrated value not yet rolled back; resumable.
+
+    `before_first_write` (e.g. the SQLite backup) runs once the lock is ours."""
     started = time.monotonic()
     result = RollbackResult()
     check_can_roll_back(engine)
@@ -76,8 +76,7 @@ def rollback(
     with lock_held(engine, "rollback") as run_lock:
         if before_first_write is not None:
             before_first_write()  # the lock is ours: e.g. the SQLite backup
-        return _rollback(engine, batch_size, result, run_lock, started,
-                         progress or NullProgress(), should_stop)
+        return _rollback(engine, batch_size, result, run_lock, started, hooks or Hooks())
 
 
 def check_can_roll_back(engine: Engine) -> None:
@@ -130,15 +129,8 @@ def start_rollback_run(engine: Engine, batch_size: int, run_lock: RunLock,
     return run, resumed
 
 
-def _rollback(  # noqa: PLR0913
-    engine: Engine,
-    batch_size: int,
-    result: RollbackResult,
-    run_lock: RunLock,
-    started: float,
-    progress: Progress,
-    should_stop: Callable[[], bool] | None,
-) -> RollbackResult:
+def _rollback(engine: Engine, batch_size: int, result: RollbackResult, run_lock: RunLock,
+              started: float, hooks: Hooks) -> RollbackResult:
     run, result.resumed = start_rollback_run(engine, batch_size, run_lock)
     result.run_id = run.id
     log = get_logger(run_id=run.id, kind="rollback")
@@ -147,6 +139,9 @@ def _rollback(  # noqa: PLR0913
         positions = store.load_checkpoints(conn, run.id)
 
     bound: dict[str, BoundTarget] = {}
+    # A rollback reads only the journal: its columns' jobs need no more settings than this.
+    settings = Settings(db_url="", batch_size=batch_size)
+    progress = hooks.progress
     end = RunEnd()
     try:
         with lifecycle(engine, run.id, end):
@@ -159,9 +154,9 @@ def _rollback(  # noqa: PLR0913
                 bt = _bound_column(engine, bound, table, column)
                 after = int(ck.last_pk) if ck.last_pk is not None else 0
                 progress.start(table, column, _journal_left(engine, table, column, after))
-                job = ColumnJob(engine, bt, column, Settings(db_url="", batch_size=batch_size),
-                                run_id=run.id, fence=run_lock.fence, after=after, log=log)
-                rollback_column(job, summary, Hooks(progress, should_stop=should_stop))
+                job = ColumnJob(engine, bt, column, settings, run_id=run.id,
+                                fence=run_lock.fence, after=after, log=log)
+                rollback_column(job, summary, hooks)
     finally:
         progress.finish()
         result.seconds = time.monotonic() - started

@@ -93,8 +93,12 @@ def verify(
                               check, result.problems)
         result.kms_requests = kms.requests
     else:
-        _verify_ranged(settings, engine, bound, key.arn, workers, rows_per_range,
-                       dict(log_opts or {}), result)
+        tasks = _plan_ranges(engine, bound, settings, workers, rows_per_range, result)
+        outcomes = _verify_ranges(settings, key.arn, workers, dict(log_opts or {}), tasks)
+        for task, out in zip(tasks, outcomes, strict=True):  # column order, then key order
+            result.columns[task.index].add(out.check)
+            result.problems.extend(out.problems)
+            result.kms_requests += out.kms_requests
         result.kms_requests += kms.requests
     result.seconds = time.monotonic() - started
     return result
@@ -120,15 +124,14 @@ class _RangeOutcome:
     kms_requests: int
 
 
-def _verify_ranged(  # noqa: PLR0913
-    settings: Settings, engine: Engine, bound: Sequence[BoundTarget], arn: str, workers: int,
-    rows_per_range: int, log_opts: dict[str, Any], result: VerifyResult,
-) -> None:
+def _plan_ranges(engine: Engine, bound: Sequence[BoundTarget], settings: Settings,
+                 workers: int, rows_per_range: int, result: VerifyResult) -> list[_Task]:
+    """Each column's key ranges, as tasks; a (still empty) check per column in `result`."""
     tasks: list[_Task] = []
     with engine.connect() as conn:
         for bt in bound:
-            bounds = leases.boundaries(conn, bt.table, bt.pk, [], rows_per_range,
-                                       min_ranges=4 * workers, min_rows=settings.batch_size)
+            bounds = leases.boundaries(conn, bt.table, bt.pk, [], leases.Sizing(
+                rows_per_range, min_ranges=4 * workers, min_rows=settings.batch_size))
             los: list[Any | None] = [None, *bounds]
             his: list[Any | None] = [*bounds, None]
             for column in bt.target.columns:
@@ -136,6 +139,12 @@ def _verify_ranged(  # noqa: PLR0913
                 result.columns.append(ColumnCheck(bt.name, column))
                 tasks.extend(_Task(index, bt.name, column, lo, hi)
                              for lo, hi in zip(los, his, strict=True))
+    return tasks
+
+
+def _verify_ranges(settings: Settings, arn: str, workers: int, log_opts: dict[str, Any],
+                   tasks: Sequence[_Task]) -> list[_RangeOutcome]:
+    """The tasks verified by `workers` processes; their outcomes, in the tasks' order."""
     log = get_logger(kind="verify")
     log.info("verify_ranges", ranges=len(tasks), workers=workers)
     child_settings = replace(settings, fernet_keys=())  # verify needs no Fernet key
@@ -168,11 +177,7 @@ def _verify_ranged(  # noqa: PLR0913
             "a verify process died mid-run (killed by a signal or the out-of-memory "
             "killer); verify writes nothing, so nothing is lost: run verify again (with "
             "fewer --workers if memory is short)")
-    for task, f in zip(tasks, futures, strict=True):  # column order, then key order
-        out = f.result()
-        result.columns[task.index].add(out.check)
-        result.problems.extend(out.problems)
-        result.kms_requests += out.kms_requests
+    return [f.result() for f in futures]
 
 
 def _stop_pool(pool: ProcessPoolExecutor, futures: Sequence[Future[_RangeOutcome]]) -> None:

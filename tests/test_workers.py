@@ -360,7 +360,7 @@ def test_ranges_follow_rows_per_range_and_give_every_worker_some(db_url: str, ke
     users = Table("users", MetaData(), autoload_with=eng)
     with eng.connect() as conn:
         def sizes(**kw: int) -> list[int]:
-            bounds = leases.boundaries(conn, users, users.c.user_id, [], **kw)
+            bounds = leases.boundaries(conn, users, users.c.user_id, [], leases.Sizing(**kw))
             edges = [0, *bounds, 100]
             return [b - a for a, b in pairwise(edges)]
 
@@ -369,7 +369,7 @@ def test_ranges_follow_rows_per_range_and_give_every_worker_some(db_url: str, ke
         assert sizes(rows_per_range=1000, min_ranges=8, min_rows=10) == [13] * 4 + [12] * 4
         assert len(sizes(rows_per_range=1000, min_ranges=50, min_rows=10)) == 10  # >= a batch
         after_40 = leases.boundaries(conn, users, users.c.user_id, [users.c.user_id > 40],
-                                     rows_per_range=20)
+                                     leases.Sizing(20))
         assert after_40 == [60, 80]  # (40, 60], (60, 80], (80, end)
 
 
