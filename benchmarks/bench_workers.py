@@ -48,7 +48,8 @@ from migration.kms import KMS, make_client  # noqa: E402
 from migration.logs import configure_logging  # noqa: E402
 from migration.migrator import migrate  # noqa: E402
 from migration.supervisor import Here, migrate_ranged  # noqa: E402
-from migration.worker import WorkerSpec, settings_from_dict, work  # noqa: E402
+from migration.worker import work  # noqa: E402
+from migration.worker_spec import WorkerSpec, settings_from_dict  # noqa: E402
 from tests.pgserver import running_pg_server  # noqa: E402
 
 # One Fernet key for the parent and the worker processes (in the environment, not argv).

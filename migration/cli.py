@@ -60,7 +60,8 @@ from .supervisor import (
     rollback_ranged,
 )
 from .verify import verify
-from .worker import WorkerSpec, settings_from_dict, work, worker_engine, worker_signals
+from .worker import work, worker_engine, worker_signals
+from .worker_spec import WorkerSpec, settings_from_dict
 
 __all__ = ["cli", "main"]
 

@@ -126,7 +126,7 @@ def fernet_keys_from_env(env: Mapping[str, str] = os.environ) -> tuple[str, ...]
     return tuple(key for _, key in named_fernet_keys(env))
 
 
-def load_targets(path: str | Path | None) -> tuple[Target, ...]:  # noqa: C901
+def load_targets(path: str | Path | None) -> tuple[Target, ...]:
     """Read targets from a TOML file, or return the built-in coinflip targets.
 
     The file holds ``[[targets]]`` tables with ``table``, ``primary_key`` and ``columns``.
@@ -148,35 +148,43 @@ def load_targets(path: str | Path | None) -> tuple[Target, ...]:  # noqa: C901
             f"config file {p} has no [[targets]]: add at least one "
             '[[targets]] with table = "...", primary_key = "...", columns = ["..."]'
         )
-    targets: list[Target] = []
+    targets = [_target(entry, f"config file {p}, target #{i}")
+               for i, entry in enumerate(entries, 1)]
     seen: set[tuple[str, str]] = set()
-    for i, entry in enumerate(entries, 1):
-        where = f"config file {p}, target #{i}"
-        if not isinstance(entry, dict):
-            raise ConfigError(f"{where} is not a table: use [[targets]]")
-        unknown = set(entry) - {"table", "primary_key", "columns"}
-        if unknown:
-            raise ConfigError(f"{where} has unknown keys {sorted(unknown)}: "
-                              "allowed are table, primary_key, columns")
-        table, pk, columns = entry.get("table"), entry.get("primary_key"), entry.get("columns")
-        if not isinstance(table, str) or not table:
-            raise ConfigError(f'{where} needs table = "name"')
-        if not isinstance(pk, str) or not pk:
-            raise ConfigError(f'{where} ({table}) needs primary_key = "column"')
-        if (
-            not isinstance(columns, list)
-            or not columns
-            or not all(isinstance(c, str) and c for c in columns)
-        ):
-            raise ConfigError(f'{where} ({table}) needs columns = ["col", ...] with at least one')
-        for c in columns:
-            if (table, c) in seen:
-                raise ConfigError(f"{where}: column {table}.{c} is listed twice")
-            seen.add((table, c))
-        if pk in columns:
-            raise ConfigError(f"{where}: the primary key {table}.{pk} cannot be a target column")
-        targets.append(Target(table, pk, tuple(columns)))
+    for i, t in enumerate(targets, 1):
+        for c in t.columns:
+            if (t.table, c) in seen:
+                raise ConfigError(f"config file {p}, target #{i}: column {t.table}.{c} is "
+                                  "listed twice")
+            seen.add((t.table, c))
     return tuple(targets)
+
+
+def _target(entry: object, where: str) -> Target:
+    """One [[targets]] entry, checked."""
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where} is not a table: use [[targets]]")
+    unknown = set(entry) - {"table", "primary_key", "columns"}
+    if unknown:
+        raise ConfigError(f"{where} has unknown keys {sorted(unknown)}: "
+                          "allowed are table, primary_key, columns")
+    table, pk, columns = entry.get("table"), entry.get("primary_key"), entry.get("columns")
+    if not isinstance(table, str) or not table:
+        raise ConfigError(f'{where} needs table = "name"')
+    if not isinstance(pk, str) or not pk:
+        raise ConfigError(f'{where} ({table}) needs primary_key = "column"')
+    if (
+        not isinstance(columns, list)
+        or not columns
+        or not all(isinstance(c, str) and c for c in columns)
+    ):
+        raise ConfigError(f'{where} ({table}) needs columns = ["col", ...] with at least one')
+    if len(set(columns)) < len(columns):
+        twice = next(c for c in columns if columns.count(c) > 1)
+        raise ConfigError(f"{where}: column {table}.{twice} is listed twice")
+    if pk in columns:
+        raise ConfigError(f"{where}: the primary key {table}.{pk} cannot be a target column")
+    return Target(table, pk, tuple(columns))
 
 
 def targets_fingerprint(targets: Sequence[Target], encryption_context: bool = False) -> str:

@@ -163,10 +163,7 @@ def migrate(
     hooks = hooks or Hooks()
     bound = bind_targets(engine, settings.targets)
     codec = FernetCodec(settings.fernet_keys)
-    if not mode.retry_failed:
-        # A retry goes through the recorded failures only: a key that opens none of them
-        # fails each one again, named (exit 1), and the tokens it does not retry are none
-        # of its business (whether they open decided nothing: a refusal here was wrong).
+    if not mode.retry_failed:  # a retry's keys are checked by retrying (each failure named)
         check_keys_open_something(engine, bound, codec)
     key = kms.describe()
     result = MigrateResult(dry_run=mode.dry_run)

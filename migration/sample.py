@@ -12,7 +12,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from cryptography.fernet import Fernet
-from sqlalchemy import Column, Engine, Integer, MetaData, String, Table, Text, insert
+from sqlalchemy import (
+    Column,
+    Connection,
+    Engine,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    insert,
+    update,
+)
 
 __all__ = ["SampleSecrets", "coinflip_metadata", "create_coinflip_schema", "fill_coinflip"]
 
@@ -56,7 +67,7 @@ def _secret(rng: random.Random) -> str:
     return "".join(rng.choice(B58) for _ in range(88))
 
 
-def fill_coinflip(  # noqa: C901
+def fill_coinflip(
     engine: Engine,
     rows: int,
     current_key: str,
@@ -66,51 +77,12 @@ def fill_coinflip(  # noqa: C901
     bad_values: bool = True,
 ) -> SampleSecrets:
     """Insert `rows` users and `rows` wagers; return the truth to check results against."""
-    rng = random.Random(seed)
-    cur = Fernet(current_key.encode())
-    old = Fernet(legacy_key.encode()) if legacy_key else None
-    stranger = Fernet(Fernet.generate_key())
-    truth = SampleSecrets()
+    filler = _Filler(random.Random(seed), Fernet(current_key.encode()),
+                     Fernet(legacy_key.encode()) if legacy_key else None)
     _, users, wagers = coinflip_metadata()
-
-    def cell(table: str, pk: str, column: str, i: int) -> str | None:
-        key = (table, pk, column)
-        roll = rng.random()
-        if roll < 0.06:
-            truth.empty.add(key)
-            return None
-        if roll < 0.09:
-            truth.empty.add(key)
-            return ""
-        plaintext = _secret(rng)
-        truth.plaintexts[key] = plaintext
-        f = old if (old is not None and roll < 0.25) else cur
-        return f.encrypt(plaintext.encode()).decode()
-
-    def user_rows() -> Iterator[dict[str, object]]:
-        for i in range(1, rows + 1):
-            pk = str(i)
-            yield {
-                "user_id": i,
-                "username": "".join(rng.choice(string.ascii_lowercase) for _ in range(8)),
-                "encrypted_secret": cell("users", pk, "encrypted_secret", i),
-                "referral_payout_escrow_secret": cell(
-                    "users", pk, "referral_payout_escrow_secret", i),
-            }
-
-    def wager_rows() -> Iterator[dict[str, object]]:
-        for i in range(1, rows + 1):
-            pk = f"wgr_{rng.getrandbits(64):016x}"
-            yield {
-                "wager_id": pk,
-                "amount_lamports": rng.randrange(1, 10**9),
-                "creator_escrow_secret": cell("wagers", pk, "creator_escrow_secret", i),
-                "acceptor_escrow_secret": cell("wagers", pk, "acceptor_escrow_secret", i),
-            }
-
     with engine.begin() as conn:
-        batch: list[dict[str, object]] = []
-        for table, gen in ((users, user_rows()), (wagers, wager_rows())):
+        for table, gen in ((users, filler.user_rows(rows)), (wagers, filler.wager_rows(rows))):
+            batch: list[dict[str, object]] = []
             for r in gen:
                 batch.append(r)
                 if len(batch) == 1000:
@@ -118,21 +90,68 @@ def fill_coinflip(  # noqa: C901
                     batch = []
             if batch:
                 conn.execute(insert(table), batch)
-                batch = []
         if bad_values and rows >= 3:
-            from sqlalchemy import update
+            filler.spoil(conn, users)
+    return filler.truth
 
-            def put(pk: int, column: str, value: str, why: str) -> None:
-                conn.execute(update(users).where(users.c.user_id == pk).values({column: value}))
-                key = ("users", str(pk), column)
-                truth.plaintexts.pop(key, None)
-                truth.empty.discard(key)
-                truth.bad[key] = why
 
-            good = cur.encrypt(_secret(rng).encode()).decode()
-            put(1, "encrypted_secret", good[:-12] + "AAAAAAAAAAA=", "corrupt")
-            put(2, "encrypted_secret", stranger.encrypt(b"someone else's key").decode(),
-                "unknown key")
-            put(3, "referral_payout_escrow_secret",
-                cur.encrypt(("x" * 5000).encode()).decode(), "oversize")
-    return truth
+@dataclass
+class _Filler:
+    """The sample's values, drawn from one seeded generator, and the truth about them."""
+
+    rng: random.Random
+    cur: Fernet
+    old: Fernet | None
+    truth: SampleSecrets = field(default_factory=SampleSecrets)
+
+    def cell(self, table: str, pk: str, column: str) -> str | None:
+        key = (table, pk, column)
+        roll = self.rng.random()
+        if roll < 0.06:
+            self.truth.empty.add(key)
+            return None
+        if roll < 0.09:
+            self.truth.empty.add(key)
+            return ""
+        plaintext = _secret(self.rng)
+        self.truth.plaintexts[key] = plaintext
+        f = self.old if (self.old is not None and roll < 0.25) else self.cur
+        return f.encrypt(plaintext.encode()).decode()
+
+    def user_rows(self, rows: int) -> Iterator[dict[str, object]]:
+        for i in range(1, rows + 1):
+            pk = str(i)
+            yield {
+                "user_id": i,
+                "username": "".join(self.rng.choice(string.ascii_lowercase) for _ in range(8)),
+                "encrypted_secret": self.cell("users", pk, "encrypted_secret"),
+                "referral_payout_escrow_secret": self.cell(
+                    "users", pk, "referral_payout_escrow_secret"),
+            }
+
+    def wager_rows(self, rows: int) -> Iterator[dict[str, object]]:
+        for _ in range(rows):
+            pk = f"wgr_{self.rng.getrandbits(64):016x}"
+            yield {
+                "wager_id": pk,
+                "amount_lamports": self.rng.randrange(1, 10**9),
+                "creator_escrow_secret": self.cell("wagers", pk, "creator_escrow_secret"),
+                "acceptor_escrow_secret": self.cell("wagers", pk, "acceptor_escrow_secret"),
+            }
+
+    def spoil(self, conn: Connection, users: Table) -> None:
+        """Three bad values in users 1-3: a corrupt token, one under a key nobody has, and
+        one whose plaintext is over KMS's limit."""
+        def put(pk: int, column: str, value: str, why: str) -> None:
+            conn.execute(update(users).where(users.c.user_id == pk).values({column: value}))
+            key = ("users", str(pk), column)
+            self.truth.plaintexts.pop(key, None)
+            self.truth.empty.discard(key)
+            self.truth.bad[key] = why
+
+        good = self.cur.encrypt(_secret(self.rng).encode()).decode()
+        put(1, "encrypted_secret", good[:-12] + "AAAAAAAAAAA=", "corrupt")
+        put(2, "encrypted_secret",
+            Fernet(Fernet.generate_key()).encrypt(b"someone else's key").decode(), "unknown key")
+        put(3, "referral_payout_escrow_secret",
+            self.cur.encrypt(("x" * 5000).encode()).decode(), "oversize")

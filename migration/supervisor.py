@@ -61,7 +61,7 @@ from .rollback import (
     check_can_roll_back,
     start_rollback_run,
 )
-from .worker import MAX_HEARTBEAT, WorkerSpec, heartbeat_every, settings_to_dict
+from .worker_spec import MAX_HEARTBEAT, WorkerSpec, heartbeat_every, settings_to_dict
 
 __all__ = [
     "DEFAULT_LEASE_SECONDS", "DEFAULT_ROWS_PER_RANGE", "Here", "WorkersFailed", "migrate_ranged",

@@ -12,13 +12,12 @@ of tokens), which is the contention the ranges exist to avoid.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -36,20 +35,16 @@ from .codec import FernetCodec
 from .config import (
     Settings,
     Target,
-    fernet_keys_from_env,
 )
 from .errors import KmsMigrateError, RunLockedError
 from .kms import KMS, KeyInfo
 from .logs import get_logger
 from .pipeline import ColumnJob, Hooks, keyset_fetcher, migrate_column, rollback_column
 from .reader import BoundTarget, bind_target, bind_targets, primary_key_of
+from .worker_spec import WorkerSpec, heartbeat_every
 
-__all__ = [
-    "MAX_HEARTBEAT", "Heartbeat", "WorkerOutcome", "WorkerSpec", "heartbeat_every",
-    "settings_from_dict", "settings_to_dict", "work", "worker_engine", "worker_signals",
-]
+__all__ = ["Heartbeat", "WorkerOutcome", "work", "worker_engine", "worker_signals"]
 
-MAX_HEARTBEAT = 5.0  # seconds between heartbeats, at most (a quarter of the lease below 20 s)
 # Ranges in a row a worker may lose to its database session being cut off (the server
 # ends a session left idle inside a transaction, e.g. by a worker frozen mid-batch) before
 # it stops on the error: the batch rolled back whole, so it claims again, boundedly.
@@ -68,48 +63,6 @@ def worker_engine(url: str, lease_seconds: float) -> Engine:
 
     return make_engine(url, idle_timeout=idle_timeout_for_lease(lease_seconds),
                        statement_timeout=WORKER_STATEMENT_TIMEOUT)
-
-
-def heartbeat_every(lease_seconds: float) -> float:
-    return min(MAX_HEARTBEAT, lease_seconds / 4)
-
-
-# -- what a worker is told ------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    """Everything a worker process needs but its Fernet keys, which it reads from its own
-    environment like any kms-migrate command. Sent on the worker's stdin (not argv, which
-    `ps` shows: the database URL may hold a password)."""
-
-    kind: str  # migrate | rollback
-    run_id: int
-    lock_token: str
-    lease_seconds: float
-    settings: dict[str, Any]
-    log: dict[str, Any] = field(default_factory=dict)
-    workers: int = 1  # started by the same command, this one included
-    others: int = 0  # live workers of the run elsewhere when the command started its own
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> WorkerSpec:
-        return cls(**json.loads(text))
-
-
-def settings_to_dict(settings: Settings) -> dict[str, Any]:
-    d = asdict(replace(settings, fernet_keys=()))
-    d.pop("fernet_keys")
-    d["targets"] = [t.as_dict() for t in settings.targets]
-    return d
-
-
-def settings_from_dict(d: dict[str, Any]) -> Settings:
-    targets = tuple(Target(t["table"], t["primary_key"], tuple(t["columns"]))
-                    for t in d["targets"])
-    return Settings(**{**d, "targets": targets}, fernet_keys=fernet_keys_from_env())
 
 
 # -- the worker -----------------------------------------------------------------------------

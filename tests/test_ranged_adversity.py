@@ -313,7 +313,7 @@ def test_a_worker_whose_run_lock_is_gone_says_so_in_one_line(
     another command stops with the lock's one-line message, exit 2, not a raw LockLost."""
     import io
 
-    from migration.worker import WorkerSpec
+    from migration.worker_spec import WorkerSpec
     from tests.helpers import run_main
     from tests.test_workers import _run_with_ranges
 

@@ -25,7 +25,8 @@ from migration.kms import RateLimiter
 from migration.migrator import Mode, migrate
 from migration.ranged_start import Split, start_ranged_migrate
 from migration.supervisor import Here, migrate_ranged, rollback_ranged
-from migration.worker import Heartbeat, WorkerSpec, settings_to_dict, work
+from migration.worker import Heartbeat, work
+from migration.worker_spec import WorkerSpec, settings_to_dict
 from tests.conftest import Keys, KmsHandle
 from tests.helpers import (
     interrupted_migrate,
