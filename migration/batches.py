@@ -47,25 +47,39 @@ REASON_BEHIND = (
 
 @dataclass
 class ColumnSummary:
+    """What a run did to one column: its counts (`add` sums a batch's in), and the values
+    whose KMS text does not fit the column's declared length (failed, counted in `failed`
+    too) with the length the longest of them needs."""
+
     table: str
     column: str
-    migrated: int = 0
-    skipped: int = 0
-    already: int = 0
-    failed: int = 0
-    conflicts: int = 0
-    # Values whose KMS text does not fit the column's declared length (failed, counted
-    # in `failed` too), and the length the longest of them needs.
+    counts: BatchCounts = field(default_factory=BatchCounts)
     unfit: int = 0
     unfit_need: int = 0
     column_type: str = ""  # as declared, e.g. VARCHAR(255)
 
     def add(self, c: BatchCounts) -> None:
-        self.migrated += c.migrated
-        self.skipped += c.skipped
-        self.already += c.already
-        self.failed += c.failed
-        self.conflicts += c.conflicts
+        self.counts = self.counts + c
+
+    @property
+    def migrated(self) -> int:
+        return self.counts.migrated
+
+    @property
+    def skipped(self) -> int:
+        return self.counts.skipped
+
+    @property
+    def already(self) -> int:
+        return self.counts.already
+
+    @property
+    def failed(self) -> int:
+        return self.counts.failed
+
+    @property
+    def conflicts(self) -> int:
+        return self.counts.conflicts
 
 
 @dataclass

@@ -245,7 +245,7 @@ def name_left_behind(engine: Engine, bound: Sequence[BoundTarget], result: Migra
             fence(conn)
         change = settle_failures(conn, bound, result.run_id)
     for summary in result.columns:
-        summary.failed += change[(summary.table, summary.column)]
+        summary.add(BatchCounts(failed=change[(summary.table, summary.column)]))
 
 
 def settle_failures(conn: Connection, bound: Sequence[BoundTarget],

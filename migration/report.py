@@ -13,6 +13,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from checkpoints.store import BatchCounts
+
 from . import __version__
 from .config import Settings
 from .db import safe_url
@@ -45,8 +47,10 @@ def build_report(
          "already_kms": c.already, "failed": c.failed, "conflicts": c.conflicts}
         for c in result.columns
     ]
-    totals = {k: sum(int(c[k]) for c in columns)  # type: ignore[call-overload]
-              for k in ("migrated", "skipped", "already_kms", "failed", "conflicts")}
+    total = sum((c.counts for c in result.columns), BatchCounts())
+    totals = {"migrated": total.migrated, "skipped": total.skipped,
+              "already_kms": total.already, "failed": total.failed,
+              "conflicts": total.conflicts}
     report: dict[str, Any] = {
         "tool": "kms-migrate",
         "version": __version__,

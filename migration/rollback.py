@@ -146,8 +146,7 @@ def _rollback(engine: Engine, batch_size: int, result: RollbackResult, run_lock:
     try:
         with lifecycle(engine, run.id, end):
             for (table, column), ck in sorted(positions.items()):
-                summary = ColumnSummary(table, column, migrated=ck.migrated,
-                                        conflicts=ck.conflicts)
+                summary = ColumnSummary(table, column, ck.counts)
                 result.columns.append(summary)
                 if ck.done:
                     continue

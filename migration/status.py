@@ -88,7 +88,7 @@ def collect_status(engine: Engine, failure_limit: int = 50) -> StatusReport | No
                     table, column, ck.done, None if latest.ranged else ck.last_pk,
                     ck.batches + sum(x.batches for x in rows
                                      if (x.table_name, x.column_name) == (table, column)),
-                    *_five(ck.counts + rc), remaining,
+                    remaining=remaining, **asdict(ck.counts + rc),
                 ))
             report.failures = [
                 asdict(f) for f in store.failures_of(conn, latest.id, limit=failure_limit)
@@ -178,7 +178,3 @@ def _range(r: RangeRow) -> dict[str, Any]:
         "skipped": r.skipped, "already": r.already, "failed": r.failed,
         "conflicts": r.conflicts,
     }
-
-
-def _five(c: BatchCounts) -> tuple[int, int, int, int, int]:
-    return c.migrated, c.skipped, c.already, c.failed, c.conflicts

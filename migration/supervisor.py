@@ -334,12 +334,8 @@ def _work_here(
 
 
 def _summaries(conn: Any, run_id: int) -> list[ColumnSummary]:
-    out = []
-    for (table, column), counts in _column_counts(conn, run_id).items():
-        summary = ColumnSummary(table, column)
-        summary.add(counts)
-        out.append(summary)
-    return out
+    return [ColumnSummary(table, column, counts)
+            for (table, column), counts in _column_counts(conn, run_id).items()]
 
 
 def _column_counts(conn: Any, run_id: int) -> dict[tuple[str, str], BatchCounts]:
