@@ -175,3 +175,30 @@ def test_a_failed_value_the_application_rewrites_during_the_run_is_no_longer_cou
     assert result.failures == [], result.failures
     assert sum(c.failed for c in result.columns) == 0
     assert config
+
+
+def test_a_retry_names_a_failure_only_an_interrupted_run_recorded(
+    capsys: Any, db_url: str, kms: KmsHandle, env_keys: Keys, tmp_path: Path,
+    monkeypatch: Any,
+) -> None:
+    """Machine sequence (PostgreSQL, long profile; the model was wrong, not the tool): a
+    `migrate` interrupted after it recorded a failure (a token under the legacy key, which
+    the environment lacks) that no output named; `rollback` (abandons that run); `migrate
+    --retry-failed`. The retry takes every recorded failure, that one too, and names it,
+    as it is still left: exit 1 naming only values that are left."""
+    monkeypatch.delenv("ENCRYPTION_KEY_LEGACY", raising=False)
+    cur = Fernet(env_keys.current.encode())
+    legacy = Fernet(env_keys.legacy.encode())
+    config = _vault(db_url, tmp_path, {"a": legacy.encrypt(b"old").decode(),
+                                       **{k: cur.encrypt(k.encode()).decode()
+                                          for k in ("b", "c", "d")}})
+    settings = settings_for(db_url, env_keys.current, targets=(Target("vault", "id", ("s",)),),
+                            batch_size=2)
+    interrupted_migrate(db_url, settings, kms.client, after_batches=1)  # a failed, b migrated
+    common = ["--db", db_url, "--yes", "--no-backup", "--no-progress"]
+    code, out, err = run_main(capsys, "rollback", *common)
+    assert code == 0, (code, out, err)
+    code, out, err = run_main(capsys, "migrate", *common, "--config", config, "--retry-failed")
+    assert code == 1, (code, out, err)
+    assert "vault pk=a s:" in out
+    assert all(f"vault pk={k} s:" not in out for k in ("b", "c", "d"))
