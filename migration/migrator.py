@@ -188,10 +188,10 @@ def migrate(
             for bt in bound:
                 for column in bt.target.columns:
                     columns.run(bt, column)
-            if not mode.dry_run and not mode.retry_failed:
-                # Exit 0 means nothing is left: a token the application wrote behind the
-                # cursor (this run's, or before a resume) is named now, never passed over.
-                name_left_behind(engine, bound, result, fence)
+            if not mode.dry_run:
+                # Exit 0 means nothing is left, exit 1 names only values that are: see
+                # settle_column (a retry only drops its failures whose value is gone).
+                name_left_behind(engine, bound, result, fence, behind=not mode.retry_failed)
     finally:
         _close(engine, kms, result, end.state, started)
         if run_lock is not None:
@@ -237,33 +237,35 @@ def _close(engine: Engine, kms: KMS, result: MigrateResult, state: str,
 
 
 def name_left_behind(engine: Engine, bound: Sequence[BoundTarget], result: MigrateResult,
-                     fence: Callable[[Connection], None] | None) -> None:
+                     fence: Callable[[Connection], None] | None, *, behind: bool = True) -> None:
     """`settle_failures` for every column of a migrate run, in one fenced transaction,
     counted into the result's column summaries."""
     with engine.begin() as conn:
         if fence is not None:
             fence(conn)
-        change = settle_failures(conn, bound, result.run_id)
+        change = settle_failures(conn, bound, result.run_id, behind=behind)
     for summary in result.columns:
         summary.add(BatchCounts(failed=change[(summary.table, summary.column)]))
 
 
-def settle_failures(conn: Connection, bound: Sequence[BoundTarget],
-                    run_id: int | None) -> dict[tuple[str, str], int]:
+def settle_failures(conn: Connection, bound: Sequence[BoundTarget], run_id: int | None,
+                    *, behind: bool = True) -> dict[tuple[str, str], int]:
     """`settle_column` for every column of the targets; the change of each one's failed
     count."""
-    return {(bt.name, column): settle_column(conn, bt, column, run_id)
+    return {(bt.name, column): settle_column(conn, bt, column, run_id, behind=behind)
             for bt in bound for column in bt.target.columns}
 
 
-def settle_column(conn: Connection, bt: BoundTarget, column: str, run_id: int | None) -> int:
+def settle_column(conn: Connection, bt: BoundTarget, column: str, run_id: int | None,
+                  *, behind: bool = True) -> int:
     """Once a migrate run has been through a column, make its failures the Fernet tokens
     the column still holds that the run did not migrate, in the caller's transaction; the
     change of its failed count. Exit 0 then means nothing is left, and exit 1 names only
     values that exist.
 
     - A token the run neither migrated nor recorded is recorded (REASON_BEHIND): it was
-      written behind the run's cursor (by the application, or before a resume).
+      written behind the run's cursor (by the application, or before a resume). Not for a
+      retry (`behind` False), which answers for the recorded failures only.
     - A recorded failure whose row is gone or holds no Fernet token any more (deleted, or
       rewritten by the application since, e.g. between an interrupted pass and its resume)
       is dropped: no value of it is left to fail."""
@@ -277,7 +279,8 @@ def settle_column(conn: Connection, bt: BoundTarget, column: str, run_id: int | 
     q = select(bt.pk, col).where(bt.pk.is_not(None), col.like(f"{FERNET_PREFIX}%"))
     holding = {bt.pk_text(pk) for pk, value in conn.execute(q)
                if classify(value) is ValueKind.FERNET}
-    left = [FailureRow(bt.name, column, pk, REASON_BEHIND) for pk in sorted(holding - recorded)]
+    left = [FailureRow(bt.name, column, pk, REASON_BEHIND)
+            for pk in sorted(holding - recorded)] if behind else []
     log = get_logger(run_id=run_id)
     gone = store.forget_failures(conn, run_id, bt.name, column, recorded - holding)
     if gone:

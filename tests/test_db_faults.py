@@ -143,12 +143,12 @@ def test_concurrent_application_writes_during_migrate_are_never_lost(
     writer = AppWriter(db_url, keys.current, sorted(truth.plaintexts))
     check = migration.migrator.name_left_behind
 
-    def quiet_then_check(*args: Any) -> None:
+    def quiet_then_check(*args: Any, **kw: Any) -> None:
         # The application stops writing once the run has been through every row, so
         # that what is left when the run looks for leftovers is what it must name.
         writer.stop.set()
         writer.join()
-        check(*args)
+        check(*args, **kw)
 
     monkeypatch.setattr(migration.migrator, "name_left_behind", quiet_then_check)
     writer.start()

@@ -202,3 +202,36 @@ def test_a_retry_names_a_failure_only_an_interrupted_run_recorded(
     assert code == 1, (code, out, err)
     assert "vault pk=a s:" in out
     assert all(f"vault pk={k} s:" not in out for k in ("b", "c", "d"))
+
+
+def test_a_retry_does_not_name_a_failed_value_deleted_before_it_ends(
+    capsys: Any, db_url: str, kms: KmsHandle, env_keys: Keys, tmp_path: Path
+) -> None:
+    """The stale failure, in a `--retry-failed` run: the empty plaintext fails again in the
+    retry's first batch, and the application deletes that row before the retry ends. Exit 1
+    names only values that exist: here none is left, so the retry names nothing."""
+    cur = Fernet(env_keys.current.encode())
+    _vault(db_url, tmp_path, {"a": cur.encrypt(b"").decode(), "b": cur.encrypt(b"b").decode(),
+                              "c": cur.encrypt(b"").decode()})
+    settings = settings_for(db_url, env_keys.current, targets=(Target("vault", "id", ("s",)),),
+                            batch_size=1)
+    from migration.db import make_engine
+    from migration.migrator import Mode, migrate
+    from migration.pipeline import Hooks
+    from tests.helpers import make_kms
+
+    engine = make_engine(db_url)
+    try:
+        first = migrate(settings, engine=engine, kms=make_kms(kms.client, settings))
+        assert sorted(f.pk for f in first.failures) == ["a", "c"]
+
+        def app_deletes(table: str, column: str, counts: object) -> None:
+            with engine.begin() as conn:
+                conn.execute(text("DELETE FROM vault WHERE id = 'a'"))
+
+        retry = migrate(settings, engine=engine, kms=make_kms(kms.client, settings),
+                        mode=Mode(retry_failed=True), hooks=Hooks(on_batch=app_deletes))
+    finally:
+        engine.dispose()
+    assert [f.pk for f in retry.failures] == ["c"], retry.failures
+    assert retry.failed == 1
