@@ -235,3 +235,35 @@ def test_a_retry_does_not_name_a_failed_value_deleted_before_it_ends(
         engine.dispose()
     assert [f.pk for f in retry.failures] == ["c"], retry.failures
     assert retry.failed == 1
+
+
+def test_a_single_process_resume_without_a_fernet_key_of_the_run_is_refused(
+    capsys: Any, db_url: str, kms: KmsHandle, env_keys: Keys, tmp_path: Path,
+    monkeypatch: Any,
+) -> None:
+    """Machine sequence (PostgreSQL, long profile; the model lacked issue 16's rule): a
+    `migrate` started with both Fernet keys is interrupted; the legacy key is removed from
+    the environment; `migrate` again. The resume is refused as a whole (exit 2, one line
+    naming the key's position, never its value): resumed, it would fail every value under
+    the legacy key. Nothing is written."""
+    cur = Fernet(env_keys.current.encode())
+    legacy = Fernet(env_keys.legacy.encode())
+    config = _vault(db_url, tmp_path, {k: (legacy if k in "ac" else cur).encrypt(b"x").decode()
+                                       for k in ("a", "b", "c", "d", "e")})
+    settings = settings_for(db_url, env_keys.current, env_keys.legacy,
+                            targets=(Target("vault", "id", ("s",)),), batch_size=2)
+    interrupted_migrate(db_url, settings, kms.client, after_batches=1)
+    eng = create_engine(db_url)
+    with eng.connect() as conn:
+        before = conn.execute(text("SELECT id, s FROM vault ORDER BY id")).all()
+    monkeypatch.delenv("ENCRYPTION_KEY_LEGACY", raising=False)
+    code, out, err = run_main(capsys, "migrate", "--db", db_url, "--config", config, "--yes",
+                              "--no-backup", "--no-progress", "--batch-size", "2")
+    with eng.connect() as conn:
+        after = conn.execute(text("SELECT id, s FROM vault ORDER BY id")).all()
+        failures = conn.execute(text("SELECT count(*) FROM kms_migrate_failures")).scalar()
+    eng.dispose()
+    assert code == 2, (code, out, err)
+    assert "key 2" in err and err.strip().count("\n") == 0, err
+    assert env_keys.legacy not in err + out
+    assert after == before and failures == 0
