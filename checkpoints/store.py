@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -38,6 +38,7 @@ __all__ = [
     "complete_ranged",
     "create_run",
     "ensure_schema",
+    "failures_in",
     "failures_of",
     "forget_failures",
     "interrupt_running",
@@ -325,31 +326,38 @@ def failures_of(conn: Connection, run_id: int, limit: int | None = None) -> list
     return [FailureRow(*r) for r in conn.execute(q).all()]
 
 
+def failures_in(conn: Connection, run_id: int, table_name: str,
+                column_name: str) -> list[tuple[int, str, str]]:
+    """(id, pk, reason) of every failure the run recorded in one column."""
+    f = failures.c
+    return [(int(i), pk, reason) for i, pk, reason in conn.execute(
+        select(f.id, f.pk, f.reason).where(f.run_id == run_id, f.table_name == table_name,
+                                           f.column_name == column_name))]
+
+
 def forget_failures(conn: Connection, run_id: int, table_name: str, column_name: str,
-                    pks: Iterable[str]) -> int:
-    """Drop the run's recorded failures of these keys in one column, and take them off the
-    column checkpoint's `failed` count, in the caller's transaction; how many.
+                    ids: Sequence[int], counts: BatchCounts) -> None:
+    """Drop these recorded failures (`failures_in`'s ids) of one column of the run, and
+    take `counts` (the `failed` and `conflicts` they were counted in) off its checkpoint,
+    in the caller's transaction.
 
     For failures whose value no longer exists (row deleted, or rewritten by the
     application): once the run is through, only values still left may be counted. On a
     ranged run the failures were counted on its ranges: the checkpoint then holds the
     correction, and every reader sums the two."""
-    keys = sorted(pks)
+    if not ids:
+        return
     f = failures.c
-    gone = 0
-    for i in range(0, len(keys), 500):
-        gone += conn.execute(delete(failures).where(
-            f.run_id == run_id, f.table_name == table_name, f.column_name == column_name,
-            f.pk.in_(keys[i:i + 500]))).rowcount
-    if gone:
-        c = checkpoints.c
-        moved = conn.execute(update(checkpoints).where(
-            c.run_id == run_id, c.table_name == table_name, c.column_name == column_name,
-        ).values(failed=c.failed - gone, updated_at=now())).rowcount
-        if moved != 1:
-            raise CheckpointLost(
-                f"checkpoint of run {run_id} for {table_name}.{column_name} matched {moved} rows")
-    return gone
+    for i in range(0, len(ids), 500):
+        conn.execute(delete(failures).where(f.run_id == run_id, f.id.in_(ids[i:i + 500])))
+    c = checkpoints.c
+    moved = conn.execute(update(checkpoints).where(
+        c.run_id == run_id, c.table_name == table_name, c.column_name == column_name,
+    ).values(failed=c.failed - counts.failed, conflicts=c.conflicts - counts.conflicts,
+             updated_at=now())).rowcount
+    if moved != 1:
+        raise CheckpointLost(
+            f"checkpoint of run {run_id} for {table_name}.{column_name} matched {moved} rows")
 
 
 def count_failures(conn: Connection, run_id: int) -> int:

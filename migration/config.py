@@ -148,20 +148,25 @@ def load_targets(path: str | Path | None) -> tuple[Target, ...]:
             f"config file {p} has no [[targets]]: add at least one "
             '[[targets]] with table = "...", primary_key = "...", columns = ["..."]'
         )
-    targets = [_target(entry, f"config file {p}, target #{i}")
-               for i, entry in enumerate(entries, 1)]
+    targets: list[Target] = []
     seen: set[tuple[str, str]] = set()
-    for i, t in enumerate(targets, 1):
+    for i, entry in enumerate(entries, 1):  # in order: the first bad entry is the one named
+        where = f"config file {p}, target #{i}"
+        t = _target(entry, where)
         for c in t.columns:
             if (t.table, c) in seen:
-                raise ConfigError(f"config file {p}, target #{i}: column {t.table}.{c} is "
-                                  "listed twice")
+                raise ConfigError(f"{where}: column {t.table}.{c} is listed twice")
             seen.add((t.table, c))
+        if t.primary_key in t.columns:
+            raise ConfigError(
+                f"{where}: the primary key {t.table}.{t.primary_key} cannot be a target column")
+        targets.append(t)
     return tuple(targets)
 
 
 def _target(entry: object, where: str) -> Target:
-    """One [[targets]] entry, checked."""
+    """One [[targets]] entry, its own fields checked (`load_targets` checks its columns
+    against the entries before it, then its primary key)."""
     if not isinstance(entry, dict):
         raise ConfigError(f"{where} is not a table: use [[targets]]")
     unknown = set(entry) - {"table", "primary_key", "columns"}
@@ -179,11 +184,6 @@ def _target(entry: object, where: str) -> Target:
         or not all(isinstance(c, str) and c for c in columns)
     ):
         raise ConfigError(f'{where} ({table}) needs columns = ["col", ...] with at least one')
-    if len(set(columns)) < len(columns):
-        twice = next(c for c in columns if columns.count(c) > 1)
-        raise ConfigError(f"{where}: column {table}.{twice} is listed twice")
-    if pk in columns:
-        raise ConfigError(f"{where}: the primary key {table}.{pk} cannot be a target column")
     return Target(table, pk, tuple(columns))
 
 

@@ -21,6 +21,7 @@ from checkpoints.store import BatchCounts, FailureRow, Run
 from checkpoints.tables import failures, runs
 
 from . import __version__
+from .applier import REASON_CONFLICT
 from .batches import (
     REASON_BEHIND,
     REASON_EMPTY,
@@ -245,53 +246,69 @@ def name_left_behind(engine: Engine, bound: Sequence[BoundTarget], result: Migra
             fence(conn)
         change = settle_failures(conn, bound, result.run_id, behind=behind)
     for summary in result.columns:
-        summary.add(BatchCounts(failed=change[(summary.table, summary.column)]))
+        summary.add(change[(summary.table, summary.column)])
 
 
 def settle_failures(conn: Connection, bound: Sequence[BoundTarget], run_id: int | None,
-                    *, behind: bool = True) -> dict[tuple[str, str], int]:
-    """`settle_column` for every column of the targets; the change of each one's failed
-    count."""
+                    *, behind: bool = True) -> dict[tuple[str, str], BatchCounts]:
+    """`settle_column` for every column of the targets; the change of each one's counts."""
     return {(bt.name, column): settle_column(conn, bt, column, run_id, behind=behind)
             for bt in bound for column in bt.target.columns}
 
 
 def settle_column(conn: Connection, bt: BoundTarget, column: str, run_id: int | None,
-                  *, behind: bool = True) -> int:
+                  *, behind: bool = True) -> BatchCounts:
     """Once a migrate run has been through a column, make its failures the Fernet tokens
     the column still holds that the run did not migrate, in the caller's transaction; the
-    change of its failed count. Exit 0 then means nothing is left, and exit 1 names only
-    values that exist.
+    change of its counts. Exit 0 then means nothing is left, and exit 1 names only values
+    that exist.
 
     - A token the run neither migrated nor recorded is recorded (REASON_BEHIND): it was
       written behind the run's cursor (by the application, or before a resume). Not for a
-      retry (`behind` False), which answers for the recorded failures only.
-    - A recorded failure whose row is gone or holds no Fernet token any more (deleted, or
-      rewritten by the application since, e.g. between an interrupted pass and its resume)
-      is dropped: no value of it is left to fail."""
+      retry (`behind` False), which answers for the recorded failures only (and reads only
+      their rows).
+    - A recorded failure or conflict whose row is gone or holds no Fernet token any more
+      (deleted, or rewritten by the application since, e.g. between an interrupted pass
+      and its resume) is dropped, and taken off the count it was in: no value of it is
+      left."""
     assert run_id is not None
-    f = failures.c
-    recorded = set(conn.execute(select(f.pk).where(
-        f.run_id == run_id, f.table_name == bt.name, f.column_name == column)).scalars())
-    col = bt.col(column)
-    # LIKE narrows the read on the server (case-insensitive on some databases: classify
-    # decides); the prefix holds neither '%' nor '_'.
-    q = select(bt.pk, col).where(bt.pk.is_not(None), col.like(f"{FERNET_PREFIX}%"))
-    holding = {bt.pk_text(pk) for pk, value in conn.execute(q)
-               if classify(value) is ValueKind.FERNET}
-    left = [FailureRow(bt.name, column, pk, REASON_BEHIND)
-            for pk in sorted(holding - recorded)] if behind else []
+    recorded = store.failures_in(conn, run_id, bt.name, column)
+    holding = _fernet_keys(conn, bt, column,
+                           None if behind else {pk for _, pk, _ in recorded})
+    gone = [(i, reason) for i, pk, reason in recorded if pk not in holding]
+    conflicts = sum(reason == REASON_CONFLICT for _, reason in gone)
+    dropped = BatchCounts(failed=len(gone) - conflicts, conflicts=conflicts)
+    store.forget_failures(conn, run_id, bt.name, column, [i for i, _ in gone], dropped)
     log = get_logger(run_id=run_id)
-    gone = store.forget_failures(conn, run_id, bt.name, column, recorded - holding)
     if gone:
-        log.warning("failed_values_gone", table=bt.name, column=column, values=gone)
+        log.warning("failed_values_gone", table=bt.name, column=column, count=len(gone))
+    known = {pk for _, pk, _ in recorded}
+    left = [FailureRow(bt.name, column, pk, REASON_BEHIND)
+            for pk in sorted(holding - known)] if behind else []
     if left:
         ck = store.load_checkpoints(conn, run_id)[(bt.name, column)]
         store.record_batch(conn, run_id, bt.name, column,
                            store.Batch(ck.last_pk, BatchCounts(failed=len(left)), done=True,
                                        failure_rows=left))
-        log.warning("written_behind_the_run", table=bt.name, column=column, values=len(left))
-    return len(left) - gone
+        log.warning("written_behind_the_run", table=bt.name, column=column, count=len(left))
+    return BatchCounts(failed=len(left) - dropped.failed, conflicts=-conflicts)
+
+
+def _fernet_keys(conn: Connection, bt: BoundTarget, column: str,
+                 only: set[str] | None) -> set[str]:
+    """The keys (as text) of the rows whose value in `column` is a Fernet token: every
+    such row, or only those among the keys `only`."""
+    col = bt.col(column)
+    if only is None:
+        # LIKE narrows the read on the server (case-insensitive on some databases: classify
+        # decides); the prefix holds neither '%' nor '_'.
+        pages = [select(bt.pk, col).where(bt.pk.is_not(None), col.like(f"{FERNET_PREFIX}%"))]
+    else:
+        keys = sorted(bt.pk_value(pk) for pk in only)
+        pages = [select(bt.pk, col).where(bt.pk.in_(keys[i:i + 500]))
+                 for i in range(0, len(keys), 500)]
+    return {bt.pk_text(pk) for q in pages for pk, value in conn.execute(q)
+            if classify(value) is ValueKind.FERNET}
 
 
 def failed_keys(engine: Engine, bt: BoundTarget, column: str) -> list[Any]:

@@ -240,3 +240,23 @@ def test_fingerprint_is_stable_for_equal_targets() -> None:
 def test_fingerprint_changes_when_the_targets_change(changed: tuple[Target, ...]) -> None:
     base = (Target("users", "user_id", ("a", "b")),)
     assert targets_fingerprint(changed) != targets_fingerprint(base)
+
+
+def test_load_targets_names_the_first_bad_entry(tmp_path: Path) -> None:
+    """Entries are checked in order, each one's columns against the entries before it: the
+    first bad entry is the one named (the restructure had checked every entry's own
+    fields first, naming #3 here)."""
+    import pytest
+
+    from migration.config import load_targets
+    from migration.errors import ConfigError
+
+    p = tmp_path / "t.toml"
+    p.write_text(
+        '[[targets]]\ntable = "users"\nprimary_key = "id"\ncolumns = ["a"]\n'
+        '[[targets]]\ntable = "users"\nprimary_key = "id"\ncolumns = ["a"]\n'
+        '[[targets]]\nprimary_key = "id"\ncolumns = ["b"]\n'
+    )
+    with pytest.raises(ConfigError) as err:
+        load_targets(p)
+    assert "target #2: column users.a is listed twice" in str(err.value), str(err.value)
