@@ -303,6 +303,14 @@ def record_batch(conn: Connection, run_id: int, table_name: str, column_name: st
     )
     if batch.last_pk is not None:
         values["last_pk"] = batch.last_pk
+    _move_checkpoint(conn, run_id, table_name, column_name, values)
+    touch_run(conn, run_id, ts)
+
+
+def _move_checkpoint(conn: Connection, run_id: int, table_name: str, column_name: str,
+                     values: dict[str, Any]) -> None:
+    """Update one column checkpoint of the run; CheckpointLost unless exactly one row moved."""
+    c = checkpoints.c
     moved = conn.execute(
         update(checkpoints)
         .where(c.run_id == run_id, c.table_name == table_name, c.column_name == column_name)
@@ -312,7 +320,6 @@ def record_batch(conn: Connection, run_id: int, table_name: str, column_name: st
         raise CheckpointLost(
             f"checkpoint of run {run_id} for {table_name}.{column_name} matched {moved} rows"
         )
-    touch_run(conn, run_id, ts)
 
 
 def failures_of(conn: Connection, run_id: int, limit: int | None = None) -> list[FailureRow]:
@@ -351,13 +358,9 @@ def forget_failures(conn: Connection, run_id: int, table_name: str, column_name:
     for i in range(0, len(ids), 500):
         conn.execute(delete(failures).where(f.run_id == run_id, f.id.in_(ids[i:i + 500])))
     c = checkpoints.c
-    moved = conn.execute(update(checkpoints).where(
-        c.run_id == run_id, c.table_name == table_name, c.column_name == column_name,
-    ).values(failed=c.failed - counts.failed, conflicts=c.conflicts - counts.conflicts,
-             updated_at=now())).rowcount
-    if moved != 1:
-        raise CheckpointLost(
-            f"checkpoint of run {run_id} for {table_name}.{column_name} matched {moved} rows")
+    _move_checkpoint(conn, run_id, table_name, column_name, dict(
+        failed=c.failed - counts.failed, conflicts=c.conflicts - counts.conflicts,
+        updated_at=now()))
 
 
 def count_failures(conn: Connection, run_id: int) -> int:

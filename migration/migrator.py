@@ -60,9 +60,9 @@ __all__ = [
     "MigrateResult",
     "Mode",
     "migrate",
-    "name_left_behind",
     "settle_column",
     "settle_failures",
+    "settle_run",
 ]
 
 
@@ -192,7 +192,7 @@ def migrate(
             if not mode.dry_run:
                 # Exit 0 means nothing is left, exit 1 names only values that are: see
                 # settle_column (a retry only drops its failures whose value is gone).
-                name_left_behind(engine, bound, result, fence, behind=not mode.retry_failed)
+                settle_run(engine, bound, result, fence, behind=not mode.retry_failed)
     finally:
         _close(engine, kms, result, end.state, started)
         if run_lock is not None:
@@ -237,7 +237,7 @@ def _close(engine: Engine, kms: KMS, result: MigrateResult, state: str,
             result.failures = store.failures_of(conn, result.run_id)
 
 
-def name_left_behind(engine: Engine, bound: Sequence[BoundTarget], result: MigrateResult,
+def settle_run(engine: Engine, bound: Sequence[BoundTarget], result: MigrateResult,
                      fence: Callable[[Connection], None] | None, *, behind: bool = True) -> None:
     """`settle_failures` for every column of a migrate run, in one fenced transaction,
     counted into the result's column summaries."""
@@ -273,8 +273,8 @@ def settle_column(conn: Connection, bt: BoundTarget, column: str, run_id: int | 
       left."""
     assert run_id is not None
     recorded = store.failures_in(conn, run_id, bt.name, column)
-    holding = _fernet_keys(conn, bt, column,
-                           None if behind else {pk for _, pk, _ in recorded})
+    known = {pk for _, pk, _ in recorded}
+    holding = _fernet_keys(conn, bt, column, None if behind else known)
     gone = [(i, reason) for i, pk, reason in recorded if pk not in holding]
     conflicts = sum(reason == REASON_CONFLICT for _, reason in gone)
     dropped = BatchCounts(failed=len(gone) - conflicts, conflicts=conflicts)
@@ -282,7 +282,6 @@ def settle_column(conn: Connection, bt: BoundTarget, column: str, run_id: int | 
     log = get_logger(run_id=run_id)
     if gone:
         log.warning("failed_values_gone", table=bt.name, column=column, count=len(gone))
-    known = {pk for _, pk, _ in recorded}
     left = [FailureRow(bt.name, column, pk, REASON_BEHIND)
             for pk in sorted(holding - known)] if behind else []
     if left:

@@ -141,7 +141,7 @@ def test_concurrent_application_writes_during_migrate_are_never_lost(
     truth = make_db(db_url, 80, keys.current, keys.legacy, bad_values=False)
     settings = settings_for(db_url, keys.current, keys.legacy, batch_size=5)
     writer = AppWriter(db_url, keys.current, sorted(truth.plaintexts))
-    check = migration.migrator.name_left_behind
+    check = migration.migrator.settle_run
 
     def quiet_then_check(*args: Any, **kw: Any) -> None:
         # The application stops writing once the run has been through every row, so
@@ -150,7 +150,7 @@ def test_concurrent_application_writes_during_migrate_are_never_lost(
         writer.join()
         check(*args, **kw)
 
-    monkeypatch.setattr(migration.migrator, "name_left_behind", quiet_then_check)
+    monkeypatch.setattr(migration.migrator, "settle_run", quiet_then_check)
     writer.start()
     while writer.count < 3:  # the application is really writing before the tool starts
         time.sleep(0.005)
