@@ -31,6 +31,18 @@ def _vault(url: str, tmp_path: Path, rows: dict[str, str | None]) -> str:
     return str(config)
 
 
+VAULT = (Target("vault", "id", ("s",)),)
+
+
+def _vault_a_then_bcd(db_url: str, tmp_path: Path, env_keys: Keys, a: str) -> tuple[str, Any]:
+    """`vault` with row 'a' holding the token `a` and rows 'b', 'c', 'd' good tokens under
+    the current key; its --config file, and settings in batches of 2 ('a' in the first)."""
+    cur = Fernet(env_keys.current.encode())
+    config = _vault(db_url, tmp_path, {"a": a, **{k: cur.encrypt(k.encode()).decode()
+                                                  for k in ("b", "c", "d")}})
+    return config, settings_for(db_url, env_keys.current, targets=VAULT, batch_size=2)
+
+
 def _kms_text(kms: KmsHandle, plaintext: bytes) -> str:
     blob = kms.client.encrypt(KeyId=ALIAS, Plaintext=plaintext)["CiphertextBlob"]
     return base64.b64encode(blob).decode()
@@ -61,8 +73,7 @@ def test_resumed_migrate_does_not_exit_0_past_a_value_written_behind_its_checkpo
     cur = Fernet(env_keys.current.encode())
     config = _vault(db_url, tmp_path, {k: cur.encrypt(k.encode()).decode()
                                        for k in ("a", "b", "c", "d", "e")})
-    settings = settings_for(db_url, env_keys.current, targets=(Target("vault", "id", ("s",)),),
-                            batch_size=2)
+    settings = settings_for(db_url, env_keys.current, targets=VAULT, batch_size=2)
     interrupted_migrate(db_url, settings, kms.client, after_batches=1)  # a, b migrated
     eng = create_engine(db_url)
     with eng.begin() as conn:  # the application, still on Fernet, writes row a again
@@ -117,11 +128,7 @@ def test_a_failed_value_deleted_before_the_run_resumes_is_no_longer_counted(
     left. The resumed run carried the stale failure in its counts and its failure list,
     named a row that no longer exists, and exited 1 with nothing left."""
     cur = Fernet(env_keys.current.encode())
-    config = _vault(db_url, tmp_path, {"a": cur.encrypt(b"").decode(),
-                                       **{k: cur.encrypt(k.encode()).decode()
-                                          for k in ("b", "c", "d")}})
-    settings = settings_for(db_url, env_keys.current, targets=(Target("vault", "id", ("s",)),),
-                            batch_size=2)
+    config, settings = _vault_a_then_bcd(db_url, tmp_path, env_keys, cur.encrypt(b"").decode())
     interrupted_migrate(db_url, settings, kms.client, after_batches=1)  # a failed, b migrated
     eng = create_engine(db_url)
     with eng.begin() as conn:
@@ -147,9 +154,7 @@ def test_a_failed_value_the_application_rewrites_during_the_run_is_no_longer_cou
     ends the application replaces it with a KMS ciphertext (its helper encrypts on write).
     Nothing is left, so exit 0; the value the run failed on no longer exists."""
     cur = Fernet(env_keys.current.encode())
-    config = _vault(db_url, tmp_path, {"a": cur.encrypt(b"").decode(),
-                                       **{k: cur.encrypt(k.encode()).decode()
-                                          for k in ("b", "c", "d")}})
+    _, settings = _vault_a_then_bcd(db_url, tmp_path, env_keys, cur.encrypt(b"").decode())
     rewritten = _kms_text(kms, b"written by the app")
     url = db_url
 
@@ -164,8 +169,6 @@ def test_a_failed_value_the_application_rewrites_during_the_run_is_no_longer_cou
     from migration.pipeline import Hooks
     from tests.helpers import make_kms
 
-    settings = settings_for(db_url, env_keys.current, targets=(Target("vault", "id", ("s",)),),
-                            batch_size=2)
     engine = make_engine(db_url)
     try:
         result = migrate(settings, engine=engine, kms=make_kms(kms.client, settings),
@@ -174,7 +177,6 @@ def test_a_failed_value_the_application_rewrites_during_the_run_is_no_longer_cou
         engine.dispose()
     assert result.failures == [], result.failures
     assert sum(c.failed for c in result.columns) == 0
-    assert config
 
 
 def test_a_retry_names_a_failure_only_an_interrupted_run_recorded(
@@ -187,13 +189,9 @@ def test_a_retry_names_a_failure_only_an_interrupted_run_recorded(
     --retry-failed`. The retry takes every recorded failure, that one too, and names it,
     as it is still left: exit 1 naming only values that are left."""
     monkeypatch.delenv("ENCRYPTION_KEY_LEGACY", raising=False)
-    cur = Fernet(env_keys.current.encode())
     legacy = Fernet(env_keys.legacy.encode())
-    config = _vault(db_url, tmp_path, {"a": legacy.encrypt(b"old").decode(),
-                                       **{k: cur.encrypt(k.encode()).decode()
-                                          for k in ("b", "c", "d")}})
-    settings = settings_for(db_url, env_keys.current, targets=(Target("vault", "id", ("s",)),),
-                            batch_size=2)
+    config, settings = _vault_a_then_bcd(db_url, tmp_path, env_keys,
+                                         legacy.encrypt(b"old").decode())
     interrupted_migrate(db_url, settings, kms.client, after_batches=1)  # a failed, b migrated
     common = ["--db", db_url, "--yes", "--no-backup", "--no-progress"]
     code, out, err = run_main(capsys, "rollback", *common)
@@ -213,7 +211,7 @@ def test_a_retry_does_not_name_a_failed_value_deleted_before_it_ends(
     cur = Fernet(env_keys.current.encode())
     _vault(db_url, tmp_path, {"a": cur.encrypt(b"").decode(), "b": cur.encrypt(b"b").decode(),
                               "c": cur.encrypt(b"").decode()})
-    settings = settings_for(db_url, env_keys.current, targets=(Target("vault", "id", ("s",)),),
+    settings = settings_for(db_url, env_keys.current, targets=VAULT,
                             batch_size=1)
     from migration.db import make_engine
     from migration.migrator import Mode, migrate
@@ -251,7 +249,7 @@ def test_a_single_process_resume_without_a_fernet_key_of_the_run_is_refused(
     config = _vault(db_url, tmp_path, {k: (legacy if k in "ac" else cur).encrypt(b"x").decode()
                                        for k in ("a", "b", "c", "d", "e")})
     settings = settings_for(db_url, env_keys.current, env_keys.legacy,
-                            targets=(Target("vault", "id", ("s",)),), batch_size=2)
+                            targets=VAULT, batch_size=2)
     interrupted_migrate(db_url, settings, kms.client, after_batches=1)
     eng = create_engine(db_url)
     with eng.connect() as conn:
