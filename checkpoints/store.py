@@ -79,6 +79,9 @@ class Run:
     ranged: bool = False
     max_kms_rps: float | None = None
     fernet_key_ids: str | None = None
+    to_key_id: str | None = None
+    to_key_arn: str | None = None
+    undoes_run_id: int | None = None
 
     @property
     def targets(self) -> list[dict[str, Any]]:
@@ -160,6 +163,9 @@ class NewRun:
     tool_version: str = ""
     ranged: bool = False
     fernet_key_ids: str | None = None
+    to_key_id: str | None = None  # a rekey run's destination key
+    to_key_arn: str | None = None
+    undoes_run_id: int | None = None  # the rekey run a rollback restores
 
 
 def create_run(conn: Connection, new: NewRun) -> Run:
@@ -175,6 +181,8 @@ def create_run(conn: Connection, new: NewRun) -> Run:
             targets_fingerprint=new.fingerprint, batch_size=new.batch_size,
             host=socket.gethostname(), pid=os.getpid(), tool_version=new.tool_version,
             started_at=ts, updated_at=ts, ranged=new.ranged, fernet_key_ids=new.fernet_key_ids,
+            to_key_id=new.to_key_id, to_key_arn=new.to_key_arn,
+            undoes_run_id=new.undoes_run_id,
         )
     ).inserted_primary_key
     assert inserted is not None

@@ -23,7 +23,7 @@ from sqlalchemy import (
 )
 
 __all__ = [
-    "VERSION_TABLE", "checkpoints", "failures", "journal", "lock", "metadata", "ranges", "runs",
+    "VERSION_TABLE", "census", "checkpoints", "failures", "journal", "lock", "metadata", "ranges", "runs",
     "workers",
 ]
 
@@ -71,6 +71,12 @@ runs = Table(
     # Identifiers of the run's Fernet keys, in order (JSON list; HMACs that reveal nothing
     # of the keys): a command whose keys do not cover them may not join or resume it.
     Column("fernet_key_ids", Text),
+    # A rekey run's destination key (its source is key_id / key_arn).
+    Column("to_key_id", String(2048)),
+    Column("to_key_arn", String(2048)),
+    # The rekey run a rollback run restores (NULL: the migrate layer, every migrate and
+    # retry run's journal): a rollback after a rekey undoes the rekey only.
+    Column("undoes_run_id", Integer),
 )
 
 # One row per run and target column: where the run is (last primary key, or for a
@@ -200,4 +206,23 @@ workers = Table(
     Column("note", Text),
     Column("boot_id", String(64)),  # see the lock's
     Index(None, "run_id"),
+)
+
+
+# What `verify` counted, by format and key, for `status --json`: one `taken` number per
+# verify, shared by its rows. format: fernet | kms | empty | unreadable. key: for fernet,
+# "current", "legacy #N" or "" (no key given opens it); for kms, the ARN of the key that
+# opens it ("" when this caller may not use that key); "" otherwise. Never a value.
+census = Table(
+    "kms_migrate_census",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("taken", Integer, nullable=False),
+    Column("taken_at", DateTime(timezone=True), nullable=False),
+    Column("table_name", String(255), nullable=False),
+    Column("column_name", String(255), nullable=False),
+    Column("format", String(16), nullable=False),
+    Column("key", String(2048), nullable=False),
+    Column("count", Integer, nullable=False),
+    Index(None, "taken"),
 )

@@ -78,6 +78,10 @@ class Settings:
     concurrency: int = DEFAULT_CONCURRENCY
     max_kms_rps: float = DEFAULT_MAX_KMS_RPS
     encryption_context: bool = False  # bind each ciphertext to its table, column and key
+    # A rekey run: `key_id` and `encryption_context` are the source's, these the destination's.
+    to_key_id: str | None = None
+    to_encryption_context: bool = False
+    verify_decrypt: bool = False  # rekey: prove equality by Decrypt of old and new (opt-in)
     fernet_keys: tuple[str, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
