@@ -294,6 +294,30 @@ class KMS(CallPool):
                 self._decrypt_allowed = known
         return known
 
+    def reencrypt(self, blob: bytes, dest: str, source_context: Mapping[str, str] | None,
+                  dest_context: Mapping[str, str] | None, *, source: str | None = None,
+                  ) -> tuple[bytes, str, str] | None:
+        """KMS ReEncrypt of a ciphertext from the run's key (`SourceKeyId` pinned to its
+        ARN, or to `source`) to the key `dest` (an ARN); the plaintext stays inside KMS.
+
+        (new blob, the SourceKeyId and KeyId KMS answered), or None when KMS says this
+        ciphertext does not open under that key and context (another key, another context,
+        corrupt, refused as invalid). Errors of the keys themselves raise FatalKMSError
+        naming the key at fault."""
+        pinned = source or (self.key.arn if self.key else self.key_id)
+        extra: dict[str, Any] = {}
+        if source_context:
+            extra["SourceEncryptionContext"] = dict(source_context)
+        if dest_context:
+            extra["DestinationEncryptionContext"] = dict(dest_context)
+        try:
+            resp = self.call("ReEncrypt", CiphertextBlob=blob, SourceKeyId=pinned,
+                             DestinationKeyId=dest, **extra)
+        except _PerValue:
+            return None
+        return (resp["CiphertextBlob"], str(resp.get("SourceKeyId") or ""),
+                str(resp.get("KeyId") or ""))
+
     def round_trip_in_context(self, item: tuple[bytes, Mapping[str, str]]) -> bytes | str:
         """`round_trip` of a (plaintext, encryption context) pair, for `submit`/`map`."""
         return self.round_trip(item[0], item[1])
@@ -330,7 +354,7 @@ class KMS(CallPool):
                              code)
 
     def call(self, op: str, **params: Any) -> dict[str, Any]:
-        """One KMS call (DescribeKey, Encrypt, Decrypt) under the retry policy and the rate
+        """One KMS call (DescribeKey, Encrypt, Decrypt, ReEncrypt) under the retry policy and the rate
         limit. FatalKMSError when it fails for good; KMSValueError (its text the code) when
         KMS refused this one value's data."""
         method = getattr(self.client, _SNAKE[op])
@@ -359,18 +383,20 @@ class KMS(CallPool):
                 if code in THROTTLE_CODES and self.limiter is not None:
                     self.limiter.on_throttle()
                 raise TransientKMSError(code) from None
-            if op == "Decrypt" and code in UNDECRYPTABLE_CODES:
+            if op in {"Decrypt", "ReEncrypt"} and code in UNDECRYPTABLE_CODES:
                 raise _Undecryptable(code) from None
             # A ValidationException can be about the request as a whole (a malformed key id),
             # but the key is DescribeKey'd before any Encrypt or Decrypt (self.key is set by
             # `describe`, or handed down by the process that described it): from then on the
             # key id is known good, and a ValidationException is about this value's data.
-            if op in {"Encrypt", "Decrypt"} and code in VALUE_CODES and self.key is not None:
+            if (op in {"Encrypt", "Decrypt", "ReEncrypt"} and code in VALUE_CODES
+                    and self.key is not None):
                 raise _PerValue(code) from None
+            named_op, key = _blamed(op, params, exc, self.key_id)
+            message = fatal_message(code, named_op, key, self.region, self.wording)
             if code == "AccessDeniedException":
-                raise _AccessDenied(fatal_message(code, op, self.key_id, self.region,
-                                                  self.wording), code) from None
-            raise self._fatal(code, op) from None
+                raise _AccessDenied(message, code) from None
+            raise FatalKMSError(message, code) from None
         except CONNECTION_ERRORS as exc:
             raise TransientKMSError(type(exc).__name__, connection=True) from None
         except botocore.exceptions.NoCredentialsError:
@@ -393,4 +419,22 @@ class _Undecryptable(_PerValue):
     """Decrypt answered that this ciphertext cannot be opened (a per-value outcome)."""
 
 
-_SNAKE = {"DescribeKey": "describe_key", "Encrypt": "encrypt", "Decrypt": "decrypt"}
+_SNAKE = {"DescribeKey": "describe_key", "Encrypt": "encrypt", "Decrypt": "decrypt",
+          "ReEncrypt": "re_encrypt"}
+
+
+def _blamed(op: str, params: Mapping[str, Any], exc: botocore.exceptions.ClientError,
+            key_id: str) -> tuple[str, str]:
+    """(operation, key) to name in a fatal message. A ReEncrypt involves two keys: KMS's
+    own message (read here, never shown) says which one refused, by the permission
+    (kms:ReEncryptTo is the destination's) or the key's ARN; the source otherwise."""
+    if op != "ReEncrypt":
+        return op, key_id
+    message = str(exc.response.get("Error", {}).get("Message", ""))
+    dest = str(params.get("DestinationKeyId", ""))
+    source = str(params.get("SourceKeyId", ""))
+    if dest == source:  # the check of a new ciphertext (destination to destination)
+        return op, dest
+    if "ReEncryptTo" in message or (dest and dest in message):
+        return "ReEncryptTo", dest
+    return "ReEncryptFrom", key_id
