@@ -11,11 +11,45 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import ColumnElement, Connection, and_, bindparam, delete, or_, select, text, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    and_,
+    bindparam,
+    delete,
+    func,
+    or_,
+    select,
+    text,
+    update,
+)
 
-from .tables import journal
+from .tables import journal, runs
 
-__all__ = ["delete_batch", "mark_replayed"]
+__all__ = ["delete_batch", "mark_replayed", "newest_rekey_layer", "pending"]
+
+
+def pending(undoes_run_id: int | None) -> ColumnElement[bool]:
+    """The journal entries a rollback replays, layer by layer: those of the rekey run
+    `undoes_run_id` still to restore, or (None) those of the migrate and retry runs.
+
+    A rekey's journal holds the KMS ciphertexts it replaced, and sits on top of the
+    migrate journal of the same cells: a rollback restores one layer, newest first
+    (`newest_rekey_layer`), so that each entry's compare-and-swap finds the value it wrote."""
+    j = journal.c
+    if undoes_run_id is not None:
+        return and_(j.status == "migrated", j.run_id == undoes_run_id)
+    migrate_runs = select(runs.c.id).where(runs.c.kind.in_(("migrate", "retry")))
+    return and_(j.status == "migrated", j.run_id.in_(migrate_runs))
+
+
+def newest_rekey_layer(conn: Connection) -> int | None:
+    """The newest rekey run with journal entries still to restore, or None."""
+    q = (select(func.max(journal.c.run_id))
+         .select_from(journal.join(runs, runs.c.id == journal.c.run_id))
+         .where(runs.c.kind == "rekey", journal.c.status == "migrated"))
+    found = conn.execute(q).scalar()
+    return None if found is None else int(found)
 
 
 def mark_replayed(

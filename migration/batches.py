@@ -6,6 +6,7 @@ failures (finish). The per-value half of the pipeline; the column loops are in p
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from checkpoints.store import BatchCounts, FailureRow
 
@@ -24,13 +25,17 @@ from .kms import KMS, REASON_EMPTY, Pending
 from .reader import BoundTarget, Row
 
 __all__ = [
+    "ALREADY",
     "REASON_BEHIND",
     "REASON_EMPTY",
     "REASON_NO_KEY",
     "REASON_OVERSIZE",
+    "Already",
     "ColumnSteps",
     "ColumnSummary",
+    "Outcome",
     "Prepared",
+    "Steps",
     "finish_rows",
     "reason_unfit",
 ]
@@ -44,6 +49,18 @@ REASON_BEHIND = (
     "a Fernet token written after the run had passed this row (the application still "
     "writes Fernet): migrate --retry-failed picks it up"
 )
+
+class Already:
+    """The outcome of a value already where the run takes it (a rekey run: under the
+    destination key and context): counted `already`, not rewritten."""
+
+    def __repr__(self) -> str:
+        return "ALREADY"
+
+
+ALREADY = Already()
+Outcome = bytes | str | Already  # one value's KMS work: new ciphertext, failure reason, or ALREADY
+
 
 @dataclass
 class ColumnSummary:
@@ -91,7 +108,7 @@ class Prepared:
 
     rows: list[Row]
     waiting: list[Row]
-    pending: Pending[bytes | str]
+    pending: Pending[Outcome]
     failures: list[FailureRow]
     skipped: int
     already: int
@@ -109,6 +126,15 @@ def reason_unfit(need: int, bt: BoundTarget, column: str, *, estimated: bool) ->
                 "characters on AWS KMS; widen the column first")
     return (f"its KMS ciphertext ({need} characters) does not fit the column ({kind}): "
             "widen the column, then migrate --retry-failed")
+
+
+class Steps(Protocol):
+    """One batch's two steps, for the column loop (`pipeline.migrate_column`): migrate's
+    `ColumnSteps` and rekey's `rewrap.RekeySteps`."""
+
+    def prepare(self, rows: list[Row]) -> Prepared: ...
+
+    def finish(self, prep: Prepared) -> tuple[list[Rewrite], list[FailureRow], BatchCounts]: ...
 
 
 @dataclass(frozen=True)
@@ -159,7 +185,7 @@ class ColumnSteps:
                     plaintexts.append(plaintext)
                     if with_context:
                         contexts.append(encryption_context(bt.name, column, bt.pk_text(row.pk)))
-        pending: Pending[bytes | str]
+        pending: Pending[Outcome]
         if with_context:
             pending = kms.submit(kms.round_trip_in_context, list(zip(plaintexts, contexts,
                                                                      strict=True)))
@@ -197,8 +223,11 @@ def finish_rows(
     rewrites: list[Rewrite] = []
     failures = list(prep.failures)
     length = column_length(bt.col(column))
+    already = prep.already
     for row, result in zip(prep.waiting, results, strict=True):
-        if isinstance(result, bytes):
+        if isinstance(result, Already):
+            already += 1
+        elif isinstance(result, bytes):
             text = encode_kms(result)
             if length is not None and len(text) > length:
                 prep.unfit.append(len(text))
@@ -208,6 +237,6 @@ def finish_rows(
             rewrites.append(Rewrite(row.pk, old=row.value, new=text))
         else:
             failures.append(FailureRow(bt.name, column, bt.pk_text(row.pk), result))
-    counts = BatchCounts(migrated=len(rewrites), skipped=prep.skipped, already=prep.already,
+    counts = BatchCounts(migrated=len(rewrites), skipped=prep.skipped, already=already,
                          failed=len(failures))
     return rewrites, failures, counts

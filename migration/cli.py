@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
@@ -50,7 +51,7 @@ from .pipeline import Hooks
 from .progress import make_progress
 from .render import estimate_seconds, print_migrate, print_rollback, print_verify
 from .report import build_report, write_report
-from .rollback import rollback
+from .rollback import journal_left, rollback
 from .runs import graceful_stop
 from .supervisor import (
     DEFAULT_ROWS_PER_RANGE,
@@ -122,26 +123,82 @@ def migrate_cmd(**opts: Any) -> int:
             "ENCRYPTION_KEY is not set: export the Fernet key the application uses "
             "(older keys go in ENCRYPTION_KEY_LEGACY, comma-separated)"
         )
-    dry = bool(opts["dry_run"])
-    if dry and opts["retry_failed"]:
+    if opts["dry_run"] and opts["retry_failed"]:
         raise ConfigError("--retry-failed writes; it cannot be combined with --dry-run")
+    if opts["retry_failed"] and opts.get("workers") is not None:
+        raise ConfigError("--retry-failed runs in one process: leave --workers out")
+    return _rewrite(opts, settings, Mode(bool(opts["dry_run"]), opts["retry_failed"],
+                                         opts["new_run"]))
+
+
+@cli.command("rekey")
+@target_options
+@click.option("--to-key", required=True, metavar="KEY",
+              help="The KMS key to move the values to: key id, ARN or alias.")
+@click.option("--from-key", metavar="KEY",
+              help="The KMS key the values are under now (default: --key-id, else "
+                   "$AWS_KMS_KEY_ID); values under any other key are listed, untouched.")
+@click.option("--from-encryption-context", is_flag=True,
+              help="The values carry the encryption context (table, column, pk) that "
+                   "migrate --encryption-context writes.")
+@click.option("--to-encryption-context", is_flag=True,
+              help="Bind each new ciphertext to its table, column and pk (KMS encryption "
+                   "context); every reader must then pass it. The same key on both sides is "
+                   "allowed when only the context changes.")
+@click.option("--verify-decrypt", is_flag=True,
+              help="Check each new ciphertext by decrypting old and new and comparing them "
+                   "(needs kms:Decrypt on both keys; the plaintext enters this process). "
+                   "Default: a second ReEncrypt, destination to destination, thrown away.")
+@click.option("--dry-run", is_flag=True,
+              help="Re-encrypt and check with KMS, and write nothing at all.")
+@click.option("--new-run", is_flag=True,
+              help="Abandon an unfinished rekey run instead of resuming it.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), metavar="PATH",
+              help="Write a JSON report: counts, values left, KMS requests, cost, duration.")
+@writing_run_options
+def rekey_cmd(**opts: Any) -> int:
+    """Move every KMS value under the source key to another key (or encryption context)
+    with KMS ReEncrypt: the plaintext never leaves KMS.
+
+    The same batches, compare-and-swap, journal, checkpoint, resume, rate limit and
+    --workers as migrate. Fernet tokens, values under other keys and garbage are listed
+    and left untouched. `rollback` restores the ciphertexts it replaced; needs no
+    Fernet key.
+    """
+    _setup_logging(opts)
+    from_key = opts.get("from_key")
+    if from_key and opts.get("key_id") and from_key != opts["key_id"]:
+        raise ConfigError(f"--from-key {from_key} and --key-id {opts['key_id']} differ: the "
+                          "source key is one key; give one of them; nothing was written")
+    settings = replace(settings_from({**opts, "key_id": from_key or opts.get("key_id")}),
+                       encryption_context=bool(opts["from_encryption_context"]),
+                       to_key_id=opts["to_key"],
+                       to_encryption_context=bool(opts["to_encryption_context"]),
+                       verify_decrypt=bool(opts["verify_decrypt"]), fernet_keys=())
+    return _rewrite(opts, settings, Mode(bool(opts["dry_run"]), False, opts["new_run"]))
+
+
+def _rewrite(opts: dict[str, Any], settings: Settings, mode: Mode) -> int:
+    """The body a migrate and a rekey command share: engine, confirmation, backup, one
+    process or --workers, summary, report, exit code."""
+    dry, rekey = mode.dry_run, settings.to_key_id is not None
     workers = opts.get("workers")
     if workers is not None:
         if dry:
             raise ConfigError("--workers applies to runs that write; a --dry-run runs in one "
                               "process (leave --workers out)")
-        if opts["retry_failed"]:
-            raise ConfigError("--retry-failed runs in one process: leave --workers out")
         refuse_sqlite_workers(settings.db_url, workers)
     engine = make_engine(settings.db_url, read_only=dry)
     if not dry:
-        confirm("MIGRATE", settings.db_url, opts["yes"], "re-encrypt the secrets in")
+        confirm("REKEY" if rekey else "MIGRATE", settings.db_url, opts["yes"],
+                "re-encrypt the KMS values in" if rekey else "re-encrypt the secrets in")
     started_at = datetime.now(UTC)
-    label = "dry-run" if dry else "migrate"
+    kind = "rekey" if rekey else "migrate"
+    label = f"dry-run {kind}" if dry and rekey else "dry-run" if dry else kind
     had_tables = had_bookkeeping(engine)
     with make_kms(settings) as kms, graceful_stop() as stop:
         backup = lambda: backup_before_first_write(  # noqa: E731
-            engine, settings.db_url, "migrate", opts["no_backup"], had_tables)
+            engine, settings.db_url, kind, opts["no_backup"], had_tables)
         progress = make_progress(label, not opts["no_progress"])
         if workers is not None:
             here = Here(workers, lease_seconds=opts["lease_seconds"],
@@ -149,16 +206,15 @@ def migrate_cmd(**opts: Any) -> int:
                         should_stop=stop.requested, before_first_write=backup,
                         log_opts=_log_opts(opts))
             result = migrate_ranged(settings, engine=engine, kms=kms, here=here,
-                                    new_run=opts["new_run"])
+                                    new_run=mode.new_run)
         else:
-            result = migrate(settings, engine=engine, kms=kms,
-                             mode=Mode(dry, opts["retry_failed"], opts["new_run"]),
+            result = migrate(settings, engine=engine, kms=kms, mode=mode,
                              hooks=Hooks(progress, should_stop=stop.requested),
                              before_first_write=backup)
     print_migrate(result, settings)
     if opts["report_path"]:
-        estimate = estimate_seconds(2 * sum(c.migrated for c in result.columns) + 1,
-                                    result.kms_requests, result.seconds, result.rate_limit)
+        estimate = estimate_seconds(result.real_run_calls(settings), result.kms_requests,
+                                    result.seconds, result.rate_limit)
         path = write_report(opts["report_path"], build_report(
             result, settings, started_at=started_at, estimate_seconds=estimate))
         click.echo(f"report written to {path}")
@@ -232,6 +288,12 @@ def rollback_cmd(**opts: Any) -> int:
 
     with engine.connect() as conn:
         note = finalized_note(conn)
+        below = journal_left(conn, None) if result.undoes is not None else 0
+    if result.undoes is not None:
+        click.echo(f"this rollback undid rekey run {result.undoes}: the values it moved hold "
+                   "their ciphertexts under its source key again"
+                   + (f"; {below} value(s) of the migrate runs' journal remain, which a "
+                      "second `kms-migrate rollback` would put back to Fernet" if below else ""))
     if note is not None:
         click.echo(note)
     return EXIT_FAILURES if result.failures else EXIT_OK

@@ -191,10 +191,15 @@ def _target(entry: object, where: str) -> Target:
     return Target(table, pk, tuple(columns))
 
 
-def targets_fingerprint(targets: Sequence[Target], encryption_context: bool = False) -> str:
+def targets_fingerprint(targets: Sequence[Target], encryption_context: bool = False, *,
+                        to_context: bool | None = None) -> str:
     """A stable digest of what a run writes where, stored with the run so that it is never
-    resumed with other targets or another encryption-context setting."""
+    resumed with other targets or other encryption-context settings. `to_context`: a
+    rekey run's destination context (None: not a rekey run; `encryption_context` is then
+    the source's)."""
     doc = json.dumps([t.as_dict() for t in targets], sort_keys=True)
     if encryption_context:
         doc += "|encryption-context"
+    if to_context is not None:
+        doc += "|rekey" + ("|to-encryption-context" if to_context else "")
     return hashlib.sha256(doc.encode()).hexdigest()[:16]

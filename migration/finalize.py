@@ -30,18 +30,14 @@ from .config import Settings, Target
 from .errors import ConfigError
 from .kms import KMS
 from .logs import get_logger
+from .refusals import HOW_TO_FINISH
 from .runs import RunEnd, lifecycle, lock_held
 from .verify import VerifyResult, verify
 
 __all__ = ["FinalizeResult", "finalize", "finalized_note", "finalized_refusal"]
 
 # Runs that write target values or the journal: none may be unfinished when finalizing.
-WRITER_KINDS = ("migrate", "retry", "rollback")
-_HOW_TO_FINISH = {
-    "migrate": "kms-migrate migrate",
-    "retry": "kms-migrate migrate --retry-failed",
-    "rollback": "kms-migrate rollback",
-}
+WRITER_KINDS = ("migrate", "retry", "rekey", "rollback")
 DEFAULT_FINALIZE_BATCH = 5000
 
 
@@ -233,7 +229,7 @@ def _refuse_unfinished_writers(conn: Connection) -> None:
         if run is not None:
             raise ConfigError(
                 f"{kind} run {run.id} is unfinished ({run.state}): finish it first "
-                f"(`{_HOW_TO_FINISH[kind]}`), then verify and finalize; nothing was deleted"
+                f"(`{HOW_TO_FINISH[kind]}`), then verify and finalize; nothing was deleted"
             )
 
 

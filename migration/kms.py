@@ -129,6 +129,7 @@ class KMS(CallPool):
         self.retries = 0
         self.requests = 0
         self.key: KeyInfo | None = None
+        self.dest: KeyInfo | None = None  # a rekey run's destination key, once described
         self._decrypt_allowed: bool | None = None  # see _can_decrypt
         self.wording: Wording = RUN  # how fatal messages end (preflight sets its own)
         self._retrying = Retrying(  # the one retry policy, built once, shared by threads
@@ -144,20 +145,33 @@ class KMS(CallPool):
 
     # -- single calls ------------------------------------------------------------------
 
-    def key_metadata(self) -> dict[str, Any]:
-        """DescribeKey of the key as named: its KeyMetadata, unchecked (preflight's checks)."""
-        meta: dict[str, Any] = self.call("DescribeKey", KeyId=self.key_id)["KeyMetadata"]
+    def key_metadata(self, key_id: str | None = None) -> dict[str, Any]:
+        """DescribeKey of the key as named (the run's, or `key_id`): its KeyMetadata,
+        unchecked (preflight's checks)."""
+        meta: dict[str, Any] = self.call("DescribeKey", KeyId=key_id or self.key_id)[
+            "KeyMetadata"]
         return meta
 
     def describe(self) -> KeyInfo:
-        """Resolve the key and refuse one that cannot encrypt (disabled, deleting, misused)."""
-        meta = self.key_metadata()
-        key = self.key_id
+        """Resolve the run's key and refuse one that cannot be used (disabled, deleting,
+        misused, in another region)."""
+        self.key = self.check_key(self.key_id)
+        return self.key
+
+    def describe_dest(self, key_id: str) -> KeyInfo:
+        """Resolve a rekey run's destination key, checked as the run's own key is."""
+        self.dest = self.check_key(key_id)
+        return self.dest
+
+    def check_key(self, key: str) -> KeyInfo:
+        """DescribeKey of `key`, refused (FatalKMSError naming it) unless it is an Enabled,
+        symmetric ENCRYPT_DECRYPT key in the region."""
+        meta = self.key_metadata(key)
         state = meta.get("KeyState") or ("Enabled" if meta.get("Enabled") else "Disabled")
         if state == "Disabled":
-            raise self._fatal("DisabledException", "DescribeKey")
+            raise self._fatal("DisabledException", "DescribeKey", key)
         if state in {"PendingDeletion", "PendingReplicaDeletion"}:
-            raise self._fatal("KMSInvalidStateException", "DescribeKey")
+            raise self._fatal("KMSInvalidStateException", "DescribeKey", key)
         if state not in {"Enabled"}:
             raise FatalKMSError(
                 f"KMS key {key} is in state {state}, not Enabled: make it Enabled "
@@ -166,7 +180,7 @@ class KMS(CallPool):
         if meta.get("KeyUsage", "ENCRYPT_DECRYPT") != "ENCRYPT_DECRYPT" or meta.get(
             "KeySpec", meta.get("CustomerMasterKeySpec", "SYMMETRIC_DEFAULT")
         ) != "SYMMETRIC_DEFAULT":
-            raise self._fatal("InvalidKeyUsageException", "DescribeKey")
+            raise self._fatal("InvalidKeyUsageException", "DescribeKey", key)
         arn = str(meta["Arn"])
         arn_region = arn.split(":")[3] if arn.count(":") >= 5 else self.region
         if arn_region != self.region:
@@ -174,8 +188,7 @@ class KMS(CallPool):
                 f"KMS key {key} lives in region {arn_region}, not {self.region}: "
                 f"re-run with --region {arn_region}; nothing was written"
             )
-        self.key = KeyInfo(key_id=self.key_id, arn=arn)
-        return self.key
+        return KeyInfo(key_id=key, arn=arn)
 
     def encrypt(self, plaintext: bytes, context: Mapping[str, str] | None = None) -> bytes:
         """KMS Encrypt under the run's key (its resolved ARN once described)."""
@@ -197,7 +210,8 @@ class KMS(CallPool):
         return opened[0]
 
     def decrypt_with_key(
-        self, blob: bytes, context: Mapping[str, str] | None = None, *, pinned: bool = True
+        self, blob: bytes, context: Mapping[str, str] | None = None, *, pinned: bool = True,
+        key: str | None = None,
     ) -> tuple[bytes, str] | None:
         """KMS Decrypt returning the plaintext and the ARN of the key that opened it.
 
@@ -206,7 +220,9 @@ class KMS(CallPool):
         (corrupt, another key, or another encryption context than the one given).
         """
         extra: dict[str, Any] = {"EncryptionContext": dict(context)} if context else {}
-        if pinned and self.key is not None:
+        if key is not None:
+            extra["KeyId"] = key
+        elif pinned and self.key is not None:
             extra["KeyId"] = self.key.arn
         try:
             resp = self.call("Decrypt", CiphertextBlob=blob, **extra)
@@ -349,13 +365,13 @@ class KMS(CallPool):
         with self._lock:
             self.retries += 1
 
-    def _fatal(self, code: str, op: str) -> FatalKMSError:
-        return FatalKMSError(fatal_message(code, op, self.key_id, self.region, self.wording),
-                             code)
+    def _fatal(self, code: str, op: str, key: str | None = None) -> FatalKMSError:
+        return FatalKMSError(fatal_message(code, op, key or self.key_id, self.region,
+                                           self.wording), code)
 
     def call(self, op: str, **params: Any) -> dict[str, Any]:
-        """One KMS call (DescribeKey, Encrypt, Decrypt, ReEncrypt) under the retry policy and the rate
-        limit. FatalKMSError when it fails for good; KMSValueError (its text the code) when
+        """One KMS call (DescribeKey, Encrypt, Decrypt, ReEncrypt) under the retry policy and
+        the rate limit. FatalKMSError when it fails for good; KMSValueError (its text the code) when
         KMS refused this one value's data."""
         method = getattr(self.client, _SNAKE[op])
         try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Connection, Engine, select
@@ -59,7 +59,11 @@ __all__ = [
     "ColumnSummary",
     "MigrateResult",
     "Mode",
+    "Settle",
     "migrate",
+    "new_run",
+    "prepare_keys",
+    "run_kind",
     "settle_column",
     "settle_failures",
     "settle_run",
@@ -70,6 +74,7 @@ __all__ = [
 @dataclass
 class MigrateResult:
     dry_run: bool
+    kind: str = "migrate"  # migrate | retry | rekey
     run_id: int | None = None
     resumed: bool = False
     joined: bool = False  # joined a ranged run another command started (--workers)
@@ -90,6 +95,15 @@ class MigrateResult:
     def conflicts(self) -> int:
         return sum(c.conflicts for c in self.columns)
 
+    def real_run_calls(self, settings: Settings) -> int:
+        """The KMS requests of the real run a dry-run rehearsed: per value, Encrypt and its
+        verifying Decrypt (migrate); ReEncrypt and its checking ReEncrypt, or ReEncrypt
+        and two Decrypts with --verify-decrypt (rekey); plus the DescribeKey calls."""
+        todo = sum(c.migrated for c in self.columns)
+        if self.kind == "rekey":
+            return (3 if settings.verify_decrypt else 2) * todo + 2
+        return 2 * todo + 1
+
 
 @dataclass(frozen=True)
 class Mode:
@@ -102,43 +116,65 @@ class Mode:
     new_run: bool = False
 
 
-def resume_or_start(engine: Engine, settings: Settings, key_arn: str, run_lock: RunLock,
-                    mode: Mode, ranged: bool = False) -> tuple[Run, bool]:
-    """The run this command works on, with the lock bound to it: the unfinished migrate run
-    resumed, or a new one (always new for a retry); whether it was resumed."""
-    new = store.NewRun(
-        "retry" if mode.retry_failed else "migrate", settings.batch_size,
+def run_kind(settings: Settings, mode: Mode) -> str:
+    """The kind of run a command makes: rekey (its settings name a destination key),
+    retry (--retry-failed) or migrate."""
+    if settings.to_key_id is not None:
+        return "rekey"
+    return "retry" if mode.retry_failed else "migrate"
+
+
+def new_run(settings: Settings, kms: KMS, mode: Mode, *, ranged: bool = False) -> store.NewRun:
+    """What a new run of this command records: its kind, targets, keys (described)."""
+    assert kms.key is not None
+    kind = run_kind(settings, mode)
+    rekey = kind == "rekey"
+    assert not rekey or kms.dest is not None
+    return store.NewRun(
+        kind, settings.batch_size,
         targets=[(t.table, c) for t in settings.targets for c in t.columns],
         targets_json=json.dumps([t.as_dict() for t in settings.targets], sort_keys=True),
-        fingerprint=targets_fingerprint(settings.targets, settings.encryption_context),
-        key_id=settings.key_id, key_arn=key_arn, region=settings.region,
-        tool_version=__version__, ranged=ranged)
+        fingerprint=targets_fingerprint(
+            settings.targets, settings.encryption_context,
+            to_context=settings.to_encryption_context if rekey else None),
+        key_id=settings.key_id, key_arn=kms.key.arn, region=settings.region,
+        tool_version=__version__, ranged=ranged and kind != "retry",
+        fernet_key_ids=(json.dumps(fernet_key_ids(settings.fernet_keys))
+                        if kind == "migrate" else None),
+        to_key_id=settings.to_key_id if rekey else None,
+        to_key_arn=kms.dest.arn if rekey and kms.dest else None)
+
+
+def resume_or_start(engine: Engine, settings: Settings, kms: KMS, run_lock: RunLock,
+                    mode: Mode, ranged: bool = False) -> tuple[Run, bool]:
+    """The run this command works on, with the lock bound to it: the unfinished migrate (or
+    rekey) run resumed, or a new one (always new for a retry); whether it was resumed."""
+    new = new_run(settings, kms, mode, ranged=ranged)
     with engine.begin() as conn:
-        refuse_to_start(conn, retry_failed=mode.retry_failed)
-        if mode.retry_failed:
+        refuse_to_start(conn, new.kind)
+        if new.kind == "retry":
             old = store.unfinished_run(conn, "retry")
             if old is not None:  # a retry re-reads the failures: nothing to resume
                 store.set_state(conn, old.id, "abandoned", note="superseded by a new retry")
-            retry = store.create_run(conn, replace(new, ranged=False))
+            retry = store.create_run(conn, new)
             run_lock.bind_run(conn, retry.id)
             return retry, False
-        run = store.unfinished_run(conn, "migrate")
+        run = store.unfinished_run(conn, new.kind)
         if run is not None and mode.new_run:
             store.set_state(conn, run.id, "abandoned", note="abandoned by --new-run")
             run = None
         if run is not None:
-            refuse_other_settings(run, settings, key_arn)
+            refuse_other_settings(run, settings, new)
             if run.ranged and not ranged:
                 raise ResumeMismatchError(
-                    f"unfinished migrate run {run.id} was started with --workers: resume it "
-                    "with --workers (any number; 1 on SQLite), or add --new-run to abandon "
-                    "it; nothing was written"
+                    f"unfinished {run.kind} run {run.id} was started with --workers: resume "
+                    "it with --workers (any number; 1 on SQLite), or add --new-run to "
+                    "abandon it; nothing was written"
                 )
             store.set_state(conn, run.id, "running")
             run_lock.bind_run(conn, run.id)
             return run, True
-        run = store.create_run(conn, replace(
-            new, fernet_key_ids=json.dumps(fernet_key_ids(settings.fernet_keys))))
+        run = store.create_run(conn, new)
         run_lock.bind_run(conn, run.id)
         return run, False
 
@@ -162,24 +198,26 @@ def migrate(
         raise ConfigError("--retry-failed cannot be combined with --dry-run")
     started = time.monotonic()
     hooks = hooks or Hooks()
+    kind = run_kind(settings, mode)
+    if kind == "rekey" and mode.retry_failed:
+        raise ConfigError("rekey has no --retry-failed: run rekey again, it re-reads every "
+                          "value and counts those under the destination as done")
     bound = bind_targets(engine, settings.targets)
-    codec = FernetCodec(settings.fernet_keys)
-    if not mode.retry_failed:  # a retry's keys are checked by retrying (each failure named)
-        check_keys_open_something(engine, bound, codec)
-    key = kms.describe()
-    result = MigrateResult(dry_run=mode.dry_run)
-    log = get_logger(dry_run=mode.dry_run, key_id=settings.key_id)
+    codec = prepare_keys(settings, engine, bound, kms, check=not mode.retry_failed)
+    result = MigrateResult(dry_run=mode.dry_run, kind=kind)
+    log = get_logger(dry_run=mode.dry_run, key_id=settings.key_id, kind=kind)
     run_lock: RunLock | None = None
     positions: dict[tuple[str, str], store.Checkpoint | None] = {
         (bt.name, c): None for bt in bound for c in bt.target.columns}
     if not mode.dry_run:
-        run_lock, run = _take_run(engine, settings, key.arn, mode, before_first_write)
+        run_lock, run = _take_run(engine, settings, kms, mode, before_first_write)
         result.run_id, result.resumed = run
         log = log.bind(run_id=result.run_id)
         with engine.connect() as conn:
             positions = dict(store.load_checkpoints(conn, result.run_id))
     log.info("run_started", resumed=result.resumed, batch_size=settings.batch_size,
-             concurrency=settings.concurrency, encryption_context=settings.encryption_context)
+             concurrency=settings.concurrency, encryption_context=settings.encryption_context,
+             to_key_id=settings.to_key_id, to_encryption_context=settings.to_encryption_context)
     fence = run_lock.fence if run_lock else None
     end = RunEnd()
     try:
@@ -192,7 +230,7 @@ def migrate(
             if not mode.dry_run:
                 # Exit 0 means nothing is left, exit 1 names only values that are: see
                 # settle_column (a retry only drops its failures whose value is gone).
-                settle_run(engine, bound, result, fence, behind=not mode.retry_failed)
+                settle_run(engine, bound, result, fence, Settle.of(kind))
     finally:
         _close(engine, kms, result, end.state, started)
         if run_lock is not None:
@@ -203,20 +241,43 @@ def migrate(
     return result
 
 
-def _take_run(engine: Engine, settings: Settings, key_arn: str, mode: Mode,
+def prepare_keys(settings: Settings, engine: Engine, bound: Sequence[BoundTarget], kms: KMS,
+                 *, check: bool = True) -> FernetCodec | None:
+    """Describe the run's KMS key (and a rekey run's destination); for a migrate run, the
+    Fernet codec, checked to open a sample of the tokens (`check`; a retry's keys are
+    checked by retrying, each failure named). Refuses a rekey that would change nothing."""
+    kms.describe()
+    if settings.to_key_id is None:
+        codec = FernetCodec(settings.fernet_keys)
+        if check:
+            check_keys_open_something(engine, bound, codec)
+        return codec
+    dest = kms.describe_dest(settings.to_key_id)
+    assert kms.key is not None
+    if dest.arn == kms.key.arn and (settings.encryption_context
+                                    == settings.to_encryption_context):
+        raise ConfigError(
+            f"--to-key {settings.to_key_id} is the source key ({dest.arn}) with the same "
+            "encryption context: a rekey would change nothing; name another key, or add "
+            "--to-encryption-context to bind the values to their rows; nothing was written")
+    return None
+
+
+def _take_run(engine: Engine, settings: Settings, kms: KMS, mode: Mode,
               before_first_write: Callable[[], None] | None,
               ) -> tuple[RunLock, tuple[int, bool]]:
     """The lock, then the run resumed or started: (lock, (run id, resumed))."""
     store.ensure_schema(engine)
-    run_lock = acquire_lock(engine, "migrate")
+    kind = run_kind(settings, mode)
+    run_lock = acquire_lock(engine, kind)
     try:
         with engine.connect() as conn:
-            refuse_to_start(conn, retry_failed=mode.retry_failed)
+            refuse_to_start(conn, kind)
         if before_first_write is not None:
             # Every check passed and the lock is ours: e.g. the SQLite backup (a refused
             # second migrate must not write a copy).
             before_first_write()
-        run, resumed = resume_or_start(engine, settings, key_arn, run_lock, mode)
+        run, resumed = resume_or_start(engine, settings, kms, run_lock, mode)
     except BaseException:
         run_lock.release(engine)
         raise
@@ -237,44 +298,67 @@ def _close(engine: Engine, kms: KMS, result: MigrateResult, state: str,
             result.failures = store.failures_of(conn, result.run_id)
 
 
+@dataclass(frozen=True)
+class Settle:
+    """How a run of one kind settles its failures once it is through (`settle_column`).
+
+    `behind`: record the values written behind the run's cursor that it must answer for
+    (a migrate run: Fernet tokens; found by their shape alone). `holds`: whether a row's
+    value still is one a recorded failure may be about; a failure whose row no longer holds
+    one is dropped. A retry answers for its recorded failures only; a rekey run cannot tell
+    a value's key by its shape, so it records nothing behind it (verify's census finds
+    values under the old key) and drops the failures of rows deleted or emptied since."""
+
+    behind: bool = True
+    holds: Callable[[object], bool] = lambda v: classify(v) is ValueKind.FERNET
+    narrow: str | None = f"{FERNET_PREFIX}%"  # a LIKE that finds the values `behind` wants
+
+    @staticmethod
+    def of(kind: str) -> Settle:
+        if kind == "rekey":
+            return Settle(behind=False, holds=lambda v: classify(v) is not ValueKind.EMPTY,
+                          narrow=None)
+        return Settle(behind=kind != "retry")
+
+
 def settle_run(engine: Engine, bound: Sequence[BoundTarget], result: MigrateResult,
-                     fence: Callable[[Connection], None] | None, *, behind: bool = True) -> None:
-    """`settle_failures` for every column of a migrate run, in one fenced transaction,
-    counted into the result's column summaries."""
+               fence: Callable[[Connection], None] | None, how: Settle) -> None:
+    """`settle_failures` for every column of a run, in one fenced transaction, counted
+    into the result's column summaries."""
     with engine.begin() as conn:
         if fence is not None:
             fence(conn)
-        change = settle_failures(conn, bound, result.run_id, behind=behind)
+        change = settle_failures(conn, bound, result.run_id, how)
     for summary in result.columns:
         summary.add(change[(summary.table, summary.column)])
 
 
 def settle_failures(conn: Connection, bound: Sequence[BoundTarget], run_id: int | None,
-                    *, behind: bool = True) -> dict[tuple[str, str], BatchCounts]:
+                    how: Settle) -> dict[tuple[str, str], BatchCounts]:
     """`settle_column` for every column of the targets; the change of each one's counts."""
-    return {(bt.name, column): settle_column(conn, bt, column, run_id, behind=behind)
+    return {(bt.name, column): settle_column(conn, bt, column, run_id, how)
             for bt in bound for column in bt.target.columns}
 
 
 def settle_column(conn: Connection, bt: BoundTarget, column: str, run_id: int | None,
-                  *, behind: bool = True) -> BatchCounts:
-    """Once a migrate run has been through a column, make its failures the Fernet tokens
-    the column still holds that the run did not migrate, in the caller's transaction; the
-    change of its counts. Exit 0 then means nothing is left, and exit 1 names only values
-    that exist.
+                  how: Settle) -> BatchCounts:
+    """Once a run has been through a column, make its failures the values the column
+    still holds that the run must answer for and did not rewrite, in the caller's
+    transaction; the change of its counts. Exit 0 then means nothing is left, and exit 1
+    names only values that exist.
 
-    - A token the run neither migrated nor recorded is recorded (REASON_BEHIND): it was
-      written behind the run's cursor (by the application, or before a resume). Not for a
-      retry (`behind` False), which answers for the recorded failures only (and reads only
-      their rows).
-    - A recorded failure or conflict whose row is gone or holds no Fernet token any more
+    - (`how.behind`) A Fernet token the run neither migrated nor recorded is recorded
+      (REASON_BEHIND): it was written behind the run's cursor (by the application, or
+      before a resume). Not for a retry, which answers for the recorded failures only (and
+      reads only their rows), nor a rekey (see `Settle`).
+    - A recorded failure or conflict whose row is gone or no longer holds such a value
       (deleted, or rewritten by the application since, e.g. between an interrupted pass
       and its resume) is dropped, and taken off the count it was in: no value of it is
       left."""
     assert run_id is not None
     recorded = store.failures_in(conn, run_id, bt.name, column)
     known = {pk for _, pk, _ in recorded}
-    holding = _fernet_keys(conn, bt, column, None if behind else known)
+    holding = _holding_keys(conn, bt, column, how, None if how.behind else known)
     gone = [(i, reason) for i, pk, reason in recorded if pk not in holding]
     conflicts = sum(reason == REASON_CONFLICT for _, reason in gone)
     dropped = BatchCounts(failed=len(gone) - conflicts, conflicts=conflicts)
@@ -283,7 +367,7 @@ def settle_column(conn: Connection, bt: BoundTarget, column: str, run_id: int | 
     if gone:
         log.warning("failed_values_gone", table=bt.name, column=column, count=len(gone))
     left = [FailureRow(bt.name, column, pk, REASON_BEHIND)
-            for pk in sorted(holding - known)] if behind else []
+            for pk in sorted(holding - known)] if how.behind else []
     if left:
         ck = store.load_checkpoints(conn, run_id)[(bt.name, column)]
         store.record_batch(conn, run_id, bt.name, column,
@@ -293,21 +377,24 @@ def settle_column(conn: Connection, bt: BoundTarget, column: str, run_id: int | 
     return BatchCounts(failed=len(left) - dropped.failed, conflicts=-conflicts)
 
 
-def _fernet_keys(conn: Connection, bt: BoundTarget, column: str,
-                 only: set[str] | None) -> set[str]:
-    """The keys (as text) of the rows whose value in `column` is a Fernet token: every
-    such row, or only those among the keys `only`."""
+def _holding_keys(conn: Connection, bt: BoundTarget, column: str, how: Settle,
+                  only: set[str] | None) -> set[str]:
+    """The keys (as text) of the rows whose value in `column` `how.holds`: every such row,
+    or only those among the keys `only`."""
     col = bt.col(column)
     if only is None:
-        # LIKE narrows the read on the server (case-insensitive on some databases: classify
-        # decides); the prefix holds neither '%' nor '_'.
-        pages = [select(bt.pk, col).where(bt.pk.is_not(None), col.like(f"{FERNET_PREFIX}%"))]
+        where = [bt.pk.is_not(None)]
+        if how.narrow is not None:
+            # LIKE narrows the read on the server (case-insensitive on some databases:
+            # `holds` decides); the prefix holds neither '%' nor '_'.
+            where.append(col.like(how.narrow))
+        pages = [select(bt.pk, col).where(*where)]
     else:
         keys = sorted(bt.pk_value(pk) for pk in only)
         pages = [select(bt.pk, col).where(bt.pk.in_(keys[i:i + 500]))
                  for i in range(0, len(keys), 500)]
     return {bt.pk_text(pk) for q in pages for pk, value in conn.execute(q)
-            if classify(value) is ValueKind.FERNET}
+            if how.holds(value)}
 
 
 def failed_keys(engine: Engine, bt: BoundTarget, column: str) -> list[Any]:
@@ -330,7 +417,7 @@ class _Columns:
     engine: Engine
     settings: Settings
     kms: KMS
-    codec: FernetCodec
+    codec: FernetCodec | None  # None for a rekey run
     result: MigrateResult
     log: Any
     hooks: Hooks

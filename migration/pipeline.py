@@ -1,8 +1,9 @@
 """The column loops every kind of run drives: one column (or one key range of it) read page
 by page, each page through its steps, each written in one transaction.
 
-- `migrate_column`: rows -> prepare (batches.py: Fernet, KMS round trips) -> finish ->
-  applier; migrate, `--retry-failed` and ranged workers drive it, a dry-run with no writer.
+- `migrate_column`: rows -> prepare (batches.py: Fernet, KMS round trips; or rewrap.py:
+  KMS ReEncrypt for a rekey run) -> finish -> applier; migrate, `--retry-failed`, rekey
+  and ranged workers drive it, a dry-run with no writer.
 - `rollback_column`: journal entries -> applier's mirror compare-and-swap.
 - `verify_column`: rows -> KMS Decrypt pinned to the run's key -> counts (writes nothing).
 
@@ -21,17 +22,19 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection, Engine, select
 
 from checkpoints.leases import Lease
+from checkpoints.rollback_journal import pending
 from checkpoints.store import BatchCounts, FailureRow
 from checkpoints.tables import journal
 
 from .applier import Writer, apply_migrate_batch, apply_rollback_batch
-from .batches import ColumnSteps, ColumnSummary, Prepared
+from .batches import ColumnSteps, ColumnSummary, Prepared, Steps
 from .codec import FernetCodec, ValueKind, classify, decode_kms, encryption_context
 from .config import Settings
 from .kms import KMS, Opening
 from .logs import get_logger
 from .progress import NullProgress, Progress
 from .reader import BoundTarget, Row, fetch_batch, fetch_keys
+from .rewrap import Rekey, RekeySteps
 
 __all__ = [
     "BatchHook", "ColumnCheck", "ColumnJob", "Fetcher", "Hooks", "Problem", "journal_fetcher",
@@ -51,7 +54,8 @@ class ColumnJob:
 
     `after`/`upto`: the keys (journal ids for a rollback) the loop starts after and ends
     at, either end open when None. `run_id` None: nothing is written (dry-run, verify).
-    `lease`: the range of a ranged run whose checkpoint each batch moves."""
+    `lease`: the range of a ranged run whose checkpoint each batch moves. `undoes`: for a
+    rollback, the rekey run whose journal it replays (None: the migrate layer)."""
 
     engine: Engine
     target: BoundTarget
@@ -65,6 +69,7 @@ class ColumnJob:
     kms: KMS | None = None
     codec: FernetCodec | None = None
     log: Any = None
+    undoes: int | None = None
 
     @property
     def name(self) -> str:
@@ -78,6 +83,22 @@ class ColumnJob:
     def logger(self) -> Any:
         log = self.log if self.log is not None else get_logger()
         return log.bind(table=self.name, column=self.column)
+
+    def steps(self, dry: bool) -> Steps:
+        """What each batch goes through: a rekey run's (its settings name a destination
+        key: ReEncrypt) or a migrate run's (Fernet decrypt, KMS Encrypt and Decrypt)."""
+        kms, settings = self.kms, self.settings
+        assert kms is not None
+        if settings.to_key_id is not None:
+            assert kms.key is not None and kms.dest is not None
+            return RekeySteps(self.target, self.column,
+                              Rekey(kms, kms.key, kms.dest, settings.verify_decrypt),
+                              from_context=settings.encryption_context,
+                              to_context=settings.to_encryption_context)
+        assert self.codec is not None
+        # A dry-run sizes the KMS texts for real AWS KMS.
+        return ColumnSteps(self.target, self.column, self.codec, kms,
+                           settings.encryption_context, size_for_aws=dry)
 
 
 @dataclass(frozen=True)
@@ -136,14 +157,15 @@ def key_list_fetcher(engine: Engine, bt: BoundTarget, column: str, keys: list[An
 
 
 def journal_fetcher(engine: Engine, table: str, column: str, size: int,
-                    upto: int | None = None) -> Fetcher[JournalEntry]:
-    """Pages of one column's journal entries still to roll back, in journal id order (up to
-    journal id `upto`, the end of a range, when given)."""
+                    upto: int | None = None, undoes: int | None = None) -> Fetcher[JournalEntry]:
+    """Pages of one column's journal entries still to roll back (of the rekey run
+    `undoes`, else of the migrate layer), in journal id order (up to journal id `upto`,
+    the end of a range, when given)."""
     j = journal.c
 
     def fetch(after: Any) -> tuple[list[JournalEntry], Any, bool]:
         q = (select(j.id, j.pk, j.original, j.migrated)
-             .where(j.table_name == table, j.column_name == column, j.status == "migrated",
+             .where(j.table_name == table, j.column_name == column, pending(undoes),
                     j.id > (after or 0))
              .order_by(j.id).limit(size))
         if upto is not None:
@@ -171,15 +193,13 @@ def migrate_column(job: ColumnJob, fetch: Fetcher[Row], summary: ColumnSummary, 
     `dry_failures`. The next page is read and its KMS work started before this page's
     write, so the two overlap; the pages hold disjoint keys, and the next one writes
     nothing until this one has committed its checkpoint."""
-    assert job.kms is not None and job.codec is not None
-    kms, codec, bt, column = job.kms, job.codec, job.target, job.column
+    bt, column = job.target, job.column
     clog = job.logger()
-    ctx = job.settings.encryption_context
-    dry = job.run_id is None  # a dry-run sizes the KMS texts for real AWS KMS
+    dry = job.run_id is None
     summary.column_type = str(bt.col(column).type)
     after = job.after
     rows, cursor, done = fetch(after)
-    steps = ColumnSteps(bt, column, codec, kms, ctx, size_for_aws=dry)
+    steps = job.steps(dry)
     prep = steps.prepare(rows)
     upcoming: Prepared | None = None
     batch_no = 0
@@ -226,7 +246,8 @@ def rollback_column(job: ColumnJob, summary: ColumnSummary, hooks: Hooks) -> int
     of a ranged run, whose checkpoint `job.lease` then moves); the number of batches."""
     assert job.run_id is not None
     bt, column = job.target, job.column
-    fetch = journal_fetcher(job.engine, bt.name, column, job.settings.batch_size, job.upto)
+    fetch = journal_fetcher(job.engine, bt.name, column, job.settings.batch_size, job.upto,
+                            job.undoes)
     writer = job.writer()
     clog = job.logger()
     after = job.after or 0

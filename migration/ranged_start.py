@@ -14,6 +14,7 @@ from sqlalchemy import Engine
 from checkpoints import leases, store
 from checkpoints.leases import Sizing
 from checkpoints.lock import LockHeld, RunLock
+from checkpoints.rollback_journal import pending
 from checkpoints.store import Run
 from checkpoints.tables import journal
 
@@ -21,8 +22,10 @@ from .config import (
     Settings,
 )
 from .errors import RunLockedError
+from .kms import KMS
 from .logs import get_logger
-from .migrator import Mode, resume_or_start
+from .migrator import Mode, resume_or_start, run_kind
+from .migrator import new_run as make_new_run
 from .reader import BoundTarget, bind_targets
 from .refusals import refuse_other_settings, refuse_to_start
 
@@ -78,35 +81,37 @@ def join_or_refuse(engine: Engine, kind: str, exc: LockHeld) -> tuple[RunLock, R
 
 
 def start_ranged_migrate(
-    settings: Settings, engine: Engine, key_arn: str, split: Split, *, new_run: bool = False,
+    settings: Settings, engine: Engine, kms: KMS, split: Split, *, new_run: bool = False,
     before_first_write: Callable[[], None] | None = None,
 ) -> RangedStart:
-    """Take the run lock and start or resume a ranged run, or join the one running.
+    """Take the run lock and start or resume a ranged migrate (or rekey) run, or join the
+    one running. `kms` has the run's keys described.
 
     `before_first_write` (e.g. the SQLite backup) runs once the lock is ours and every
     check passed, before the run starts (not when joining a run already running)."""
     store.ensure_schema(engine)
+    kind = run_kind(settings, Mode())
     try:
-        run_lock = RunLock.acquire(engine, "migrate")
+        run_lock = RunLock.acquire(engine, kind)
     except LockHeld as exc:
-        run_lock, run = join_or_refuse(engine, "migrate", exc)
-        refuse_other_settings(run, settings, key_arn)
+        run_lock, run = join_or_refuse(engine, kind, exc)
+        refuse_other_settings(run, settings, make_new_run(settings, kms, Mode(), ranged=True))
         if run.max_kms_rps is not None and run.max_kms_rps != settings.max_kms_rps:
             get_logger(run_id=run.id).warning(
                 "joining_with_the_runs_rate_limit", max_kms_rps=run.max_kms_rps,
                 given=settings.max_kms_rps)
         if new_run:
             raise RunLockedError(
-                f"migrate run {run.id} is running with workers: --new-run cannot abandon it "
+                f"{kind} run {run.id} is running with workers: --new-run cannot abandon it "
                 "while they work; stop them first (Ctrl-C where they were started)"
             ) from None
         return RangedStart(run, run_lock, joined=True, resumed=True)
     try:
         with engine.connect() as conn:
-            refuse_to_start(conn)
+            refuse_to_start(conn, kind)
         if before_first_write is not None:
             before_first_write()
-        run, resumed = resume_or_start(engine, settings, key_arn, run_lock,
+        run, resumed = resume_or_start(engine, settings, kms, run_lock,
                                         Mode(new_run=new_run), ranged=True)
         bound = bind_targets(engine, settings.targets)
         with engine.begin() as conn:
@@ -175,7 +180,7 @@ def plan_rollback(conn: Any, run: Run, sizing: Sizing, lock: RunLock) -> None:
         if ck.done:
             continue
         start = int(ck.last_pk) if ck.last_pk is not None else 0
-        where = [j.table_name == table, j.column_name == column, j.status == "migrated",
+        where = [j.table_name == table, j.column_name == column, pending(run.undoes_run_id),
                  j.id > start]
         bounds = leases.boundaries(conn, journal, j.id, where, sizing)
         leases.create_ranges(conn, run.id, table, column, ck.last_pk, [str(b) for b in bounds])

@@ -25,7 +25,11 @@ from .reader import (
 )
 
 __all__ = [
-    "check_keys_open_something", "fernet_sample", "refuse_missing_keys", "refuse_other_settings",
+    "HOW_TO_FINISH",
+    "check_keys_open_something",
+    "fernet_sample",
+    "refuse_missing_keys",
+    "refuse_other_settings",
     "refuse_to_start",
 ]
 
@@ -84,36 +88,49 @@ def _recorded_failures(
     return out
 
 
-def refuse_other_settings(run: Run, settings: Settings, key_arn: str) -> None:
-    """Raise ResumeMismatchError unless this command's key, targets and encryption context
-    are the run's own (to resume it, or to join it as a worker)."""
-    fingerprint = targets_fingerprint(settings.targets, settings.encryption_context)
-    pairs = [(t.table, c) for t in settings.targets for c in t.columns]
+def refuse_other_settings(run: Run, settings: Settings, new: store.NewRun) -> None:
+    """Raise ResumeMismatchError unless this command's keys, targets and encryption
+    contexts (`new`, what it would record) are the run's own (to resume it, or to join it
+    as a worker); and, for a migrate run, its Fernet keys cover the run's."""
     changed: list[str] = []
-    if run.key_arn != key_arn:
+    rekey = run.kind == "rekey"
+    if run.key_arn != new.key_arn:
         changed.append(
-            f"the KMS key (run used {run.key_id} = {run.key_arn}, now {settings.key_id} "
-            f"= {key_arn})"
+            f"the {'source ' if rekey else ''}KMS key (run used {run.key_id} = {run.key_arn}, "
+            f"now {new.key_id} = {new.key_arn})"
         )
-    if run.targets_fingerprint == targets_fingerprint(
-        settings.targets, not settings.encryption_context
-    ):
+    if rekey and run.to_key_arn != new.to_key_arn:
         changed.append(
-            "the encryption context (run used "
-            f"{'none' if settings.encryption_context else '--encryption-context'}, "
-            f"now {'--encryption-context' if settings.encryption_context else 'none'})"
+            f"the destination KMS key (run used {run.to_key_id} = {run.to_key_arn}, now "
+            f"{new.to_key_id} = {new.to_key_arn})"
         )
-    elif run.targets_fingerprint != fingerprint:
-        was = ", ".join(f"{t['table']}.{c}" for t in run.targets for c in t["columns"])
-        now = ", ".join(f"{t}.{c}" for t, c in pairs)
-        changed.append(f"the targets (run used {was}; now {now})")
+    if run.targets_fingerprint != new.fingerprint:
+        changed.append(_fingerprint_change(run, settings))
     if changed:
         raise ResumeMismatchError(
-            f"unfinished migrate run {run.id} was started with other settings: "
+            f"unfinished {run.kind} run {run.id} was started with other settings: "
             f"{'; and '.join(changed)}. Re-run with the run's settings to finish it, "
             "or add --new-run to abandon it and start a new run; nothing was written"
         )
     refuse_missing_keys(run, settings.fernet_keys)
+
+
+def _fingerprint_change(run: Run, settings: Settings) -> str:
+    """What differs when the fingerprints do: one of the contexts, else the targets."""
+    targets, ctx = settings.targets, settings.encryption_context
+    to = settings.to_encryption_context if run.kind == "rekey" else None
+    flag = "--from-encryption-context" if to is not None else "--encryption-context"
+    if run.targets_fingerprint == targets_fingerprint(targets, not ctx, to_context=to):
+        return (f"the encryption context (run used {'none' if ctx else flag}, now "
+                f"{flag if ctx else 'none'})")
+    if to is not None and run.targets_fingerprint == targets_fingerprint(
+            targets, ctx, to_context=not to):
+        flag = "--to-encryption-context"
+        return (f"the destination encryption context (run used {'none' if to else flag}, "
+                f"now {flag if to else 'none'})")
+    was = ", ".join(f"{t['table']}.{c}" for t in run.targets for c in t["columns"])
+    now = ", ".join(f"{t.table}.{c}" for t in targets for c in t.columns)
+    return f"the targets (run used {was}; now {now})"
 
 
 def refuse_missing_keys(run: Run, keys: Sequence[str]) -> None:
@@ -134,28 +151,37 @@ def refuse_missing_keys(run: Run, keys: Sequence[str]) -> None:
         )
 
 
-def refuse_to_start(conn: Connection, *, retry_failed: bool = False) -> None:
-    """Raise ResumeMismatchError when a migrate (or retry) must not start now: a finalize
-    or a rollback is unfinished, or (for a retry) a migrate is."""
+# What must be finished before a run of each kind starts, resumes or is joined (beyond an
+# unfinished finalize or rollback, which stop every kind): a retry re-reads a migrate's
+# failures, and a rekey and a migrate would each leave values behind the other's cursor.
+_MUST_FINISH_FIRST = {"migrate": ("rekey",), "retry": ("migrate", "rekey"),
+                      "rekey": ("migrate", "retry")}
+HOW_TO_FINISH = {
+    "migrate": "kms-migrate migrate",
+    "retry": "kms-migrate migrate --retry-failed",
+    "rollback": "kms-migrate rollback",
+    "rekey": "kms-migrate rekey with the run's options",
+    "finalize": "kms-migrate finalize",
+}
+
+
+def refuse_to_start(conn: Connection, kind: str = "migrate") -> None:
+    """Raise ResumeMismatchError when a run of `kind` (migrate, retry, rekey) must not
+    start now: a finalize or a rollback is unfinished, or a run it must follow is."""
     fin = store.unfinished_run(conn, "finalize")
     if fin is not None:
         # It has deleted part of the journal: a migrate now would mix a fresh journal with
         # a partial one, and a later rollback would restore only part of the values.
         raise ResumeMismatchError(
             f"finalize run {fin.id} is unfinished: it has deleted part of the rollback "
-            "journal; finish it first (kms-migrate finalize), then migrate again; nothing "
+            f"journal; finish it first (kms-migrate finalize), then {kind} again; nothing "
             "was written"
         )
-    rb = store.unfinished_run(conn, "rollback")
-    if rb is not None:
-        raise ResumeMismatchError(
-            f"rollback run {rb.id} is unfinished: finish it first (kms-migrate rollback), "
-            "then migrate again; nothing was written"
-        )
-    if retry_failed:
-        mig = store.unfinished_run(conn, "migrate")
-        if mig is not None:
+    for first in ("rollback", *_MUST_FINISH_FIRST.get(kind, ())):
+        run = store.unfinished_run(conn, first)
+        if run is not None:
+            then = "retry its failures" if kind == "retry" else f"{kind} again"
             raise ResumeMismatchError(
-                f"migrate run {mig.id} is unfinished: finish it first (kms-migrate "
-                "migrate), then retry its failures; nothing was written"
+                f"{first} run {run.id} is unfinished: finish it first "
+                f"({HOW_TO_FINISH[first]}), then {then}; nothing was written"
             )

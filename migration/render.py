@@ -43,26 +43,59 @@ def _failure_lines(failures: Sequence[Any], limit: int = 100) -> list[str]:
 
 
 def print_migrate(result: MigrateResult, settings: Settings) -> None:
+    """A migrate (or retry, or rekey) run's summary: counts per column, KMS figures, the
+    dry-run's estimate, and every value left untouched with its reason."""
+    rekey = result.kind == "rekey"
     head = "DRY RUN (nothing was written)" if result.dry_run else (
         f"run {result.run_id}" + (" (joined)" if result.joined else
                                   " (resumed)" if result.resumed else ""))
-    click.echo(f"migrate {head}: {safe_url(settings.db_url)}, key {settings.key_id}")
+    keys = (f"key {settings.key_id} -> {settings.to_key_id}"
+            + (" (destination encryption context)" if settings.to_encryption_context else "")
+            if rekey else f"key {settings.key_id}")
+    click.echo(f"{'rekey' if rekey else 'migrate'} {head}: {safe_url(settings.db_url)}, {keys}")
     rows = [(f"{c.table}.{c.column}", c.migrated, c.skipped, c.already, c.failed, c.conflicts)
             for c in result.columns]
-    first = "would migrate" if result.dry_run else "migrated"
-    click.echo(_table(["column", first, "skipped", "already kms", "failed", "conflicts"], rows))
+    verb = "rekey" if rekey else "migrate"
+    first = f"would {verb}" if result.dry_run else f"{verb}ed" if rekey else "migrated"
+    click.echo(_table([
+        "column", first, "skipped", "already there" if rekey else "already kms",
+        "left" if rekey else "failed", "conflicts"], rows))
     click.echo(f"KMS requests: {result.kms_requests} (retries: {result.retries}); "
                f"{result.seconds:.2f} s")
     if result.rate_limit is not None and result.throttles:
         click.echo(f"KMS throttled {result.throttles} time(s): the rate limit went down from "
                    f"{result.rate_limit:g}/s and was back at {result.rate_now:.0f}/s at the end")
     if result.dry_run:
-        todo = sum(c.migrated for c in result.columns)
-        calls = 2 * todo + 1
+        _print_estimate(result, settings)
+    _print_unfit(result)
+    if result.conflicts:
+        again = ("run `kms-migrate rekey` again to pick them up" if rekey else
+                 "`kms-migrate migrate --retry-failed` picks them up")
+        click.echo(f"{result.conflicts} value(s) changed by the application while being "
+                   f"{verb}d were left as written (listed below); {again}.")
+    if result.failures:
+        click.echo(f"{'Values left' if rekey else 'Failed values'} ({len(result.failures)}), "
+                   "left untouched:")
+        for line in _failure_lines(result.failures):
+            click.echo(line)
+
+
+def _print_estimate(result: MigrateResult, settings: Settings) -> None:
+    todo = sum(c.migrated for c in result.columns)
+    calls = result.real_run_calls(settings)
+    if result.kind == "rekey":
+        how = ("ReEncrypt + Decrypt of old and new per value" if settings.verify_decrypt
+               else "ReEncrypt + checking ReEncrypt per value")
+        click.echo(f"A real run would rekey {todo} value(s) with about {calls} KMS requests "
+                   f"({how}, two DescribeKey), and leave {result.failed} value(s) untouched.")
+    else:
         click.echo(f"A real run would migrate {todo} value(s) with about {calls} KMS "
                    "requests (Encrypt + verifying Decrypt per value, one DescribeKey), "
                    f"and leave {result.failed} failed value(s) untouched.")
-        click.echo(estimate_line(calls, result.kms_requests, result.seconds, result.rate_limit))
+    click.echo(estimate_line(calls, result.kms_requests, result.seconds, result.rate_limit))
+
+
+def _print_unfit(result: MigrateResult) -> None:
     for c in result.columns:
         if c.unfit:
             kind = "will not fit their KMS text" if result.dry_run else "did not fit their KMS text"
@@ -71,14 +104,6 @@ def print_migrate(result: MigrateResult, settings: Settings) -> None:
                        f"(up to {c.unfit_need} characters{on}): widen the column to at least "
                        f"{c.unfit_need} characters"
                        + ("" if result.dry_run else ", then migrate --retry-failed"))
-    if result.conflicts:
-        click.echo(f"{result.conflicts} value(s) changed by the application while being migrated "
-                   "were left as written (listed below); `kms-migrate migrate --retry-failed` "
-                   "picks them up.")
-    if result.failures:
-        click.echo(f"Failed values ({len(result.failures)}), left untouched:")
-        for line in _failure_lines(result.failures):
-            click.echo(line)
 
 
 def estimate_seconds(calls: int, measured_calls: int, seconds: float,

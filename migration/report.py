@@ -54,7 +54,7 @@ def build_report(
     report: dict[str, Any] = {
         "tool": "kms-migrate",
         "version": __version__,
-        "command": "migrate",
+        "command": "rekey" if result.kind == "rekey" else "migrate",
         "dry_run": result.dry_run,
         "run_id": result.run_id,
         "resumed": result.resumed,
@@ -62,6 +62,9 @@ def build_report(
         "key_id": settings.key_id,
         "region": settings.region,
         "encryption_context": settings.encryption_context,
+        **({"to_key_id": settings.to_key_id,
+            "to_encryption_context": settings.to_encryption_context,
+            "verify_decrypt": settings.verify_decrypt} if result.kind == "rekey" else {}),
         "started_at": started_at.isoformat(),
         "finished_at": datetime.now(UTC).isoformat(),
         "duration_seconds": round(result.seconds, 3),
@@ -79,9 +82,10 @@ def build_report(
         "cost": kms_cost(result.kms_requests),
     }
     if result.dry_run:
-        calls = 2 * totals["migrated"] + 1
+        calls = result.real_run_calls(settings)
         report["estimate_for_real_run"] = {
-            "values_to_migrate": totals["migrated"],
+            "values_to_migrate" if result.kind != "rekey" else "values_to_rekey":
+                totals["migrated"],
             "kms_requests": calls,
             "cost": kms_cost(calls),
             "duration_seconds": None if estimate_seconds is None else round(estimate_seconds, 1),

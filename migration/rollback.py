@@ -12,10 +12,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Connection, Engine, func, select
 
 from checkpoints import store
 from checkpoints.lock import RunLock
+from checkpoints.rollback_journal import newest_rekey_layer, pending
 from checkpoints.store import FailureRow, Run
 from checkpoints.tables import journal
 
@@ -29,13 +30,14 @@ from .pipeline import ColumnJob, Hooks, rollback_column
 from .reader import BoundTarget, bind_target, primary_key_of
 from .runs import RunEnd, lifecycle, lock_held
 
-__all__ = ["RollbackResult", "rollback"]
+__all__ = ["RollbackResult", "journal_left", "rollback"]
 
 
 @dataclass
 class RollbackResult:
     run_id: int | None = None
     resumed: bool = False
+    undoes: int | None = None  # the rekey run it restored (None: the migrate runs)
     columns: list[ColumnSummary] = field(default_factory=list)
     failures: list[FailureRow] = field(default_factory=list)
     seconds: float = 0.0
@@ -49,11 +51,11 @@ class RollbackResult:
         return sum(c.conflicts for c in self.columns)
 
 
-def _pending_targets(engine: Engine) -> list[tuple[str, str]]:
+def _pending_targets(engine: Engine, undoes: int | None) -> list[tuple[str, str]]:
     with engine.connect() as conn:
         rows = conn.execute(
             select(journal.c.table_name, journal.c.column_name)
-            .where(journal.c.status == "migrated").distinct()
+            .where(pending(undoes)).distinct()
             .order_by(journal.c.table_name, journal.c.column_name)
         ).all()
     return [(t, c) for t, c in rows]
@@ -97,8 +99,10 @@ def check_can_roll_back(engine: Engine) -> None:
 def start_rollback_run(engine: Engine, batch_size: int, run_lock: RunLock,
                        ranged: bool = False) -> tuple[Run, bool]:
     """Resume the unfinished rollback run, or start one over every column the journal
-    still has migrated values of; abandon an unfinished migrate run (its checkpoint would
-    skip the rows restored now: a later migrate starts afresh).
+    still has values of to restore, one layer at a time: the newest rekey run's if any
+    (back to the ciphertexts under its source key), else the migrate runs' (back to the
+    Fernet tokens). Abandon an unfinished migrate or rekey run (its checkpoint would skip
+    the rows restored now: a later run starts afresh).
 
     A run started with --workers is resumed only with --workers: its ranges hold its
     positions and counts, which a single process would neither move nor report."""
@@ -113,17 +117,19 @@ def start_rollback_run(engine: Engine, batch_size: int, run_lock: RunLock,
         if run is not None:
             store.set_state(conn, run.id, "running")
             resumed = True
-        pending_mig = store.unfinished_run(conn, "migrate")
-        if pending_mig is not None:
-            store.set_state(conn, pending_mig.id, "abandoned",
-                            note="abandoned by a rollback; the next migrate starts a new run")
+        for kind in ("migrate", "rekey"):
+            left = store.unfinished_run(conn, kind)
+            if left is not None:
+                store.set_state(conn, left.id, "abandoned", note=(
+                    f"abandoned by a rollback; the next {kind} starts a new run"))
+        undoes = newest_rekey_layer(conn) if run is None else None
     if run is None:
-        pairs = _pending_targets(engine)
+        pairs = _pending_targets(engine, undoes)
         with engine.begin() as conn:
             run = store.create_run(conn, store.NewRun(
                 "rollback", batch_size, targets=pairs,
                 targets_json=json.dumps([{"table": t, "columns": [c]} for t, c in pairs]),
-                tool_version=__version__))
+                tool_version=__version__, undoes_run_id=undoes))
     with engine.begin() as conn:
         run_lock.bind_run(conn, run.id)
     return run, resumed
@@ -132,7 +138,7 @@ def start_rollback_run(engine: Engine, batch_size: int, run_lock: RunLock,
 def _rollback(engine: Engine, batch_size: int, result: RollbackResult, run_lock: RunLock,
               started: float, hooks: Hooks) -> RollbackResult:
     run, result.resumed = start_rollback_run(engine, batch_size, run_lock)
-    result.run_id = run.id
+    result.run_id, result.undoes = run.id, run.undoes_run_id
     log = get_logger(run_id=run.id, kind="rollback")
     log.info("run_started", resumed=result.resumed)
     with engine.connect() as conn:
@@ -152,9 +158,11 @@ def _rollback(engine: Engine, batch_size: int, result: RollbackResult, run_lock:
                     continue
                 bt = _bound_column(engine, bound, table, column)
                 after = int(ck.last_pk) if ck.last_pk is not None else 0
-                progress.start(table, column, _journal_left(engine, table, column, after))
+                progress.start(table, column,
+                               _journal_left(engine, table, column, after, run.undoes_run_id))
                 job = ColumnJob(engine, bt, column, settings, run_id=run.id,
-                                fence=run_lock.fence, after=after, log=log)
+                                fence=run_lock.fence, after=after, log=log,
+                                undoes=run.undoes_run_id)
                 rollback_column(job, summary, hooks)
     finally:
         progress.finish()
@@ -180,9 +188,16 @@ def _bound_column(engine: Engine, bound: dict[str, BoundTarget], table: str,
     return bt
 
 
-def _journal_left(engine: Engine, table: str, column: str, after: int) -> int:
+def journal_left(conn: Connection, undoes: int | None) -> int:
+    """How many journal entries of a layer (`pending`) are still to restore."""
+    return int(conn.execute(
+        select(func.count()).select_from(journal).where(pending(undoes))).scalar_one())
+
+
+def _journal_left(engine: Engine, table: str, column: str, after: int,
+                  undoes: int | None) -> int:
     j = journal.c
     q = select(func.count()).select_from(journal).where(
-        j.table_name == table, j.column_name == column, j.status == "migrated", j.id > after)
+        j.table_name == table, j.column_name == column, pending(undoes), j.id > after)
     with engine.connect() as conn:
         return int(conn.execute(q).scalar_one())

@@ -32,11 +32,11 @@ from sqlalchemy import Engine, func, select
 
 from checkpoints import leases, store
 from checkpoints.lock import LockHeld, RunLock
-from checkpoints.store import BatchCounts
+from checkpoints.rollback_journal import pending
+from checkpoints.store import BatchCounts, Run
 from checkpoints.tables import journal
 
 from .batches import ColumnSummary
-from .codec import FernetCodec
 from .config import (
     DEFAULT_LEASE_SECONDS,
     DEFAULT_ROWS_PER_RANGE,
@@ -45,7 +45,7 @@ from .config import (
 from .errors import ConfigError, WorkersFailed
 from .kms import KMS
 from .logs import get_logger
-from .migrator import MigrateResult, settle_failures
+from .migrator import MigrateResult, Mode, Settle, prepare_keys, run_kind, settle_failures
 from .progress import NullProgress, Progress
 from .ranged_start import (
     RangedStart,
@@ -55,7 +55,6 @@ from .ranged_start import (
     start_ranged_migrate,
 )
 from .reader import BoundTarget, bind_targets, count_after
-from .refusals import check_keys_open_something
 from .rollback import (
     RollbackResult,
     check_can_roll_back,
@@ -116,19 +115,20 @@ class Here:
 def migrate_ranged(
     settings: Settings, *, engine: Engine, kms: KMS, here: Here, new_run: bool = False,
 ) -> MigrateResult:
-    """`migrate --workers N`: start, resume or join a ranged run; run N workers here."""
+    """`migrate --workers N` (or `rekey --workers N`): start, resume or join a ranged run;
+    run N workers here."""
     started = time.monotonic()
     bound = bind_targets(engine, settings.targets)
-    check_keys_open_something(engine, bound, FernetCodec(settings.fernet_keys))
-    key = kms.describe()
-    start = start_ranged_migrate(settings, engine, key.arn,
+    prepare_keys(settings, engine, bound, kms)
+    kind = run_kind(settings, Mode())
+    start = start_ranged_migrate(settings, engine, kms,
                                  Split(here.rows_per_range, here.workers), new_run=new_run,
                                  before_first_write=here.before_first_write)
     if start.run.max_kms_rps is not None:  # the run's limit, whoever started it
         settings = replace(settings, max_kms_rps=start.run.max_kms_rps)
-    result = MigrateResult(dry_run=False, run_id=start.run.id, resumed=start.resumed,
-                           joined=start.joined)
-    spec = WorkerSpec("migrate", start.run.id, start.lock.token, here.lease_seconds,
+    result = MigrateResult(dry_run=False, kind=kind, run_id=start.run.id,
+                           resumed=start.resumed, joined=start.joined)
+    spec = WorkerSpec(kind, start.run.id, start.lock.token, here.lease_seconds,
                       settings_to_dict(settings), dict(here.log_opts))
     pids = _work_here(engine, start, spec, here,
                       _column_totals_migrate(engine, start.run.id, bound), bound)
@@ -168,8 +168,9 @@ def rollback_ranged(engine: Engine, *, settings: Settings, here: Here) -> Rollba
         start = RangedStart(run, run_lock, joined=False, resumed=resumed)
     spec = WorkerSpec("rollback", start.run.id, start.lock.token, here.lease_seconds,
                       settings_to_dict(settings), dict(here.log_opts))
-    _work_here(engine, start, spec, here, _column_totals_rollback(engine, start.run.id))
-    result = RollbackResult(run_id=start.run.id, resumed=start.resumed)
+    _work_here(engine, start, spec, here, _column_totals_rollback(engine, start.run))
+    result = RollbackResult(run_id=start.run.id, resumed=start.resumed,
+                            undoes=start.run.undoes_run_id)
     with engine.connect() as conn:
         result.columns = _summaries(conn, start.run.id)
         result.failures = store.failures_of(conn, start.run.id)
@@ -198,11 +199,11 @@ def _column_totals_migrate(engine: Engine, run_id: int,
     return out
 
 
-def _column_totals_rollback(engine: Engine, run_id: int) -> dict[tuple[str, str], int]:
+def _column_totals_rollback(engine: Engine, run: Run) -> dict[tuple[str, str], int]:
     j = journal.c
     with engine.connect() as conn:
         q = select(j.table_name, j.column_name, func.count()).where(
-            j.status == "migrated").group_by(j.table_name, j.column_name)
+            pending(run.undoes_run_id)).group_by(j.table_name, j.column_name)
         return {(t, c): int(n) for t, c, n in conn.execute(q)}
 
 
@@ -286,8 +287,8 @@ def _conclude(engine: Engine, start: RangedStart, codes: Sequence[int],
             # status would show them so forever once the run is over.
             leases.mark_silent_lost(conn, run_id, timedelta(seconds=3 * MAX_HEARTBEAT))
             # True when this command completed it: no other one records twice.
-            if store.complete_ranged(conn, run_id):
-                settle_failures(conn, bound, run_id)
+            if store.complete_ranged(conn, run_id) and start.run.kind != "rollback":
+                settle_failures(conn, bound, run_id, Settle.of(start.run.kind))
         elif not others and all(c != 2 for c in codes):
             # Stopped between batches; a run another worker stopped on its fatal error
             # stays `stopped`, with that error as its note.

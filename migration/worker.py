@@ -279,21 +279,26 @@ class _Job:
     stopping: Callable[[], bool]
     bound: dict[tuple[str, str], BoundTarget] = field(default_factory=dict)
     codec: FernetCodec | None = None
+    undoes: int | None = None  # a rollback's layer: the rekey run it restores
 
     def __post_init__(self) -> None:
         spec, settings, engine, kms = self.spec, self.settings, self.engine, self.kms
-        if spec.kind == "migrate":
+        with engine.connect() as conn:
+            run = store.get_run(conn, spec.run_id)
+        self.undoes = run.undoes_run_id if run is not None else None
+        if spec.kind in ("migrate", "rekey"):
             for bt in bind_targets(engine, settings.targets):
                 for column in bt.target.columns:
                     self.bound[(bt.name, column)] = bt
-            self.codec = FernetCodec(settings.fernet_keys)
-            with engine.connect() as conn:
-                run = store.get_run(conn, spec.run_id)
+            if spec.kind == "migrate":
+                self.codec = FernetCodec(settings.fernet_keys)
             if kms.key is None and run is not None and run.key_arn:
-                # The run's key as the command that started the run described it (a run
-                # refuses another key): Decrypt is pinned to it, and from now on KMS's
+                # The run's keys as the command that started the run described them (a run
+                # refuses other keys): calls are pinned to them, and from now on KMS's
                 # ValidationException is about a value (see KMS._classify), as in migrate.
                 kms.key = KeyInfo(key_id=settings.key_id, arn=run.key_arn)
+                if run.to_key_arn and settings.to_key_id:
+                    kms.dest = KeyInfo(key_id=settings.to_key_id, arn=run.to_key_arn)
 
     def target(self, table: str, column: str) -> BoundTarget:
         bt = self.bound.get((table, column))
@@ -313,7 +318,8 @@ class _Job:
             job = ColumnJob(self.engine, bt, column, self.settings, run_id=self.spec.run_id,
                             fence=self.run_lock.shared_fence, lease=lease,
                             after=int(start) if start is not None else 0,
-                            upto=int(lease.hi) if lease.hi is not None else None, log=log)
+                            upto=int(lease.hi) if lease.hi is not None else None, log=log,
+                            undoes=self.undoes)
             return rollback_column(job, ColumnSummary(bt.name, column),
                                    Hooks(should_stop=self.stopping))
         job = ColumnJob(self.engine, bt, column, self.settings, run_id=self.spec.run_id,

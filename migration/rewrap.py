@@ -1,0 +1,139 @@
+"""One batch of a rekey run between its read and its write: the per-value half of moving
+KMS values from one key (or encryption context) to another with KMS ReEncrypt, so the
+plaintext never leaves KMS. `RekeySteps` has the shape of `batches.ColumnSteps` (prepare,
+then finish), so the column loops, the applier, the journal and the workers are the same.
+
+For each KMS value: ReEncrypt from the source key (`SourceKeyId` pinned) and context to the
+destination key and context; then the check, before anything is written: by default a
+second ReEncrypt of the new ciphertext, destination to destination, thrown away (it opens
+under the destination key and context), with both answers naming the expected
+`SourceKeyId` and `KeyId`; with `verify_decrypt`, a Decrypt of the old and the new value
+(pinned to their keys) compared in constant time instead.
+
+A value that does not open under the source is asked once more whether it opens under the
+destination: then it is already where the run takes it (a resumed or repeated run, or a
+value the application wrote with the new key), counted `already`. The values the run does
+not own are left untouched and named: Fernet tokens (migrate's), garbage, and values
+under another key.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from checkpoints.store import BatchCounts, FailureRow
+
+from .applier import Rewrite
+from .batches import ALREADY, Outcome, Prepared, finish_rows
+from .codec import KMS_MAX_CIPHERTEXT, ValueKind, classify, decode_kms, encryption_context
+from .kms import KMS, KeyInfo
+from .reader import BoundTarget, Row
+
+__all__ = [
+    "REASON_FERNET", "REASON_GARBAGE", "REASON_NOT_SOURCE", "Rekey", "RekeySteps",
+]
+
+REASON_FERNET = ("a Fernet token, not a KMS value: left untouched (kms-migrate migrate moves "
+                 "it to KMS first)")
+REASON_GARBAGE = "neither a Fernet token nor a KMS ciphertext: left untouched"
+REASON_NOT_SOURCE = ("does not open under the source key and context (under another key, "
+                     "another encryption context, or corrupt): left untouched")
+Context = Mapping[str, str] | None
+
+
+@dataclass(frozen=True)
+class Rekey:
+    """The two keys and contexts of a rekey run, and how a new ciphertext is checked."""
+
+    kms: KMS
+    source: KeyInfo
+    dest: KeyInfo
+    verify_decrypt: bool = False
+
+    def one(self, item: tuple[bytes, Context, Context]) -> Outcome:
+        """One value: the new ciphertext, ALREADY, or why it is left (never the value)."""
+        blob, src_ctx, dst_ctx = item
+        if len(blob) > KMS_MAX_CIPHERTEXT:
+            return (f"too long to be a KMS ciphertext ({len(blob)} bytes; KMS takes at most "
+                    f"{KMS_MAX_CIPHERTEXT}): left untouched")
+        out = self.kms.reencrypt(blob, self.dest.arn, src_ctx, dst_ctx, source=self.source.arn)
+        if out is None or out[1] != self.source.arn:
+            # Not under the source key and context (a KMS that ignored the pinned SourceKeyId
+            # named the key it did use: the new ciphertext is dropped either way).
+            return self._elsewhere(blob, dst_ctx, out[1] if out else "")
+        new, _, key = out
+        if key != self.dest.arn:
+            return f"KMS re-encrypted it under {key or 'an unnamed key'}, not the destination"
+        why = self._check(blob, new, src_ctx, dst_ctx)
+        return new if why is None else why
+
+    def _elsewhere(self, blob: bytes, dst_ctx: Context, named: str) -> Outcome:
+        """A value not under the source: ALREADY when it opens under the destination key
+        and context, else why it is left."""
+        if self._opens_at_dest(blob, dst_ctx):
+            return ALREADY
+        if named and named not in (self.source.arn, self.dest.arn):
+            return f"under another KMS key ({named}): left untouched"
+        return REASON_NOT_SOURCE
+
+    def _opens_at_dest(self, blob: bytes, dst_ctx: Context) -> bool:
+        """Whether a ciphertext opens under the destination key and context, shown by a
+        ReEncrypt destination to destination whose result is thrown away."""
+        out = self.kms.reencrypt(blob, self.dest.arn, dst_ctx, dst_ctx, source=self.dest.arn)
+        return out is not None and out[1] == self.dest.arn and out[2] == self.dest.arn
+
+    def _check(self, old: bytes, new: bytes, src_ctx: Context, dst_ctx: Context) -> str | None:
+        """Why the new ciphertext must not be written, or None: it opens under the
+        destination (default), or holds the same plaintext as the old (verify_decrypt)."""
+        if not self.verify_decrypt:
+            if self._opens_at_dest(new, dst_ctx):
+                return None
+            return ("the new ciphertext did not open under the destination key and context "
+                    "when checked: left untouched")
+        before = self.kms.decrypt_with_key(old, src_ctx, key=self.source.arn)
+        after = self.kms.decrypt_with_key(new, dst_ctx, key=self.dest.arn)
+        if before is None or after is None:
+            return "a Decrypt of the old or the new ciphertext failed: left untouched"
+        if not hmac.compare_digest(before[0], after[0]):
+            return "the new ciphertext holds a different plaintext: left untouched"
+        return None
+
+
+@dataclass(frozen=True)
+class RekeySteps:
+    """The two steps of each batch of one column of a rekey run (see batches.ColumnSteps):
+    `prepare` classifies the values and submits the ReEncrypts, `finish` waits for them
+    and turns them into compare-and-swap rewrites and named failures."""
+
+    target: BoundTarget
+    column: str
+    rekey: Rekey
+    from_context: bool = False
+    to_context: bool = False
+
+    def prepare(self, rows: list[Row]) -> Prepared:
+        bt, column = self.target, self.column
+        skipped = 0
+        failures: list[FailureRow] = []
+        waiting: list[Row] = []
+        items: list[tuple[bytes, Context, Context]] = []
+        for row in rows:
+            kind = classify(row.value)
+            blob = decode_kms(row.value) if kind is ValueKind.KMS else None
+            if kind is ValueKind.EMPTY:
+                skipped += 1
+            elif blob is None:
+                why = REASON_FERNET if kind is ValueKind.FERNET else REASON_GARBAGE
+                failures.append(FailureRow(bt.name, column, bt.pk_text(row.pk), why))
+            else:
+                ctx = encryption_context(bt.name, column, bt.pk_text(row.pk))
+                waiting.append(row)
+                items.append((blob, ctx if self.from_context else None,
+                              ctx if self.to_context else None))
+        pending = self.rekey.kms.submit(self.rekey.one, items)
+        return Prepared(rows, waiting, pending, failures, skipped, already=0)
+
+    def finish(self, prep: Prepared) -> tuple[list[Rewrite], list[FailureRow], BatchCounts]:
+        return finish_rows(prep, self.target, self.column)
