@@ -374,9 +374,9 @@ def test_resuming_a_rekey_with_another_destination_is_refused(
             migrate(settings, engine=engine, kms=k,
                     hooks=Hooks(should_stop=lambda: next(stop) >= 1))
     engine.dispose()
-    rc, out, err = run_main(capsys, "rekey", "--db", url, "--to-key", "alias/third", "--yes")
+    rc, _, err = run_main(capsys, "rekey", "--db", url, "--to-key", "alias/third", "--yes")
     assert rc == 2 and "the destination KMS key" in err and "\n" not in err.strip(), err
-    rc, _out, err = run_main(capsys, "migrate", "--db", url, "--yes")
+    rc, _, err = run_main(capsys, "migrate", "--db", url, "--yes")
     assert rc == 2 and "rekey run 2 is unfinished" in err, err
 
 
