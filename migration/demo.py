@@ -10,7 +10,7 @@ import base64
 import hashlib
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import click
 from cryptography.fernet import Fernet
 from sqlalchemy import Engine, create_engine, select
 
+from .codec import encryption_context
 from .config import Settings
 from .db import make_engine
 from .errors import DemoCheckFailed, KmsMigrateError
@@ -27,6 +28,7 @@ from .options import make_kms
 from .pipeline import Hooks
 from .render import print_migrate, print_rollback, print_verify
 from .rollback import rollback
+from .runtime import KMSEncryption
 from .sample import SampleSecrets, coinflip_metadata, create_coinflip_schema, fill_coinflip
 from .status import collect_status
 from .verify import verify
@@ -77,7 +79,7 @@ def run_demo(workdir: Path | None, rows: int) -> int:
         click.echo(f"  emulated KMS key {demo.settings.key_id} in {demo.settings.region} (moto)")
         engine = make_engine(demo.url)
         _migrate_steps(demo, engine, kms)
-        _after_steps(demo, engine)
+        _after_steps(demo, engine, kms)
     click.echo(f"\ndemo OK: the sample database is at {demo.db}")
     exe = sys.argv[0] if sys.argv and sys.argv[0].endswith("kms-migrate") else "kms-migrate"
     click.echo(f"Try: {exe} status --db sqlite:///{demo.db}")
@@ -154,8 +156,9 @@ def _migrate_steps(demo: _Demo, engine: Engine, kms: KMS) -> None:
     _check(all(after[c] == demo.before[c] for c in truth.bad), "every bad value is untouched")
 
 
-def _after_steps(demo: _Demo, engine: Engine) -> None:
-    """Steps 6-8: verify, status, rollback to the exact original bytes."""
+def _after_steps(demo: _Demo, engine: Engine, kms: KMS) -> None:
+    """Steps 6-10: verify, a rekey and its rollback, status, rollback to the exact original
+    bytes."""
     settings, truth = demo.settings, demo.truth
     click.echo("\n== 6. verify (the three bad values are expected to be reported)")
     vres = verify(settings, engine=make_engine(demo.url, read_only=True),
@@ -165,13 +168,54 @@ def _after_steps(demo: _Demo, engine: Engine) -> None:
            and len(vres.problems) == len(truth.bad),
            "verify opens every migrated value and flags only the bad ones")
 
-    click.echo("\n== 7. status")
+    migrated = _snapshot(demo.url)
+    _rekey_steps(demo, engine, kms)
+
+    click.echo("\n== 9. status")
     report = collect_status(engine)
     assert report is not None
     for r in report.runs:
         click.echo(f"  run {r['id']} {r['kind']}: {r['state']}")
 
-    click.echo("\n== 8. rollback")
+    click.echo("\n== 10. rollback, once for the rekey, once for the migrate")
+    rres = rollback(engine, batch_size=50)
+    print_rollback(rres)
+    _check(rres.undoes is not None and _snapshot(demo.url) == migrated,
+           "the rekey's rollback put back the ciphertexts under the first key, byte for byte")
     rres = rollback(engine, batch_size=50)
     print_rollback(rres)
     _check(_snapshot(demo.url) == demo.before, "every target column is byte-identical to before")
+
+
+NEXT_KEY = "alias/coinflip-next-key"
+
+
+def _rekey_steps(demo: _Demo, engine: Engine, kms: KMS) -> None:
+    """Steps 7-8: rekey to a second key with the encryption context turned on; who can read
+    the values then."""
+    truth = demo.truth
+    kms.client.create_alias(AliasName=NEXT_KEY, TargetKeyId=kms.client.create_key(
+        Description="demo key, the next one")["KeyMetadata"]["KeyId"])
+    settings = replace(demo.settings, to_key_id=NEXT_KEY, to_encryption_context=True,
+                       fernet_keys=())
+    click.echo(f"\n== 7. rekey to {NEXT_KEY}, binding each value to its row (KMS ReEncrypt: "
+               "the plaintext never leaves KMS)")
+    result = migrate(settings, engine=engine, kms=make_kms(settings))
+    print_migrate(result, settings)
+    _check(sum(c.migrated for c in result.columns) == len(truth.plaintexts),
+           f"all {len(truth.plaintexts)} KMS values moved to {NEXT_KEY}")
+
+    click.echo("\n== 8. who can read them now")
+    now = _snapshot(demo.url)
+    guide = 0
+    for cell in truth.plaintexts:
+        try:  # the guide's decrypt_secret: no encryption context
+            kms.client.decrypt(CiphertextBlob=base64.b64decode(now[cell].encode()))
+            guide += 1
+        except kms.client.exceptions.InvalidCiphertextException:
+            pass
+    _check(guide == 0, "the guide's decrypt_secret (no context) can no longer read any of them")
+    helper = KMSEncryption(settings.region, NEXT_KEY, kms.client)
+    _check(all(helper.decrypt_secret(now[(t, pk, c)], context=encryption_context(t, c, pk))
+               == plain for (t, pk, c), plain in truth.plaintexts.items()),
+           "the application helper with context= reads every one")

@@ -181,7 +181,7 @@ def print_status(report: StatusReport) -> None:
         for r in report.runs
     ]))
     if report.run_id is not None:
-        click.echo(f"\nlatest migrate run {report.run_id}:")
+        click.echo(f"\nlatest {report.run_kind or 'migrate'} run {report.run_id}:")
         click.echo(_table(
             ["column", "migrated", "skipped", "already", "failed", "conflicts", "remaining",
              "last pk"],

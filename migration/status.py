@@ -39,7 +39,8 @@ class ColumnProgress:
 @dataclass
 class StatusReport:
     runs: list[dict[str, Any]] = field(default_factory=list)
-    run_id: int | None = None
+    run_id: int | None = None  # the latest migrate or rekey run, whose columns follow
+    run_kind: str | None = None
     progress: list[ColumnProgress] = field(default_factory=list)
     failures: list[dict[str, str]] = field(default_factory=list)
     failures_total: int = 0
@@ -62,6 +63,9 @@ def collect_status(engine: Engine, failure_limit: int = 50) -> StatusReport | No
         for r in all_runs:
             report.runs.append({
                 "id": r.id, "kind": r.kind, "state": r.state, "key_id": r.key_id,
+                **({"to_key_id": r.to_key_id, "to_key_arn": r.to_key_arn}
+                   if r.kind == "rekey" else {}),
+                **({"undoes_run_id": r.undoes_run_id} if r.undoes_run_id is not None else {}),
                 "started_at": r.started_at.isoformat() if r.started_at else None,
                 "finished_at": r.finished_at.isoformat() if r.finished_at else None,
                 "seconds": (
@@ -71,9 +75,9 @@ def collect_status(engine: Engine, failure_limit: int = 50) -> StatusReport | No
                 ),
                 "note": r.note,
             })
-        latest = next((r for r in all_runs if r.kind == "migrate"), None)
+        latest = next((r for r in all_runs if r.kind in ("migrate", "rekey")), None)
         if latest is not None:
-            report.run_id = latest.id
+            report.run_id, report.run_kind = latest.id, latest.kind
             pks = {t["table"]: t.get("primary_key") for t in latest.targets}
             in_ranges = leases.range_totals(conn, latest.id) if latest.ranged else {}
             rows = leases.list_ranges(conn, latest.id) if latest.ranged else []

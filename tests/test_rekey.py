@@ -38,7 +38,7 @@ from tests.helpers import (
     run_main,
     snapshot,
 )
-from tests.test_kms import RawBody
+from benchmarks.fake_kms import RawBody
 
 NEXT = "alias/coinflip-next-key"
 ROWS = 40  # users and wagers each: 160 cells
@@ -238,10 +238,10 @@ class Recorder:
 def recorded(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Recorder]]:
     """Every KMS client the CLI makes gets the next Recorder of the list (a plain one when
     the list is empty)."""
-    import migration.options as options
+    from migration import kms_client, options
 
     queue: list[Recorder] = []
-    made = options.make_client
+    made = kms_client.make_client
 
     def make(region: str, concurrency: int) -> Any:
         client = made(region, concurrency)
