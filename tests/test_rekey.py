@@ -20,6 +20,7 @@ import pytest
 from botocore.awsrequest import AWSResponse
 from sqlalchemy import create_engine, select, text, update
 
+from benchmarks.fake_kms import RawBody
 from checkpoints.tables import journal, runs
 from migration.config import Settings
 from migration.db import make_engine
@@ -38,7 +39,6 @@ from tests.helpers import (
     run_main,
     snapshot,
 )
-from benchmarks.fake_kms import RawBody
 
 NEXT = "alias/coinflip-next-key"
 ROWS = 40  # users and wagers each: 160 cells
