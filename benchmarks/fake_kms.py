@@ -17,7 +17,24 @@ from typing import Any
 from botocore.awsrequest import AWSResponse
 
 ARN = "arn:aws:kms:us-east-1:111122223333:key/00000000-0000-4000-8000-00000000bench"
+NEXT_ARN = "arn:aws:kms:us-east-1:111122223333:key/00000000-0000-4000-8000-000000000next"
+NEXT_ALIAS = "alias/bench-next"
 PREFIX = b"\x01\x02\x02\x00bench"
+KEYS = (ARN, NEXT_ARN)  # a blob names its key by its index, the byte after PREFIX
+
+
+def _key(key_id: str) -> int:
+    """The fake's key a KeyId names: the second for its ARN or alias, else the first."""
+    return 1 if key_id in (NEXT_ARN, NEXT_ALIAS) else 0
+
+
+def _wrap(key: int, plaintext: bytes) -> str:
+    return base64.b64encode(PREFIX + bytes([key]) + plaintext).decode()
+
+
+def _unwrap(blob_b64: str) -> tuple[int, bytes]:
+    blob = base64.b64decode(blob_b64)
+    return blob[len(PREFIX)], blob[len(PREFIX) + 1:]
 
 
 class RawBody:
@@ -55,16 +72,24 @@ class LatencyKMS:
         op = (target.decode() if isinstance(target, bytes) else target).rsplit(".", 1)[-1]
         body = json.loads(request.body or b"{}")
         if op == "Encrypt":
-            blob = PREFIX + base64.b64decode(body["Plaintext"])
-            out: dict[str, Any] = {"CiphertextBlob": base64.b64encode(blob).decode(),
-                                   "KeyId": ARN, "EncryptionAlgorithm": "SYMMETRIC_DEFAULT"}
+            key = _key(body.get("KeyId", ""))
+            out: dict[str, Any] = {
+                "CiphertextBlob": _wrap(key, base64.b64decode(body["Plaintext"])),
+                "KeyId": KEYS[key], "EncryptionAlgorithm": "SYMMETRIC_DEFAULT"}
         elif op == "Decrypt":
-            blob = base64.b64decode(body["CiphertextBlob"])
-            out = {"Plaintext": base64.b64encode(blob[len(PREFIX):]).decode(), "KeyId": ARN,
+            key, plaintext = _unwrap(body["CiphertextBlob"])
+            out = {"Plaintext": base64.b64encode(plaintext).decode(), "KeyId": KEYS[key],
                    "EncryptionAlgorithm": "SYMMETRIC_DEFAULT"}
+        elif op == "ReEncrypt":  # the plaintext stays in here, as it stays inside KMS
+            key, plaintext = _unwrap(body["CiphertextBlob"])
+            dest = _key(body["DestinationKeyId"])
+            out = {"CiphertextBlob": _wrap(dest, plaintext), "SourceKeyId": KEYS[key],
+                   "KeyId": KEYS[dest], "SourceEncryptionAlgorithm": "SYMMETRIC_DEFAULT",
+                   "DestinationEncryptionAlgorithm": "SYMMETRIC_DEFAULT"}
         elif op == "DescribeKey":
+            arn = KEYS[_key(body.get("KeyId", ""))]
             out = {"KeyMetadata": {
-                "KeyId": ARN.rsplit("/", 1)[1], "Arn": ARN, "KeyState": "Enabled",
+                "KeyId": arn.rsplit("/", 1)[1], "Arn": arn, "KeyState": "Enabled",
                 "Enabled": True, "KeyUsage": "ENCRYPT_DECRYPT", "KeySpec": "SYMMETRIC_DEFAULT",
                 "CustomerMasterKeySpec": "SYMMETRIC_DEFAULT", "CreationDate": 1700000000.0,
                 "AWSAccountId": "111122223333", "Origin": "AWS_KMS", "KeyManager": "CUSTOMER",
