@@ -40,6 +40,7 @@ from tenacity import (
 from .codec import KMS_MAX_CIPHERTEXT, KMS_MAX_PLAINTEXT
 from .errors import FatalKMSError, KMSValueError, TransientKMSError
 from .kms_client import aws_settings_problem, make_client, validate_region
+from .kms_keys import KeyInfo, blamed, checked_key
 from .kms_codes import (
     CONNECTION_ERRORS,
     RUN,
@@ -71,14 +72,6 @@ __all__ = [
 ]
 
 REASON_EMPTY = f"plaintext is empty (KMS Encrypt takes 1 to {KMS_MAX_PLAINTEXT} bytes)"
-
-@dataclass(frozen=True)
-class KeyInfo:
-    """The key a run uses: as the operator named it and as KMS resolved it."""
-
-    key_id: str
-    arn: str
-
 
 @dataclass(frozen=True)
 class Opening:
@@ -166,29 +159,7 @@ class KMS(CallPool):
     def check_key(self, key: str) -> KeyInfo:
         """DescribeKey of `key`, refused (FatalKMSError naming it) unless it is an Enabled,
         symmetric ENCRYPT_DECRYPT key in the region."""
-        meta = self.key_metadata(key)
-        state = meta.get("KeyState") or ("Enabled" if meta.get("Enabled") else "Disabled")
-        if state == "Disabled":
-            raise self._fatal("DisabledException", "DescribeKey", key)
-        if state in {"PendingDeletion", "PendingReplicaDeletion"}:
-            raise self._fatal("KMSInvalidStateException", "DescribeKey", key)
-        if state not in {"Enabled"}:
-            raise FatalKMSError(
-                f"KMS key {key} is in state {state}, not Enabled: make it Enabled "
-                "(aws kms describe-key shows why) and re-run; nothing was written"
-            )
-        if meta.get("KeyUsage", "ENCRYPT_DECRYPT") != "ENCRYPT_DECRYPT" or meta.get(
-            "KeySpec", meta.get("CustomerMasterKeySpec", "SYMMETRIC_DEFAULT")
-        ) != "SYMMETRIC_DEFAULT":
-            raise self._fatal("InvalidKeyUsageException", "DescribeKey", key)
-        arn = str(meta["Arn"])
-        arn_region = arn.split(":")[3] if arn.count(":") >= 5 else self.region
-        if arn_region != self.region:
-            raise FatalKMSError(
-                f"KMS key {key} lives in region {arn_region}, not {self.region}: "
-                f"re-run with --region {arn_region}; nothing was written"
-            )
-        return KeyInfo(key_id=key, arn=arn)
+        return checked_key(self.key_metadata(key), key, self.region, self.wording)
 
     def encrypt(self, plaintext: bytes, context: Mapping[str, str] | None = None) -> bytes:
         """KMS Encrypt under the run's key (its resolved ARN once described)."""
@@ -408,7 +379,7 @@ class KMS(CallPool):
             if (op in {"Encrypt", "Decrypt", "ReEncrypt"} and code in VALUE_CODES
                     and self.key is not None):
                 raise _PerValue(code) from None
-            named_op, key = _blamed(op, params, exc, self.key_id)
+            named_op, key = blamed(op, params, exc, self.key_id)
             message = fatal_message(code, named_op, key, self.region, self.wording)
             if code == "AccessDeniedException":
                 raise _AccessDenied(message, code) from None
@@ -438,19 +409,3 @@ class _Undecryptable(_PerValue):
 _SNAKE = {"DescribeKey": "describe_key", "Encrypt": "encrypt", "Decrypt": "decrypt",
           "ReEncrypt": "re_encrypt"}
 
-
-def _blamed(op: str, params: Mapping[str, Any], exc: botocore.exceptions.ClientError,
-            key_id: str) -> tuple[str, str]:
-    """(operation, key) to name in a fatal message. A ReEncrypt involves two keys: KMS's
-    own message (read here, never shown) says which one refused, by the permission
-    (kms:ReEncryptTo is the destination's) or the key's ARN; the source otherwise."""
-    if op != "ReEncrypt":
-        return op, key_id
-    message = str(exc.response.get("Error", {}).get("Message", ""))
-    dest = str(params.get("DestinationKeyId", ""))
-    source = str(params.get("SourceKeyId", ""))
-    if dest == source:  # the check of a new ciphertext (destination to destination)
-        return op, dest
-    if "ReEncryptTo" in message or (dest and dest in message):
-        return "ReEncryptTo", dest
-    return "ReEncryptFrom", key_id
