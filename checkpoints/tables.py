@@ -23,8 +23,8 @@ from sqlalchemy import (
 )
 
 __all__ = [
-    "VERSION_TABLE", "census", "checkpoints", "failures", "journal", "lock", "metadata", "ranges", "runs",
-    "workers",
+    "VERSION_TABLE", "census", "checkpoints", "failures", "journal", "lock", "metadata", "ranges",
+    "runs", "workers",
 ]
 
 VERSION_TABLE = "kms_migrate_alembic_version"

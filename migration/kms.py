@@ -354,9 +354,9 @@ class KMS(CallPool):
                              code)
 
     def call(self, op: str, **params: Any) -> dict[str, Any]:
-        """One KMS call (DescribeKey, Encrypt, Decrypt, ReEncrypt) under the retry policy and the rate
-        limit. FatalKMSError when it fails for good; KMSValueError (its text the code) when
-        KMS refused this one value's data."""
+        """One KMS call (DescribeKey, Encrypt, Decrypt, ReEncrypt) under the retry policy and
+        the rate limit. FatalKMSError when it fails for good; KMSValueError (its text the
+        code) when KMS refused this one value's data."""
         method = getattr(self.client, _SNAKE[op])
         try:
             for attempt in self._retrying:
