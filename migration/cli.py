@@ -42,6 +42,8 @@ from .options import (
     db_url_from,
     log_options,
     make_kms,
+    refuse_misplaced_rekey_options,
+    rekey_options,
     settings_from,
     target_options,
     writing_run_options,
@@ -288,9 +290,11 @@ def finalize_cmd(**opts: Any) -> int:
 @click.option("--encryption-context", is_flag=True,
               help="Do the round trip with an encryption context (table, column, pk), as "
                    "migrate --encryption-context will: checks a policy that requires one.")
+@rekey_options
 @log_options
 def preflight_cmd(**opts: Any) -> int:
-    """Check that a migration can start, one line per check; writes nothing.
+    """Check that a migration can start (with --to-key: a rekey), one line per check;
+    writes nothing.
 
     Checks, in order: the database is reachable (read-only session); each target table
     exists with its single-column primary key and text columns; ENCRYPTION_KEY (and
@@ -300,6 +304,14 @@ def preflight_cmd(**opts: Any) -> int:
     who the caller is (STS GetCallerIdentity, where allowed). Informational lines show an
     unfinished run and the run lock.
 
+    With --to-key, the checks are a rekey's, from the source key (--from-key, default
+    --key-id) to --to-key: no Fernet key is needed; each key gets its own lines (source key,
+    destination key); a stored KMS value under the source is re-encrypted to the
+    destination with the contexts given (--from-encryption-context,
+    --to-encryption-context), then from the destination to itself, and KMS must name the
+    expected keys (the results are thrown away); with --verify-decrypt, the old and the
+    new ciphertexts also decrypt to the same bytes.
+
     Each line is "ok", "FAIL" (with the fix), "info" or "skip" (an earlier check failed).
     Exit 0 when no check failed, 2 when any did. --batch-size, --concurrency and
     --max-kms-rps are accepted for symmetry with migrate and not used.
@@ -307,6 +319,8 @@ def preflight_cmd(**opts: Any) -> int:
     from .preflight import format_check, preflight, summary
 
     _setup_logging(opts)
+    refuse_misplaced_rekey_options(opts, rekey=bool(opts.get("to_key")),
+                                   what="pass --to-key KEY (the destination key) too")
     settings = settings_from(opts)
     checks = preflight(settings, env=os.environ)
     for check in checks:
