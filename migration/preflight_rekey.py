@@ -32,7 +32,13 @@ from typing import Any
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from .codec import ValueKind, classify, decode_kms, encryption_context
+from .codec import (
+    KMS_MAX_CIPHERTEXT,
+    ValueKind,
+    classify,
+    decode_kms,
+    encryption_context,
+)
 from .config import Settings
 from .errors import FatalKMSError, KMSValueError
 from .iam import is_key_arn
@@ -142,11 +148,13 @@ def _sample(
 
 
 def _stored(conn: Connection, bt: BoundTarget, column: str) -> list[Stored]:
-    """The KMS values of a small sample spread over one column's key range."""
+    """The KMS values of a small sample spread over one column's key range (none too long
+    for KMS to take: the run leaves those untouched without asking KMS)."""
     rows = spread_sample(conn, bt, column, probes=PROBES, window=WINDOW)
     blobs = [(bt.pk_text(r.pk), decode_kms(r.value)) for r in rows
              if classify(r.value) is ValueKind.KMS]
-    return [Stored(bt.name, column, pk, blob) for pk, blob in blobs if blob is not None]
+    return [Stored(bt.name, column, pk, blob) for pk, blob in blobs
+            if blob is not None and len(blob) <= KMS_MAX_CIPHERTEXT]
 
 
 def _round_trip(pair: Pair, stored: list[Stored], sampled: str,
@@ -185,14 +193,27 @@ def _names(expected: str, answered: str) -> bool:
 
 
 def _first_under_source(pair: Pair, stored: list[Stored]) -> Moved | None:
-    """The first stored value that re-encrypts from the source key and context."""
+    """The first stored value that re-encrypts from the source key and context.
+
+    Access denied on one value may be about that value (a ciphertext naming a key this
+    caller may not use; moto answers so for garbage too) or about the source key itself:
+    the next value tells, and when none re-encrypts, the denial is raised."""
+    denied: FatalKMSError | None = None
     for s in stored:
         src_ctx, dst_ctx = pair.contexts(s.table, s.column, s.pk)
-        out = pair.src.reencrypt(s.blob, pair.dest, src_ctx, dst_ctx, source=pair.source)
+        try:
+            out = pair.src.reencrypt(s.blob, pair.dest, src_ctx, dst_ctx, source=pair.source)
+        except FatalKMSError as exc:
+            if exc.code != "AccessDeniedException":
+                raise
+            denied = denied or exc
+            continue
         # A KMS that ignores the pinned SourceKeyId (moto) names the key it did use.
         if out is not None and _names(pair.source, out[1]):
             return Moved(f"a stored value ({s.table}.{s.column}, pk {s.pk})", s.blob, out[0],
                          out[2], src_ctx, dst_ctx)
+    if denied is not None:
+        raise denied
     return None
 
 

@@ -926,3 +926,30 @@ def test_rekey_preflight_bookkeeping_names_an_unfinished_migrate(
     assert re.fullmatch(r"unfinished migrate run \d+ \(interrupted\): a rekey refuses to start "
                         r"until it finishes \(kms-migrate migrate resumes it\)", line), line
     assert checks["ReEncrypt round trip"].ok is True  # the values migrated so far
+
+
+def test_rekey_preflight_passes_over_values_not_under_the_source(
+    sqlite_url: str, keys: Keys, kms: KmsHandle,
+) -> None:
+    """The first values sampled are KMS-shaped garbage and a value under a third key: each
+    is tried and passed over (KMS names the third key, not the source: moto ignores the
+    pinned SourceKeyId), and the round trip uses the next value, under the source."""
+    rekey_db(sqlite_url, keys, kms)
+    third = _make_key(kms.client, "alias/someone-else")
+    foreign = base64.b64encode(kms.client.encrypt(KeyId=third.arn, Plaintext=b"x" * 16)[
+        "CiphertextBlob"]).decode()
+    garbage = base64.b64encode(b"\x01" * 80).decode()
+    eng = create_engine(sqlite_url)
+    with eng.begin() as conn:
+        for pk, value in ((1, garbage), (2, foreign)):
+            conn.execute(text("UPDATE users SET encrypted_secret = :v WHERE user_id = :pk"),
+                         {"v": value, "pk": pk})
+            conn.execute(text("UPDATE users SET referral_payout_escrow_secret = :v "
+                              "WHERE user_id = :pk"), {"v": value, "pk": pk})
+    eng.dispose()
+    checks = run(rekey_settings(sqlite_url, targets=(
+        Target("users", "user_id", ("encrypted_secret", "referral_payout_escrow_secret")),)),
+        keys, kms_client=kms_client(), env={})
+    trip = checks["ReEncrypt round trip"]
+    assert trip.ok is True, trip
+    assert trip.detail.startswith("a stored value (users.encrypted_secret, pk 3)"), trip.detail
