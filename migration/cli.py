@@ -43,6 +43,8 @@ from .options import (
     db_url_from,
     log_options,
     make_kms,
+    refuse_misplaced_rekey_options,
+    rekey_options,
     settings_from,
     target_options,
     writing_run_options,
@@ -133,22 +135,7 @@ def migrate_cmd(**opts: Any) -> int:
 
 @cli.command("rekey")
 @target_options
-@click.option("--to-key", required=True, metavar="KEY",
-              help="The KMS key to move the values to: key id, ARN or alias.")
-@click.option("--from-key", metavar="KEY",
-              help="The KMS key the values are under now (default: --key-id, else "
-                   "$AWS_KMS_KEY_ID); values under any other key are listed, untouched.")
-@click.option("--from-encryption-context", is_flag=True,
-              help="The values carry the encryption context (table, column, pk) that "
-                   "migrate --encryption-context writes.")
-@click.option("--to-encryption-context", is_flag=True,
-              help="Bind each new ciphertext to its table, column and pk (KMS encryption "
-                   "context); every reader must then pass it. The same key on both sides is "
-                   "allowed when only the context changes.")
-@click.option("--verify-decrypt", is_flag=True,
-              help="Check each new ciphertext by decrypting old and new and comparing them "
-                   "(needs kms:Decrypt on both keys; the plaintext enters this process). "
-                   "Default: a second ReEncrypt, destination to destination, thrown away.")
+@rekey_options
 @click.option("--dry-run", is_flag=True,
               help="Re-encrypt and check with KMS, and write nothing at all.")
 @click.option("--new-run", is_flag=True,
@@ -157,24 +144,21 @@ def migrate_cmd(**opts: Any) -> int:
               help="Write a JSON report: counts, values left, KMS requests, cost, duration.")
 @writing_run_options
 def rekey_cmd(**opts: Any) -> int:
-    """Move every KMS value under the source key to another key (or encryption context)
-    with KMS ReEncrypt: the plaintext never leaves KMS.
+    """Move every KMS value under the source key (--from-key, default --key-id) to --to-key,
+    or to the encryption context, with KMS ReEncrypt: the plaintext never leaves KMS.
 
     The same batches, compare-and-swap, journal, checkpoint, resume, rate limit and
-    --workers as migrate. Fernet tokens, values under other keys and garbage are listed
-    and left untouched. `rollback` restores the ciphertexts it replaced; needs no
-    Fernet key.
+    --workers as migrate. Each new ciphertext is checked before it is written (a second
+    ReEncrypt, destination to destination, thrown away; or --verify-decrypt). Fernet
+    tokens, values under other keys and garbage are listed and left untouched. `rollback`
+    restores the ciphertexts it replaced. Needs no Fernet key.
     """
     _setup_logging(opts)
-    from_key = opts.get("from_key")
-    if from_key and opts.get("key_id") and from_key != opts["key_id"]:
-        raise ConfigError(f"--from-key {from_key} and --key-id {opts['key_id']} differ: the "
-                          "source key is one key; give one of them; nothing was written")
-    settings = replace(settings_from({**opts, "key_id": from_key or opts.get("key_id")}),
-                       encryption_context=bool(opts["from_encryption_context"]),
-                       to_key_id=opts["to_key"],
-                       to_encryption_context=bool(opts["to_encryption_context"]),
-                       verify_decrypt=bool(opts["verify_decrypt"]), fernet_keys=())
+    if not opts.get("to_key"):
+        raise ConfigError("rekey needs --to-key KEY: the KMS key (id, ARN or alias) to move "
+                          "the values to; nothing was written")
+    refuse_misplaced_rekey_options(opts, rekey=True, what="")
+    settings = replace(settings_from(opts), fernet_keys=())
     return _rewrite(opts, settings, Mode(bool(opts["dry_run"]), False, opts["new_run"]))
 
 
@@ -350,9 +334,11 @@ def finalize_cmd(**opts: Any) -> int:
 @click.option("--encryption-context", is_flag=True,
               help="Do the round trip with an encryption context (table, column, pk), as "
                    "migrate --encryption-context will: checks a policy that requires one.")
+@rekey_options
 @log_options
 def preflight_cmd(**opts: Any) -> int:
-    """Check that a migration can start, one line per check; writes nothing.
+    """Check that a migration can start (with --to-key: a rekey), one line per check;
+    writes nothing.
 
     Checks, in order: the database is reachable (read-only session); each target table
     exists with its single-column primary key and text columns; ENCRYPTION_KEY (and
@@ -362,6 +348,14 @@ def preflight_cmd(**opts: Any) -> int:
     who the caller is (STS GetCallerIdentity, where allowed). Informational lines show an
     unfinished run and the run lock.
 
+    With --to-key, the checks are a rekey's, from the source key (--from-key, default
+    --key-id) to --to-key: no Fernet key is needed; each key gets its own lines (source key,
+    destination key); a stored KMS value under the source is re-encrypted to the
+    destination with the contexts given (--from-encryption-context,
+    --to-encryption-context), then from the destination to itself, and KMS must name the
+    expected keys (the results are thrown away); with --verify-decrypt, the old and the
+    new ciphertexts also decrypt to the same bytes.
+
     Each line is "ok", "FAIL" (with the fix), "info" or "skip" (an earlier check failed).
     Exit 0 when no check failed, 2 when any did. --batch-size, --concurrency and
     --max-kms-rps are accepted for symmetry with migrate and not used.
@@ -369,6 +363,8 @@ def preflight_cmd(**opts: Any) -> int:
     from .preflight import format_check, preflight, summary
 
     _setup_logging(opts)
+    refuse_misplaced_rekey_options(opts, rekey=bool(opts.get("to_key")),
+                                   what="pass --to-key KEY (the destination key) too")
     settings = settings_from(opts)
     checks = preflight(settings, env=os.environ)
     for check in checks:

@@ -6,15 +6,22 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import click
 
 from .config import DEFAULT_KEY_ID, DEFAULT_REGION
 from .db import make_engine, safe_url
-from .errors import EXIT_OK
+from .errors import EXIT_OK, ConfigError
 from .kms_client import validate_region
 from .logs import configure_logging
-from .options import db_option, db_url_from
+from .options import (
+    db_option,
+    db_url_from,
+    refuse_misplaced_rekey_options,
+    rekey_options,
+    source_key_id,
+)
 from .render import print_status
 from .status import collect_status
 
@@ -64,22 +71,23 @@ def demo_cmd(workdir: str | None, rows: int) -> int:
 @click.option("--key-id", metavar="KEY",
               help="KMS key id, ARN or alias, resolved to the key ARN with DescribeKey "
                    f"(default: $AWS_KMS_KEY_ID, else {DEFAULT_KEY_ID}). Without credentials, "
-                   "pass the key ARN itself.")
+                   "pass the key ARN itself. With --which rekey: the source key.")
 @click.option("--region", metavar="R",
               help=f"AWS region of the key (default: $AWS_REGION, else {DEFAULT_REGION}).")
 @click.option("--app-writes/--app-read-only", default=True, show_default=True,
               help="Whether the application policy also allows kms:Encrypt (it writes new "
                    "secrets with KMS, USE_AWS_KMS=true) or only kms:Decrypt.")
-@click.option("--which", type=click.Choice(["migration", "application", "both"]),
+@click.option("--which", type=click.Choice(["migration", "application", "both", "rekey"]),
               default="both", show_default=True,
               help="Which policy to print: both as {\"migration\": ..., \"application\": ...}, "
-                   "or one bare policy document.")
+                   "or one bare policy document (rekey: the policy of kms-migrate rekey, "
+                   "which needs --to-key).")
 @click.option("--encryption-context", is_flag=True,
               help="Allow Encrypt and Decrypt only with the encryption context keys table, "
                    "column and pk and no other (for migrate --encryption-context and an "
                    "application passing context=...). DescribeKey stays unconditioned.")
-def iam_policy_cmd(key_id: str | None, region: str | None, app_writes: bool, which: str,
-                   encryption_context: bool) -> int:
+@rekey_options
+def iam_policy_cmd(**opts: Any) -> int:
     """Print least-privilege IAM policies (JSON) for the KMS key, naming its key ARN.
 
     The migration's policy allows kms:Encrypt, kms:Decrypt and kms:DescribeKey; the
@@ -87,20 +95,40 @@ def iam_policy_cmd(key_id: str | None, region: str | None, app_writes: bool, whi
     the one key by its key ARN (an alias ARN as Resource does not grant use of the key),
     instead of the guide's key/* (every key of the account).
 
+    --which rekey prints the policy of a rekey from the source key (--from-key, default
+    --key-id) to --to-key: kms:ReEncryptFrom on the source, kms:ReEncryptTo and
+    kms:ReEncryptFrom on the destination, kms:DescribeKey on both, and with
+    --verify-decrypt kms:Decrypt on both; --from-encryption-context and
+    --to-encryption-context add the encryption context conditions of each side.
+
     Attach each to its own IAM role or user (aws iam put-role-policy --policy-document
     file://policy.json); the key policy must let IAM policies grant access (the default
     key policy does). Remove the migration's policy once the migration is verified. The
     output is plain JSON, as IAM requires (no comments).
     """
-    from .iam import policies, resolve_key_arn
+    from .iam import policies, rekey_policy, resolve_key_arn
 
     configure_logging("warning")
-    env = os.environ
-    key = key_id or env.get("AWS_KMS_KEY_ID") or DEFAULT_KEY_ID
-    reg = validate_region(region or env.get("AWS_REGION") or DEFAULT_REGION)
-    arn, note = resolve_key_arn(key, reg)
-    if note:
-        click.echo(f"kms-migrate: {note}", err=True)
-    doc = policies(arn, which, app_writes=app_writes, encryption_context=encryption_context)
+    rekey = opts["which"] == "rekey"
+    if rekey and not opts.get("to_key"):
+        raise ConfigError("iam-policy --which rekey needs --to-key KEY: the key (id, ARN or "
+                          "alias) the rekey moves the values to")
+    refuse_misplaced_rekey_options(opts, rekey=rekey, what="add --which rekey")
+    reg = validate_region(opts.get("region") or os.environ.get("AWS_REGION") or DEFAULT_REGION)
+    flag = "--from-key" if opts.get("from_key") else "--key-id"
+    arn, note = resolve_key_arn(source_key_id(opts), reg, flag=flag)
+    notes = [note]
+    if rekey:
+        dest, dest_note = resolve_key_arn(str(opts["to_key"]), reg, flag="--to-key")
+        notes.append(dest_note)
+        doc = rekey_policy(arn, dest, from_context=bool(opts.get("from_encryption_context")),
+                           to_context=bool(opts.get("to_encryption_context")),
+                           verify_decrypt=bool(opts.get("verify_decrypt")))
+    else:
+        doc = policies(arn, opts["which"], app_writes=opts["app_writes"],
+                       encryption_context=opts["encryption_context"])
+    for line in notes:
+        if line:
+            click.echo(f"kms-migrate: {line}", err=True)
     click.echo(json.dumps(doc, indent=2))
     return EXIT_OK

@@ -15,6 +15,12 @@ carries the context keys ``table``, ``column`` and ``pk`` and no other key
 (``kms:EncryptionContextKeys`` with ``ForAllValues`` alone would also allow a request with
 no context at all, so each key is also required with a ``Null`` condition). DescribeKey
 takes no encryption context, so it stays in a statement of its own without the condition.
+
+A third policy is for `kms-migrate rekey`, which moves KMS values from one key (the source)
+to another (the destination) with ReEncrypt: ``kms:ReEncryptFrom`` on the source,
+``kms:ReEncryptTo`` and ``kms:ReEncryptFrom`` on the destination (each new ciphertext is
+checked by a ReEncrypt from the destination to itself), ``kms:DescribeKey`` on both, and
+with ``--verify-decrypt`` ``kms:Decrypt`` on both (`rekey_policy`).
 """
 
 from __future__ import annotations
@@ -31,16 +37,19 @@ __all__ = [
     "APPLICATION_ACTIONS",
     "CONTEXT_KEYS",
     "MIGRATION_ACTIONS",
+    "REKEY_ACTIONS",
     "application_policy",
     "is_key_arn",
     "migration_policy",
     "policies",
+    "rekey_policy",
     "resolve_key_arn",
 ]
 
 VERSION = "2012-10-17"
 MIGRATION_ACTIONS = ("kms:Encrypt", "kms:Decrypt", "kms:DescribeKey")
 APPLICATION_ACTIONS = ("kms:Decrypt", "kms:Encrypt")  # Encrypt only when the app writes
+REKEY_ACTIONS = ("kms:ReEncryptFrom", "kms:ReEncryptTo", "kms:DescribeKey")  # + kms:Decrypt
 CONTEXT_KEYS = ("table", "column", "pk")  # codec.encryption_context(table, column, pk)
 
 _KEY_ARN = re.compile(r"^arn:aws[a-z-]*:kms:[a-z0-9-]+:\d{12}:key/[A-Za-z0-9-]+$")
@@ -52,12 +61,14 @@ def is_key_arn(key_id: str) -> bool:
     return bool(_KEY_ARN.match(key_id))
 
 
-def resolve_key_arn(key_id: str, region: str, client: Any = None) -> tuple[str, str | None]:
+def resolve_key_arn(
+    key_id: str, region: str, client: Any = None, *, flag: str = "--key-id"
+) -> tuple[str, str | None]:
     """The key ARN behind `key_id` (DescribeKey), and a note when it could not be checked.
 
     When DescribeKey fails (no credentials, access denied, ...) a key ARN given as
     `key_id` is used as it is, with a note; anything else raises ConfigError saying to
-    pass the key ARN.
+    pass the key ARN. `flag` is the option that named the key, as the lines say it.
     """
     try:
         if client is None:
@@ -71,26 +82,32 @@ def resolve_key_arn(key_id: str, region: str, client: Any = None) -> tuple[str, 
     else:
         return arn, None
     if is_key_arn(key_id):
-        return key_id, (f"note: DescribeKey failed ({reason}); using --key-id {key_id} as the "
+        return key_id, (f"note: DescribeKey failed ({reason}); using {flag} {key_id} as the "
                         "key ARN without checking it")
     raise ConfigError(
         f"cannot resolve {key_id} to a key ARN in {region} with DescribeKey ({reason}): pass "
-        f"the key ARN, --key-id arn:aws:kms:{region}:ACCOUNT_ID:key/KEY_ID (aws kms "
+        f"the key ARN, {flag} arn:aws:kms:{region}:ACCOUNT_ID:key/KEY_ID (aws kms "
         f"describe-key --key-id {key_id} --region {region} --query KeyMetadata.Arn prints it)"
     )
 
 
-def _context_condition() -> dict[str, Any]:
-    return {
-        "ForAllValues:StringEquals": {"kms:EncryptionContextKeys": list(CONTEXT_KEYS)},
-        "Null": {f"kms:EncryptionContext:{k}": "false" for k in CONTEXT_KEYS},
-    }
+def _context_condition(required: bool = True) -> dict[str, Any]:
+    """The context keys table, column and pk and no other; with `required`, each of them
+    present too (ForAllValues alone is also satisfied by a request with no context)."""
+    cond: dict[str, Any] = {
+        "ForAllValues:StringEquals": {"kms:EncryptionContextKeys": list(CONTEXT_KEYS)}}
+    if required:
+        cond["Null"] = {f"kms:EncryptionContext:{k}": "false" for k in CONTEXT_KEYS}
+    return cond
 
 
-def _statement(sid: str, actions: list[str], arn: str, condition: bool) -> dict[str, Any]:
+def _statement(
+    sid: str, actions: list[str], arn: str | list[str], condition: bool, *,
+    required: bool = True,
+) -> dict[str, Any]:
     st: dict[str, Any] = {"Sid": sid, "Effect": "Allow", "Action": actions, "Resource": arn}
     if condition:
-        st["Condition"] = _context_condition()
+        st["Condition"] = _context_condition(required)
     return st
 
 
@@ -131,3 +148,71 @@ def policies(
     if which == "both":
         return docs
     return docs[which]
+
+
+# -- rekey ------------------------------------------------------------------------------------
+# Which encryption context do the condition keys of a ReEncrypt request see? The AWS KMS
+# Developer Guide ("AWS KMS condition keys", conditions-kms.html) lists ReEncrypt among the
+# operations of both kms:EncryptionContext:context-key and kms:EncryptionContextKeys, and the
+# API reference (API_ReEncrypt.html) says a ReEncrypt is authorized twice: as
+# kms:ReEncryptFrom on the source key and as kms:ReEncryptTo on the destination key. Neither
+# says whether, in each of the two authorizations, the condition keys are read from the
+# SourceEncryptionContext, the DestinationEncryptionContext or both together (we found no
+# AWS page that does). So the conditions below hold whichever it is:
+#
+# - a request whose two contexts are alike (both the three keys, or both none) gets the
+#   condition of that setting: `Null` requires the keys, `ForAllValues` forbids others;
+# - a request whose contexts differ (a rekey that adds a context, or removes one) gets
+#   `ForAllValues` alone on the statements it passes through. A `Null` condition requiring
+#   the keys would deny a kms:ReEncryptFrom evaluated against a source with no context; a
+#   condition requiring no context would deny one evaluated against both contexts
+#   together. `ForAllValues` is satisfied by no context, by the three keys, and by both
+#   contexts' keys at once, and still forbids any other key.
+#
+# The check of each new ciphertext (destination to destination, the destination's context
+# on both sides) and the Decrypts of --verify-decrypt carry one setting, so they keep the
+# exact condition.
+_EXACT, _KEYS_ONLY = "exact", "keys-only"
+_SID_SUFFIX = {None: "", _EXACT: "InContext", _KEYS_ONLY: "ContextKeys"}
+
+
+def _request_context(a: bool, b: bool) -> str | None:
+    """The condition for a request whose two encryption contexts are set as `a` and `b`."""
+    if a and b:
+        return _EXACT
+    return _KEYS_ONLY if a or b else None
+
+
+def rekey_policy(
+    source_arn: str, dest_arn: str, *, from_context: bool = False, to_context: bool = False,
+    verify_decrypt: bool = False,
+) -> dict[str, Any]:
+    """The rekey's policy: kms:ReEncryptFrom on the source key; kms:ReEncryptTo and
+    kms:ReEncryptFrom on the destination (the check of each new ciphertext, and of a value
+    already moved, re-encrypts from it); kms:DescribeKey on both; with `verify_decrypt`,
+    kms:Decrypt on both. `from_context` / `to_context`: the values carry the encryption
+    context (table, column, pk) under the source / are to carry it under the destination."""
+    moved = _request_context(from_context, to_context)  # ReEncrypt source -> destination
+    checked = _request_context(to_context, to_context)  # ReEncrypt destination -> destination
+    grants: list[tuple[str, str, str | None]] = [  # (which key, action, condition)
+        ("Source", "kms:ReEncryptFrom", moved),
+        ("Source", "kms:Decrypt", _request_context(from_context, from_context)),
+        ("Destination", "kms:ReEncryptTo", moved),
+        ("Destination", "kms:ReEncryptFrom", checked),
+        ("Destination", "kms:Decrypt", checked),
+    ]
+    if not verify_decrypt:
+        grants = [g for g in grants if g[1] != "kms:Decrypt"]
+    grouped: dict[tuple[str, str | None], list[str]] = {}
+    for which, action, condition in grants:  # one statement per key and condition, in order
+        grouped.setdefault((which, condition), []).append(action)
+    arns = {"Source": source_arn, "Destination": dest_arn}
+    statements = [
+        _statement(f"KmsRekey{which}{_SID_SUFFIX[condition]}", actions, arns[which],
+                   condition is not None, required=condition == _EXACT)
+        for (which, condition), actions in grouped.items()
+    ]
+    both = list(dict.fromkeys((source_arn, dest_arn)))
+    statements.append(_statement("KmsRekeyDescribeKeys", ["kms:DescribeKey"],
+                                 both[0] if len(both) == 1 else both, False))
+    return {"Version": VERSION, "Statement": statements}

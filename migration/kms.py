@@ -40,7 +40,6 @@ from tenacity import (
 from .codec import KMS_MAX_CIPHERTEXT, KMS_MAX_PLAINTEXT
 from .errors import FatalKMSError, KMSValueError, TransientKMSError
 from .kms_client import aws_settings_problem, make_client, validate_region
-from .kms_keys import KeyInfo, blamed, checked_key
 from .kms_codes import (
     CONNECTION_ERRORS,
     RUN,
@@ -55,6 +54,7 @@ from .kms_codes import (
     is_transient,
     no_credentials,
 )
+from .kms_keys import KeyInfo, blamed, checked_key
 from .kms_pool import CallPool, Pending
 from .ratelimit import RateLimiter
 
@@ -342,8 +342,8 @@ class KMS(CallPool):
 
     def call(self, op: str, **params: Any) -> dict[str, Any]:
         """One KMS call (DescribeKey, Encrypt, Decrypt, ReEncrypt) under the retry policy and
-        the rate limit. FatalKMSError when it fails for good; KMSValueError (its text the code) when
-        KMS refused this one value's data."""
+        the rate limit. FatalKMSError when it fails for good; KMSValueError (its text the
+        code) when KMS refused this one value's data."""
         method = getattr(self.client, _SNAKE[op])
         try:
             for attempt in self._retrying:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import click
@@ -36,7 +36,10 @@ __all__ = [
     "db_url_from",
     "log_options",
     "progress_option",
+    "refuse_misplaced_rekey_options",
+    "rekey_options",
     "settings_from",
+    "source_key_id",
     "target_options",
     "workers_options",
     "writing_run_options",
@@ -77,6 +80,64 @@ def workers_options(f: F) -> F:
 def progress_option(f: F) -> F:
     return click.option("--no-progress", is_flag=True,
                         help="No progress bar or progress lines on stderr.")(f)
+
+
+# The options that describe a rekey (KMS values moved from one key, or context, to another),
+# as click names them, and as the operator types them.
+REKEY_FLAGS = {"to_key": "--to-key", "from_key": "--from-key",
+               "from_encryption_context": "--from-encryption-context",
+               "to_encryption_context": "--to-encryption-context",
+               "verify_decrypt": "--verify-decrypt"}
+
+
+def rekey_options(f: F) -> F:
+    """--to-key, --from-key, --from-encryption-context, --to-encryption-context and
+    --verify-decrypt, for the commands that prepare or check a rekey."""
+    f = click.option("--verify-decrypt", is_flag=True,
+                     help="Rekey: check each new ciphertext by decrypting the old and the new "
+                          "and comparing them (needs kms:Decrypt on both keys; the plaintext "
+                          "enters this process's memory), instead of a ReEncrypt of the new "
+                          "one from the destination to itself.")(f)
+    f = click.option("--to-encryption-context", is_flag=True,
+                     help="Rekey: give the new ciphertexts the encryption context (table, "
+                          "column, pk).")(f)
+    f = click.option("--from-encryption-context", is_flag=True,
+                     help="Rekey: the values now carry the encryption context (table, column, "
+                          "pk): they were migrated with --encryption-context.")(f)
+    f = click.option("--from-key", metavar="KEY",
+                     help="Rekey: the key the values are under now (default: --key-id).")(f)
+    return click.option("--to-key", metavar="KEY",
+                        help="Rekey: the KMS key (id, ARN or alias) to move the values "
+                             "to.")(f)
+
+
+def refuse_misplaced_rekey_options(opts: dict[str, Any], *, rekey: bool, what: str) -> None:
+    """Refuse, in one line, the rekey options without a rekey (`what` says how to ask for
+    one), --encryption-context with one (it does not say which side), and --from-key and
+    --key-id naming two keys."""
+    if not rekey:
+        given = [flag for name, flag in REKEY_FLAGS.items() if opts.get(name)]
+        if given:
+            one = len(given) == 1
+            raise ConfigError(f"{', '.join(given)} {'is' if one else 'are'} for a rekey: "
+                              f"{what}, or leave {'it' if one else 'them'} out")
+        return
+    if opts.get("encryption_context"):
+        raise ConfigError("--encryption-context does not say which key's side it is about in "
+                          "a rekey: pass --from-encryption-context (the values carry the "
+                          "context now) and/or --to-encryption-context (give it to the new "
+                          "ciphertexts)")
+    from_key, key_id = opts.get("from_key"), opts.get("key_id")
+    if from_key and key_id and from_key != key_id:
+        raise ConfigError(f"--from-key {from_key} and --key-id {key_id} name two source keys: "
+                          "pass one of them")
+
+
+def source_key_id(opts: dict[str, Any], env: Mapping[str, str] = os.environ) -> str:
+    """The key a command starts from: --from-key, else --key-id, else $AWS_KMS_KEY_ID, else
+    the default alias."""
+    return str(opts.get("from_key") or opts.get("key_id") or env.get("AWS_KMS_KEY_ID")
+               or DEFAULT_KEY_ID)
 
 
 def db_option(f: F) -> F:
@@ -141,13 +202,17 @@ def settings_from(opts: dict[str, Any]) -> Settings:
     return Settings(
         db_url=db_url_from(opts.get("db")),
         targets=load_targets(opts.get("config_file")),
-        key_id=opts.get("key_id") or env.get("AWS_KMS_KEY_ID") or DEFAULT_KEY_ID,
+        key_id=source_key_id(opts, env),
         region=validate_region(opts.get("region") or env.get("AWS_REGION") or DEFAULT_REGION),
         batch_size=opts.get("batch_size") or DEFAULT_BATCH_SIZE,
         concurrency=opts.get("concurrency") or DEFAULT_CONCURRENCY,
         max_kms_rps=(DEFAULT_MAX_KMS_RPS if opts.get("max_kms_rps") is None
                      else float(opts["max_kms_rps"])),
-        encryption_context=bool(opts.get("encryption_context")),
+        encryption_context=bool(opts.get("encryption_context")
+                                or opts.get("from_encryption_context")),
+        to_key_id=opts.get("to_key") or None,
+        to_encryption_context=bool(opts.get("to_encryption_context")),
+        verify_decrypt=bool(opts.get("verify_decrypt")),
         fernet_keys=fernet_keys_from_env(env),
     )
 

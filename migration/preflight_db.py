@@ -229,32 +229,30 @@ def _plaintext_size(codec: FernetCodec, token: object) -> int:
 def check_bookkeeping(
     engine: Engine | None, settings: Settings, key_arn: str | None, checks: list[Check]
 ) -> None:
+    """Informational lines: unfinished runs that decide what the command does next (a
+    migrate, or a rekey when the settings name a destination key), and the run lock."""
     if engine is None:
         checks.append(skip("bookkeeping", "the database is unreachable"))
         return
+    kind = "rekey" if settings.to_key_id else "migrate"
     try:
         with engine.connect() as conn:
             insp = inspect(conn)
             if not insp.has_table(VERSION_TABLE):
-                checks.append(Check("bookkeeping", None, "no kms-migrate tables yet: the first "
-                                    "migrate creates them (kms_migrate_*)"))
+                checks.append(Check("bookkeeping", None, f"no kms-migrate tables yet: the first "
+                                    f"{kind} creates them (kms_migrate_*)"))
                 return
-            migrate_run = store.unfinished_run(conn, "migrate")
-            rollback_run = store.unfinished_run(conn, "rollback")
+            unfinished = {k: store.unfinished_run(conn, k)
+                          for k in ("rollback", "migrate", "rekey")}
             holder = (conn.execute(select(lock)).first()
                       if insp.has_table(lock.name) else None)
     except SQLAlchemyError as exc:
         checks.append(Check("bookkeeping", None, f"cannot read the kms_migrate_* tables "
                             f"({type(exc).__name__})"))
         return
-    if rollback_run is not None:
-        checks.append(Check("bookkeeping", None, f"unfinished rollback run {rollback_run.id} "
-                            f"({rollback_run.state}): migrate refuses to start until "
-                            "kms-migrate rollback finishes it"))
-    if migrate_run is not None:
-        checks.append(Check("bookkeeping", None, _unfinished(migrate_run, settings, key_arn)))
-    if rollback_run is None and migrate_run is None:
-        checks.append(Check("bookkeeping", None, "no unfinished run: migrate starts a new one"))
+    lines = (_rekey_lines(unfinished) if kind == "rekey"
+             else _migrate_lines(unfinished, settings, key_arn))
+    checks.extend(Check("bookkeeping", None, line) for line in lines)
     if holder is None:
         checks.append(Check("run lock", None, "free"))
     else:
@@ -265,6 +263,34 @@ def check_bookkeeping(
             f"{holder.heartbeat_at:%Y-%m-%d %H:%M:%S}){' (this process)' if mine else ''}: "
             "a second migrate or rollback waits for it to finish; a lock left by a dead "
             "process is taken over automatically")))
+
+
+def _migrate_lines(unfinished: Mapping[str, store.Run | None], settings: Settings,
+                   key_arn: str | None) -> list[str]:
+    lines: list[str] = []
+    rollback_run, migrate_run = unfinished["rollback"], unfinished["migrate"]
+    if rollback_run is not None:
+        lines.append(f"unfinished rollback run {rollback_run.id} ({rollback_run.state}): "
+                     "migrate refuses to start until kms-migrate rollback finishes it")
+    if migrate_run is not None:
+        lines.append(_unfinished(migrate_run, settings, key_arn))
+    if rollback_run is None and migrate_run is None:
+        lines.append("no unfinished run: migrate starts a new one")
+    return lines
+
+
+def _rekey_lines(unfinished: Mapping[str, store.Run | None]) -> list[str]:
+    """A rekey starts after an unfinished rollback or migrate finishes, and resumes an
+    unfinished rekey."""
+    lines = [f"unfinished {kind} run {run.id} ({run.state}): a rekey refuses to start until "
+             f"it finishes (kms-migrate {kind} resumes it)"
+             for kind in ("rollback", "migrate") if (run := unfinished[kind]) is not None]
+    run = unfinished["rekey"]
+    if run is not None:
+        lines.append(f"unfinished rekey run {run.id} ({run.state}, started "
+                     f"{run.started_at:%Y-%m-%d %H:%M}, from {run.key_arn or run.key_id} to "
+                     f"{run.to_key_arn or run.to_key_id}): rekey resumes it")
+    return lines or ["no unfinished run: rekey starts a new one"]
 
 
 def _unfinished(run: store.Run, settings: Settings, key_arn: str | None) -> str:

@@ -12,7 +12,7 @@ import hmac
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -28,7 +28,10 @@ from .kms_client import aws_settings_problem, make_client
 from .kms_codes import CREDENTIAL_CODES, PREFLIGHT, error_code
 from .preflight_lines import AGAIN, Check, skip
 
-__all__ = ["ATTEMPTS", "check_caller", "check_kms", "preflight_kms"]
+__all__ = [
+    "ATTEMPTS", "MIGRATE_KEY", "KeyCheck", "KeyRole", "check_caller", "check_key", "check_kms",
+    "kms_client", "preflight_kms",
+]
 
 ATTEMPTS = 3  # tries of one KMS call when KMS answers a transient error
 ROUND_TRIP_BYTES = 32
@@ -50,58 +53,106 @@ def _arn_region(arn: str) -> str | None:
     return parts[3] if len(parts) >= 6 and parts[0] == "arn" and parts[3] else None
 
 
-def check_kms(
-    settings: Settings, client: Any, checks: list[Check], sleep: Callable[[float], None]
-) -> str | None:
-    """DescribeKey, key state, usage, region and the round trip; the key ARN if resolved."""
-    key, region = settings.key_id, settings.region
+@dataclass(frozen=True)
+class KeyRole:
+    """How preflight's lines name one key, and the option that names it."""
+
+    line: str  # the DescribeKey line: "KMS key", "source key", "destination key"
+    prefix: str  # the state, usage and region lines: "key enabled", "source key enabled"
+    flag: str  # "--key-id", "--from-key", "--to-key"
+
+
+MIGRATE_KEY = KeyRole("KMS key", "key", "--key-id")
+
+
+@dataclass(frozen=True)
+class KeyCheck:
+    """What the key checks found: the key's ARN when described, and why a call with the key
+    would only fail again (None: go ahead)."""
+
+    key: str  # as given
+    arn: str | None
+    blocked: str | None
+
+    @property
+    def use(self) -> str:
+        """The key to call KMS with: its ARN when resolved, else as given."""
+        return self.arn or self.key
+
+
+def kms_client(client: Any, region: str) -> Any:
+    """`client`, or preflight's own (one attempt per call: `KMS` retries)."""
+    if client is not None:
+        return client
+    try:
+        return make_client(region, 1)
+    except ConfigError as exc:  # a broken AWS profile or endpoint setting
+        raise FatalKMSError(f"{exc}, {AGAIN}", "AwsSettings") from None
+
+
+def check_key(
+    client: Any, key: str, region: str, role: KeyRole, checks: list[Check],
+    sleep: Callable[[float], None],
+) -> tuple[KeyCheck, Any]:
+    """DescribeKey, key state, usage and region of one key, a line each; the client (made
+    here when None and possible)."""
     meta: dict[str, Any] | None = None
     problem: FatalKMSError | None = None
     try:
-        if client is None:
-            try:
-                client = make_client(region, 1)
-            except ConfigError as exc:  # a broken AWS profile or endpoint setting
-                raise FatalKMSError(f"{exc}, {AGAIN}", "AwsSettings") from None
+        client = kms_client(client, region)
         meta = preflight_kms(client, key, region, sleep).key_metadata()
     except FatalKMSError as exc:
         problem = exc
-        checks.append(Check("KMS key", False, str(exc)))
+        checks.append(Check(role.line, False, str(exc)))
     arn = str(meta["Arn"]) if meta is not None else None
     if meta is not None:
-        checks.append(Check("KMS key", True, f"{key} is {arn}" if key != arn else f"{arn}"))
+        checks.append(Check(role.line, True, f"{key} is {arn}" if key != arn else f"{arn}"))
 
     usable = True
-    names = ("key enabled", "key usage")
+    names = (f"{role.prefix} enabled", f"{role.prefix} usage")
     if meta is None:
         for name in names:
             checks.append(skip(name, "DescribeKey failed"))
         usable = False
     else:
-        for check in (_state_check(meta, arn or key, region), _usage_check(meta)):
+        for check in (_state_check(meta, arn or key, region, role),
+                      _usage_check(meta, role)):
             checks.append(check)
             usable = usable and bool(check.ok)
 
-    region_check = _region_check(key, arn, region)
+    region_check = _region_check(key, arn, region, role)
     checks.append(region_check)
     usable = usable and region_check.ok is not False
 
-    name = "Encrypt+Decrypt round trip"
-    # With the key described and fit, or when only DescribeKey was denied (a policy may
-    # allow Encrypt and Decrypt without DescribeKey): anything else would fail again.
+    # Go ahead with the key described and fit, or when only DescribeKey was denied (a
+    # policy may allow the calls a run makes without DescribeKey): anything else would
+    # fail again.
+    blocked: str | None = None
     if meta is None and (problem is None or problem.code != "AccessDeniedException"):
-        checks.append(skip(name, "the KMS key check failed"))
+        blocked = f"the {role.line} check failed"
     elif meta is not None and not usable:
-        checks.append(skip(name, "the key checks above failed"))
+        blocked = f"the {role.prefix} checks above failed"
     elif meta is None and region_check.ok is False:
-        checks.append(skip(name, "the key region check failed"))
+        blocked = f"the {role.prefix} region check failed"
+    return KeyCheck(key, arn, blocked), client
+
+
+def check_kms(
+    settings: Settings, client: Any, checks: list[Check], sleep: Callable[[float], None]
+) -> str | None:
+    """DescribeKey, key state, usage, region and the round trip; the key ARN if resolved."""
+    found, client = check_key(client, settings.key_id, settings.region, MIGRATE_KEY, checks,
+                              sleep)
+    name = "Encrypt+Decrypt round trip"
+    if found.blocked:
+        checks.append(skip(name, found.blocked))
     else:
-        checks.append(_round_trip(client, arn or key, region, settings, sleep))
-    return arn
+        checks.append(_round_trip(client, found.use, settings.region, settings, sleep))
+    return found.arn
 
 
-def _state_check(meta: Mapping[str, Any], key: str, region: str) -> Check:
-    name = "key enabled"
+def _state_check(meta: Mapping[str, Any], key: str, region: str, role: KeyRole) -> Check:
+    name = f"{role.prefix} enabled"
     state = str(meta.get("KeyState") or ("Enabled" if meta.get("Enabled") else "Disabled"))
     if state == "Enabled":
         return Check(name, True, "KeyState Enabled")
@@ -120,19 +171,19 @@ def _state_check(meta: Mapping[str, Any], key: str, region: str) -> Check:
                  f"why), {AGAIN}")
 
 
-def _usage_check(meta: Mapping[str, Any]) -> Check:
-    name = "key usage"
+def _usage_check(meta: Mapping[str, Any], role: KeyRole) -> Check:
+    name = f"{role.prefix} usage"
     usage = str(meta.get("KeyUsage", "ENCRYPT_DECRYPT"))
     spec = str(meta.get("KeySpec", meta.get("CustomerMasterKeySpec", "SYMMETRIC_DEFAULT")))
     if usage == "ENCRYPT_DECRYPT" and spec == "SYMMETRIC_DEFAULT":
         return Check(name, True, "ENCRYPT_DECRYPT, SYMMETRIC_DEFAULT")
     return Check(name, False, f"KeyUsage {usage}, KeySpec {spec}: kms-migrate needs a "
                  "symmetric encryption key (aws kms create-key --key-usage ENCRYPT_DECRYPT "
-                 f"--key-spec SYMMETRIC_DEFAULT); point --key-id at one, {AGAIN}")
+                 f"--key-spec SYMMETRIC_DEFAULT); point {role.flag} at one, {AGAIN}")
 
 
-def _region_check(key: str, arn: str | None, region: str) -> Check:
-    name = "key region"
+def _region_check(key: str, arn: str | None, region: str, role: KeyRole) -> Check:
+    name = f"{role.prefix} region"
     if arn is not None:
         actual = _arn_region(arn) or region
         if actual == region:
@@ -141,7 +192,7 @@ def _region_check(key: str, arn: str | None, region: str) -> Check:
                      f"re-run with --region {actual} (a KMS key is used in its own region)")
     named = _arn_region(key) if key.startswith("arn:") else None
     if named is not None and named != region:
-        return Check(name, False, f"--key-id is an ARN in {named}, but --region is {region}: "
+        return Check(name, False, f"{role.flag} is an ARN in {named}, but --region is {region}: "
                      f"re-run with --region {named} (a KMS key is used in its own region)")
     return skip(name, "DescribeKey failed")
 
