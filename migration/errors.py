@@ -78,12 +78,14 @@ class RunLockedError(KmsMigrateError):
 class FatalKMSError(KmsMigrateError):
     """KMS refused in a way no retry fixes (access, key state, key usage, region).
 
-    `code` is KMS's error code (or the botocore error's name) when one is known, "" else.
+    `code` is KMS's error code (or the botocore error's name) when one is known, "" else;
+    `key` the key the message names, when it names one.
     """
 
-    def __init__(self, message: str, code: str = "") -> None:
+    def __init__(self, message: str, code: str = "", key: str = "") -> None:
         super().__init__(message)
         self.code = code
+        self.key = key
 
 
 class WorkersFailed(KmsMigrateError):

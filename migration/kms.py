@@ -382,8 +382,8 @@ class KMS(CallPool):
             named_op, key = blamed(op, params, exc, self.key_id)
             message = fatal_message(code, named_op, key, self.region, self.wording)
             if code == "AccessDeniedException":
-                raise _AccessDenied(message, code) from None
-            raise FatalKMSError(message, code) from None
+                raise _AccessDenied(message, code, key) from None
+            raise FatalKMSError(message, code, key) from None
         except CONNECTION_ERRORS as exc:
             raise TransientKMSError(type(exc).__name__, connection=True) from None
         except botocore.exceptions.NoCredentialsError:

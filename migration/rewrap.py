@@ -20,14 +20,16 @@ under another key.
 from __future__ import annotations
 
 import hmac
+import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from checkpoints.store import BatchCounts, FailureRow
 
 from .applier import Rewrite
 from .batches import ALREADY, Outcome, Prepared, finish_rows
 from .codec import KMS_MAX_CIPHERTEXT, ValueKind, classify, decode_kms, encryption_context
+from .errors import FatalKMSError
 from .kms import KMS, KeyInfo
 from .reader import BoundTarget, Row
 
@@ -40,7 +42,21 @@ REASON_FERNET = ("a Fernet token, not a KMS value: left untouched (kms-migrate m
 REASON_GARBAGE = "neither a Fernet token nor a KMS ciphertext: left untouched"
 REASON_NOT_SOURCE = ("does not open under the source key and context (under another key, "
                      "another encryption context, or corrupt): left untouched")
+REASON_DENIED = ("KMS denied re-encrypting it, though it re-encrypts other values from the "
+                 "source key: under a key this caller may not use: left untouched")
 Context = Mapping[str, str] | None
+
+
+class Denied(str):
+    """The outcome of a value whose ReEncrypt was denied before any value of the run had
+    re-encrypted: the reason, with the error to raise should the batch prove nothing."""
+
+    error: FatalKMSError
+
+    def __new__(cls, error: FatalKMSError) -> Denied:
+        self = super().__new__(cls, REASON_DENIED)
+        self.error = error
+        return self
 
 
 @dataclass(frozen=True)
@@ -51,6 +67,10 @@ class Rekey:
     source: KeyInfo
     dest: KeyInfo
     verify_decrypt: bool = False
+    # A value this run re-encrypted from the source, (old blob, contexts): the proof that an
+    # AccessDenied on another value is about that value, not the run's permissions.
+    _good: list[tuple[bytes, Context, Context]] = field(default_factory=list, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def one(self, item: tuple[bytes, Context, Context]) -> Outcome:
         """One value: the new ciphertext, ALREADY, or why it is left (never the value)."""
@@ -58,7 +78,15 @@ class Rekey:
         if len(blob) > KMS_MAX_CIPHERTEXT:
             return (f"too long to be a KMS ciphertext ({len(blob)} bytes; KMS takes at most "
                     f"{KMS_MAX_CIPHERTEXT}): left untouched")
-        out = self.kms.reencrypt(blob, self.dest.arn, src_ctx, dst_ctx, source=self.source.arn)
+        try:
+            out = self.kms.reencrypt(blob, self.dest.arn, src_ctx, dst_ctx,
+                                     source=self.source.arn)
+        except FatalKMSError as exc:
+            return self._denied(exc)
+        if out is not None and out[1] == self.source.arn:
+            with self._lock:
+                if not self._good:
+                    self._good.append(item)
         if out is None or out[1] != self.source.arn:
             # Not under the source key and context (a KMS that ignored the pinned SourceKeyId
             # named the key it did use: the new ciphertext is dropped either way).
@@ -68,6 +96,30 @@ class Rekey:
             return f"KMS re-encrypted it under {key or 'an unnamed key'}, not the destination"
         why = self._check(blob, new, src_ctx, dst_ctx)
         return new if why is None else why
+
+    def _denied(self, exc: FatalKMSError) -> Outcome:
+        """KMS denied a ReEncrypt from the source: about this value (a ciphertext under a
+        key this caller may not use: moto answers so, and so may KMS), or about the run's
+        permissions? Raised again when it is about the destination, or when a value this
+        run re-encrypted no longer re-encrypts (asked again; that call's own error stops
+        the run). Before any value re-encrypted, it is left for `RekeySteps.finish` to
+        decide once the batch is through (`Denied`)."""
+        if exc.code != "AccessDeniedException" or exc.key == self.dest.arn:
+            raise exc
+        with self._lock:
+            known = self._good[0] if self._good else None
+        if known is None:
+            return Denied(exc)
+        blob, src_ctx, dst_ctx = known
+        if self.kms.reencrypt(blob, self.dest.arn, src_ctx, dst_ctx,
+                              source=self.source.arn) is None:
+            raise exc
+        return REASON_DENIED
+
+    def proven(self) -> bool:
+        """Whether a value of this run re-encrypted from the source: its permissions work."""
+        with self._lock:
+            return bool(self._good)
 
     def _elsewhere(self, blob: bytes, dst_ctx: Context, named: str) -> Outcome:
         """A value not under the source: ALREADY when it opens under the destination key
@@ -136,4 +188,8 @@ class RekeySteps:
         return Prepared(rows, waiting, pending, failures, skipped, already=0)
 
     def finish(self, prep: Prepared) -> tuple[list[Rewrite], list[FailureRow], BatchCounts]:
+        """As migrate's; and a denial no re-encrypted value disproves stops the run."""
+        denied = [r for r in prep.pending.result() if isinstance(r, Denied)]
+        if denied and not self.rekey.proven():
+            raise denied[0].error
         return finish_rows(prep, self.target, self.column)

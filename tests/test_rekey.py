@@ -95,6 +95,18 @@ def journal_rows(url: str) -> list[Any]:
         eng.dispose()
 
 
+def set_cells(url: str, values: dict[Cell, str]) -> None:
+    """Write values into cells, as the application would."""
+    _, users, wagers = coinflip_metadata()
+    eng = create_engine(url)
+    with eng.begin() as conn:
+        for (table, pk, column), value in values.items():
+            t, key = (users, users.c.user_id) if table == "users" else (wagers, wagers.c.wager_id)
+            conn.execute(update(t).where(key == (int(pk) if table == "users" else pk))
+                         .values({column: value}))
+    eng.dispose()
+
+
 # -- the run ---------------------------------------------------------------------------------
 
 def test_rekey_moves_every_value_to_the_new_key_and_verify_sees_them_there(
@@ -178,21 +190,38 @@ def test_a_value_under_another_key_is_listed_with_that_key_and_left_untouched(
     url, truth, _, _, _ = migrated
     other = _make_key(kms.client, "alias/someone-else")
     cell = sorted(truth.plaintexts)[0]
-    table, pk, column = cell
     foreign = base64.b64encode(kms.client.encrypt(KeyId=other.arn, Plaintext=b"theirs")[
         "CiphertextBlob"]).decode()
-    _, users, wagers = coinflip_metadata()
-    t = users if table == "users" else wagers
-    pk_col = t.c.user_id if table == "users" else t.c.wager_id
-    eng = create_engine(url)
-    with eng.begin() as conn:
-        conn.execute(update(t).where(pk_col == int(pk) if table == "users" else pk_col == pk)
-                     .values({column: foreign}))
-    eng.dispose()
+    set_cells(url, {cell: foreign})
     result = run_rekey(rekey_settings(url), kms.client)
     named = {(f.table_name, f.pk, f.column_name): f.reason for f in result.failures}
     assert other.arn in named[cell]
     assert snapshot(url)[cell] == foreign
+
+
+def test_base64_garbage_is_listed_and_never_stops_the_run(
+    migrated: Any, kms: KmsHandle,
+) -> None:
+    """Base64 that is no ciphertext: moto answers InvalidCiphertextException to a short one
+    and AccessDeniedException to a long one (an unknown key id in its header), which a run
+    must not take for its own permissions while other values re-encrypt, even in the first
+    batch, and even as the first value of it."""
+    url, truth, _, _, _ = migrated
+    import os
+
+    first = min(c for c in truth.plaintexts if c[0] == "users")
+    later = sorted(truth.plaintexts)[-1]
+    unknown_key = b"00000000-0000-4000-8000-000000000000" + os.urandom(84)
+    junk = {first: base64.b64encode(unknown_key).decode(),
+            later: base64.b64encode(b"hello world").decode()}
+    set_cells(url, junk)
+    result = run_rekey(rekey_settings(url), kms.client)
+    left = {(f.table_name, f.pk, f.column_name): f.reason for f in result.failures}
+    assert set(junk) <= set(left)
+    assert sum(c.migrated for c in result.columns) == len(truth.plaintexts) - len(junk)
+    now = snapshot(url)
+    for cell, value in junk.items():
+        assert now[cell] == value
 
 
 def test_dry_run_rekey_writes_nothing(migrated: Any, kms: KmsHandle) -> None:
@@ -337,6 +366,24 @@ def test_a_fatal_error_of_the_destination_stops_at_once_naming_it(
     rekeyed = Counter((r.table_name, r.pk, r.column_name) for r in journal_rows(url)
                       if r.kind == "rekey")
     assert set(rekeyed) == set(truth.plaintexts) and max(rekeyed.values()) == 1
+
+
+@pytest.mark.parametrize("after", [0, 40])
+def test_reencrypt_denied_on_the_source_stops_the_run_naming_it(
+    migrated: Any, kms: KmsHandle, capsys: pytest.CaptureFixture[str],
+    recorded: list[Recorder], after: int,
+) -> None:
+    """Denied from the first call, or revoked mid-run (a value that re-encrypted before is
+    asked again and denied too): the run's permission, not a value's: it stops."""
+    url, _, _, _, _ = migrated
+    msg = ("User: arn:aws:iam::123456789012:user/rotator is not authorized to perform: "
+           f"kms:ReEncryptFrom on resource: {kms.arn}")
+    recorded.append(Recorder(("AccessDeniedException", msg), after=after))
+    rc, out, err = run_main(capsys, "rekey", "--db", url, "--to-key", NEXT, "--yes",
+                            "--no-progress", "--batch-size", "10", "--concurrency", "1")
+    line = err.strip()
+    assert rc == 2 and "\n" not in line, (out, err)
+    assert "ReEncryptFrom" in line and ALIAS in line and NEXT not in line, line
 
 
 def test_a_disabled_destination_is_refused_before_anything_is_written(
