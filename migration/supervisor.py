@@ -45,7 +45,7 @@ from .config import (
 from .errors import ConfigError, WorkersFailed
 from .kms import KMS
 from .logs import get_logger
-from .migrator import MigrateResult, Mode, Settle, prepare_keys, run_kind, settle_failures
+from .migrator import MigrateResult, Mode, prepare_keys, run_kind
 from .progress import NullProgress, Progress
 from .ranged_start import (
     RangedStart,
@@ -60,6 +60,7 @@ from .rollback import (
     check_can_roll_back,
     start_rollback_run,
 )
+from .settle import Settle, settle_failures
 from .worker_spec import MAX_HEARTBEAT, WorkerSpec, heartbeat_every, settings_to_dict
 
 __all__ = [
