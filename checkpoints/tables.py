@@ -39,8 +39,8 @@ metadata = MetaData(
 )
 
 # One row per run. kind: migrate, retry (migrate --retry-failed), rollback, finalize;
-# dry-runs, verify and status have none (verify writes only its census, below). A resume goes on in the same
-# row, and every worker of a ranged run (`ranged`) shares its run's row.
+# dry-runs, verify and status have none (verify writes only its census, below). A resume
+# goes on in the same row, and every worker of a ranged run (`ranged`) shares its run's row.
 # state: running -> completed | interrupted | stopped | abandoned. interrupted (asked to
 # stop, between batches) and stopped (ended by an error; a fatal KMS or worker error is
 # in `note`) are resumed by the next command of the kind, back to running; abandoned is a

@@ -18,6 +18,8 @@ import click
 from cryptography.fernet import Fernet
 from sqlalchemy import Engine, create_engine, select
 
+from .census import census_lines
+from .census import record as record_census
 from .config import Settings
 from .db import make_engine
 from .errors import DemoCheckFailed, KmsMigrateError
@@ -160,7 +162,8 @@ def _after_steps(demo: _Demo, engine: Engine) -> None:
     click.echo("\n== 6. verify (the three bad values are expected to be reported)")
     vres = verify(settings, engine=make_engine(demo.url, read_only=True),
                   kms=make_kms(settings))
-    print_verify(vres)
+    recorded = record_census(demo.url, vres)
+    print_verify(vres, recorded)
     _check(sum(c.kms_ok for c in vres.columns) == len(truth.plaintexts)
            and len(vres.problems) == len(truth.bad),
            "verify opens every migrated value and flags only the bad ones")
@@ -170,6 +173,11 @@ def _after_steps(demo: _Demo, engine: Engine) -> None:
     assert report is not None
     for r in report.runs:
         click.echo(f"  run {r['id']} {r['kind']}: {r['state']}")
+    if report.census is not None:
+        for line in census_lines(report.census):
+            click.echo(f"  {line}")
+    _check(report.census is not None and report.census["taken"] == recorded.taken,
+           "status shows the census verify recorded")
 
     click.echo("\n== 8. rollback")
     rres = rollback(engine, batch_size=50)

@@ -354,8 +354,8 @@ class KMS(CallPool):
                              code)
 
     def call(self, op: str, **params: Any) -> dict[str, Any]:
-        """One KMS call (DescribeKey, Encrypt, Decrypt, ReEncrypt) under the retry policy and the rate
-        limit. FatalKMSError when it fails for good; KMSValueError (its text the code) when
+        """One KMS call (DescribeKey, Encrypt, Decrypt, ReEncrypt) under the retry policy and
+        the rate limit. FatalKMSError when it fails for good; KMSValueError (its text the code) when
         KMS refused this one value's data."""
         method = getattr(self.client, _SNAKE[op])
         try:
