@@ -39,8 +39,8 @@ metadata = MetaData(
 )
 
 # One row per run. kind: migrate, retry (migrate --retry-failed), rollback, finalize;
-# dry-runs, verify and status write nothing, so have none. A resume goes on in the same
-# row, and every worker of a ranged run (`ranged`) shares its run's row.
+# dry-runs, verify and status have none (verify writes only its census, below). A resume
+# goes on in the same row, and every worker of a ranged run (`ranged`) shares its run's row.
 # state: running -> completed | interrupted | stopped | abandoned. interrupted (asked to
 # stop, between batches) and stopped (ended by an error; a fatal KMS or worker error is
 # in `note`) are resumed by the next command of the kind, back to running; abandoned is a
@@ -210,9 +210,11 @@ workers = Table(
 
 
 # What `verify` counted, by format and key, for `status --json`: one `taken` number per
-# verify, shared by its rows. format: fernet | kms | empty | unreadable. key: for fernet,
-# "current", "legacy #N" or "" (no key given opens it); for kms, the ARN of the key that
-# opens it ("" when this caller may not use that key); "" otherwise. Never a value.
+# verify, shared by its rows (the id of its first row: `checkpoints.census`). format:
+# fernet | kms | empty | unreadable. key: for fernet, "current", "legacy #N" or "" (no key
+# given opens it); for kms, the ARN of the key that opens it ("" when this caller may not
+# use that key); "" otherwise. Every key verify was given and every KMS key a run recorded
+# has its row, count 0 included, and so has each format. Never a value.
 census = Table(
     "kms_migrate_census",
     metadata,

@@ -19,6 +19,7 @@ import click
 
 from . import __version__, exits, options
 from .backup import backup_before_first_write, had_bookkeeping
+from .census import record as record_census
 from .cli_info import demo_cmd, iam_policy_cmd, status_cmd
 from .config import (
     DEFAULT_BATCH_SIZE,
@@ -212,17 +213,22 @@ def _rewrite(opts: dict[str, Any], settings: Settings, mode: Mode) -> int:
               help="Decrypt with the context migrate --encryption-context wrote with.")
 @click.option("--workers", type=click.IntRange(1, 256), default=1, show_default=True,
               metavar="N",
-              help="Verify with N processes on this machine, each taking key ranges (verify "
-                   "writes nothing, so it needs no coordination through the database); "
+              help="Verify with N processes on this machine, each taking key ranges (they "
+                   "only read, so they need no coordination through the database); "
                    "--max-kms-rps is divided among them.")
 @click.option("--rows-per-range", type=click.IntRange(1, 10_000_000),
               default=DEFAULT_ROWS_PER_RANGE, show_default=True,
               help="With --workers: rows per key range, the unit a process takes.")
 @log_options
 def verify_cmd(**opts: Any) -> int:
-    """Decrypt every KMS value in the target columns with KMS; report what is left or broken.
+    """Decrypt every KMS value in the target columns with KMS; report what is left or broken,
+    and the values by key: KMS values by key ARN, Fernet tokens by the Fernet key (current,
+    legacy #N) that opens them, empty, unreadable (the census).
 
-    Exit 1 when a Fernet token is left or a value cannot be decrypted. Writes nothing.
+    Exit 1 when a Fernet token is left or a value cannot be decrypted. Reads the targets on
+    read-only sessions and writes nothing to them; it records its census in the bookkeeping
+    table kms_migrate_census, when the bookkeeping tables exist (it never creates them), for
+    `status` to show; a census it cannot record is a warning, not an error.
     """
     _setup_logging(opts)
     settings = settings_from(opts)
@@ -230,7 +236,11 @@ def verify_cmd(**opts: Any) -> int:
     with make_kms(settings) as kms:
         result = verify(settings, engine=engine, kms=kms, workers=opts["workers"],
                         rows_per_range=opts["rows_per_range"], log_opts=_log_opts(opts))
-    print_verify(result)
+    recorded = record_census(settings.db_url, result)
+    print_verify(result, recorded)
+    options.WARNINGS.extend(result.warnings)
+    if recorded.warning is not None:
+        options.WARNINGS.append(recorded.warning)
     return EXIT_OK if result.ok else EXIT_FAILURES
 
 

@@ -32,14 +32,15 @@ __all__ = ["demo_cmd", "iam_policy_cmd", "status_cmd"]
 @db_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def status_cmd(db: str | None, as_json: bool) -> int:
-    """Show runs (state, timings), progress per table and column, and failures."""
+    """Show runs (state, timings), progress per table and column, failures, and the values
+    by format and key that the latest verify counted (its census)."""
     configure_logging("warning")
     url = db_url_from(db)
     engine = make_engine(url, read_only=True)
     report = collect_status(engine)
     if report is None:
         if as_json:
-            click.echo(json.dumps({"runs": []}))
+            click.echo(json.dumps({"runs": [], "census": None}))
         else:
             click.echo(f"no kms-migrate runs in {safe_url(url)}")
         return EXIT_OK

@@ -36,7 +36,9 @@ __all__ = [
     "encode_kms",
     "encryption_context",
     "fernet_key_ids",
+    "fernet_key_label",
     "fernet_token_length",
+    "fernets",
     "kms_text_length",
     "max_plaintext_fitting",
     "multi_fernet",
@@ -133,13 +135,18 @@ class BadFernetKey(Exception):
 
 
 def multi_fernet(named: Sequence[tuple[str, str]]) -> MultiFernet:
-    """A MultiFernet over (name, key) pairs, tried in order: the one parser of Fernet keys,
-    for the tool (`FernetCodec`) and the application helper (`migration.runtime`).
+    """A MultiFernet over (name, key) pairs, tried in order, for the tool (`FernetCodec`) and
+    the application helper (`migration.runtime`). Raises BadFernetKey as `fernets` does."""
+    return MultiFernet(fernets(named))
+
+
+def fernets(named: Sequence[tuple[str, str]]) -> list[Fernet]:
+    """A Fernet per (name, key) pair, in order: the one parser of Fernet keys.
 
     Raises BadFernetKey naming the first malformed key, outside any except clause, so no
     error it raises holds (or chains to one that holds) a key. Needs at least one key.
     """
-    fernets: list[Fernet] = []
+    out: list[Fernet] = []
     for name, key in named:
         parsed: Fernet | None
         try:
@@ -148,8 +155,10 @@ def multi_fernet(named: Sequence[tuple[str, str]]) -> MultiFernet:
             parsed = None
         if parsed is None:
             raise BadFernetKey(name)
-        fernets.append(parsed)
-    return MultiFernet(fernets)
+        out.append(parsed)
+    if not out:
+        raise ValueError("no Fernet key given")
+    return out
 
 
 class FernetCodec:
@@ -165,7 +174,7 @@ class FernetCodec:
                  for i, key in enumerate(keys)]
         bad: str | None = None
         try:
-            self._multi = multi_fernet(named)
+            self._each = fernets(named)
         except BadFernetKey as exc:
             bad = exc.name
         if bad is not None:
@@ -175,6 +184,7 @@ class FernetCodec:
                 "base64, 44 characters ending in '='): set the key the application "
                 "really encrypts with"
             ) from None
+        self._multi = MultiFernet(self._each)
 
     def decrypt(self, token: str) -> bytes | None:
         """The plaintext a token holds, or None when no key opens it (corrupt, unknown key)."""
@@ -182,6 +192,26 @@ class FernetCodec:
             return self._multi.decrypt(token.encode("ascii"))
         except (InvalidToken, UnicodeEncodeError, ValueError, TypeError):
             return None
+
+    def which_key(self, token: str) -> str:
+        """Which key opens a token, as verify's census names it: "current" (ENCRYPTION_KEY),
+        "legacy #N" (the Nth ENCRYPTION_KEY_LEGACY key), "" (none: corrupt, unknown key).
+
+        The first key, in MultiFernet's order, whose HMAC authenticates the token: the token
+        is checked, never decrypted, so no plaintext is ever made."""
+        for i, f in enumerate(self._each):
+            try:
+                f.extract_timestamp(token.encode("ascii"))
+            except (InvalidToken, UnicodeEncodeError, ValueError, TypeError):
+                continue
+            return fernet_key_label(i)
+        return ""
+
+
+def fernet_key_label(index: int) -> str:
+    """The census's name for the Fernet key at `index` of ENCRYPTION_KEY, then
+    ENCRYPTION_KEY_LEGACY's keys: "current", "legacy #1", "legacy #2", ..."""
+    return "current" if index == 0 else f"legacy #{index}"
 
 
 KEY_ID_LABEL = b"kms-migrate fernet key id v1"

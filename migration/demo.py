@@ -18,6 +18,8 @@ import click
 from cryptography.fernet import Fernet
 from sqlalchemy import Engine, create_engine, select
 
+from .census import Recorded, by_key, census_lines, census_rows
+from .census import record as record_census
 from .codec import encryption_context
 from .config import Settings
 from .db import make_engine
@@ -157,27 +159,33 @@ def _migrate_steps(demo: _Demo, engine: Engine, kms: KMS) -> None:
 
 
 def _after_steps(demo: _Demo, engine: Engine, kms: KMS) -> None:
-    """Steps 6-10: verify, a rekey and its rollback, status, rollback to the exact original
+    """Steps 6-11: verify, a rekey and its rollback, status, rollback to the exact original
     bytes."""
     settings, truth = demo.settings, demo.truth
     click.echo("\n== 6. verify (the three bad values are expected to be reported)")
     vres = verify(settings, engine=make_engine(demo.url, read_only=True),
                   kms=make_kms(settings))
-    print_verify(vres)
+    recorded = record_census(demo.url, vres)
+    print_verify(vres, recorded)
     _check(sum(c.kms_ok for c in vres.columns) == len(truth.plaintexts)
            and len(vres.problems) == len(truth.bad),
            "verify opens every migrated value and flags only the bad ones")
 
     migrated = _snapshot(demo.url)
-    _rekey_steps(demo, engine, kms)
+    recorded = _rekey_steps(demo, engine, kms)
 
-    click.echo("\n== 9. status")
+    click.echo("\n== 10. status")
     report = collect_status(engine)
     assert report is not None
     for r in report.runs:
         click.echo(f"  run {r['id']} {r['kind']}: {r['state']}")
+    if report.census is not None:
+        for line in census_lines(report.census):
+            click.echo(f"  {line}")
+    _check(report.census is not None and report.census["taken"] == recorded.taken,
+           "status shows the census verify recorded")
 
-    click.echo("\n== 10. rollback, once for the rekey, once for the migrate")
+    click.echo("\n== 11. rollback, once for the rekey, once for the migrate")
     rres = rollback(engine, batch_size=50)
     print_rollback(rres)
     _check(rres.undoes is not None and _snapshot(demo.url) == migrated,
@@ -190,9 +198,9 @@ def _after_steps(demo: _Demo, engine: Engine, kms: KMS) -> None:
 NEXT_KEY = "alias/coinflip-next-key"
 
 
-def _rekey_steps(demo: _Demo, engine: Engine, kms: KMS) -> None:
-    """Steps 7-8: rekey to a second key with the encryption context turned on; who can read
-    the values then."""
+def _rekey_steps(demo: _Demo, engine: Engine, kms: KMS) -> Recorded:
+    """Steps 7-9: rekey to a second key with the encryption context turned on; who can read
+    the values then; the census that shows none left under the old key."""
     truth = demo.truth
     kms.client.create_alias(AliasName=NEXT_KEY, TargetKeyId=kms.client.create_key(
         Description="demo key, the next one")["KeyMetadata"]["KeyId"])
@@ -219,3 +227,16 @@ def _rekey_steps(demo: _Demo, engine: Engine, kms: KMS) -> None:
     _check(all(helper.decrypt_secret(now[(t, pk, c)], context=encryption_context(t, c, pk))
                == plain for (t, pk, c), plain in truth.plaintexts.items()),
            "the application helper with context= reads every one")
+    click.echo(f"\n== 9. verify under {NEXT_KEY} with the context: the census before "
+               "disabling the old key")
+    after = replace(settings, key_id=NEXT_KEY, encryption_context=True, to_key_id=None,
+                    to_encryption_context=False, fernet_keys=demo.settings.fernet_keys)
+    vres = verify(after, engine=make_engine(demo.url, read_only=True), kms=make_kms(after))
+    recorded = record_census(demo.url, vres)
+    print_verify(vres, recorded)
+    kms_by_key = by_key(census_rows(vres))["kms"]
+    old = kms.describe().arn
+    _check(kms_by_key.get(old) == 0 and kms_by_key.get(vres.key_arn) == len(truth.plaintexts),
+           f"the census counts 0 values under the old key and {len(truth.plaintexts)} under "
+           "the new one")
+    return recorded

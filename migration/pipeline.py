@@ -5,7 +5,8 @@ by page, each page through its steps, each written in one transaction.
   KMS ReEncrypt for a rekey run) -> finish -> applier; migrate, `--retry-failed`, rekey
   and ranged workers drive it, a dry-run with no writer.
 - `rollback_column`: journal entries -> applier's mirror compare-and-swap.
-- `verify_column`: rows -> KMS Decrypt pinned to the run's key -> counts (writes nothing).
+- `verify_column`: rows -> KMS Decrypt pinned to the run's key -> counts by format and key
+  (writes nothing: verify records its census afterwards, `migration.census`).
 
 A loop works on a `ColumnJob` (what and where) and `Hooks` (progress, the per-batch hook,
 the stop request). Pages come from a `Fetcher`, which alone decides "is this the last
@@ -280,6 +281,9 @@ class ColumnCheck:
     # policy cannot decrypt them). Counted per key ARN ("" when this caller may not use it).
     other_key: int = 0
     other_keys: dict[str, int] = field(default_factory=dict)
+    # The Fernet tokens by the key that opens them (`FernetCodec.which_key`: "current",
+    # "legacy #N", "" for none or when verify was given no Fernet key); sums to fernet_left.
+    fernet_keys: dict[str, int] = field(default_factory=dict)
 
     def add(self, other: ColumnCheck) -> None:
         """Add the counts of another part (a key range) of the same column."""
@@ -288,13 +292,16 @@ class ColumnCheck:
         self.empty += other.empty
         self.undecryptable += other.undecryptable
         self.other_key += other.other_key
-        for arn, n in other.other_keys.items():
-            self.other_keys[arn] = self.other_keys.get(arn, 0) + n
+        for mine, theirs in ((self.other_keys, other.other_keys),
+                             (self.fernet_keys, other.fernet_keys)):
+            for key, n in theirs.items():
+                mine[key] = mine.get(key, 0) + n
 
 
 def verify_column(job: ColumnJob, check: ColumnCheck, problems: list[Problem]) -> None:
     """Verify the rows of one column with `after < pk <= upto`, batch by batch in key
-    order, counting into `check` and appending to `problems` (writes nothing)."""
+    order, counting into `check` and appending to `problems` (writes nothing). With
+    `job.codec`, each Fernet token is counted under the key that opens it."""
     assert job.kms is not None
     bt, column, settings = job.target, job.column, job.settings
     fetch = keyset_fetcher(job.engine, bt, column, settings.batch_size, job.upto)
@@ -324,6 +331,8 @@ def _classify_for_verify(job: ColumnJob, rows: Sequence[Row], check: ColumnCheck
             check.empty += 1
         elif kind is ValueKind.FERNET:
             check.fernet_left += 1
+            key = job.codec.which_key(row.value) if job.codec is not None else ""
+            check.fernet_keys[key] = check.fernet_keys.get(key, 0) + 1
             problems.append((bt.name, column, pk, "still a Fernet token"))
         else:
             blob = decode_kms(row.value) if kind is ValueKind.KMS else None

@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from .census import Recorded, by_key, census_lines, census_rows, key_name
 from .config import Settings
 from .db import safe_url
 from .migrator import MigrateResult
@@ -150,11 +151,12 @@ def print_rollback(result: RollbackResult) -> None:
             click.echo(line)
 
 
-def print_verify(result: VerifyResult) -> None:
+def print_verify(result: VerifyResult, recorded: Recorded | None = None) -> None:
     rows = [(f"{c.table}.{c.column}", c.kms_ok, c.fernet_left, c.empty, c.undecryptable,
              c.other_key) for c in result.columns]
     click.echo(_table(["column", "kms ok", "fernet left", "null/empty", "undecryptable",
                        "other key"], rows))
+    _print_census(result, recorded)
     for arn, n in sorted(result.other_keys().items()):
         click.echo(f"{n} value(s) under KMS key {arn}" if arn else
                    f"{n} value(s) under a KMS key this caller cannot use")
@@ -167,6 +169,26 @@ def print_verify(result: VerifyResult) -> None:
         for t, c, pk, why in result.problems[:100]:
             click.echo(f"  {t} pk={pk} {c}: {why}")
     click.echo("verify: OK" if result.ok else "verify: FAILED")
+
+
+def _print_census(result: VerifyResult, recorded: Recorded | None) -> None:
+    """The key census, over every column: each key named, zeros included, the one verify
+    decrypted with marked; and whether (and as which number) it was recorded."""
+    note = ""
+    if recorded is not None and recorded.taken is not None:
+        note = f" (census #{recorded.taken}; kms-migrate status shows the latest)"
+    elif recorded is not None and recorded.why_not:
+        note = f" ({recorded.why_not})"
+    click.echo(f"values by key{note}:")
+    lines: list[tuple[str, str, int]] = []
+    for fmt, keys in by_key(census_rows(result)).items():
+        for key, n in keys.items():
+            mine = fmt == "kms" and key == result.key_arn
+            lines.append((fmt, key_name(fmt, key) + (" (verify's key)" if mine else ""), n))
+    fmts = max((len(fmt) for fmt, _, _ in lines), default=0)
+    counts = max((len(f"{n:,}") for _, _, n in lines), default=0)
+    for fmt, name, n in lines:
+        click.echo(f"  {fmt.ljust(fmts)}  {f'{n:,}'.rjust(counts)}  {name}".rstrip())
 
 
 # -- commands ------------------------------------------------------------------------------
@@ -196,6 +218,10 @@ def print_status(report: StatusReport) -> None:
             click.echo(f"  {f['table_name']} pk={f['pk']} {f['column_name']}: {f['reason']}")
     if report.journal:
         click.echo("\njournal: " + ", ".join(f"{k}={v}" for k, v in report.journal.items()))
+    if report.census is not None:
+        click.echo("")
+        for line in census_lines(report.census):
+            click.echo(line)
 
 
 RANGE_LINES = 200

@@ -1,4 +1,5 @@
-"""What `status` reports: runs with state and timings, progress per column, failures."""
+"""What `status` reports: runs with state and timings, progress per column, failures, and
+the latest key census `verify` recorded."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ from typing import Any
 from sqlalchemy import Engine, func, select
 
 from checkpoints import leases, store
+from checkpoints.census import latest_census
 from checkpoints.leases import RangeRow, WorkerRow
 from checkpoints.store import BatchCounts
 from checkpoints.tables import ranges, workers
 
+from .census import census_json
 from .config import Target
 from .reader import bind_target
 
@@ -48,6 +51,9 @@ class StatusReport:
     ranged_run_id: int | None = None  # the newest run spread over workers (--workers)
     workers: list[dict[str, Any]] = field(default_factory=list)
     ranges: list[dict[str, Any]] = field(default_factory=list)
+    # The latest verify's values by format and key (`census.census_json`); None when verify
+    # never recorded one here.
+    census: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -109,6 +115,7 @@ def collect_status(engine: Engine, failure_limit: int = 50) -> StatusReport | No
         report.journal = {
             f"{t}.{c}:{s}": n for (t, c, s), n in sorted(store.journal_counts(conn).items())
         }
+        report.census = census_json(latest_census(conn))
         return report
 
 

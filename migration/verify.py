@@ -1,12 +1,16 @@
-"""Scans the target columns and decrypts every KMS value with KMS (writes nothing).
+"""Scans the target columns and decrypts every KMS value with KMS, on read-only sessions.
 
 Counts each value as: KMS ok, Fernet left (still to migrate), empty (NULL or ''), or
-undecryptable (neither a Fernet token nor a ciphertext KMS opens).
+undecryptable (neither a Fernet token nor a ciphertext KMS opens); and, for the key
+census, each KMS value by the ARN of its key and each Fernet token by the Fernet key that
+opens it (with no Fernet key given, Fernet tokens are counted under no key). `verify`
+itself writes nothing; the command then records the census in the bookkeeping
+(`migration.census`), never in a target table.
 
 With ``workers > 1`` each column's key space is cut into ranges (the database's own key
 order, as ranged migrate plans them) and the ranges are verified by a pool of processes on
 this machine, each with its own read-only engine and KMS client, the KMS rate limit
-divided among them. Verify writes nothing, so the ranges need no lease in the database:
+divided among them. Verifying writes nothing, so the ranges need no lease in the database:
 the pool hands them out. The result is the same as one process gives.
 """
 
@@ -25,7 +29,9 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from checkpoints import leases
+from checkpoints.census import known_key_arns
 
+from .codec import FernetCodec, fernet_key_label
 from .config import DEFAULT_ROWS_PER_RANGE, Settings
 from .db import is_sqlite, make_engine, safe_url, sqlite_path
 from .errors import ConfigError, DatabaseError, KmsMigrateError
@@ -42,6 +48,13 @@ class VerifyResult:
     problems: list[Problem] = field(default_factory=list)
     kms_requests: int = 0
     seconds: float = 0.0
+    # For the census: the ARN of the key verify decrypted with; the Fernet keys it was
+    # given ("current", "legacy #N"); the KMS keys the bookkeeping's runs recorded (a
+    # census names them, at 0 when no value is under them); warnings for the command.
+    key_arn: str = ""
+    fernet_keys: tuple[str, ...] = ()
+    known_arns: tuple[str, ...] = ()
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -66,7 +79,8 @@ def verify(
     rows_per_range: int = DEFAULT_ROWS_PER_RANGE,
     log_opts: Mapping[str, Any] | None = None,
 ) -> VerifyResult:
-    """Decrypt every KMS value of the targets; report leftovers and undecryptable values.
+    """Decrypt every KMS value of the targets; report leftovers and undecryptable values,
+    and count the values by format and key (writes nothing).
 
     With `workers` > 1, the key ranges (about `rows_per_range` rows each) are verified by
     that many processes; `log_opts` (log_level, log_format, log_file, as the CLI takes
@@ -82,19 +96,23 @@ def verify(
     started = time.monotonic()
     bound = bind_targets(engine, settings.targets)
     key = kms.describe()  # fails fast on a key that is missing, disabled or misused
-    result = VerifyResult()
+    result = VerifyResult(key_arn=key.arn)
+    codec = _census_codec(settings, result)
+    with engine.connect() as conn:
+        result.known_arns = tuple(known_key_arns(conn))
     if workers == 1:
         log = get_logger(kind="verify")
         for bt in bound:
             for column in bt.target.columns:
                 check = ColumnCheck(bt.name, column)
                 result.columns.append(check)
-                verify_column(ColumnJob(engine, bt, column, settings, kms=kms, log=log),
-                              check, result.problems)
+                verify_column(ColumnJob(engine, bt, column, settings, kms=kms, codec=codec,
+                                        log=log), check, result.problems)
         result.kms_requests = kms.requests
     else:
         tasks = _plan_ranges(engine, bound, settings, workers, rows_per_range, result)
-        outcomes = _verify_ranges(settings, key.arn, workers, dict(log_opts or {}), tasks)
+        children = replace(settings, fernet_keys=settings.fernet_keys if codec else ())
+        outcomes = _verify_ranges(children, key.arn, workers, dict(log_opts or {}), tasks)
         for task, out in zip(tasks, outcomes, strict=True):  # column order, then key order
             result.columns[task.index].add(out.check)
             result.problems.extend(out.problems)
@@ -102,6 +120,21 @@ def verify(
         result.kms_requests += kms.requests
     result.seconds = time.monotonic() - started
     return result
+
+
+def _census_codec(settings: Settings, result: VerifyResult) -> FernetCodec | None:
+    """The Fernet keys that tell the census which key opens each Fernet token (None: no key
+    given, or one is malformed, said in a warning; verify needs none to verify)."""
+    if not settings.fernet_keys:
+        return None
+    try:
+        codec = FernetCodec(settings.fernet_keys)
+    except ConfigError as exc:  # names the key, never shows it
+        result.warnings.append(f"kms-migrate: warning: {exc}; verify went on, counting the "
+                               "Fernet tokens under no key")
+        return None
+    result.fernet_keys = tuple(fernet_key_label(i) for i in range(len(settings.fernet_keys)))
+    return codec
 
 
 # -- the parallel mode ----------------------------------------------------------------------
@@ -147,12 +180,13 @@ def _verify_ranges(settings: Settings, arn: str, workers: int, log_opts: dict[st
     """The tasks verified by `workers` processes; their outcomes, in the tasks' order."""
     log = get_logger(kind="verify")
     log.info("verify_ranges", ranges=len(tasks), workers=workers)
-    child_settings = replace(settings, fernet_keys=())  # verify needs no Fernet key
+    # The Fernet keys go along (pickled through the pool's pipe: never argv, never a log)
+    # only to name the key of each Fernet token; no child decrypts one.
     pool = ProcessPoolExecutor(
         max_workers=min(workers, len(tasks)),
         mp_context=multiprocessing.get_context("spawn"),
         initializer=_init_child,
-        initargs=(child_settings, workers, arn, log_opts),
+        initargs=(settings, workers, arn, log_opts),
     )
     futures: list[Future[_RangeOutcome]] = []
     clean = broken = False
@@ -175,7 +209,7 @@ def _verify_ranges(settings: Settings, arn: str, workers: int, log_opts: dict[st
     if broken:  # raised outside the except: one line for the CLI, no traceback
         raise KmsMigrateError(
             "a verify process died mid-run (killed by a signal or the out-of-memory "
-            "killer); verify writes nothing, so nothing is lost: run verify again (with "
+            "killer); verify had written nothing, so nothing is lost: run verify again (with "
             "fewer --workers if memory is short)")
     return [f.result() for f in futures]
 
@@ -199,7 +233,7 @@ class _Child:
     engine: Engine
     bound: dict[str, BoundTarget]
     kms: KMS
-    arn: str
+    codec: FernetCodec | None
     log: Any
 
 
@@ -222,7 +256,8 @@ def _init_child(settings: Settings, workers: int, arn: str, log_opts: dict[str, 
         kms = KMS(client, settings.key_id, settings.region, concurrency=settings.concurrency,
                   limiter=limiter)
         kms.key = KeyInfo(key_id=settings.key_id, arn=arn)
-        _child = _Child(settings, engine, bound, kms, arn, get_logger(kind="verify"))
+        codec = FernetCodec(settings.fernet_keys) if settings.fernet_keys else None
+        _child = _Child(settings, engine, bound, kms, codec, get_logger(kind="verify"))
     except Exception as exc:
         _child_error = exc
 
@@ -239,7 +274,8 @@ def _verify_range(task: _Task) -> _RangeOutcome:
     before = c.kms.requests
     try:
         verify_column(ColumnJob(c.engine, bt, task.column, c.settings, after=task.after,
-                                upto=task.upto, kms=c.kms, log=c.log), check, problems)
+                                upto=task.upto, kms=c.kms, codec=c.codec, log=c.log),
+                      check, problems)
     except SQLAlchemyError as exc:
         # Not the statement or its parameters: the driver's first line, as the CLI prints.
         orig = getattr(exc, "orig", None)

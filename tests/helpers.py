@@ -111,14 +111,15 @@ def bookkeeping_tables(url: str) -> list[str]:
         eng.dispose()
 
 
-def dump_bookkeeping(url: str) -> str:
-    """Every row of every kms_migrate_* table, as text (each value as str(), not repr(), so
-    that a leaked value shows as it is, not escaped)."""
+def dump_bookkeeping(url: str, skip: Iterable[str] = ()) -> str:
+    """Every row of every kms_migrate_* table but those in `skip`, as text (each value as
+    str(), not repr(), so that a leaked value shows as it is, not escaped)."""
     eng = create_engine(url, poolclass=NullPool)
     parts: list[str] = []
+    skipped = set(skip)
     try:
         with eng.connect() as conn:
-            for t in bookkeeping_tables(url):
+            for t in (t for t in bookkeeping_tables(url) if t not in skipped):
                 parts.append(f"== {t}")
                 for row in conn.execute(text(f'SELECT * FROM "{t}"')):
                     parts.append(" | ".join(map(str, row)))

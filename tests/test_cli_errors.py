@@ -278,7 +278,7 @@ def test_status_on_a_fresh_database_says_there_are_no_runs(capsys: Any, db_url: 
     assert code == 0 and err == ""
     assert out.startswith("no kms-migrate runs in ")
     code, out, err = run_main(capsys, "status", "--db", db_url, "--json")
-    assert code == 0 and json.loads(out) == {"runs": []}
+    assert code == 0 and json.loads(out) == {"runs": [], "census": None}
     assert bookkeeping_tables(db_url) == []  # status never creates the bookkeeping tables
 
 

@@ -192,7 +192,7 @@ def test_demo_runs_end_to_end_and_checks_its_own_promises(
 ) -> None:
     code, out, err = run_main(capsys, "demo", "--dir", str(tmp_path / "demo"), "--rows", "30")
     assert code == 0, err
-    assert out.count("  ok: ") == 11  # every step's promise was checked and held
+    assert out.count("  ok: ") == 13  # every step's promise was checked and held
     assert "can no longer read any of them" in out and "reads every one" in out
     assert "rekey run 2" in out
     assert "demo OK" in out and (tmp_path / "demo" / "coinflip.db").is_file()

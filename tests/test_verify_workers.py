@@ -7,7 +7,6 @@ mode (AWS_ENDPOINT_URL_KMS), which the children inherit from the environment.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import pickle
@@ -23,6 +22,7 @@ import pytest
 from sqlalchemy import create_engine, update
 
 from migration import verify as verify_module
+from migration.census import census_rows
 from migration.config import Settings
 from migration.db import make_engine
 from migration.errors import ConfigError, FatalKMSError
@@ -41,6 +41,7 @@ from tests.helpers import snapshot as take_snapshot
 from tests.kms_proxy import Rule, kms_proxy
 
 ROWS = 80  # users and wagers each: 320 target cells
+CENSUS = ("kms_migrate_census",)  # the one bookkeeping table verify writes
 
 
 def _counts(result: VerifyResult) -> list[tuple[str, str, int, int, int, int, int]]:
@@ -88,13 +89,18 @@ def test_parallel_verify_matches_one_process(
     assert par.problems == one.problems  # same problems, in the same order
     assert par.kms_requests == one.kms_requests  # every child's Decrypts counted, once
     assert not par.ok and not one.ok
+    # The same census: the bad values are Fernet tokens, each under the key that opens it.
+    assert census_rows(par) == census_rows(one)
+    assert sum(c.fernet_left for c in par.columns) == sum(
+        n for c in par.columns for n in c.fernet_keys.values()) == len(truth.bad)
 
-    # It really ran in a spawned pool of 3, with ranges of ~25 rows, and no Fernet key.
+    # It really ran in a spawned pool of 3, with ranges of ~25 rows; the children have the
+    # Fernet keys only to name the key of each Fernet token.
     [made] = _SpyPool.made
     assert made["max_workers"] == 3
     assert made["mp_context"].get_start_method() == "spawn"
     child_settings = made["initargs"][0]
-    assert child_settings.fernet_keys == ()
+    assert child_settings.fernet_keys == settings.fernet_keys
     assert child_settings.db_url == settings.db_url
     events = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     batches = [e for e in events if e.get("event") == "batch_verified"]
@@ -178,7 +184,7 @@ def test_fatal_kms_error_in_a_child_reaches_the_caller(
     assert "Traceback" not in res.stdout + res.stderr
 
 
-def test_cli_verify_workers_ok_and_writes_nothing(
+def test_cli_verify_workers_ok_and_writes_only_its_census(
     sqlite_url: str, keys: Keys, server_kms: KmsHandle, cli_env: dict[str, str],
     tmp_path: Path,
 ) -> None:
@@ -189,7 +195,8 @@ def test_cli_verify_workers_ok_and_writes_nothing(
     assert mig.returncode == 0, (mig.stdout, mig.stderr)
     db_file = Path(sqlite_url.removeprefix("sqlite:///"))
     files_before = sorted(p.name for p in db_file.parent.iterdir())
-    digest = hashlib.sha256(db_file.read_bytes()).hexdigest()
+    targets_before = take_snapshot(sqlite_url)
+    bookkeeping_before = dump_bookkeeping(sqlite_url, skip=CENSUS)
 
     res = subprocess.run([kms_migrate_bin(), "verify", "--db", sqlite_url, "--workers", "2",
                           "--rows-per-range", "30", "--batch-size", "20"],
@@ -204,7 +211,11 @@ def test_cli_verify_workers_ok_and_writes_nothing(
     # KMS requests: one DescribeKey and one Decrypt per value.
     assert f"KMS requests: {len(truth.plaintexts) + 1};" in res.stdout
     assert res.stderr == ""
-    assert hashlib.sha256(db_file.read_bytes()).hexdigest() == digest
+    # The targets are untouched; of the bookkeeping, only the census table gained rows.
+    assert take_snapshot(sqlite_url) == targets_before
+    assert dump_bookkeeping(sqlite_url, skip=CENSUS) == bookkeeping_before
+    assert "== kms_migrate_census\n" in dump_bookkeeping(sqlite_url)
+    assert "values by key (census #" in res.stdout
     assert sorted(p.name for p in db_file.parent.iterdir()) == files_before
     assert_no_leaks([res.stdout, res.stderr, mig.stdout, mig.stderr],
                     dump_bookkeeping(sqlite_url), truth, keys)
