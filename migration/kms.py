@@ -22,40 +22,19 @@ from __future__ import annotations
 
 import hmac
 import secrets
-import threading
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import botocore.exceptions
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    retry_if_exception_type,
-    stop_after_attempt,
-    wait_random_exponential,
-)
-
 from .codec import KMS_MAX_CIPHERTEXT, KMS_MAX_PLAINTEXT
-from .errors import FatalKMSError, KMSValueError, TransientKMSError
+from .errors import FatalKMSError
+from .kms_call import AccessDenied as _AccessDenied
+from .kms_call import KMSCaller, RetryPolicy
+from .kms_call import PerValue as _PerValue
+from .kms_call import Undecryptable as _Undecryptable
 from .kms_client import aws_settings_problem, make_client, validate_region
-from .kms_codes import (
-    CONNECTION_ERRORS,
-    RUN,
-    THROTTLE_CODES,
-    UNDECRYPTABLE_CODES,
-    VALUE_CODES,
-    Wording,
-    boto_failure,
-    error_code,
-    fatal_message,
-    gave_up,
-    is_transient,
-    no_credentials,
-)
-from .kms_keys import KeyInfo, blamed, checked_key
-from .kms_pool import CallPool, Pending
+from .kms_keys import KeyInfo, checked_key
+from .kms_pool import Pending
 from .ratelimit import RateLimiter
 
 __all__ = [
@@ -87,18 +66,7 @@ class Opening:
     problem: str | None = None
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How hard to retry one transient KMS error before the run stops; `sleep` waits
-    between attempts (tests pass their own)."""
-
-    max_attempts: int = 10
-    max_wait: float = 20.0
-    multiplier: float = 0.05
-    sleep: Callable[[float], None] = time.sleep
-
-
-class KMS(CallPool):
+class KMS(KMSCaller):
     """Encrypt, decrypt and verify with one key, concurrently (`CallPool`: `map`, `submit`,
     `close`, a context manager), under the retry policy."""
 
@@ -112,29 +80,10 @@ class KMS(CallPool):
         policy: RetryPolicy | None = None,
         limiter: RateLimiter | None = None,
     ) -> None:
-        self.client = client
-        self.limiter = limiter
-        self.key_id = key_id
-        self.region = region
-        super().__init__(concurrency)
-        self.policy = policy or RetryPolicy()
-        self._lock = threading.Lock()
-        self.retries = 0
-        self.requests = 0
-        self.key: KeyInfo | None = None
+        super().__init__(client, key_id, region, concurrency=concurrency, policy=policy,
+                         limiter=limiter)
         self.dest: KeyInfo | None = None  # a rekey run's destination key, once described
         self._decrypt_allowed: bool | None = None  # see _can_decrypt
-        self.wording: Wording = RUN  # how fatal messages end (preflight sets its own)
-        self._retrying = Retrying(  # the one retry policy, built once, shared by threads
-            retry=retry_if_exception_type(TransientKMSError),
-            stop=stop_after_attempt(self.policy.max_attempts),
-            wait=wait_random_exponential(
-                multiplier=self.policy.multiplier, max=self.policy.max_wait
-            ),
-            sleep=self.policy.sleep,
-            before_sleep=self._count_retry,
-            reraise=True,
-        )
 
     # -- single calls ------------------------------------------------------------------
 
@@ -329,83 +278,4 @@ class KMS(CallPool):
         if not hmac.compare_digest(back, plaintext):
             return "KMS round trip returned a different plaintext"
         return blob
-
-    # -- the retry loop ----------------------------------------------------------------
-
-    def _count_retry(self, state: RetryCallState) -> None:
-        with self._lock:
-            self.retries += 1
-
-    def _fatal(self, code: str, op: str, key: str | None = None) -> FatalKMSError:
-        return FatalKMSError(fatal_message(code, op, key or self.key_id, self.region,
-                                           self.wording), code)
-
-    def call(self, op: str, **params: Any) -> dict[str, Any]:
-        """One KMS call (DescribeKey, Encrypt, Decrypt, ReEncrypt) under the retry policy and
-        the rate limit. FatalKMSError when it fails for good; KMSValueError (its text the
-        code) when KMS refused this one value's data."""
-        method = getattr(self.client, _SNAKE[op])
-        try:
-            for attempt in self._retrying:
-                with attempt:
-                    if self.limiter is not None:
-                        self.limiter.acquire()
-                    with self._lock:
-                        self.requests += 1
-                    response: dict[str, Any] = self._classify(op, method, params)
-                    return response
-        except TransientKMSError as exc:
-            raise FatalKMSError(gave_up(exc, op, self.key_id, self.region,
-                                        self.policy.max_attempts, self.wording),
-                                str(exc)) from None
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _classify(self, op: str, method: Callable[..., Any], params: dict[str, Any]) -> Any:
-        """The one transient-versus-fatal-versus-per-value classification of KMS errors."""
-        try:
-            return method(**params)
-        except botocore.exceptions.ClientError as exc:
-            code = error_code(exc)
-            if is_transient(exc):
-                if code in THROTTLE_CODES and self.limiter is not None:
-                    self.limiter.on_throttle()
-                raise TransientKMSError(code) from None
-            if op in {"Decrypt", "ReEncrypt"} and code in UNDECRYPTABLE_CODES:
-                raise _Undecryptable(code) from None
-            # A ValidationException can be about the request as a whole (a malformed key id),
-            # but the key is DescribeKey'd before any Encrypt or Decrypt (self.key is set by
-            # `describe`, or handed down by the process that described it): from then on the
-            # key id is known good, and a ValidationException is about this value's data.
-            if (op in {"Encrypt", "Decrypt", "ReEncrypt"} and code in VALUE_CODES
-                    and self.key is not None):
-                raise _PerValue(code) from None
-            named_op, key = blamed(op, params, exc, self.key_id)
-            message = fatal_message(code, named_op, key, self.region, self.wording)
-            if code == "AccessDeniedException":
-                raise _AccessDenied(message, code, key) from None
-            raise FatalKMSError(message, code, key) from None
-        except CONNECTION_ERRORS as exc:
-            raise TransientKMSError(type(exc).__name__, connection=True) from None
-        except botocore.exceptions.NoCredentialsError:
-            raise FatalKMSError(no_credentials(self.wording), "NoCredentials") from None
-        except botocore.exceptions.BotoCoreError as exc:
-            name = type(exc).__name__
-            raise FatalKMSError(boto_failure(name, op, self.key_id, self.region, self.wording),
-                                name) from None
-
-
-class _AccessDenied(FatalKMSError):
-    """KMS denied the call: fatal, unless `KMS.open_stored` shows it is about one value."""
-
-
-class _PerValue(KMSValueError):
-    """KMS refused this one value's data (a per-value outcome, never a run-level stop)."""
-
-
-class _Undecryptable(_PerValue):
-    """Decrypt answered that this ciphertext cannot be opened (a per-value outcome)."""
-
-
-_SNAKE = {"DescribeKey": "describe_key", "Encrypt": "encrypt", "Decrypt": "decrypt",
-          "ReEncrypt": "re_encrypt"}
 
