@@ -35,6 +35,7 @@ __all__ = [
     "db_option",
     "db_url_from",
     "log_options",
+    "log_opts_of",
     "progress_option",
     "refuse_misplaced_rekey_options",
     "rekey_options",
@@ -187,6 +188,11 @@ PASSWORD_IN_ARGV = ("kms-migrate: warning: --db carries a password, which ps and
                     "/proc/<pid>/cmdline show to every user of this machine while the command "
                     "runs: export DATABASE_URL instead")
 WARNINGS: list[str] = []  # printed by main() once the command ran (a refusal stays one line)
+
+
+def log_opts_of(opts: dict[str, Any]) -> dict[str, Any]:
+    """The log options of a command, for the processes it starts (workers, verify's pool)."""
+    return {k: opts.get(k) for k in ("log_level", "log_format", "log_file")}
 
 
 def db_url_from(flag: str | None) -> str:
