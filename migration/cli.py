@@ -35,7 +35,6 @@ from .errors import (
     EXIT_OK,
     ConfigError,
 )
-from .logs import configure_from_options
 from .options import (
     confirm,
     db_option,
@@ -65,10 +64,6 @@ from .worker import work, worker_engine, worker_signals
 from .worker_spec import WorkerSpec, settings_from_dict
 
 __all__ = ["cli", "main"]
-
-def _setup_logging(opts: dict[str, Any]) -> None:
-    configure_from_options(opts)
-
 
 # -- output ------------------------------------------------------------------------------
 
@@ -115,7 +110,7 @@ def verify_cmd(**opts: Any) -> int:
     table kms_migrate_census, when the bookkeeping tables exist (it never creates them), for
     `status` to show; a census it cannot record is a warning, not an error.
     """
-    _setup_logging(opts)
+    options.setup_logging(opts)
     settings = settings_from(opts)
     engine = make_engine(settings.db_url, read_only=True)
     with make_kms(settings) as kms:
@@ -140,7 +135,7 @@ def rollback_cmd(**opts: Any) -> int:
     Restores exact original bytes from the journal, only where the column still holds the
     value the tool wrote. Resumable. Needs no KMS access and no Fernet key.
     """
-    _setup_logging(opts)
+    options.setup_logging(opts)
     url = db_url_from(opts.get("db"))
     workers = opts.get("workers")
     if workers is not None:
@@ -202,7 +197,7 @@ def finalize_cmd(**opts: Any) -> int:
     """
     from .finalize import finalize
 
-    _setup_logging(opts)
+    options.setup_logging(opts)
     settings = settings_from(opts)
     engine = make_engine(settings.db_url)
     confirm("FINALIZE", settings.db_url, opts["yes"], "delete the rollback journal of",
@@ -257,7 +252,7 @@ def preflight_cmd(**opts: Any) -> int:
     """
     from .preflight import format_check, preflight, summary
 
-    _setup_logging(opts)
+    options.setup_logging(opts)
     refuse_misplaced_rekey_options(opts, rekey=bool(opts.get("to_key")),
                                    what="pass --to-key KEY (the destination key) too")
     settings = settings_from(opts)
@@ -282,7 +277,7 @@ def worker_cmd() -> int:
     except (ValueError, TypeError):
         raise ConfigError("kms-migrate worker is started by migrate or rollback --workers, "
                           "which hand it its instructions on stdin; run one of those") from None
-    _setup_logging(spec.log)
+    options.setup_logging(spec.log)
     settings = settings_from_dict(spec.settings)
     engine = worker_engine(settings.db_url, spec.lease_seconds)
     with make_kms(settings) as kms, worker_signals() as stop:

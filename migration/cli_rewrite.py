@@ -11,11 +11,11 @@ from typing import Any
 
 import click
 
+from . import options
 from .backup import backup_before_first_write, had_bookkeeping
 from .config import Settings
 from .db import make_engine
 from .errors import EXIT_FAILURES, EXIT_OK, ConfigError
-from .logs import configure_from_options
 from .migrator import Mode, migrate
 from .options import (
     confirm,
@@ -61,7 +61,7 @@ def migrate_cmd(**opts: Any) -> int:
     with compare-and-swap updates, the rollback journal and the checkpoint. Re-running
     resumes an unfinished run where it stopped.
     """
-    configure_from_options(opts)
+    options.setup_logging(opts)
     settings = settings_from(opts)
     if not os.environ.get("ENCRYPTION_KEY", "").strip():
         # ENCRYPTION_KEY_LEGACY alone would run, migrate the legacy tokens and fail every
@@ -98,7 +98,7 @@ def rekey_cmd(**opts: Any) -> int:
     tokens, values under other keys and garbage are listed and left untouched. `rollback`
     restores the ciphertexts it replaced. Needs no Fernet key.
     """
-    configure_from_options(opts)
+    options.setup_logging(opts)
     if not opts.get("to_key"):
         raise ConfigError("rekey needs --to-key KEY: the KMS key (id, ARN or alias) to move "
                           "the values to; nothing was written")

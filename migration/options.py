@@ -26,6 +26,7 @@ from .db import carries_password, is_sqlite, safe_url
 from .errors import ConfigError
 from .kms import KMS
 from .kms_client import make_client, validate_region
+from .logs import configure_from_options
 from .ratelimit import RateLimiter
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "refuse_misplaced_rekey_options",
     "rekey_options",
     "settings_from",
+    "setup_logging",
     "source_key_id",
     "target_options",
     "workers_options",
@@ -188,6 +190,12 @@ PASSWORD_IN_ARGV = ("kms-migrate: warning: --db carries a password, which ps and
                     "/proc/<pid>/cmdline show to every user of this machine while the command "
                     "runs: export DATABASE_URL instead")
 WARNINGS: list[str] = []  # printed by main() once the command ran (a refusal stays one line)
+
+
+def setup_logging(opts: dict[str, Any]) -> None:
+    """A command's logging, from its log options (the one place every command sets it up;
+    the state machine's tests replace it to count batches)."""
+    configure_from_options(opts)
 
 
 def log_opts_of(opts: dict[str, Any]) -> dict[str, Any]:

@@ -378,8 +378,8 @@ def test_an_unexpected_error_is_one_line_naming_its_type_never_its_message(
     capsys: Any, sqlite_url: str, env_keys: Any, kms: Any, monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
 ) -> None:
-    import migration.cli as cli_mod
     import migration.cli_info as info_mod  # where `status` lives
+    import migration.cli_rewrite as cli_mod
 
     make_db(sqlite_url, 5, env_keys.current, env_keys.legacy)
     secret = "plaintext-that-must-never-show"

@@ -70,7 +70,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Engine
 
-from migration import cli as cli_module
+from migration import options as options_module
 from migration import runs as runs_module
 from tests.conftest import ALIAS, KmsHandle
 from tests.helpers import run_main
@@ -779,7 +779,7 @@ def _run_fresh(base: World, monkeypatch: pytest.MonkeyPatch, new_url: Callable[[
 
     shared = functools.lru_cache(maxsize=None)(botocore.loaders.create_loader)
     monkeypatch.setattr(botocore.session, "create_loader", shared)
-    monkeypatch.setattr(cli_module, "_setup_logging", _counting_logging)
+    monkeypatch.setattr(options_module, "setup_logging", _counting_logging)
     monkeypatch.setattr(runs_module.StopRequest, "requested", _stop_requested)
     monkeypatch.setenv("ENCRYPTION_KEY", CURRENT)
     monkeypatch.setenv("ENCRYPTION_KEY_LEGACY", LEGACY)
