@@ -23,6 +23,7 @@ from sqlalchemy import create_engine, select, text, update
 from benchmarks.fake_kms import RawBody
 from checkpoints.tables import journal, runs
 from migration.config import Settings
+from migration.census import by_key, census_rows
 from migration.db import make_engine
 from migration.migrator import MigrateResult, Mode, migrate
 from migration.rewrap import REASON_FERNET, REASON_GARBAGE
@@ -140,6 +141,26 @@ def test_rekey_moves_every_value_to_the_new_key_and_verify_sees_them_there(
     engine.dispose()
     assert sum(c.kms_ok for c in checked.columns) == len(truth.plaintexts)
     assert sum(c.other_key for c in checked.columns) == 0
+    # Its census: every KMS value under the new key, and the old key named at 0.
+    census = by_key(census_rows(checked))["kms"]
+    assert census == {nxt.arn: len(truth.plaintexts), kms.arn: 0}
+
+
+def test_finalize_after_a_rekey_verifies_under_the_new_key_and_deletes_every_layer(
+    migrated: Any, kms: KmsHandle, capsys: pytest.CaptureFixture[str], env_keys: Keys,
+) -> None:
+    url, truth, _, _, _ = migrated
+    set_cells(url, dict.fromkeys(truth.bad, ""))  # finalize needs nothing left to migrate
+    run_rekey(rekey_settings(url), kms.client)
+    # Under the old key, verify fails (every value is under another key): nothing deleted.
+    rc, _, err = run_main(capsys, "finalize", "--db", url, "--yes")
+    assert rc == 2 and "under another KMS key" in err, err
+    assert len(journal_rows(url)) == 2 * len(truth.plaintexts)
+    rc, out, err = run_main(capsys, "finalize", "--db", url, "--yes", "--key-id", NEXT)
+    assert rc == 0, err
+    assert journal_rows(url) == []
+    rc, _, err = run_main(capsys, "rollback", "--db", url, "--yes")
+    assert rc == 2 and "finalize" in err, err
 
 
 def test_rekey_then_rollback_then_rollback_restores_each_layer_byte_for_byte(
