@@ -22,8 +22,8 @@ from sqlalchemy import create_engine, select, text, update
 
 from benchmarks.fake_kms import RawBody
 from checkpoints.tables import journal, runs
-from migration.config import Settings
 from migration.census import by_key, census_rows
+from migration.config import Settings
 from migration.db import make_engine
 from migration.migrator import MigrateResult, Mode, migrate
 from migration.rewrap import REASON_FERNET, REASON_GARBAGE
@@ -156,7 +156,7 @@ def test_finalize_after_a_rekey_verifies_under_the_new_key_and_deletes_every_lay
     rc, _, err = run_main(capsys, "finalize", "--db", url, "--yes")
     assert rc == 2 and "under another KMS key" in err, err
     assert len(journal_rows(url)) == 2 * len(truth.plaintexts)
-    rc, out, err = run_main(capsys, "finalize", "--db", url, "--yes", "--key-id", NEXT)
+    rc, _out, err = run_main(capsys, "finalize", "--db", url, "--yes", "--key-id", NEXT)
     assert rc == 0, err
     assert journal_rows(url) == []
     rc, _, err = run_main(capsys, "rollback", "--db", url, "--yes")
