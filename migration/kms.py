@@ -70,20 +70,8 @@ class KMS(KMSCaller):
     """Encrypt, decrypt and verify with one key, concurrently (`CallPool`: `map`, `submit`,
     `close`, a context manager), under the retry policy."""
 
-    def __init__(
-        self,
-        client: Any,
-        key_id: str,
-        region: str,
-        *,
-        concurrency: int = 16,
-        policy: RetryPolicy | None = None,
-        limiter: RateLimiter | None = None,
-    ) -> None:
-        super().__init__(client, key_id, region, concurrency=concurrency, policy=policy,
-                         limiter=limiter)
-        self.dest: KeyInfo | None = None  # a rekey run's destination key, once described
-        self._decrypt_allowed: bool | None = None  # see _can_decrypt
+    dest: KeyInfo | None = None  # a rekey run's destination key, once described
+    _decrypt_allowed: bool | None = None  # see _can_decrypt
 
     # -- single calls ------------------------------------------------------------------
 
