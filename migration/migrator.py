@@ -47,7 +47,13 @@ from .reader import (
     bind_targets,
     count_after,
 )
-from .refusals import check_keys_open_something, refuse_other_settings, refuse_to_start
+from .refusals import (
+    check_keys_open_something,
+    check_source_opens_something,
+    refuse_other_settings,
+    refuse_to_start,
+)
+from .rewrap import Rekey
 from .runs import RunEnd, acquire_lock, lifecycle
 from .settle import Settle, settle_run
 
@@ -250,13 +256,19 @@ def prepare_keys(settings: Settings, engine: Engine, bound: Sequence[BoundTarget
             check_keys_open_something(engine, bound, codec)
         return codec
     dest = kms.describe_dest(settings.to_key_id)
-    assert kms.key is not None
-    if dest.arn == kms.key.arn and (settings.encryption_context
-                                    == settings.to_encryption_context):
+    source = kms.key
+    assert source is not None
+    if dest.arn == source.arn and (settings.encryption_context
+                                   == settings.to_encryption_context):
         raise ConfigError(
             f"--to-key {settings.to_key_id} is the source key ({dest.arn}) with the same "
             "encryption context: a rekey would change nothing; name another key, or add "
             "--to-encryption-context to bind the values to their rows; nothing was written")
+    if check:
+        check_source_opens_something(
+            engine, bound, Rekey(kms, source, dest, settings.verify_decrypt),
+            from_context=settings.encryption_context,
+            to_context=settings.to_encryption_context)
     return None
 
 

@@ -14,6 +14,7 @@ from checkpoints import store
 from checkpoints.store import Run
 from checkpoints.tables import failures
 
+from .batches import Outcome
 from .codec import FernetCodec, ValueKind, classify, fernet_key_ids
 from .config import Settings, targets_fingerprint
 from .db import max_bind_params
@@ -23,6 +24,7 @@ from .reader import (
     Row,
     spread_sample,
 )
+from .rewrap import Denied, Rekey, RekeySteps
 
 __all__ = [
     "HOW_TO_FINISH",
@@ -61,6 +63,41 @@ def check_keys_open_something(
             "targets: set ENCRYPTION_KEY (and ENCRYPTION_KEY_LEGACY) to the keys the "
             "application encrypted them with; nothing was written"
         )
+
+
+REKEY_SAMPLE = 10  # KMS values tried per column at most, until one re-encrypts
+
+
+def check_source_opens_something(engine: Engine, bound: Sequence[BoundTarget], rekey: Rekey,
+                                 *, from_context: bool, to_context: bool) -> None:
+    """Refuse a rekey whose source key and context open none of a spread sample of the
+    KMS values (and none is under the destination already): a wrong --from-key or a
+    missing --from-encryption-context would otherwise make a run that reads every value,
+    leaves every one, and writes nothing. Stops at the first value that re-encrypts (the
+    new ciphertext is thrown away). A denial with no value re-encrypted is the run's own
+    permission: raised as KMS said it."""
+    tried: list[Outcome] = []
+    with engine.connect() as conn:
+        for bt in bound:
+            for column in bt.target.columns:
+                step = RekeySteps(bt, column, rekey, from_context, to_context)
+                rows = spread_sample(conn, bt, column, probes=10, window=5)
+                items = [i for i in map(step.item, rows) if i is not None]
+                for item in items[:REKEY_SAMPLE]:
+                    out = rekey.one(item)
+                    if not isinstance(out, str):  # re-encrypted, or already there
+                        return
+                    tried.append(out)
+    denied = [o for o in tried if isinstance(o, Denied)]
+    if denied:
+        raise denied[0].error
+    if tried:
+        ctx = "with the encryption context" if from_context else "without encryption context"
+        raise ConfigError(
+            f"the source key {rekey.source.key_id} ({rekey.source.arn}), {ctx}, opens none "
+            f"of the {len(tried)} KMS values sampled across the targets, and none is under "
+            "the destination: check --from-key and --from-encryption-context (kms-migrate "
+            "verify --key-id KEY counts the values by key); nothing was written")
 
 
 def fernet_sample(conn: Connection, bt: BoundTarget, column: str) -> list[Row]:

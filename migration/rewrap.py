@@ -165,6 +165,15 @@ class RekeySteps:
     from_context: bool = False
     to_context: bool = False
 
+    def item(self, row: Row) -> tuple[bytes, Context, Context] | None:
+        """What `Rekey.one` takes for a row holding a KMS value: (blob, source context,
+        destination context); None for any other value."""
+        blob = decode_kms(row.value) if classify(row.value) is ValueKind.KMS else None
+        if blob is None:
+            return None
+        ctx = encryption_context(self.target.name, self.column, self.target.pk_text(row.pk))
+        return blob, ctx if self.from_context else None, ctx if self.to_context else None
+
     def prepare(self, rows: list[Row]) -> Prepared:
         bt, column = self.target, self.column
         skipped = 0
@@ -173,17 +182,15 @@ class RekeySteps:
         items: list[tuple[bytes, Context, Context]] = []
         for row in rows:
             kind = classify(row.value)
-            blob = decode_kms(row.value) if kind is ValueKind.KMS else None
+            item = self.item(row)
             if kind is ValueKind.EMPTY:
                 skipped += 1
-            elif blob is None:
+            elif item is None:
                 why = REASON_FERNET if kind is ValueKind.FERNET else REASON_GARBAGE
                 failures.append(FailureRow(bt.name, column, bt.pk_text(row.pk), why))
             else:
-                ctx = encryption_context(bt.name, column, bt.pk_text(row.pk))
                 waiting.append(row)
-                items.append((blob, ctx if self.from_context else None,
-                              ctx if self.to_context else None))
+                items.append(item)
         pending = self.rekey.kms.submit(self.rekey.one, items)
         return Prepared(rows, waiting, pending, failures, skipped, already=0)
 

@@ -319,8 +319,9 @@ def test_default_rekey_calls_only_reencrypt_and_describekey(
     assert code == 1, err  # the sample's bad values are left, and listed
     assert set(rec.ops) == {"DescribeKey", "ReEncrypt"}, Counter(rec.ops)
     assert rec.ops.count("DescribeKey") == 2  # the source and the destination
-    # Each value: its ReEncrypt, and the check of the new ciphertext.
-    assert rec.ops.count("ReEncrypt") == 2 * len(truth.plaintexts)
+    # Each value: its ReEncrypt, and the check of the new ciphertext; and the same for the
+    # one sampled value that shows the source key and context open something.
+    assert rec.ops.count("ReEncrypt") == 2 * len(truth.plaintexts) + 2
     assert f"rekey run 2: {url.split('://')[0]}" in out or "rekey run 2" in out
     assert f"{ALIAS} -> {NEXT}" in out
     assert_clean(out, err, keys=keys)
@@ -339,8 +340,8 @@ def test_verify_decrypt_proves_equality_with_decrypt_of_both(
                             "--no-progress", "--verify-decrypt")
     assert code == 1, err
     ops = Counter(rec.ops)
-    assert ops["ReEncrypt"] == len(truth.plaintexts)
-    assert ops["Decrypt"] == 2 * len(truth.plaintexts)
+    assert ops["ReEncrypt"] == len(truth.plaintexts) + 1  # + the sampled value at the start
+    assert ops["Decrypt"] == 2 * (len(truth.plaintexts) + 1)
     assert "Encrypt" not in ops
 
 
@@ -416,6 +417,26 @@ def test_a_disabled_destination_is_refused_before_anything_is_written(
     line = err.strip()
     assert rc == 2 and "\n" not in line and NEXT in line and "disabled" in line, err
     assert snapshot(url) == after_migrate
+
+
+def test_a_source_key_or_context_that_opens_no_sampled_value_is_refused(
+    migrated: Any, kms: KmsHandle, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The rekey's silent no-op (every value read, every one left): values migrated without
+    a context, rekeyed as if they carried one; or a source key none of them is under."""
+    url, _, _, after_migrate, _ = migrated
+    _make_key(kms.client, "alias/unused")
+    for args in (["--from-encryption-context"], ["--from-key", "alias/unused"]):
+        rc, out, err = run_main(capsys, "rekey", "--db", url, "--to-key", NEXT, "--yes",
+                                *args)
+        line = err.strip()
+        assert rc == 2 and "\n" not in line and "opens none of the" in line, (args, err)
+        assert "--from-encryption-context" in line and "nothing was written" in line
+        assert snapshot(url) == after_migrate
+    # Once every value is under the destination, a new run is not refused: they are done.
+    assert run_main(capsys, "rekey", "--db", url, "--to-key", NEXT, "--yes")[0] == 1
+    rc, out, err = run_main(capsys, "rekey", "--db", url, "--to-key", NEXT, "--yes")
+    assert rc == 1 and "rekeyed" in out, err  # the sample's bad values are still listed
 
 
 def test_a_rekey_that_changes_nothing_is_refused(
