@@ -165,11 +165,18 @@ def _round_trip(pair: Pair, stored: list[Stored], sampled: str,
         found = _first_under_source(pair, stored)
         if found is not None:
             moved = found
+        elif stored and not _any_at_destination(pair, stored):
+            # What the rekey itself refuses to start on (refusals.check_source_opens_something).
+            return [Check(SAMPLE, False, (
+                f"{sampled}; none of the {len(stored)} tried opens under {pair.source}"
+                f"{_ctx_words(pair.from_context)}, nor under the destination: the rekey "
+                "would read every value and leave every one, and refuses to start; check "
+                "--from-key and --from-encryption-context (kms-migrate verify --key-id KEY "
+                "counts the values by key)"))]
         else:
             tried = (f"; none of the {len(stored)} tried opens under {pair.source}"
-                     f"{_ctx_words(pair.from_context)}: they are under another key or "
-                     "context, or already moved (if not, check --from-key and "
-                     "--from-encryption-context)" if stored else "")
+                     f"{_ctx_words(pair.from_context)}, and some are under the destination "
+                     "already (moved)" if stored else "")
             lines.append(Check(SAMPLE, None, f"{sampled}{tried}: the round trip tries a random "
                                "test value encrypted under the source key instead"))
             moved = _test_value(pair, settings)
@@ -215,6 +222,22 @@ def _first_under_source(pair: Pair, stored: list[Stored]) -> Moved | None:
     if denied is not None:
         raise denied
     return None
+
+
+def _any_at_destination(pair: Pair, stored: list[Stored]) -> bool:
+    """Whether a stored value opens under the destination key and context already (moved
+    by an earlier rekey): a ReEncrypt destination -> destination, thrown away."""
+    for s in stored:
+        _, dst_ctx = pair.contexts(s.table, s.column, s.pk)
+        try:
+            out = pair.dst.reencrypt(s.blob, pair.dest, dst_ctx, dst_ctx, source=pair.dest)
+        except FatalKMSError as exc:
+            if exc.code != "AccessDeniedException":
+                raise
+            continue
+        if out is not None and _names(pair.dest, out[1]):
+            return True
+    return False
 
 
 def _test_value(pair: Pair, settings: Settings) -> Moved | str:

@@ -785,17 +785,40 @@ def test_rekey_preflight_adding_a_context(sqlite_url: str, keys: Keys, kms: KmsH
     assert calls[1]["SourceKeyId"] == calls[1]["DestinationKeyId"] == dest.arn
 
 
-def test_rekey_preflight_with_the_wrong_source_context_falls_back_to_a_test_value(
+def test_rekey_preflight_with_the_wrong_source_context_fails_as_the_run_would_refuse(
     sqlite_url: str, keys: Keys, kms: KmsHandle,
 ) -> None:
     """The values carry the context, the options say they do not: no sampled value opens
-    under the source; an info line says so, and a random test value shows the keys work."""
+    under the source, none under the destination either: the rekey would refuse to start
+    (it would read every value and leave every one), so preflight fails, saying why."""
     rekey_db(sqlite_url, keys, kms, context=True)
     checks = run(rekey_settings(sqlite_url), keys, kms_client=kms_client(), env={})
-    info = checks["rekey sample"]
-    assert info.ok is None and not info.skipped
+    line = checks["rekey sample"]
+    assert line.ok is False
     assert re.search(r"\d+ KMS value\(s\) in the sample of the target columns; none of the 6 "
-                     rf"tried opens under {re.escape(kms.arn)} without a context", info.detail)
+                     rf"tried opens under {re.escape(kms.arn)} without a context", line.detail)
+    assert "--from-encryption-context" in line.detail
+    assert failed(checks) == {"rekey sample"}
+
+
+def test_rekey_preflight_after_the_values_moved_falls_back_to_a_test_value(
+    sqlite_url: str, keys: Keys, kms: KmsHandle,
+) -> None:
+    """Every value under the destination already (a rekey done): the sample says so, and a
+    random test value shows the keys work."""
+    from migration.db import make_engine
+    from migration.migrator import migrate
+    from tests.helpers import make_kms
+
+    rekey_db(sqlite_url, keys, kms)
+    settings = rekey_settings(sqlite_url)
+    engine = make_engine(sqlite_url)
+    with make_kms(kms.client, settings) as k:
+        migrate(settings, engine=engine, kms=k)
+    engine.dispose()
+    checks = run(settings, keys, kms_client=kms_client(), env={})
+    info = checks["rekey sample"]
+    assert info.ok is None and "under the destination already" in info.detail
     trip = checks["ReEncrypt round trip"]
     assert trip.ok is True and trip.detail.startswith("a random 32-byte test value")
     assert failed(checks) == set()
