@@ -258,7 +258,8 @@ def test_a_single_process_migrate_will_not_resume_a_ranged_run(
     settings = settings_for(db_url, keys.current, keys.legacy, batch_size=5)
     eng = make_engine(db_url)
     k = make_kms(kms.client, settings)
-    start = start_ranged_migrate(settings, eng, k.describe().arn, Split(10))
+    k.describe()
+    start = start_ranged_migrate(settings, eng, k, Split(10))
     start.lock.release(eng)  # as if its workers were interrupted
     with pytest.raises(ResumeMismatchError, match="started with --workers"):
         migrate(settings, engine=eng, kms=k)
@@ -270,15 +271,16 @@ def test_the_same_command_elsewhere_joins_the_running_ranged_run(
     make_db(db_url, 30, keys.current, keys.legacy)
     settings = settings_for(db_url, keys.current, keys.legacy, batch_size=5)
     eng = make_engine(db_url)
-    arn = make_kms(kms.client, settings).describe().arn
-    first = start_ranged_migrate(settings, eng, arn, Split(10))
+    k = make_kms(kms.client, settings)
+    k.describe()  # the run's key, as the command describes it before starting the run
+    first = start_ranged_migrate(settings, eng, k, Split(10))
     assert not first.joined
     other = subprocess.Popen(["sleep", "30"])  # the lock now looks held by a live process
     try:
         with eng.begin() as conn:
             conn.execute(update(lock).values(pid=other.pid))
         slower = settings_for(db_url, keys.current, keys.legacy, batch_size=5, max_kms_rps=123)
-        second = start_ranged_migrate(slower, eng, arn, Split(10))
+        second = start_ranged_migrate(slower, eng, k, Split(10))
         assert second.joined and second.run.id == first.run.id
         assert second.run.max_kms_rps == settings.max_kms_rps  # one limit for the whole run
         assert second.lock.token == first.lock.token
@@ -288,7 +290,7 @@ def test_the_same_command_elsewhere_joins_the_running_ranged_run(
         changed = settings_for(db_url, keys.current, keys.legacy, batch_size=5,
                                encryption_context=True)
         with pytest.raises(ResumeMismatchError, match="encryption context"):
-            start_ranged_migrate(changed, eng, arn, Split(10))
+            start_ranged_migrate(changed, eng, k, Split(10))
     finally:
         other.kill()
         other.wait()
