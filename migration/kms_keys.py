@@ -63,8 +63,10 @@ def blamed(op: str, params: Mapping[str, Any], exc: botocore.exceptions.ClientEr
     message = str(exc.response.get("Error", {}).get("Message", ""))
     dest = str(params.get("DestinationKeyId", ""))
     source = str(params.get("SourceKeyId", ""))
-    if dest == source:  # the check of a new ciphertext (destination to destination)
-        return op, dest
+    if dest == source:
+        # The check of a new ciphertext (destination to destination), or a rekey that only
+        # changes the context: the call needs both permissions, kms:ReEncrypt* grants them.
+        return "ReEncrypt*", dest
     if "ReEncryptTo" in message or (dest and dest in message):
         return "ReEncryptTo", dest
     return "ReEncryptFrom", key_id

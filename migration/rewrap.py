@@ -103,8 +103,11 @@ class Rekey:
         permissions? Raised again when it is about the destination, or when a value this
         run re-encrypted no longer re-encrypts (asked again; that call's own error stops
         the run). Before any value re-encrypted, it is left for `RekeySteps.finish` to
-        decide once the batch is through (`Denied`)."""
-        if exc.code != "AccessDeniedException" or exc.key == self.dest.arn:
+        decide once the batch is through (`Denied`). With one key on both sides (only the
+        context changes) KMS's answer cannot say which side it is about: it is treated as
+        the source's, so a value under a key this caller may not use is left, not fatal."""
+        if exc.code != "AccessDeniedException" or (exc.key == self.dest.arn
+                                                    and self.dest.arn != self.source.arn):
             raise exc
         with self._lock:
             known = self._good[0] if self._good else None
@@ -192,4 +195,4 @@ class RekeySteps:
         denied = [r for r in prep.pending.result() if isinstance(r, Denied)]
         if denied and not self.rekey.proven():
             raise denied[0].error
-        return finish_rows(prep, self.target, self.column)
+        return finish_rows(prep, self.target, self.column, again="run kms-migrate rekey again")
