@@ -100,7 +100,7 @@ class ColumnJob:
         if settings.to_key_id is not None:
             assert kms.key is not None and kms.dest is not None
             return RekeySteps(self.target, self.column,
-                              Rekey(kms, kms.key, kms.dest, settings.verify_decrypt),
+                              Rekey.of(kms, settings.verify_decrypt),
                               from_context=settings.encryption_context,
                               to_context=settings.to_encryption_context)
         assert self.codec is not None

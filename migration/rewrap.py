@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hmac
 import threading
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -71,6 +72,19 @@ class Rekey:
     # AccessDenied on another value is about that value, not the run's permissions.
     _good: list[tuple[bytes, Context, Context]] = field(default_factory=list, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @staticmethod
+    def of(kms: KMS, verify_decrypt: bool) -> Rekey:
+        """The run's Rekey on this KMS (its described source and destination keys), one
+        per process: every column and range of the run shares what proves its permissions,
+        so a column (or range) that opens with a value KMS denies does not stop a run
+        whose values re-encrypt."""
+        assert kms.key is not None and kms.dest is not None
+        found = _BY_KMS.get(kms)
+        if (found is None or found.source != kms.key or found.dest != kms.dest
+                or found.verify_decrypt != verify_decrypt):
+            found = _BY_KMS[kms] = Rekey(kms, kms.key, kms.dest, verify_decrypt)
+        return found
 
     def one(self, item: tuple[bytes, Context, Context]) -> Outcome:
         """One value: the new ciphertext, ALREADY, or why it is left (never the value)."""
@@ -154,6 +168,9 @@ class Rekey:
         if not hmac.compare_digest(before[0], after[0]):
             return "the new ciphertext holds a different plaintext: left untouched"
         return None
+
+
+_BY_KMS: weakref.WeakKeyDictionary[KMS, Rekey] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)

@@ -247,3 +247,22 @@ def test_finalize_after_rekey_then_rekey_again_then_rollback(
     assert code == 0 and snapshot(url) == under_b, (out, err)
     code, out, err = cli(capsys, "rollback", "--db", url)
     assert code == 2 and "deleted by finalize" in err and snapshot(url) == under_b
+
+
+def test_a_denied_value_opening_the_second_column_does_not_stop_a_proven_run(
+    migrated: Any, kms: KmsHandle,
+) -> None:
+    """Defect: the proof that the run's permissions work (a value re-encrypted from the
+    source) was kept per column (per range with --workers): a second column whose first
+    batch held only a value KMS denies stopped the run (exit 2) though the first column had
+    re-encrypted values under the same keys."""
+    url, truth, _, _, _ = migrated
+    column = "referral_payout_escrow_secret"
+    first = min((c for c in truth.plaintexts if c[0] == "users" and c[2] == column),
+                key=lambda c: int(c[1]))
+    junk = base64.b64encode(b"00000000-0000-4000-8000-000000000000" + os.urandom(84)).decode()
+    set_cells(url, {first: junk})
+    result = run_rekey(rekey_settings(url, batch_size=1), kms.client)
+    left = {(f.table_name, f.pk, f.column_name): f.reason for f in result.failures}
+    assert first in left and "denied" in left[first]
+    assert snapshot(url)[first] == junk
