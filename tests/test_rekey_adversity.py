@@ -266,3 +266,118 @@ def test_a_denied_value_opening_the_second_column_does_not_stop_a_proven_run(
     left = {(f.table_name, f.pk, f.column_name): f.reason for f in result.failures}
     assert first in left and "denied" in left[first]
     assert snapshot(url)[first] == junk
+
+
+def _interrupt_rekey(url: str, client: Any, **kw: Any) -> None:
+    """A rekey stopped after its first batch, the way Ctrl-C stops it (resumable)."""
+    from migration.db import make_engine
+    from migration.migrator import migrate
+    from migration.pipeline import Hooks
+    from tests.helpers import make_kms
+
+    settings = rekey_settings(url, **kw)
+    engine = make_engine(url)
+    try:
+        with make_kms(client, settings) as k, pytest.raises(KeyboardInterrupt):
+            migrate(settings, engine=engine, kms=k, hooks=Hooks(should_stop=lambda: True))
+    finally:
+        engine.dispose()
+
+
+def test_an_unfinished_rekey_resumes_only_as_itself(
+    migrated: Any, kms: KmsHandle, capsys: pytest.CaptureFixture[str], env_keys: Keys,
+    tmp_path: Any,
+) -> None:
+    """Stopped mid-way: status names it; migrate, migrate --retry-failed, finalize and a
+    rekey with other contexts or targets refuse in one line; --verify-decrypt toggled
+    resumes it; rollback of an unfinished rekey abandons it and restores its batches."""
+    url, _, _, after, _ = migrated
+    _interrupt_rekey(url, kms.client)
+    code, out, err = run_main(capsys, "status", "--db", url)
+    assert code == 0 and "rekey  interrupted" in out, (out, err)
+    code, out, err = run_main(capsys, "status", "--db", url, "--json")
+    assert code == 0 and '"run_kind": "rekey"' in out
+    for args, fragment in (
+        (("migrate",), "rekey run 2 is unfinished"),
+        (("migrate", "--retry-failed"), "rekey run 2 is unfinished"),
+        (("rekey", "--to-key", NEXT, "--to-encryption-context"),
+         "the destination encryption context"),
+        (("rekey", "--to-key", NEXT, "--from-encryption-context"), "the encryption context"),
+        (("rekey", "--to-key", NEXT, "--config",
+          vault_config(url, ["x"], tmp_path)), "the targets"),
+        (("rekey", "--to-key", NEXT, "--from-key", NEXT), "would change nothing"),
+        (("rekey", "--to-key", NEXT, "--from-key", ALIAS, "--key-id", NEXT), "two source keys"),
+    ):
+        code, out, err = cli(capsys, args[0], "--db", url, *args[1:])
+        assert_refused(code, out, err, fragment)
+    code, out, err = run_main(capsys, "finalize", "--db", url, "--yes", "--key-id", NEXT)
+    assert code == 2 and "rekey run 2 is unfinished" in err, err
+    code, out, err = cli(capsys, "rekey", "--db", url, "--to-key", NEXT, "--verify-decrypt")
+    assert code == 1 and "(resumed)" in out, (out, err)
+    code, out, err = cli(capsys, "rollback", "--db", url)
+    assert code == 0 and snapshot(url) == after, (out, err)
+
+
+def test_rollback_of_an_unfinished_rekey_restores_it_then_rekey_starts_afresh(
+    migrated: Any, kms: KmsHandle, capsys: pytest.CaptureFixture[str],
+) -> None:
+    url, truth, _, after, nxt = migrated
+    _interrupt_rekey(url, kms.client)
+    assert snapshot(url) != after
+    code, out, err = cli(capsys, "rollback", "--db", url)
+    assert code == 0 and snapshot(url) == after and "undid rekey run 2" in out, (out, err)
+    code, out, err = cli(capsys, "rekey", "--db", url, "--to-key", NEXT)
+    assert code == 1 and "(resumed)" not in out, (out, err)
+    now = snapshot(url)
+    assert all(opened(kms, now[c])[1] == nxt.arn for c in truth.plaintexts)
+    code, out, err = cli(capsys, "rollback", "--db", url)
+    assert code == 0 and snapshot(url) == after, (out, err)
+
+
+def test_a_row_deleted_between_the_read_and_the_write_leaves_nothing_and_exit_0(
+    clean: Any, kms: KmsHandle, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The compare-and-swap finds no row: counted a conflict in the batch, then settled
+    away (no value of it is left): exit 0, nothing named."""
+    from migration import rewrap
+
+    url, _, _, _, _ = clean
+    orig = rewrap.RekeySteps.finish
+    gone: list[Any] = []
+
+    def finish(self: Any, prep: Any) -> Any:
+        out = orig(self, prep)
+        if not gone and out[0] and self.target.name == "wagers":
+            gone.append(out[0][0].pk)
+            eng = create_engine(url)
+            with eng.begin() as conn:
+                conn.execute(text("DELETE FROM wagers WHERE wager_id = :k"), {"k": gone[0]})
+            eng.dispose()
+        return out
+
+    monkeypatch.setattr(rewrap.RekeySteps, "finish", finish)
+    code, out, err = cli(capsys, "rekey", "--db", url, "--to-key", NEXT, "--batch-size", "4")
+    assert gone and code == 0, (out, err)
+    assert "Values left" not in out
+
+
+@pytest.mark.parametrize("where", ["another region", "a typo"])
+def test_a_destination_key_kms_cannot_find_is_named_not_the_source(
+    migrated: Any, kms: KmsHandle, capsys: pytest.CaptureFixture[str], where: str,
+) -> None:
+    """Defect: DescribeKey of the destination (--to-key) that KMS answered NotFound was
+    reported as "KMS key alias/coinflip-master-key was not found": the source key, which
+    exists, sending the operator to check the wrong key."""
+    import boto3
+
+    url, _, _, after, _ = migrated
+    if where == "a typo":
+        dest = "alias/coinflip-nxet-key"
+    else:
+        west = boto3.client("kms", region_name="us-west-2")
+        dest = west.create_key(KeyUsage="ENCRYPT_DECRYPT")["KeyMetadata"]["Arn"]
+    code, out, err = cli(capsys, "rekey", "--db", url, "--to-key", dest)
+    line = assert_refused(code, out, err, dest, "not found")
+    assert ALIAS not in line
+    assert snapshot(url) == after
