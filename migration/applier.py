@@ -22,13 +22,20 @@ from .db import max_bind_params
 from .reader import BoundTarget
 
 __all__ = [
-    "REASON_CONFLICT", "Rewrite", "Writer", "apply_migrate_batch", "apply_rollback_batch",
+    "CONFLICT_REASONS", "REASON_CONFLICT", "REASON_CONFLICT_REKEY", "Rewrite", "Writer",
+    "apply_migrate_batch", "apply_rollback_batch",
 ]
 
 REASON_CONFLICT = (
     "changed by the application while being migrated; left as the application wrote it "
     "(migrate --retry-failed picks it up)"
 )
+# A rekey run's: it has no --retry-failed, and a retry reads only migrate's failures.
+REASON_CONFLICT_REKEY = (
+    "changed by the application while being rekeyed; left as the application wrote it "
+    "(kms-migrate rekey, run again, picks it up)"
+)
+CONFLICT_REASONS = (REASON_CONFLICT, REASON_CONFLICT_REKEY)
 
 
 @dataclass(frozen=True)
@@ -143,6 +150,7 @@ class Writer:
     run_id: int
     fence: Callable[[Connection], None] | None = None
     lease: Lease | None = None
+    conflict_reason: str = REASON_CONFLICT  # a rekey run's: REASON_CONFLICT_REKEY
 
     def record(self, conn: Connection, batch: Batch) -> None:
         store.record_batch(conn, self.run_id, self.target.name, self.column, batch,
@@ -165,7 +173,7 @@ def apply_migrate_batch(w: Writer, rewrites: Sequence[Rewrite], failures: Sequen
                 # Recorded with the failures, so that it is named, counts as left (exit 1)
                 # and `migrate --retry-failed` finds it.
                 conflicted.append(FailureRow(bt.name, column, bt.pk_text(rw.pk),
-                                             REASON_CONFLICT))
+                                             w.conflict_reason))
         final = replace(counts, migrated=len(journal_rows), conflicts=len(conflicted))
         w.record(conn, Batch(None if last_pk is None else bt.pk_text(last_pk), final, done,
                              journal_rows, [*failures, *conflicted]))

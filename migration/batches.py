@@ -118,14 +118,16 @@ class Prepared:
         self.pending.cancel()
 
 
-def reason_unfit(need: int, bt: BoundTarget, column: str, *, estimated: bool) -> str:
-    """Why a value is left: its KMS text is longer than the column (never the value)."""
+def reason_unfit(need: int, bt: BoundTarget, column: str, *, estimated: bool,
+                 again: str = "migrate --retry-failed") -> str:
+    """Why a value is left: its KMS text is longer than the column (never the value);
+    `again`: the command that picks it up once the column is wider."""
     kind = bt.col(column).type
     if estimated:
         return (f"its KMS ciphertext will not fit the column ({kind}): about {need} "
                 "characters on AWS KMS; widen the column first")
     return (f"its KMS ciphertext ({need} characters) does not fit the column ({kind}): "
-            "widen the column, then migrate --retry-failed")
+            f"widen the column, then {again}")
 
 
 class Steps(Protocol):
@@ -211,7 +213,7 @@ class ColumnSteps:
 
 
 def finish_rows(
-    prep: Prepared, bt: BoundTarget, column: str
+    prep: Prepared, bt: BoundTarget, column: str, again: str = "migrate --retry-failed",
 ) -> tuple[list[Rewrite], list[FailureRow], BatchCounts]:
     """Wait for a batch's KMS work; turn it into compare-and-swap rewrites and failures.
 
@@ -232,7 +234,8 @@ def finish_rows(
             if length is not None and len(text) > length:
                 prep.unfit.append(len(text))
                 failures.append(FailureRow(bt.name, column, bt.pk_text(row.pk),
-                                           reason_unfit(len(text), bt, column, estimated=False)))
+                                           reason_unfit(len(text), bt, column, estimated=False,
+                                                        again=again)))
                 continue
             rewrites.append(Rewrite(row.pk, old=row.value, new=text))
         else:

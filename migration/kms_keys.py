@@ -55,16 +55,21 @@ def checked_key(meta: Mapping[str, Any], key: str, region: str, wording: Wording
 
 def blamed(op: str, params: Mapping[str, Any], exc: botocore.exceptions.ClientError,
            key_id: str) -> tuple[str, str]:
-    """(operation, key) to name in a fatal message. A ReEncrypt involves two keys: KMS's
+    """(operation, key) to name in a fatal message. DescribeKey names the key it described
+    (a rekey describes its destination too). A ReEncrypt involves two keys: KMS's
     own message (read here, never shown) says which one refused, by the permission
     (kms:ReEncryptTo is the destination's) or the key's ARN; the source otherwise."""
+    if op == "DescribeKey":  # the key as named: the run's, or a rekey's destination
+        return op, str(params.get("KeyId") or key_id)
     if op != "ReEncrypt":
         return op, key_id
     message = str(exc.response.get("Error", {}).get("Message", ""))
     dest = str(params.get("DestinationKeyId", ""))
     source = str(params.get("SourceKeyId", ""))
-    if dest == source:  # the check of a new ciphertext (destination to destination)
-        return op, dest
+    if dest == source:
+        # The check of a new ciphertext (destination to destination), or a rekey that only
+        # changes the context: the call needs both permissions, kms:ReEncrypt* grants them.
+        return "ReEncrypt*", dest
     if "ReEncryptTo" in message or (dest and dest in message):
         return "ReEncryptTo", dest
     return "ReEncryptFrom", key_id

@@ -27,7 +27,13 @@ from checkpoints.rollback_journal import pending
 from checkpoints.store import BatchCounts, FailureRow
 from checkpoints.tables import journal
 
-from .applier import Writer, apply_migrate_batch, apply_rollback_batch
+from .applier import (
+    REASON_CONFLICT,
+    REASON_CONFLICT_REKEY,
+    Writer,
+    apply_migrate_batch,
+    apply_rollback_batch,
+)
 from .batches import ColumnSteps, ColumnSummary, Prepared, Steps
 from .codec import FernetCodec, ValueKind, classify, decode_kms, encryption_context
 from .config import Settings
@@ -79,7 +85,8 @@ class ColumnJob:
     def writer(self) -> Writer:
         assert self.run_id is not None
         return Writer(self.engine, self.target, self.column, self.run_id, self.fence,
-                      self.lease)
+                      self.lease, REASON_CONFLICT_REKEY if self.settings.to_key_id is not None
+                      else REASON_CONFLICT)
 
     def logger(self) -> Any:
         log = self.log if self.log is not None else get_logger()
@@ -93,7 +100,7 @@ class ColumnJob:
         if settings.to_key_id is not None:
             assert kms.key is not None and kms.dest is not None
             return RekeySteps(self.target, self.column,
-                              Rekey(kms, kms.key, kms.dest, settings.verify_decrypt),
+                              Rekey.of(kms, settings.verify_decrypt),
                               from_context=settings.encryption_context,
                               to_context=settings.to_encryption_context)
         assert self.codec is not None

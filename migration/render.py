@@ -72,8 +72,9 @@ def print_migrate(result: MigrateResult, settings: Settings) -> None:
     if result.conflicts:
         again = ("run `kms-migrate rekey` again to pick them up" if rekey else
                  "`kms-migrate migrate --retry-failed` picks them up")
+        done = "rekeyed" if rekey else "migrated"
         click.echo(f"{result.conflicts} value(s) changed by the application while being "
-                   f"{verb}d were left as written (listed below); {again}.")
+                   f"{done} were left as written (listed below); {again}.")
     if result.failures:
         click.echo(f"{'Values left' if rekey else 'Failed values'} ({len(result.failures)}), "
                    "left untouched:")
@@ -104,7 +105,8 @@ def _print_unfit(result: MigrateResult) -> None:
             click.echo(f"{c.table}.{c.column} is {c.column_type}: {c.unfit} value(s) {kind} "
                        f"(up to {c.unfit_need} characters{on}): widen the column to at least "
                        f"{c.unfit_need} characters"
-                       + ("" if result.dry_run else ", then migrate --retry-failed"))
+                       + ("" if result.dry_run else ", then run rekey again" if
+                          result.kind == "rekey" else ", then migrate --retry-failed"))
 
 
 def estimate_seconds(calls: int, measured_calls: int, seconds: float,

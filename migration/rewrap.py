@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hmac
 import threading
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -72,6 +73,19 @@ class Rekey:
     _good: list[tuple[bytes, Context, Context]] = field(default_factory=list, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
+    @staticmethod
+    def of(kms: KMS, verify_decrypt: bool) -> Rekey:
+        """The run's Rekey on this KMS (its described source and destination keys), one
+        per process: every column and range of the run shares what proves its permissions,
+        so a column (or range) that opens with a value KMS denies does not stop a run
+        whose values re-encrypt."""
+        assert kms.key is not None and kms.dest is not None
+        found = _BY_KMS.get(kms)
+        if (found is None or found.source != kms.key or found.dest != kms.dest
+                or found.verify_decrypt != verify_decrypt):
+            found = _BY_KMS[kms] = Rekey(kms, kms.key, kms.dest, verify_decrypt)
+        return found
+
     def one(self, item: tuple[bytes, Context, Context]) -> Outcome:
         """One value: the new ciphertext, ALREADY, or why it is left (never the value)."""
         blob, src_ctx, dst_ctx = item
@@ -103,8 +117,11 @@ class Rekey:
         permissions? Raised again when it is about the destination, or when a value this
         run re-encrypted no longer re-encrypts (asked again; that call's own error stops
         the run). Before any value re-encrypted, it is left for `RekeySteps.finish` to
-        decide once the batch is through (`Denied`)."""
-        if exc.code != "AccessDeniedException" or exc.key == self.dest.arn:
+        decide once the batch is through (`Denied`). With one key on both sides (only the
+        context changes) KMS's answer cannot say which side it is about: it is treated as
+        the source's, so a value under a key this caller may not use is left, not fatal."""
+        if exc.code != "AccessDeniedException" or (exc.key == self.dest.arn
+                                                    and self.dest.arn != self.source.arn):
             raise exc
         with self._lock:
             known = self._good[0] if self._good else None
@@ -153,6 +170,9 @@ class Rekey:
         return None
 
 
+_BY_KMS: weakref.WeakKeyDictionary[KMS, Rekey] = weakref.WeakKeyDictionary()
+
+
 @dataclass(frozen=True)
 class RekeySteps:
     """The two steps of each batch of one column of a rekey run (see batches.ColumnSteps):
@@ -199,4 +219,4 @@ class RekeySteps:
         denied = [r for r in prep.pending.result() if isinstance(r, Denied)]
         if denied and not self.rekey.proven():
             raise denied[0].error
-        return finish_rows(prep, self.target, self.column)
+        return finish_rows(prep, self.target, self.column, again="run kms-migrate rekey again")

@@ -13,7 +13,7 @@ from sqlalchemy import Connection, Engine, select
 from checkpoints import store
 from checkpoints.store import BatchCounts, FailureRow
 
-from .applier import REASON_CONFLICT
+from .applier import CONFLICT_REASONS
 from .batches import REASON_BEHIND, ColumnSummary
 from .codec import FERNET_PREFIX, ValueKind, classify
 from .logs import get_logger
@@ -85,7 +85,7 @@ def settle_column(conn: Connection, bt: BoundTarget, column: str, run_id: int | 
     known = {pk for _, pk, _ in recorded}
     holding = _holding_keys(conn, bt, column, how, None if how.behind else known)
     gone = [(i, reason) for i, pk, reason in recorded if pk not in holding]
-    conflicts = sum(reason == REASON_CONFLICT for _, reason in gone)
+    conflicts = sum(reason in CONFLICT_REASONS for _, reason in gone)
     dropped = BatchCounts(failed=len(gone) - conflicts, conflicts=conflicts)
     store.forget_failures(conn, run_id, bt.name, column, [i for i, _ in gone], dropped)
     log = get_logger(run_id=run_id)
