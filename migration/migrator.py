@@ -265,8 +265,10 @@ def prepare_keys(settings: Settings, engine: Engine, bound: Sequence[BoundTarget
             "encryption context: a rekey would change nothing; name another key, or add "
             "--to-encryption-context to bind the values to their rows; nothing was written")
     if check:
+        # The run's own Rekey: a value that re-encrypts here proves its permissions for
+        # the whole run (see Rekey._denied).
         check_source_opens_something(
-            engine, bound, Rekey(kms, source, dest, settings.verify_decrypt),
+            engine, bound, Rekey.of(kms, settings.verify_decrypt),
             from_context=settings.encryption_context,
             to_context=settings.to_encryption_context)
     return None

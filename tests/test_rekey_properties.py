@@ -3,7 +3,8 @@ value under the source key and context ends under the destination key and contex
 its plaintext unchanged; everything else is byte-identical and, but for empty values and
 values already under the destination, named; the counts and the exit code agree; a
 rollback restores every byte. A value KMS denies before any value proved the run's
-permissions stops the run (exit 2) with the batches before it committed."""
+permissions stops the run (exit 2) with the batches before it committed; a sample in which
+no value re-encrypts (nor is under the destination) refuses the run before it writes."""
 
 from __future__ import annotations
 
@@ -16,14 +17,14 @@ from typing import Any
 
 import pytest
 from cryptography.fernet import Fernet
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import create_engine, text
 
 from migration.codec import encryption_context
 from migration.config import Settings, Target
 from migration.db import make_engine
-from migration.errors import FatalKMSError
+from migration.errors import ConfigError, FatalKMSError
 from migration.migrator import migrate
 from migration.rewrap import REASON_FERNET, REASON_GARBAGE
 from migration.rollback import rollback
@@ -43,9 +44,12 @@ class Cell:
     ctx: str | None = None  # None, "own" (this row's context), "other" (another row's)
 
 
+# Values under the source key, with or without their own context, weighted up: a mix with
+# none the run can move is refused at start (tested too, but it tests little else).
+under_source = st.sampled_from([None, "own"]).map(lambda c: Cell("kms", "A", c))
 cells = st.one_of(st.sampled_from(SPECIAL).map(Cell),
                   st.sampled_from(UNDER).map(lambda u: Cell("kms", *u)),
-                  st.just(Cell("copy")))
+                  under_source, under_source, st.just(Cell("copy")))
 options = st.fixed_dictionaries({
     "from_ctx": st.booleans(), "to_ctx": st.booleans(), "same_key": st.booleans(),
     "verify_decrypt": st.booleans(), "batch_size": st.integers(1, 5),
@@ -101,6 +105,13 @@ def _store(values: list[Cell], client: Any, arns: dict[str, str], table: str,
     return stored, under, plain
 
 
+def _kms_shaped(value: str | None) -> bool:
+    """Whether the run takes a stored value for a KMS ciphertext (its shape: base64)."""
+    from migration.codec import ValueKind, classify
+
+    return classify(value) is ValueKind.KMS
+
+
 def _read(url: str, table: str) -> dict[int, str | None]:
     eng = create_engine(url)
     with eng.connect() as conn:
@@ -134,12 +145,23 @@ def _check(url: str, values: list[Cell], opts: dict[str, Any],
                if (k, r) == (dest, own(opts["to_ctx"], pk)) and pk not in moved}
     empty = {pk for pk, v in stored.items() if not v}
     named = set(stored) - moved - already - empty
+    # Before the first batch, the run tries the KMS values of a spread sample (here: all
+    # rows, in key order, the first ten) until one re-encrypts or is under the destination
+    # already; with none, it refuses (a denial seen: as KMS said it; else a ConfigError). A
+    # value that re-encrypted there proves the run's permissions for the whole run.
+    kms_shaped = [pk for pk in sorted(stored) if _kms_shaped(stored[pk])][:10]
+    first_ok = next((pk for pk in kms_shaped if pk in moved or pk in already), None)
+    refused: type[Exception] | None = None
+    if first_ok is None and kms_shaped:
+        long_junk = any(values[pk - 1].kind == "long_junk" for pk in kms_shaped)
+        refused = FatalKMSError if long_junk else ConfigError
+    proven = first_ok in moved
     # A value KMS denies (long_junk) stops the run when no value re-encrypted before it or
     # in its batch: the batches before it are committed, nothing after.
     size = opts["batch_size"]
     denied = sorted(pk for pk, c in enumerate(values, 1) if c.kind == "long_junk")
     stop_batch = None
-    if denied:
+    if denied and not proven:
         first = (denied[0] - 1) // size
         if not any((pk - 1) // size <= first for pk in moved):
             stop_batch = first
@@ -151,6 +173,13 @@ def _check(url: str, values: list[Cell], opts: dict[str, Any],
     engine = make_engine(url)
     try:
         with make_kms(client, settings) as kms:
+            event("refused at start" if refused else
+                  "stopped by a denial" if stop_batch is not None else "ran to the end")
+            if refused is not None:
+                with pytest.raises(refused):
+                    migrate(settings, engine=engine, kms=kms)
+                assert _read(url, table) == stored
+                return
             if stop_batch is not None:
                 with pytest.raises(FatalKMSError):
                     migrate(settings, engine=engine, kms=kms)
@@ -188,7 +217,7 @@ def _check(url: str, values: list[Cell], opts: dict[str, Any],
         engine.dispose()
 
 
-@settings(max_examples=40, deadline=None,
+@settings(max_examples=60, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(values=st.lists(cells, min_size=1, max_size=12), opts=options)
 def test_rekey_property_sqlite(
