@@ -93,7 +93,7 @@ def finalize(
         raise ConfigError(
             f"verify did not pass ({left} Fernet value(s) left, {bad} undecryptable "
             f"value(s), {other} under another KMS key, in {', '.join(failing) or 'the targets'})"
-            f"{also}: the rollback journal "
+            f"{also}{_after_rekey(other)}: the rollback journal "
             "is still needed; run `kms-migrate verify` with the same options (and --config "
             "naming those columns) for the list, migrate or fix them, then finalize again; "
             "nothing was deleted"
@@ -103,6 +103,15 @@ def finalize(
     with lock_held(engine, "finalize") as run_lock:
         return _finalize(_Journal(engine, run_lock, pairs, batch_size), result, writers_seen,
                          started, should_stop)
+
+
+def _after_rekey(other: int) -> str:
+    """What to say when values are under another key: after a rekey, finalize verifies
+    under the destination."""
+    if not other:
+        return ""
+    return ("; after a rekey, run finalize with --key-id the rekey's destination key (and "
+            "--encryption-context if the values now carry it)")
 
 
 def journal_targets(

@@ -145,6 +145,9 @@ def _duration(seconds: float) -> str:
 
 def print_rollback(result: RollbackResult) -> None:
     click.echo(f"rollback run {result.run_id}" + (" (resumed)" if result.resumed else "") + ":")
+    if not result.columns:
+        click.echo("nothing to roll back: every journal entry was restored already")
+        return
     rows = [(f"{c.table}.{c.column}", c.migrated, c.conflicts) for c in result.columns]
     click.echo(_table(["column", "restored", "conflicts"], rows))
     if result.failures:
@@ -206,9 +209,11 @@ def print_status(report: StatusReport) -> None:
     ]))
     if report.run_id is not None:
         click.echo(f"\nlatest {report.run_kind or 'migrate'} run {report.run_id}:")
+        rekey = report.run_kind == "rekey"
         click.echo(_table(
-            ["column", "migrated", "skipped", "already", "failed", "conflicts", "remaining",
-             "last pk"],
+            ["column", "rekeyed" if rekey else "migrated", "skipped",
+             "already there" if rekey else "already", "left" if rekey else "failed",
+             "conflicts", "remaining", "last pk"],
             [(f"{p.table}.{p.column}", p.migrated, p.skipped, p.already, p.failed, p.conflicts,
               "done" if p.done else (p.remaining if p.remaining is not None else "?"),
               p.last_pk or "") for p in report.progress]))

@@ -155,12 +155,27 @@ def test_finalize_after_a_rekey_verifies_under_the_new_key_and_deletes_every_lay
     # Under the old key, verify fails (every value is under another key): nothing deleted.
     rc, _, err = run_main(capsys, "finalize", "--db", url, "--yes")
     assert rc == 2 and "under another KMS key" in err, err
+    assert "--key-id the rekey's destination key" in err and "\n" not in err.strip()
     assert len(journal_rows(url)) == 2 * len(truth.plaintexts)
     rc, _out, err = run_main(capsys, "finalize", "--db", url, "--yes", "--key-id", NEXT)
     assert rc == 0, err
     assert journal_rows(url) == []
     rc, _, err = run_main(capsys, "rollback", "--db", url, "--yes")
     assert rc == 2 and "finalize" in err, err
+
+
+def test_status_speaks_of_a_rekey_and_a_spent_rollback_says_so(
+    migrated: Any, kms: KmsHandle, capsys: pytest.CaptureFixture[str],
+) -> None:
+    url, _, _, _, _ = migrated
+    run_rekey(rekey_settings(url), kms.client)
+    rc, out, _ = run_main(capsys, "status", "--db", url)
+    assert rc == 0 and "latest rekey run 2" in out
+    assert "rekeyed" in out and "already there" in out
+    for _ in range(2):  # the rekey's layer, then the migrate's
+        assert run_main(capsys, "rollback", "--db", url, "--yes")[0] == 0
+    rc, out, err = run_main(capsys, "rollback", "--db", url, "--yes")
+    assert rc == 0 and "nothing to roll back" in out, (out, err)
 
 
 def test_rekey_then_rollback_then_rollback_restores_each_layer_byte_for_byte(
