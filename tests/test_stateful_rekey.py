@@ -400,18 +400,20 @@ class RekeyMachine(KmsMigrateMachine):
                 for c in self.target_cells())
             assert causes or denied, (
                 f"rekey exit 2 with no run-level cause: {err.strip()[-300:]}")
-            assert self.writes_of_data() == (before, journal), "a refused rekey wrote"
-            if not causes and "rekey" in self.unfinished_kinds():
-                # Stopped by the denial, not refused: the run stays, to be resumed.
-                if self.max_rekey_id() != self.open_rekey_id:
-                    self.behind = set()
-                self.open_rekey, self.open_rekey_id = s, self.max_rekey_id()
-            return
-        assert not causes, f"rekey must be refused ({causes}); got exit {code}"
+            if causes:
+                assert self.writes_of_data() == (before, journal), "a refused rekey wrote"
+                return
+            # Stopped by the denial, not refused: what earlier batches committed stays
+            # (checked below as any run's rewrites), and the run, to be resumed.
+            if after != before:
+                OUTCOMES[f"rekey stopped by a denial after writing: {err.strip()[:110]}"] += 1
+                note(f"stopped after writing: {err.strip()[-300:]}")
+        else:
+            assert not causes, f"rekey must be refused ({causes}); got exit {code}"
         run_id = self.max_rekey_id()
         resumed = not new_run and self.open_rekey is not None
         if resumed:
-            assert run_id == self.open_rekey_id and ("(resumed)" in out or code == 130), (
+            assert run_id == self.open_rekey_id and ("(resumed)" in out or code in (2, 130)), (
                 f"rekey should have resumed run {self.open_rekey_id}; ran {run_id}")
         else:
             assert run_id > newest, f"rekey should have started a new run; ran {run_id}"
@@ -425,7 +427,7 @@ class RekeyMachine(KmsMigrateMachine):
                     f"rekey rewrote {cell} from {src and src[1:]} to {dst and dst[1:]}, not "
                     f"K{s.source}/{s.from_ctx} -> K{s.dest}/{s.to_ctx}")
         self.no_plaintext_in_bookkeeping()
-        if code == 130:
+        if code in (2, 130):
             self.open_rekey, self.open_rekey_id = s, run_id
             return
         self.open_rekey = self.open_rekey_id = None
