@@ -43,14 +43,17 @@ REASON_FERNET = ("a Fernet token, not a KMS value: left untouched (kms-migrate m
 REASON_GARBAGE = "neither a Fernet token nor a KMS ciphertext: left untouched"
 REASON_NOT_SOURCE = ("does not open under the source key and context (under another key, "
                      "another encryption context, or corrupt): left untouched")
-REASON_DENIED = ("KMS denied re-encrypting it, though it re-encrypts other values from the "
-                 "source key: under a key this caller may not use: left untouched")
+REASON_DENIED = ("KMS denied re-encrypting it from the source key, while other values of the "
+                 "run re-encrypt or are under the destination: it is under a key this caller "
+                 "may not use (were every value under the source denied so, kms:ReEncryptFrom "
+                 "on the source would be missing): left untouched")
 Context = Mapping[str, str] | None
 
 
 class Denied(str):
     """The outcome of a value whose ReEncrypt was denied before any value of the run had
-    re-encrypted: the reason, with the error to raise should the batch prove nothing."""
+    re-encrypted or was found under the destination: the reason, with the error to raise
+    should the batch show nothing of the kind either."""
 
     error: FatalKMSError
 
@@ -72,6 +75,9 @@ class Rekey:
     # AccessDenied on another value is about that value, not the run's permissions.
     _good: list[tuple[bytes, Context, Context]] = field(default_factory=list, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # A value found under the destination already: the run has work of its own beyond the
+    # denied values, so a denial is that value's, not a stop (see `settled`).
+    _already: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @staticmethod
     def of(kms: KMS, verify_decrypt: bool) -> Rekey:
@@ -126,22 +132,28 @@ class Rekey:
         with self._lock:
             known = self._good[0] if self._good else None
         if known is None:
-            return Denied(exc)
+            return REASON_DENIED if self._already.is_set() else Denied(exc)
         blob, src_ctx, dst_ctx = known
         if self.kms.reencrypt(blob, self.dest.arn, src_ctx, dst_ctx,
                               source=self.source.arn) is None:
             raise exc
         return REASON_DENIED
 
-    def proven(self) -> bool:
-        """Whether a value of this run re-encrypted from the source: its permissions work."""
+    def settled(self) -> bool:
+        """Whether a denial is a value's own: a value of this run re-encrypted from the
+        source (its permissions work), or one was under the destination already (a run
+        done before, or the application writing with the new key: then a denied value left
+        behind must not make the run unfinishable, as it would if every re-run stopped on
+        it; were the source's permission missing, each value under it is named with the
+        reason saying so, and none is written)."""
         with self._lock:
-            return bool(self._good)
+            return bool(self._good) or self._already.is_set()
 
     def _elsewhere(self, blob: bytes, dst_ctx: Context, named: str) -> Outcome:
         """A value not under the source: ALREADY when it opens under the destination key
         and context, else why it is left."""
         if self._opens_at_dest(blob, dst_ctx):
+            self._already.set()
             return ALREADY
         if named and named not in (self.source.arn, self.dest.arn):
             return f"under another KMS key ({named}): left untouched"
@@ -217,6 +229,6 @@ class RekeySteps:
     def finish(self, prep: Prepared) -> tuple[list[Rewrite], list[FailureRow], BatchCounts]:
         """As migrate's; and a denial no re-encrypted value disproves stops the run."""
         denied = [r for r in prep.pending.result() if isinstance(r, Denied)]
-        if denied and not self.rekey.proven():
+        if denied and not self.rekey.settled():
             raise denied[0].error
         return finish_rows(prep, self.target, self.column, again="run kms-migrate rekey again")

@@ -7,7 +7,6 @@ import base64
 from pathlib import Path
 from typing import Any
 
-import pytest
 from sqlalchemy import create_engine, text
 
 from tests.conftest import ALIAS, Keys, KmsHandle, _make_key
@@ -28,11 +27,6 @@ def _vault(url: str, tmp_path: Path, rows: dict[str, str | None]) -> str:
     return str(config)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "rewrap.Rekey: an AccessDenied ReEncrypt before any value of the run re-encrypted from "
-    "the source stops the run (exit 2) and leaves it unfinished; when nothing under the "
-    "source is left ahead of the cursor, no re-run can prove the permissions, so the run "
-    "can never finish (and migrate stays refused) short of --new-run or a rollback"))
 def test_rekey_with_a_denied_value_and_nothing_left_at_the_source_can_finish(
     capsys: Any, db_url: str, kms: KmsHandle, env_keys: Keys, tmp_path: Path,
 ) -> None:
@@ -41,7 +35,8 @@ def test_rekey_with_a_denied_value_and_nothing_left_at_the_source_can_finish(
     answers so for base64 that is no ciphertext, KMS for a ciphertext under another
     account's key); `rekey` to the destination, twice. Expected: exit 1 naming the denied
     value (a per-value problem), the run completed; got: exit 2 ("re-run, the run resumes"),
-    and the same again on the re-run, the rekey run unfinished."""
+    and the same again on the re-run, the rekey run unfinished. Fixed: a value found under
+    the destination settles a denial as that value's (`rewrap.Rekey.settled`)."""
     nxt = _make_key(kms.client, NEXT)
     moved = base64.b64encode(kms.client.encrypt(KeyId=nxt.arn, Plaintext=b"secret")
                              ["CiphertextBlob"]).decode()
