@@ -199,6 +199,18 @@ def _names(expected: str, answered: str) -> bool:
     return answered == expected or not is_key_arn(expected)
 
 
+def _reencrypt(kms: KMS, blob: bytes, dest: str, contexts: tuple[Context, Context],
+               source: str) -> tuple[bytes, str, str] | FatalKMSError | None:
+    """ReEncrypt's answer; or the AccessDenied KMS gave (it may be about this one value);
+    other fatal errors are raised."""
+    try:
+        return kms.reencrypt(blob, dest, contexts[0], contexts[1], source=source)
+    except FatalKMSError as exc:
+        if exc.code != "AccessDeniedException":
+            raise
+        return exc
+
+
 def _first_under_source(pair: Pair, stored: list[Stored]) -> Moved | None:
     """The first stored value that re-encrypts from the source key and context.
 
@@ -208,15 +220,11 @@ def _first_under_source(pair: Pair, stored: list[Stored]) -> Moved | None:
     denied: FatalKMSError | None = None
     for s in stored:
         src_ctx, dst_ctx = pair.contexts(s.table, s.column, s.pk)
-        try:
-            out = pair.src.reencrypt(s.blob, pair.dest, src_ctx, dst_ctx, source=pair.source)
-        except FatalKMSError as exc:
-            if exc.code != "AccessDeniedException":
-                raise
-            denied = denied or exc
-            continue
+        out = _reencrypt(pair.src, s.blob, pair.dest, (src_ctx, dst_ctx), pair.source)
+        if isinstance(out, FatalKMSError):
+            denied = denied or out
         # A KMS that ignores the pinned SourceKeyId (moto) names the key it did use.
-        if out is not None and _names(pair.source, out[1]):
+        elif out is not None and _names(pair.source, out[1]):
             return Moved(f"a stored value ({s.table}.{s.column}, pk {s.pk})", s.blob, out[0],
                          out[2], src_ctx, dst_ctx)
     if denied is not None:
@@ -229,13 +237,8 @@ def _any_at_destination(pair: Pair, stored: list[Stored]) -> bool:
     by an earlier rekey): a ReEncrypt destination -> destination, thrown away."""
     for s in stored:
         _, dst_ctx = pair.contexts(s.table, s.column, s.pk)
-        try:
-            out = pair.dst.reencrypt(s.blob, pair.dest, dst_ctx, dst_ctx, source=pair.dest)
-        except FatalKMSError as exc:
-            if exc.code != "AccessDeniedException":
-                raise
-            continue
-        if out is not None and _names(pair.dest, out[1]):
+        out = _reencrypt(pair.dst, s.blob, pair.dest, (dst_ctx, dst_ctx), pair.dest)
+        if isinstance(out, tuple) and _names(pair.dest, out[1]):
             return True
     return False
 
