@@ -504,7 +504,7 @@ class RekeyMachine(KmsMigrateMachine):
                 expect[e.cell] = e.original
         OUTCOMES[f"rollback of a {'rekey' if isinstance(layer, int) else 'migrate'} layer "
                  f"exit {code}"] += 1
-        if isinstance(layer, int):
+        if isinstance(layer, int) and code != 130:  # an interrupted command prints no summary
             assert f"undid rekey run {layer}" in out, (
                 f"rollback should have undone rekey run {layer}: {out[-300:]}")
         if code == 130:
