@@ -15,6 +15,12 @@ destination: then it is already where the run takes it (a resumed or repeated ru
 value the application wrote with the new key), counted `already`. The values the run does
 not own are left untouched and named: Fernet tokens (migrate's), garbage, and values
 under another key.
+
+An AccessDenied on one value's ReEncrypt is that value's (left, named) once the run has
+shown it works (`Rekey.settled`: a value re-encrypted from the source, asked again on each
+denial, or one found under the destination); before that, it stops the run, as a missing
+permission must. The start-up sample (`refusals.check_source_opens_something`) usually
+settles it before the first batch.
 """
 
 from __future__ import annotations
@@ -35,7 +41,8 @@ from .kms import KMS, KeyInfo
 from .reader import BoundTarget, Row
 
 __all__ = [
-    "REASON_FERNET", "REASON_GARBAGE", "REASON_NOT_SOURCE", "Rekey", "RekeySteps",
+    "REASON_DENIED", "REASON_FERNET", "REASON_GARBAGE", "REASON_NOT_SOURCE", "Denied", "Rekey",
+    "RekeySteps",
 ]
 
 REASON_FERNET = ("a Fernet token, not a KMS value: left untouched (kms-migrate migrate moves "
