@@ -89,32 +89,31 @@ def run_guide(path: Path, latency: float, limit: int) -> tuple[int, float, int]:
 
 
 def run_tool(path: Path, latency: float, concurrency: int, batch: int) -> tuple[int, float, int]:
-    kc, fake = client(latency, concurrency)
-    settings = Settings(db_url=f"sqlite:///{path}", targets=(TARGET,), batch_size=batch,
-                        concurrency=concurrency, fernet_keys=(KEY,), max_kms_rps=0)
-    kms = KMS(kc, settings.key_id, settings.region, concurrency=concurrency)
-    t0 = time.perf_counter()
-    result = migrate(settings, engine=make_engine(settings.db_url), kms=kms)
-    elapsed = time.perf_counter() - t0
-    kms.close()
-    migrated = sum(c.migrated for c in result.columns)
-    assert result.failed == 0 and migrated > 0
-    return migrated, elapsed, fake.calls
+    """(b): migrate the Fernet tokens."""
+    return _timed_run(Settings(db_url=f"sqlite:///{path}", targets=(TARGET,), batch_size=batch,
+                               concurrency=concurrency, fernet_keys=(KEY,), max_kms_rps=0),
+                      latency)
 
 
 def run_rekey(path: Path, latency: float, concurrency: int, batch: int) -> tuple[int, float, int]:
     """(d): rekey the values (b) migrated, from the first key to the second."""
-    kc, fake = client(latency, concurrency)
-    settings = Settings(db_url=f"sqlite:///{path}", targets=(TARGET,), batch_size=batch,
-                        concurrency=concurrency, max_kms_rps=0, to_key_id=NEXT_ALIAS)
-    kms = KMS(kc, settings.key_id, settings.region, concurrency=concurrency)
+    return _timed_run(Settings(db_url=f"sqlite:///{path}", targets=(TARGET,), batch_size=batch,
+                               concurrency=concurrency, max_kms_rps=0, to_key_id=NEXT_ALIAS),
+                      latency)
+
+
+def _timed_run(settings: Settings, latency: float) -> tuple[int, float, int]:
+    """One run of the tool (migrate, or rekey when the settings name a destination) against
+    the fake KMS: (values rewritten, seconds, KMS calls)."""
+    kc, fake = client(latency, settings.concurrency)
+    kms = KMS(kc, settings.key_id, settings.region, concurrency=settings.concurrency)
     t0 = time.perf_counter()
     result = migrate(settings, engine=make_engine(settings.db_url), kms=kms)
     elapsed = time.perf_counter() - t0
     kms.close()
-    rekeyed = sum(c.migrated for c in result.columns)
-    assert result.failed == 0 and rekeyed > 0
-    return rekeyed, elapsed, fake.calls
+    rewritten = sum(c.migrated for c in result.columns)
+    assert result.failed == 0 and rewritten > 0
+    return rewritten, elapsed, fake.calls
 
 
 def run_ideal(n: int, latency: float, concurrency: int) -> tuple[int, float, int]:

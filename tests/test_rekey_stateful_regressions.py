@@ -7,24 +7,11 @@ import base64
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, text
-
 from tests.conftest import ALIAS, Keys, KmsHandle, _make_key
 from tests.helpers import run_main
+from tests.test_stateful_regressions import _vault
 
 NEXT = "alias/coinflip-next-key"
-
-
-def _vault(url: str, tmp_path: Path, rows: dict[str, str | None]) -> str:
-    eng = create_engine(url)
-    with eng.begin() as conn:
-        conn.execute(text("CREATE TABLE vault (id TEXT PRIMARY KEY, s TEXT)"))
-        for pk, value in rows.items():
-            conn.execute(text("INSERT INTO vault (id, s) VALUES (:i, :s)"), {"i": pk, "s": value})
-    eng.dispose()
-    config = tmp_path / "vault.toml"
-    config.write_text('[[targets]]\ntable = "vault"\nprimary_key = "id"\ncolumns = ["s"]\n')
-    return str(config)
 
 
 def test_rekey_with_a_denied_value_and_nothing_left_at_the_source_can_finish(
