@@ -52,6 +52,21 @@ def _logging_to_stderr() -> None:
 
 
 @pytest.fixture(autouse=True)
+def _environment_restored(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test leaves os.environ as it found it: a variable set by hand (not through
+    monkeypatch) outlives the test and changes what later tests' subprocesses run with
+    (a leaked AWS_KMS_KEY_ID once made eleven unrelated tests name a missing key)."""
+    before = dict(os.environ)
+    yield
+    changed = sorted(k for k in before.keys() | os.environ.keys()
+                     if before.get(k) != os.environ.get(k) and k != "PYTEST_CURRENT_TEST")
+    if changed:
+        os.environ.clear()
+        os.environ.update(before)
+        pytest.fail(f"{request.node.nodeid} left the environment changed: {changed}")
+
+
+@pytest.fixture(autouse=True)
 def _engines_disposed() -> Iterator[None]:
     """Every engine a test connected through is disposed when the test ends: its own, and
     the ones handed to the code under test (`migrate(s, engine=make_engine(url), ...)`),

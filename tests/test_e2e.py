@@ -167,6 +167,31 @@ def wait_until(running: Running, what: str, cond: Callable[[], bool]) -> None:
     pytest.fail(f"timed out waiting for {what}")
 
 
+def kill_in_range(engine: Engine, running: Running, what: str, cond: Callable[[], bool],
+                  holding: str) -> int:
+    """SIGKILL a worker of `running` while it holds a range it has not finished; return
+    the range. `holding` selects candidate (pid, range id) rows. The worker is frozen
+    (SIGSTOP) before the check that it still holds the range, so that it cannot finish the
+    range, or move to the next, between the check and the kill."""
+    for _ in range(50):
+        wait_until(running, what, lambda: cond() and bool(scalar_rows(engine, holding)))
+        rows = scalar_rows(engine, holding)
+        if not rows:
+            continue
+        pid, rng = rows[0]
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(0.2)  # a COMMIT the worker sent just before is settled in the database
+        still = scalar(engine, "SELECT count(*) FROM kms_migrate_ranges r "
+                               "JOIN kms_migrate_workers w ON r.worker_id = w.id "
+                               "AND w.range_id = r.id WHERE r.id = :r AND w.pid = :p "
+                               "AND NOT r.done", r=rng, p=pid)
+        if still:
+            os.kill(pid, signal.SIGKILL)
+            return int(rng)
+        os.kill(pid, signal.SIGCONT)
+    pytest.fail(f"no worker stayed in its range long enough to be killed: {what}")
+
+
 @dataclass(frozen=True)
 class JournalEntry:
     run_id: int

@@ -23,6 +23,7 @@ from tests.test_e2e import (  # noqa: F401  (cli and outputs are fixtures)
     Outputs,
     check_invariant,
     cli,
+    kill_in_range,
     outputs,
     poll_engine,
     runs_of,
@@ -200,12 +201,11 @@ def test_the_last_spawned_worker_sigkilled_loses_its_range_at_once(
                "AND NOT r.done AND w.pid = (SELECT max(pid) FROM "
                "kms_migrate_workers) AND NOT EXISTS (SELECT 1 FROM kms_migrate_ranges "
                "WHERE NOT done AND lease_token IS NULL)")
-    wait_until(mig, "the last-spawned worker in a range, no range left unclaimed",
-               lambda: (scalar(eng, "SELECT count(*) FROM kms_migrate_workers "
-                                    "WHERE state = 'running'") or 0) == 3
-               and bool(scalar_rows(eng, holding)))
-    victim_pid, victim_range = scalar_rows(eng, holding)[0]
-    os.kill(victim_pid, signal.SIGKILL)
+    victim_range = kill_in_range(
+        eng, mig, "the last-spawned worker in a range, no range left unclaimed",
+        lambda: (scalar(eng, "SELECT count(*) FROM kms_migrate_workers "
+                             "WHERE state = 'running'") or 0) == 3,
+        holding)
     killed_at = time.monotonic()
     wait_until(mig, "the killed worker's range claimed again", lambda: (
         scalar(eng, "SELECT claims FROM kms_migrate_ranges WHERE id = :r",

@@ -7,7 +7,6 @@ two keys, with its own plaintext, and none was re-encrypted twice (one journal r
 from __future__ import annotations
 
 import base64
-import os
 import signal
 from collections import Counter
 from typing import Any
@@ -20,6 +19,7 @@ from tests.helpers import Cell, assert_no_leaks, dump_bookkeeping, make_db, migr
 from tests.test_e2e import (  # noqa: F401  (cli and outputs are fixtures)
     Outputs,
     cli,
+    kill_in_range,
     outputs,
     poll_engine,
     runs_of,
@@ -121,13 +121,12 @@ def test_rekey_with_three_workers_one_sigkilled(
                "ON r.id = w.range_id AND r.worker_id = w.id WHERE w.state = 'running' "
                "AND NOT r.done AND r.batches <= 2 ORDER BY r.id LIMIT 1")
     quarter = len(truth.plaintexts) // 4
-    wait_until(rk, "three workers, a quarter rekeyed, one at a range's start", lambda: (
-        (scalar(eng, "SELECT count(*) FROM kms_migrate_workers WHERE state = 'running'")
-         or 0) == 3
-        and sum(rekey_journal(eng).values()) >= quarter
-        and bool(scalar_rows(eng, holding))))
-    victim_pid, victim_range = scalar_rows(eng, holding)[0]
-    os.kill(victim_pid, signal.SIGKILL)
+    victim_range = kill_in_range(
+        eng, rk, "three workers, a quarter rekeyed, one at a range's start", lambda: (
+            (scalar(eng, "SELECT count(*) FROM kms_migrate_workers WHERE state = 'running'")
+             or 0) == 3
+            and sum(rekey_journal(eng).values()) >= quarter),
+        holding)
     done = rk.wait(timeout=180)
     assert done.rc == 1, done.err
     assert scalar(eng, "SELECT claims FROM kms_migrate_ranges WHERE id = :r",

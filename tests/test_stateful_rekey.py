@@ -629,7 +629,9 @@ def _machine(kms: KmsHandle) -> type[RekeyMachine]:
 
 
 def _run(base: World, monkeypatch: pytest.MonkeyPatch, new_url: Callable[[], str]) -> None:
-    monkeypatch.delenv("AWS_KMS_KEY_ID", raising=False)
+    # setenv, not delenv: delenv of an unset variable records nothing to restore, and the
+    # machine's `cli` sets AWS_KMS_KEY_ID by hand, so it would outlive the test.
+    monkeypatch.setenv("AWS_KMS_KEY_ID", KEY_IDS[0])
     if os.environ.get("REKEY_DEBUG"):
         monkeypatch.setenv("HYPOTHESIS_PROFILE", os.environ["REKEY_DEBUG"])
     OUTCOMES.clear()

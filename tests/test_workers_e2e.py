@@ -9,7 +9,6 @@ untouched, and `rollback --workers 3` puts every original byte back.
 from __future__ import annotations
 
 import json
-import os
 import signal
 from collections import Counter
 from typing import Any
@@ -23,6 +22,7 @@ from tests.test_e2e import (  # noqa: F401  (cli and outputs are fixtures)
     check_invariant,
     cli,
     journal_entries,
+    kill_in_range,
     outputs,
     poll_engine,
     runs_of,
@@ -56,15 +56,14 @@ def test_three_workers_one_sigkilled(
     holding = ("SELECT w.pid, r.id FROM kms_migrate_workers w JOIN kms_migrate_ranges r "
                "ON r.id = w.range_id AND r.worker_id = w.id WHERE w.state = 'running' "
                "AND NOT r.done AND r.batches <= 2 ORDER BY r.id LIMIT 1")
-    wait_until(
-        mig, "three workers working, a quarter of the values committed, one at a range's start",
+    victim_range = kill_in_range(
+        eng, mig, "three workers working, a quarter of the values committed, one at a "
+        "range's start",
         lambda: (
             (scalar(eng, "SELECT count(*) FROM kms_migrate_workers WHERE state = 'running'")
              or 0) == 3
-            and (scalar(eng, "SELECT count(*) FROM kms_migrate_journal") or 0) >= quarter
-            and bool(scalar_rows(eng, holding))))
-    victim_pid, victim_range = scalar_rows(eng, holding)[0]
-    os.kill(victim_pid, signal.SIGKILL)
+            and (scalar(eng, "SELECT count(*) FROM kms_migrate_journal") or 0) >= quarter),
+        holding)
     done = mig.wait(timeout=180)
     assert done.rc == 1, done.err  # 1: the sample's bad values failed, everything else done
     assert "Traceback" not in done.err
@@ -107,11 +106,11 @@ def test_three_workers_one_sigkilled(
     rb = cli.start(["rollback", "--db", url, "--yes", "--batch-size", "10", "--workers", "3",
                     "--rows-per-range", "60", "--lease-seconds", "5"])
     holding = holding.replace("r.batches <= 2", "r.batches <= 2 AND r.run_id = 2")
-    wait_until(rb, "a rollback worker at a range's start, a quarter restored", lambda: (
-        (scalar(eng, "SELECT count(*) FROM kms_migrate_journal WHERE status = 'rolled_back'")
-         or 0) >= quarter and bool(scalar_rows(eng, holding))))
-    victim_pid, victim_range = scalar_rows(eng, holding)[0]
-    os.kill(victim_pid, signal.SIGKILL)
+    victim_range = kill_in_range(
+        eng, rb, "a rollback worker at a range's start, a quarter restored", lambda: (
+            (scalar(eng, "SELECT count(*) FROM kms_migrate_journal "
+                         "WHERE status = 'rolled_back'") or 0) >= quarter),
+        holding)
     rbd = rb.wait(timeout=180)
     assert rbd.rc == 0, rbd.err
     assert scalar(eng, "SELECT claims FROM kms_migrate_ranges WHERE id = :r",
