@@ -23,8 +23,8 @@ from sqlalchemy import (
 )
 
 __all__ = [
-    "VERSION_TABLE", "census", "checkpoints", "failures", "journal", "lock", "metadata", "ranges",
-    "runs", "workers",
+    "VERSION_TABLE", "census", "changes", "checkpoints", "failures", "journal", "lock",
+    "metadata", "ranges", "runs", "workers",
 ]
 
 VERSION_TABLE = "kms_migrate_alembic_version"
@@ -77,6 +77,34 @@ runs = Table(
     # The rekey run a rollback run restores (NULL: the migrate layer, every migrate and
     # retry run's journal): a rollback after a rekey undoes the rekey only.
     Column("undoes_run_id", Integer),
+    # Steering (`kms-migrate pause`, `resume`, `set`): every process of the run holds
+    # between batches while paused_at is set, and takes the set_* limits over its own
+    # command's (NULL: its own). `held`: why the run holds by itself (the database guard,
+    # a pause file), as the process that saw it wrote it, for `status`.
+    Column("paused_at", DateTime(timezone=True)),
+    Column("paused_by", String(255)),
+    Column("pause_note", Text),
+    Column("set_max_kms_rps", Float),
+    Column("set_batch_size", Integer),
+    Column("set_batch_time", Float),
+    Column("held", Text),
+    Column("held_at", DateTime(timezone=True)),
+    Column("held_by", String(255)),
+)
+
+# Who steered a run, and how: pause, resume, set (a limit, "old -> new"), hold and
+# release (the run holding by itself, and why). user_name and host of the command.
+changes = Table(
+    "kms_migrate_changes",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", Integer, ForeignKey("kms_migrate_runs.id"), nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("user_name", String(255), nullable=False),
+    Column("host", String(255), nullable=False),
+    Column("action", String(16), nullable=False),
+    Column("detail", Text),
+    Index(None, "run_id"),
 )
 
 # One row per run and target column: where the run is (last primary key, or for a

@@ -20,6 +20,7 @@ from .backup import backup_before_first_write
 from .census import record as record_census
 from .cli_info import demo_cmd, iam_policy_cmd, status_cmd
 from .cli_rewrite import migrate_cmd, rekey_cmd
+from .cli_steer import pause_cmd, resume_cmd, set_cmd
 from .config import (
     DEFAULT_BATCH_SIZE,
     Settings,
@@ -45,6 +46,7 @@ from .options import (
     refuse_misplaced_rekey_options,
     rekey_options,
     settings_from,
+    steer_fields,
     target_options,
     writing_run_options,
 )
@@ -85,6 +87,9 @@ cli.add_command(rekey_cmd)
 cli.add_command(status_cmd)
 cli.add_command(demo_cmd)
 cli.add_command(iam_policy_cmd)
+cli.add_command(pause_cmd)
+cli.add_command(resume_cmd)
+cli.add_command(set_cmd)
 
 
 @cli.command("verify")
@@ -140,6 +145,7 @@ def rollback_cmd(**opts: Any) -> int:
     workers = opts.get("workers")
     if workers is not None:
         refuse_sqlite_workers(url, workers)
+    settings = Settings(db_url=url, batch_size=opts["batch_size"], **steer_fields(url, opts))
     engine = make_engine(url)
     confirm("ROLLBACK", url, opts["yes"], "restore the Fernet tokens in")
     with graceful_stop() as stop:
@@ -151,12 +157,11 @@ def rollback_cmd(**opts: Any) -> int:
                         rows_per_range=opts["rows_per_range"], progress=progress,
                         should_stop=stop.requested, before_first_write=backup,
                         log_opts=log_opts_of(opts))
-            result = rollback_ranged(
-                engine, settings=Settings(db_url=url, batch_size=opts["batch_size"]), here=here)
+            result = rollback_ranged(engine, settings=settings, here=here)
         else:
             result = rollback(engine, batch_size=opts["batch_size"],
                               hooks=Hooks(progress, should_stop=stop.requested),
-                              before_first_write=backup)
+                              before_first_write=backup, settings=settings)
     print_rollback(result)
     from .finalize import finalized_note
 

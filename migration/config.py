@@ -20,6 +20,7 @@ from .errors import ConfigError
 __all__ = [
     "COINFLIP_TARGETS",
     "DEFAULT_BATCH_SIZE",
+    "DEFAULT_BATCH_TIME",
     "DEFAULT_CONCURRENCY",
     "DEFAULT_KEY_ID",
     "DEFAULT_MAX_KMS_RPS",
@@ -36,6 +37,8 @@ __all__ = [
 DEFAULT_KEY_ID = "alias/coinflip-master-key"
 DEFAULT_REGION = "us-east-1"
 DEFAULT_BATCH_SIZE = 500
+# --batch-time: the target seconds per batch when --batch-size is not given (None: off).
+DEFAULT_BATCH_TIME: float | None = None
 DEFAULT_CONCURRENCY = 16
 # KMS requests/s of the whole run. A default account quota for symmetric cryptographic
 # operations is 10,000/s in most regions, shared with the live application: 2,000/s leaves
@@ -83,6 +86,14 @@ class Settings:
     to_encryption_context: bool = False
     verify_decrypt: bool = False  # rekey: prove equality by Decrypt of old and new (opt-in)
     fernet_keys: tuple[str, ...] = field(default=(), repr=False)
+    # Steering (see migration/steer.py): a target batch time (seconds; None: a fixed
+    # --batch-size), and what holds the run by itself: a pause file, and on PostgreSQL
+    # the replicas' lag and the active sessions.
+    batch_time: float | None = None
+    pause_file: str | None = None
+    max_replica_lag: float | None = None
+    replicas: tuple[str, ...] = field(default=(), repr=False)  # URLs: may hold a password
+    max_active_sessions: int | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -91,6 +102,9 @@ class Settings:
             raise ConfigError(f"--concurrency must be at least 1, got {self.concurrency}")
         if self.max_kms_rps < 0:
             raise ConfigError(f"--max-kms-rps must be 0 (no limit) or more, got {self.max_kms_rps}")
+        if self.replicas and self.max_replica_lag is None:
+            raise ConfigError("--replica names a replica for --max-replica-lag to watch: add "
+                              "--max-replica-lag SECONDS, or leave --replica out")
 
 
 def resolve_db_url(flag: str | None, env: Mapping[str, str] = os.environ) -> str:

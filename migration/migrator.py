@@ -33,14 +33,8 @@ from .config import Settings, targets_fingerprint
 from .errors import ConfigError, ResumeMismatchError
 from .kms import KMS
 from .logs import get_logger
-from .pipeline import (
-    ColumnJob,
-    Fetcher,
-    Hooks,
-    key_list_fetcher,
-    keyset_fetcher,
-    migrate_column,
-)
+from .pages import Fetcher, key_list_fetcher, keyset_fetcher
+from .pipeline import ColumnJob, Hooks, migrate_column
 from .reader import (
     BoundTarget,
     Row,
@@ -56,6 +50,7 @@ from .refusals import (
 from .rewrap import Rekey
 from .runs import RunEnd, acquire_lock, lifecycle
 from .settle import Settle, settle_run
+from .steer import Steered, Steering, close_guards, guards_for, steered, steering_for
 
 __all__ = [
     "REASON_BEHIND",
@@ -88,6 +83,7 @@ class MigrateResult:
     rate_limit: float | None = None  # requests/s configured (None: no limit)
     rate_now: float | None = None  # where the adaptive limit ended
     seconds: float = 0.0
+    steered: Steered = field(default_factory=Steered)  # pauses, holds, changes
 
     @property
     def failed(self) -> int:
@@ -206,14 +202,22 @@ def migrate(
                           "value and counts those under the destination as done")
     bound = bind_targets(engine, settings.targets)
     codec = prepare_keys(settings, engine, bound, kms, check=not mode.retry_failed)
+    guards = guards_for(settings, engine)  # before the lock: a refusal writes nothing
     result = MigrateResult(dry_run=mode.dry_run, kind=kind)
     log = get_logger(dry_run=mode.dry_run, key_id=settings.key_id, kind=kind)
     run_lock: RunLock | None = None
     positions: dict[tuple[str, str], store.Checkpoint | None] = {
         (bt.name, c): None for bt in bound for c in bt.target.columns}
+    steering: Steering | None = None
     if not mode.dry_run:
-        run_lock, run = _take_run(engine, settings, kms, mode, before_first_write)
+        try:
+            run_lock, run = _take_run(engine, settings, kms, mode, before_first_write)
+        except BaseException:
+            close_guards(guards)
+            raise
         result.run_id, result.resumed = run
+        steering = steering_for(engine, result.run_id, settings, kms=kms, guards=guards,
+                                progress=hooks.progress)
         log = log.bind(run_id=result.run_id)
         with engine.connect() as conn:
             positions = dict(store.load_checkpoints(conn, result.run_id))
@@ -223,7 +227,8 @@ def migrate(
     fence = run_lock.fence if run_lock else None
     end = RunEnd()
     try:
-        with lifecycle(engine, result.run_id, end):
+        with lifecycle(engine, result.run_id, end), steered(steering, run_lock, guards):
+            hooks = hooks.steered_by(steering, settings)
             columns = _Columns(engine, settings, kms, codec, result, log, hooks, fence,
                                positions, mode.retry_failed)
             for bt in bound:
@@ -235,6 +240,8 @@ def migrate(
                 settle_run(engine, bound, result.run_id, result.columns, fence,
                            Settle.of(kind))
     finally:
+        if steering is not None:
+            result.steered = Steered.of(engine, steering)
         _close(engine, kms, result, end.state, started)
         if run_lock is not None:
             run_lock.release(engine)
@@ -340,7 +347,7 @@ class _Columns:
     def run(self, bt: BoundTarget, column: str) -> None:
         """One column, from its checkpoint (for --retry-failed: the keys its runs recorded
         as failed)."""
-        engine, size = self.engine, self.settings.batch_size
+        engine, size = self.engine, self.hooks.size(self.settings.batch_size)
         summary = ColumnSummary(bt.name, column)
         self.result.columns.append(summary)
         ck = self.positions.get((bt.name, column))

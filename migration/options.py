@@ -11,6 +11,7 @@ import click
 
 from .config import (
     DEFAULT_BATCH_SIZE,
+    DEFAULT_BATCH_TIME,
     DEFAULT_CONCURRENCY,
     DEFAULT_KEY_ID,
     DEFAULT_LEASE_SECONDS,
@@ -43,6 +44,8 @@ __all__ = [
     "settings_from",
     "setup_logging",
     "source_key_id",
+    "steer_fields",
+    "steer_options",
     "target_options",
     "workers_options",
     "writing_run_options",
@@ -78,6 +81,51 @@ def workers_options(f: F) -> F:
                           "database (PostgreSQL; 1 on SQLite). The same command on another "
                           "machine joins the run. --max-kms-rps is shared by all workers.")(f)
     return f
+
+
+def steer_options(f: F) -> F:
+    """--batch-time, and what holds a run by itself: --pause-file, --max-replica-lag with
+    --replica, --max-active-sessions (see migration/steer.py)."""
+    f = click.option("--max-active-sessions", type=click.IntRange(1), metavar="N",
+                     help="PostgreSQL: hold the run while more than N sessions are active "
+                          "(as pt-online-schema-change's --max-load).")(f)
+    f = click.option("--replica", "replicas", multiple=True, metavar="URL",
+                     help="PostgreSQL: a replica whose lag --max-replica-lag reads on the "
+                          "replica itself (repeatable), when this role cannot read "
+                          "pg_stat_replication on the primary.")(f)
+    f = click.option("--max-replica-lag", type=click.FloatRange(min=0, min_open=True),
+                     metavar="SECONDS",
+                     help="PostgreSQL: hold the run while any streaming replica's replay lag "
+                          "is above this (read from pg_stat_replication, or --replica).")(f)
+    f = click.option("--pause-file", type=click.Path(dir_okay=False), metavar="PATH",
+                     help="Hold the run while this file exists (as gh-ost's throttle flag "
+                          "file); checked at every heartbeat.")(f)
+    return click.option("--batch-time", type=click.FloatRange(min=0), metavar="SECONDS",
+                        help="Size batches to take about this long each (KMS work and write), "
+                             "within 10 to 5,000 rows, starting at --batch-size; 0: a fixed "
+                             "--batch-size.")(f)
+
+
+def _batch_time(opts: dict[str, Any]) -> float | None:
+    """--batch-time as given; else the default, unless --batch-size was given (a size the
+    operator chose stays fixed)."""
+    given = opts.get("batch_time")
+    if given is not None:
+        return float(given) or None
+    ctx = click.get_current_context(silent=True)
+    chosen = (ctx is not None and "batch_size" in ctx.params
+              and ctx.get_parameter_source("batch_size") is not click.core.ParameterSource.DEFAULT)
+    return None if chosen else DEFAULT_BATCH_TIME
+
+
+def _refuse_guards_on_sqlite(url: str, opts: dict[str, Any]) -> None:
+    flags = [flag for name, flag in (("max_replica_lag", "--max-replica-lag"),
+                                     ("replicas", "--replica"),
+                                     ("max_active_sessions", "--max-active-sessions"))
+             if opts.get(name)]
+    if flags and is_sqlite(url):
+        raise ConfigError(f"{', '.join(flags)} watch a PostgreSQL server: SQLite has no "
+                          "replicas or sessions to watch; leave them out; nothing was written")
 
 
 def progress_option(f: F) -> F:
@@ -176,8 +224,9 @@ def target_options(f: F) -> F:
 
 def writing_run_options(f: F) -> F:
     """What every run that writes takes: --no-backup, the workers options, --no-progress,
-    --yes and the log options."""
+    --yes, the steering options and the log options."""
     f = log_options(f)
+    f = steer_options(f)
     f = click.option("--yes", is_flag=True, help="Do not ask for confirmation.")(f)
     f = progress_option(f)
     f = workers_options(f)
@@ -211,10 +260,21 @@ def db_url_from(flag: str | None) -> str:
     return url
 
 
+def steer_fields(url: str, opts: dict[str, Any]) -> dict[str, Any]:
+    """The Settings fields of the steering options (refused on SQLite where they watch
+    PostgreSQL)."""
+    _refuse_guards_on_sqlite(url, opts)
+    return {"batch_time": _batch_time(opts), "pause_file": opts.get("pause_file") or None,
+            "max_replica_lag": opts.get("max_replica_lag"),
+            "replicas": tuple(opts.get("replicas") or ()),
+            "max_active_sessions": opts.get("max_active_sessions")}
+
+
 def settings_from(opts: dict[str, Any]) -> Settings:
     env = os.environ
+    url = db_url_from(opts.get("db"))
     return Settings(
-        db_url=db_url_from(opts.get("db")),
+        db_url=url,
         targets=load_targets(opts.get("config_file")),
         key_id=source_key_id(opts, env),
         region=validate_region(opts.get("region") or env.get("AWS_REGION") or DEFAULT_REGION),
@@ -228,6 +288,7 @@ def settings_from(opts: dict[str, Any]) -> Settings:
         to_encryption_context=bool(opts.get("to_encryption_context")),
         verify_decrypt=bool(opts.get("verify_decrypt")),
         fernet_keys=fernet_keys_from_env(env),
+        **steer_fields(url, opts),
     )
 
 

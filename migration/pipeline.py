@@ -15,17 +15,15 @@ page?" (`last_page`), and whose cursor strictly increases: every loop ends.
 
 from __future__ import annotations
 
-import bisect
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from dataclasses import dataclass, field, replace
+from typing import Any
 
-from sqlalchemy import Connection, Engine, select
+from sqlalchemy import Connection, Engine
 
 from checkpoints.leases import Lease
-from checkpoints.rollback_journal import pending
 from checkpoints.store import BatchCounts, FailureRow
-from checkpoints.tables import journal
 
 from .applier import (
     REASON_CONFLICT,
@@ -39,20 +37,20 @@ from .codec import FernetCodec, ValueKind, classify, decode_kms, encryption_cont
 from .config import Settings
 from .kms import KMS, Opening
 from .logs import get_logger
+from .pages import Fetcher, Size, journal_fetcher, keyset_fetcher
 from .progress import NullProgress, Progress
-from .reader import BoundTarget, Row, fetch_batch, fetch_keys
+from .reader import BoundTarget, Row
 from .rewrap import Rekey, RekeySteps
+from .sizing import BatchSizer
+from .steer import Steering
 
 __all__ = [
-    "BatchHook", "ColumnCheck", "ColumnJob", "Fetcher", "Hooks", "Problem", "journal_fetcher",
-    "key_list_fetcher", "keyset_fetcher", "last_page", "migrate_column", "rollback_column",
-    "verify_column",
+    "BatchHook", "ColumnCheck", "ColumnJob", "Hooks", "Problem", "migrate_column",
+    "rollback_column", "verify_column",
 ]
 
-T = TypeVar("T")
 BatchHook = Callable[[str, str, BatchCounts], None]
 Problem = tuple[str, str, str, str]  # table, column, pk, why
-JournalEntry = tuple[int, str, str, str]  # journal id, pk, original, migrated
 
 
 @dataclass(frozen=True)
@@ -111,11 +109,41 @@ class ColumnJob:
 
 @dataclass(frozen=True)
 class Hooks:
-    """What a column loop reports after each committed batch, and how it is told to stop."""
+    """What a column loop reports after each committed batch, how it is told to stop, and
+    how it is steered: `steering` holds it between batches while the run is paused or
+    held; `sizer` gives each batch's size and learns from each batch's time."""
 
     progress: Progress = field(default_factory=NullProgress)
     on_batch: BatchHook | None = None
     should_stop: Callable[[], bool] | None = None
+    steering: Steering | None = None
+    sizer: BatchSizer | None = None
+
+    def steered_by(self, steering: Steering | None, settings: Settings) -> Hooks:
+        """These hooks with a run's steering and its sizer (without steering, a dry-run:
+        a sizer of its own, for --batch-time)."""
+        sizer = (steering.sizer if steering is not None
+                 else BatchSizer(settings.batch_size, settings.batch_time))
+        return replace(self, steering=steering, sizer=sizer)
+
+    def size(self, fixed: int) -> Size:
+        """The batch size a fetcher asks for: the sizer's, else `fixed`."""
+        return self.sizer if self.sizer is not None else fixed
+
+    def blocked(self) -> bool:
+        return self.steering is not None and self.steering.blocked()
+
+    def hold(self) -> bool:
+        """Wait while the run is paused or held; whether it waited."""
+        if not self.blocked():
+            return False
+        assert self.steering is not None
+        self.steering.hold(self.should_stop)
+        return True
+
+    def timed(self, rows: int, seconds: float) -> None:
+        if self.sizer is not None:
+            self.sizer.observe(rows, seconds)
 
     def batch_done(self, table: str, column: str, rows: int, counts: BatchCounts,
                    *, last: bool) -> None:
@@ -126,63 +154,6 @@ class Hooks:
             self.on_batch(table, column, counts)
         if not last and self.should_stop is not None and self.should_stop():
             raise KeyboardInterrupt  # asked to stop: this batch is committed, stop here
-
-
-# -- pages -----------------------------------------------------------------------------------
-
-# after -> (items, cursor, last page?). The cursor is the key the page covered up to: the
-# next page starts after it. It comes from what was asked for, not from the rows found, so
-# it advances even when a page finds no row (keys deleted since they were listed).
-Fetcher = Callable[[Any], tuple[list[T], Any, bool]]
-
-
-def last_page(found: int, size: int, last_key: Any, upto: Any | None) -> bool:
-    """The one "last page?" rule: a short page, or one that reached the range's end."""
-    return found < size or (upto is not None and found > 0 and last_key == upto)
-
-
-def keyset_fetcher(engine: Engine, bt: BoundTarget, column: str, size: int,
-                   upto: Any | None = None) -> Fetcher[Row]:
-    """Pages of one column in key order, up to key `upto` when given."""
-    def fetch(after: Any) -> tuple[list[Row], Any, bool]:
-        rows = fetch_batch(engine, bt, column, after, size, upto)
-        last = rows[-1].pk if rows else None
-        return rows, last if rows else after, last_page(len(rows), size, last, upto)
-    return fetch
-
-
-def key_list_fetcher(engine: Engine, bt: BoundTarget, column: str, keys: list[Any],
-                     size: int) -> Fetcher[Row]:
-    """Pages through a sorted list of keys (--retry-failed) instead of the whole table."""
-    def fetch(after: Any) -> tuple[list[Row], Any, bool]:
-        start = 0 if after is None else bisect.bisect_right(keys, after)
-        page = keys[start:start + size]
-        # The cursor is the page's last key, found or not: a page whose rows were all
-        # deleted since still moves on (falling back to None would start over, forever).
-        cursor = page[-1] if page else after
-        return fetch_keys(engine, bt, column, page), cursor, start + size >= len(keys)
-    return fetch
-
-
-def journal_fetcher(engine: Engine, table: str, column: str, size: int,
-                    upto: int | None = None, undoes: int | None = None) -> Fetcher[JournalEntry]:
-    """Pages of one column's journal entries still to roll back (of the rekey run
-    `undoes`, else of the migrate layer), in journal id order (up to journal id `upto`,
-    the end of a range, when given)."""
-    j = journal.c
-
-    def fetch(after: Any) -> tuple[list[JournalEntry], Any, bool]:
-        q = (select(j.id, j.pk, j.original, j.migrated)
-             .where(j.table_name == table, j.column_name == column, pending(undoes),
-                    j.id > (after or 0))
-             .order_by(j.id).limit(size))
-        if upto is not None:
-            q = q.where(j.id <= upto)
-        with engine.connect() as conn:
-            entries = [(int(r.id), r.pk, r.original, r.migrated) for r in conn.execute(q)]
-        last = entries[-1][0] if entries else None
-        return entries, last if entries else after, last_page(len(entries), size, last, upto)
-    return fetch
 
 
 def _moved_on(job: ColumnJob, after: Any, cursor: Any, last: bool) -> None:
@@ -200,17 +171,21 @@ def migrate_column(job: ColumnJob, fetch: Fetcher[Row], summary: ColumnSummary, 
     With no `job.run_id` (a dry-run) nothing is written: the failures go to
     `dry_failures`. The next page is read and its KMS work started before this page's
     write, so the two overlap; the pages hold disjoint keys, and the next one writes
-    nothing until this one has committed its checkpoint."""
+    nothing until this one has committed its checkpoint. While the run is paused or held
+    (`hooks.steering`) no batch starts: the read-ahead's KMS work is dropped, and once the
+    run goes on its page is read again (it may have changed meanwhile)."""
     bt, column = job.target, job.column
     clog = job.logger()
     dry = job.run_id is None
     summary.column_type = str(bt.col(column).type)
     after = job.after
+    hooks.hold()
     rows, cursor, done = fetch(after)
     steps = job.steps(dry)
     prep = steps.prepare(rows)
     upcoming: Prepared | None = None
     batch_no = 0
+    since = time.monotonic()
     try:
         while True:
             batch_no += 1
@@ -223,7 +198,8 @@ def migrate_column(job: ColumnJob, fetch: Fetcher[Row], summary: ColumnSummary, 
             if not done:
                 after = last_pk
                 rows, cursor, next_done = fetch(last_pk)
-                upcoming = steps.prepare(rows)
+                if not hooks.blocked():
+                    upcoming = steps.prepare(rows)
             if dry:
                 if dry_failures is not None:
                     dry_failures.extend(failures)
@@ -234,17 +210,35 @@ def migrate_column(job: ColumnJob, fetch: Fetcher[Row], summary: ColumnSummary, 
             clog.info("batch_checked" if dry else "batch_committed", batch=batch_no,
                       migrated=counts.migrated, skipped=counts.skipped, already=counts.already,
                       failed=counts.failed, conflicts=counts.conflicts)
+            since = _timed(hooks, len(batch_rows), since)
             hooks.batch_done(bt.name, column, len(batch_rows), counts, last=done)
             if done:
                 return
-            assert upcoming is not None
-            prep, upcoming, done = upcoming, None, next_done
+            if hooks.blocked():  # paused: start nothing, and read the page again after
+                _cancel(upcoming)
+                upcoming = None
+                hooks.hold()
+                rows, cursor, next_done = fetch(after)
+                since = time.monotonic()
+            prep, upcoming = upcoming or steps.prepare(rows), None
+            done = next_done
     except BaseException:
         # Whatever stopped us, the batch read ahead writes nothing: drop its KMS work.
-        prep.cancel()
-        if upcoming is not None:
-            upcoming.cancel()
+        _cancel(prep, upcoming)
         raise
+
+
+def _cancel(*preps: Prepared | None) -> None:
+    for prep in preps:
+        if prep is not None:
+            prep.cancel()
+
+
+def _timed(hooks: Hooks, rows: int, since: float) -> float:
+    """A batch committed: its time (since the one before) to the sizer; now."""
+    now = time.monotonic()
+    hooks.timed(rows, now - since)
+    return now
 
 
 # -- rollback --------------------------------------------------------------------------------
@@ -254,13 +248,16 @@ def rollback_column(job: ColumnJob, summary: ColumnSummary, hooks: Hooks) -> int
     of a ranged run, whose checkpoint `job.lease` then moves); the number of batches."""
     assert job.run_id is not None
     bt, column = job.target, job.column
-    fetch = journal_fetcher(job.engine, bt.name, column, job.settings.batch_size, job.upto,
-                            job.undoes)
+    fetch = journal_fetcher(job.engine, bt.name, column, hooks.size(job.settings.batch_size),
+                            job.upto, job.undoes)
     writer = job.writer()
     clog = job.logger()
     after = job.after or 0
     batch_no = 0
+    since = time.monotonic()
     while True:
+        if hooks.hold():  # paused or held: no batch starts
+            since = time.monotonic()
         entries, cursor, done = fetch(after)
         _moved_on(job, after, cursor, done)
         counts = apply_rollback_batch(writer, entries, done)
@@ -268,6 +265,7 @@ def rollback_column(job: ColumnJob, summary: ColumnSummary, hooks: Hooks) -> int
         batch_no += 1
         clog.info("batch_committed", batch=batch_no, restored=counts.migrated,
                   conflicts=counts.conflicts)
+        since = _timed(hooks, len(entries), since)
         hooks.batch_done(bt.name, column, len(entries), counts, last=done)
         if done:
             return batch_no

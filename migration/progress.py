@@ -19,6 +19,7 @@ __all__ = ["LineProgress", "NullProgress", "Progress", "RichProgress", "make_pro
 class Progress(Protocol):
     def start(self, table: str, column: str, total: int | None) -> None: ...
     def advance(self, table: str, column: str, rows: int) -> None: ...
+    def note(self, state: str | None) -> None: ...
     def finish(self) -> None: ...
 
 
@@ -31,6 +32,9 @@ class NullProgress:
         pass
 
     def advance(self, table: str, column: str, rows: int) -> None:
+        pass
+
+    def note(self, state: str | None) -> None:
         pass
 
     def finish(self) -> None:
@@ -62,6 +66,7 @@ class LineProgress:
         self.done = 0
         self.total: int | None = None
         self.col_started = self.started
+        self.state: str | None = None  # "paused by ... at ...", "held: ..." (steering)
 
     def start(self, table: str, column: str, total: int | None) -> None:
         self.current, self.done, self.total = (table, column), 0, total
@@ -77,6 +82,13 @@ class LineProgress:
                     if self.printed < len(self.SCHEDULE) else self.EVERY)
             self.next_at = now + step
 
+    def note(self, state: str | None) -> None:
+        """The run's steering state changed: say so at once, and on every line after."""
+        if state == self.state:
+            return
+        self.state = state
+        print(f"{self.label}: {state or 'running again'}", file=self.out, flush=True)
+
     def line(self, now: float) -> None:
         assert self.current is not None
         table, column = self.current
@@ -89,6 +101,8 @@ class LineProgress:
                    f"({pct:.1f}%), {rate:.0f} rows/s, ETA {eta}")
         else:
             msg = f"{self.label} {_name(table, column)}: {self.done} rows, {rate:.0f} rows/s"
+        if self.state:
+            msg += f" [{self.state}]"
         print(msg, file=self.out, flush=True)
 
     def finish(self) -> None:
@@ -119,6 +133,7 @@ class RichProgress:
         self._tasks: dict[tuple[str, str], TaskID] = {}
         self._starts: dict[tuple[str, str], float] = {}
         self._done: dict[tuple[str, str], int] = {}
+        self._state: str | None = None
         self._bar.start()
 
     def start(self, table: str, column: str, total: int | None) -> None:
@@ -132,6 +147,12 @@ class RichProgress:
         self._done[key] += rows
         rate = self._done[key] / max(time.monotonic() - self._starts[key], 1e-9)
         self._bar.update(self._tasks[key], advance=rows, rate=f"{rate:>6.0f} rows/s")
+
+    def note(self, state: str | None) -> None:
+        """The run's steering state changed: a line above the bars."""
+        if state != self._state:
+            self._state = state
+            self._bar.console.print(f"{self._label}: {state or 'running again'}")
 
     def finish(self) -> None:
         self._bar.stop()

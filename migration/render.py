@@ -15,6 +15,7 @@ from .migrator import MigrateResult
 from .report import kms_cost
 from .rollback import RollbackResult
 from .status import StatusReport
+from .steer import Steered
 from .verify import VerifyResult
 
 __all__ = [
@@ -66,6 +67,7 @@ def print_migrate(result: MigrateResult, settings: Settings) -> None:
     if result.rate_limit is not None and result.throttles:
         click.echo(f"KMS throttled {result.throttles} time(s): the rate limit went down from "
                    f"{result.rate_limit:g}/s and was back at {result.rate_now:.0f}/s at the end")
+    _print_steered(result.steered)
     if result.dry_run:
         _print_estimate(result, settings)
     _print_unfit(result)
@@ -80,6 +82,24 @@ def print_migrate(result: MigrateResult, settings: Settings) -> None:
                    "left untouched:")
         for line in _failure_lines(result.failures):
             click.echo(line)
+
+
+def steered_lines(steered: Steered) -> list[str]:
+    """How the run was steered: this command's holds, and every change of the run."""
+    lines: list[str] = []
+    if steered.holds:
+        held = f", {_duration(steered.held_seconds)} in all" if steered.held_seconds else ""
+        lines.append(f"held {steered.holds} time(s){held} (paused, or a guard)")
+    if steered.changes:
+        lines.append(f"changes to run ({len(steered.changes)}):")
+        lines += [f"  {c.at.strftime('%Y-%m-%d %H:%M:%S')} {c.action} by {c.user}@{c.host}"
+                  + (f": {c.detail}" if c.detail else "") for c in steered.changes]
+    return lines
+
+
+def _print_steered(steered: Steered) -> None:
+    for line in steered_lines(steered):
+        click.echo(line)
 
 
 def _print_estimate(result: MigrateResult, settings: Settings) -> None:
@@ -150,6 +170,7 @@ def print_rollback(result: RollbackResult) -> None:
         return
     rows = [(f"{c.table}.{c.column}", c.migrated, c.conflicts) for c in result.columns]
     click.echo(_table(["column", "restored", "conflicts"], rows))
+    _print_steered(result.steered)
     if result.failures:
         click.echo(f"Not restored ({len(result.failures)}):")
         for line in _failure_lines(result.failures):
@@ -217,6 +238,8 @@ def print_status(report: StatusReport) -> None:
             [(f"{p.table}.{p.column}", p.migrated, p.skipped, p.already, p.failed, p.conflicts,
               "done" if p.done else (p.remaining if p.remaining is not None else "?"),
               p.last_pk or "") for p in report.progress]))
+    if report.steering is not None:
+        _print_steering(report.steering)
     if report.ranged_run_id is not None:
         _print_ranged(report)
     if report.failures:
@@ -232,6 +255,23 @@ def print_status(report: StatusReport) -> None:
 
 
 RANGE_LINES = 200
+CHANGE_LINES = 20
+
+
+def _print_steering(st: dict[str, Any]) -> None:
+    """The run a steering command would act on: paused, held or going, its live limits,
+    its latest changes."""
+    click.echo(f"\nrun {st['run_id']} ({st['kind']}, {st['state']}): {st['now']}")
+    limits = st["limits"]
+    click.echo("live settings: " + ", ".join(
+        f"{k.replace('_', ' ')} {v if v is not None else 'as started'}"
+        for k, v in limits.items()))
+    changes = st["changes"]
+    if changes:
+        click.echo(f"changes ({len(changes)}):")
+        for c in changes[-CHANGE_LINES:]:
+            click.echo(f"  {c['at'][:19].replace('T', ' ')} {c['action']} by "
+                       f"{c['user']}@{c['host']}" + (f": {c['detail']}" if c["detail"] else ""))
 
 
 def _print_ranged(report: Any) -> None:

@@ -79,6 +79,10 @@ def build_report(
         ],
         "kms": {"requests": result.kms_requests, "retries": result.retries,
                 "throttles": result.throttles},
+        "batch_time": settings.batch_time,
+        "steering": {"holds": result.steered.holds,
+                     "held_seconds": round(result.steered.held_seconds, 3),
+                     "changes": [c.as_dict() for c in result.steered.changes]},
         "cost": kms_cost(result.kms_requests),
     }
     if result.dry_run:

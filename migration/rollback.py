@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from sqlalchemy import Connection, Engine, func, select
 
@@ -29,6 +29,7 @@ from .logs import get_logger
 from .pipeline import ColumnJob, Hooks, rollback_column
 from .reader import BoundTarget, bind_target, primary_key_of
 from .runs import RunEnd, lifecycle, lock_held
+from .steer import Guard, Steered, close_guards, guards_for, steered, steering_for
 
 __all__ = ["RollbackResult", "journal_left", "rollback"]
 
@@ -41,6 +42,7 @@ class RollbackResult:
     columns: list[ColumnSummary] = field(default_factory=list)
     failures: list[FailureRow] = field(default_factory=list)
     seconds: float = 0.0
+    steered: Steered = field(default_factory=Steered)  # pauses, holds, changes
 
     @property
     def restored(self) -> int:
@@ -67,18 +69,27 @@ def rollback(
     batch_size: int = 500,
     hooks: Hooks | None = None,
     before_first_write: Callable[[], None] | None = None,
+    settings: Settings | None = None,
 ) -> RollbackResult:
     """Restore the original token of every migrated value not yet rolled back; resumable.
 
-    `before_first_write` (e.g. the SQLite backup) runs once the lock is ours."""
+    `before_first_write` (e.g. the SQLite backup) runs once the lock is ours. `settings`:
+    the steering options (--batch-time, the guards), when the command has them."""
     started = time.monotonic()
     result = RollbackResult()
     check_can_roll_back(engine)
-    store.ensure_schema(engine)
-    with lock_held(engine, "rollback") as run_lock:
-        if before_first_write is not None:
-            before_first_write()  # the lock is ours: e.g. the SQLite backup
-        return _rollback(engine, batch_size, result, run_lock, started, hooks or Hooks())
+    # A rollback reads only the journal: its columns' jobs need no more settings than these.
+    settings = replace(settings or Settings(db_url=""), batch_size=batch_size)
+    guards = guards_for(settings, engine)  # before the lock: a refusal writes nothing
+    try:
+        store.ensure_schema(engine)
+        with lock_held(engine, "rollback") as run_lock:
+            if before_first_write is not None:
+                before_first_write()  # the lock is ours: e.g. the SQLite backup
+            return _rollback(engine, settings, result, run_lock, (started, guards),
+                             hooks or Hooks())
+    finally:
+        close_guards(guards)
 
 
 def check_can_roll_back(engine: Engine) -> None:
@@ -135,9 +146,10 @@ def start_rollback_run(engine: Engine, batch_size: int, run_lock: RunLock,
     return run, resumed
 
 
-def _rollback(engine: Engine, batch_size: int, result: RollbackResult, run_lock: RunLock,
-              started: float, hooks: Hooks) -> RollbackResult:
-    run, result.resumed = start_rollback_run(engine, batch_size, run_lock)
+def _rollback(engine: Engine, settings: Settings, result: RollbackResult, run_lock: RunLock,
+              start: tuple[float, list[Guard]], hooks: Hooks) -> RollbackResult:
+    started, guards = start
+    run, result.resumed = start_rollback_run(engine, settings.batch_size, run_lock)
     result.run_id, result.undoes = run.id, run.undoes_run_id
     log = get_logger(run_id=run.id, kind="rollback")
     log.info("run_started", resumed=result.resumed)
@@ -145,12 +157,13 @@ def _rollback(engine: Engine, batch_size: int, result: RollbackResult, run_lock:
         positions = store.load_checkpoints(conn, run.id)
 
     bound: dict[str, BoundTarget] = {}
-    # A rollback reads only the journal: its columns' jobs need no more settings than this.
-    settings = Settings(db_url="", batch_size=batch_size)
     progress = hooks.progress
     end = RunEnd()
+    steering = steering_for(engine, run.id, settings, kms=None, guards=guards,
+                            progress=progress)
     try:
-        with lifecycle(engine, run.id, end):
+        with lifecycle(engine, run.id, end), steered(steering, run_lock):
+            hooks = hooks.steered_by(steering, settings)
             for (table, column), ck in sorted(positions.items()):
                 summary = ColumnSummary(table, column, ck.counts)
                 result.columns.append(summary)
@@ -166,6 +179,7 @@ def _rollback(engine: Engine, batch_size: int, result: RollbackResult, run_lock:
                 rollback_column(job, summary, hooks)
     finally:
         progress.finish()
+        result.steered = Steered.of(engine, steering)
         result.seconds = time.monotonic() - started
         log.info("run_finished", state=end.state, seconds=round(result.seconds, 3))
     with engine.connect() as conn:

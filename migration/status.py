@@ -9,15 +9,16 @@ from typing import Any
 
 from sqlalchemy import Engine, func, select
 
-from checkpoints import leases, store
+from checkpoints import control, leases, store
 from checkpoints.census import latest_census
 from checkpoints.leases import RangeRow, WorkerRow
 from checkpoints.store import BatchCounts
-from checkpoints.tables import ranges, workers
+from checkpoints.tables import lock, ranges, workers
 
 from .census import census_json
 from .config import Target
 from .reader import bind_target
+from .steer import STEERABLE, pause_line
 
 __all__ = ["ColumnProgress", "StatusReport", "collect_status"]
 
@@ -54,6 +55,9 @@ class StatusReport:
     # The latest verify's values by format and key (`census.census_json`); None when verify
     # never recorded one here.
     census: dict[str, Any] | None = None
+    # The run that `pause`, `resume` and `set` act on (the one running, else the newest
+    # unfinished one): paused or held and by whom, its live limits, its changes.
+    steering: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,7 +120,31 @@ def collect_status(engine: Engine, failure_limit: int = 50) -> StatusReport | No
             f"{t}.{c}:{s}": n for (t, c, s), n in sorted(store.journal_counts(conn).items())
         }
         report.census = census_json(latest_census(conn))
+        report.steering = _steering(conn, all_runs)
         return report
+
+
+def _steering(conn: Any, all_runs: list[store.Run]) -> dict[str, Any] | None:
+    held = conn.execute(select(lock.c.run_id)).scalar()
+    run = next((r for r in all_runs if r.id == held), None) or next(
+        (r for r in all_runs if r.state in store.UNFINISHED and r.kind in STEERABLE), None)
+    c = control.read(conn, run.id) if run is not None else None
+    if run is None or c is None:
+        return None
+    now = pause_line(c) if c.paused else (f"held: {c.held} (since {c.held_at:%H:%M:%S}, "
+                                           f"seen by {c.held_by})" if c.held else "going")
+    return {
+        "run_id": run.id, "kind": run.kind, "state": run.state, "now": now,
+        "paused": c.paused, "paused_by": c.paused_by,
+        "paused_at": c.paused_at.isoformat() if c.paused_at else None,
+        "pause_note": c.pause_note, "held": c.held,
+        "limits": {
+            "max_kms_rps": c.max_kms_rps if c.max_kms_rps is not None else run.max_kms_rps,
+            "batch_size": c.batch_size if c.batch_size is not None else run.batch_size,
+            "batch_time": c.batch_time,
+        },
+        "changes": [ch.as_dict() for ch in control.changes_of(conn, run.id)],
+    }
 
 
 def _last_activity(conn: Any, run: store.Run) -> datetime:

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 from sqlalchemy import Engine, func, select
 
-from checkpoints import leases, store
+from checkpoints import control, leases, store
 from checkpoints.lock import LockHeld, RunLock
 from checkpoints.rollback_journal import pending
 from checkpoints.store import BatchCounts, Run
@@ -61,6 +61,7 @@ from .rollback import (
     start_rollback_run,
 )
 from .settle import Settle, settle_failures
+from .steer import Steered, close_guards, guards_for, pause_line
 from .worker_spec import MAX_HEARTBEAT, WorkerSpec, heartbeat_every, settings_to_dict
 
 __all__ = [
@@ -121,6 +122,7 @@ def migrate_ranged(
     started = time.monotonic()
     bound = bind_targets(engine, settings.targets)
     prepare_keys(settings, engine, bound, kms)
+    close_guards(guards_for(settings, engine))  # each worker has its own; refused here first
     kind = run_kind(settings, Mode())
     start = start_ranged_migrate(settings, engine, kms,
                                  Split(here.rows_per_range, here.workers), new_run=new_run,
@@ -140,6 +142,7 @@ def migrate_ranged(
                                                                             pids)
     result.kms_requests += kms.requests
     result.rate_limit = settings.max_kms_rps or None
+    result.steered = _steered(engine, start.run.id)
     result.seconds = time.monotonic() - started
     return result
 
@@ -148,6 +151,7 @@ def rollback_ranged(engine: Engine, *, settings: Settings, here: Here) -> Rollba
     """`rollback --workers N`: the journal's id space split into ranges, per column."""
     started = time.monotonic()
     check_can_roll_back(engine)
+    close_guards(guards_for(settings, engine))  # each worker has its own; refused here first
     store.ensure_schema(engine)
     try:
         run_lock = RunLock.acquire(engine, "rollback")
@@ -175,8 +179,19 @@ def rollback_ranged(engine: Engine, *, settings: Settings, here: Here) -> Rollba
     with engine.connect() as conn:
         result.columns = _summaries(conn, start.run.id)
         result.failures = store.failures_of(conn, start.run.id)
+    result.steered = _steered(engine, start.run.id)
     result.seconds = time.monotonic() - started
     return result
+
+
+def _steered(engine: Engine, run_id: int) -> Steered:
+    """A ranged run's steering, for its summary: its changes (the holds among them)."""
+    try:
+        with engine.connect() as conn:
+            changes = control.changes_of(conn, run_id)
+    except Exception:  # best effort: a summary without its changes
+        changes = []
+    return Steered(sum(1 for c in changes if c.action in ("pause", "hold")), 0.0, changes)
 
 
 # -- supervising -----------------------------------------------------------------------------
@@ -226,6 +241,7 @@ def _run_workers(engine: Engine, spec: WorkerSpec, here: Here,
     progress.start(name, "", sum(totals.values()))
     procs = list(here.spawn(spec, here.workers))
     forwarded = False
+    ticks = 0
     try:
         try:
             while _poll_all(procs):
@@ -234,6 +250,9 @@ def _run_workers(engine: Engine, spec: WorkerSpec, here: Here,
                     forwarded = True
                 _advance(engine, spec.run_id, seen, progress, name)
                 time.sleep(0.25)
+                ticks += 1
+                if ticks % 4 == 0:
+                    _note(engine, spec.run_id, progress)
         except KeyboardInterrupt:
             # A second stop: abort the batches in flight (a worker takes its second
             # SIGTERM as that), then conclude as after any stop: the run is resumable.
@@ -261,6 +280,16 @@ def _advance(engine: Engine, run_id: int, seen: list[int], progress: Progress,
         if n > seen[0]:
             progress.advance(name, "", n - seen[0])
             seen[0] = n
+
+
+def _note(engine: Engine, run_id: int, progress: Progress) -> None:
+    """The run's pause or hold on the progress line (every worker obeys it itself)."""
+    with contextlib.suppress(Exception):  # best effort, as progress is
+        with engine.connect() as conn:
+            c = control.read(conn, run_id)
+        if c is not None:
+            progress.note(pause_line(c) if c.paused else (f"held: {c.held}" if c.held
+                                                          else None))
 
 
 def _signal_all(procs: Sequence[Proc], sig: int) -> None:

@@ -39,8 +39,11 @@ from .config import (
 from .errors import KmsMigrateError, RunLockedError
 from .kms import KMS, KeyInfo
 from .logs import get_logger
-from .pipeline import ColumnJob, Hooks, keyset_fetcher, migrate_column, rollback_column
+from .pages import keyset_fetcher
+from .pipeline import ColumnJob, Hooks, migrate_column, rollback_column
 from .reader import BoundTarget, bind_target, bind_targets, primary_key_of
+from .sizing import BatchSizer
+from .steer import Steering, guards_for
 from .worker_spec import WorkerSpec, heartbeat_every
 
 __all__ = ["Heartbeat", "WorkerOutcome", "work", "worker_engine", "worker_signals"]
@@ -78,20 +81,22 @@ class WorkerOutcome:
 class Heartbeat(threading.Thread):
     """Every few seconds, in its own short transaction: renew the held lease, record the
     worker's heartbeat and KMS counts, re-count the live workers to set this worker's
-    share of the rate limit, and notice a run stopped by another worker."""
+    share of the rate limit, and notice a run stopped by another worker; then read the
+    run's steering (pause, live limits, guards: `Steering.poll`)."""
 
-    def __init__(self, engine: Engine, spec: WorkerSpec, worker_id: str, kms: KMS,
-                 run_lock: RunLock, watch_parent: bool) -> None:
+    def __init__(self, engine: Engine, spec: WorkerSpec, worker_id: str, run_lock: RunLock,
+                 steering: Steering, watch_parent: bool) -> None:
         super().__init__(name="kms-migrate-heartbeat", daemon=True)
-        self.engine, self.spec, self.worker_id, self.kms = engine, spec, worker_id, kms
-        self.run_lock = run_lock
+        self.engine, self.spec, self.worker_id = engine, spec, worker_id
+        self.run_lock, self.steering = run_lock, steering
+        assert steering.kms is not None
+        self.kms: KMS = steering.kms
         self.every = heartbeat_every(spec.lease_seconds)
         self.lease: Lease | None = None
         self.stop_reason: str | None = None
         self.live = 1
         self._done = threading.Event()
         self._ppid = os.getppid() if watch_parent else None
-        self._max_rps = float(spec.settings.get("max_kms_rps") or 0)
         # The share from the first call on: this worker's siblings, started at the same
         # moment, may not have registered yet, but will. Counted as live until the count
         # has reached them once (or, for a sibling that never came, for SIBLINGS_WAIT).
@@ -135,8 +140,9 @@ class Heartbeat(threading.Thread):
             self.live = self._expected
         else:
             self._expected = 0  # every sibling came (or never will): the live count rules
-        if limiter is not None and self._max_rps > 0:
-            limiter.set_max_rate(self._max_rps / self.live)
+        # The run's pause and live limits (the rate shared among the live workers).
+        self.steering.share = self.live
+        self.steering.poll()
         if state != "running":  # stopped by another worker's fatal error, or abandoned
             self.stop_reason = f"run {self.spec.run_id} is {state}"
         if self._ppid is not None and os.getppid() != self._ppid:
@@ -163,8 +169,11 @@ def work(
     if worker_id is None:
         return WorkerOutcome("", "finished")  # joined as the last range was done
     log = get_logger(run_id=spec.run_id, worker=worker_id, kind=spec.kind)
-    beat = Heartbeat(engine, spec, worker_id, kms, run_lock, watch_parent)
-    beat.beat()  # the rate share before the first call
+    sizer = BatchSizer(settings.batch_size, settings.batch_time)
+    steering = Steering(engine, spec.run_id, sizer, kms=kms, max_kms_rps=settings.max_kms_rps,
+                        guards=guards_for(settings, engine), log=log)
+    beat = Heartbeat(engine, spec, worker_id, run_lock, steering, watch_parent)
+    beat.beat()  # the rate share, and the pause, before the first call
     beat.start()
     outcome = WorkerOutcome(worker_id, "interrupted")
     note: str | None = None
@@ -172,7 +181,7 @@ def work(
     def stopping() -> bool:
         return bool(beat.stop_reason) or (should_stop is not None and should_stop())
 
-    job = _Job(spec, settings, engine, kms, run_lock, log, stopping)
+    job = _Job(spec, settings, engine, kms, run_lock, log, stopping, steering, sizer)
     log.info("worker_started", pid=os.getpid(), rate_share=round(
         kms.limiter.max_rate, 1) if kms.limiter else None)
     try:
@@ -191,6 +200,7 @@ def work(
         raise
     finally:
         beat.close()
+        steering.close()
         _finish_quietly(engine, worker_id, outcome.state, note, kms)
         log.info("worker_finished", state=outcome.state, ranges=outcome.ranges)
     if outcome.state != "finished":
@@ -223,6 +233,7 @@ def _claim_until_done(job: _Job, beat: Heartbeat, outcome: WorkerOutcome) -> Non
     poll = min(1.0, spec.lease_seconds / 10)
     losses = 0  # ranges lost in a row to a session cut off
     while not job.stopping():
+        job.steering.hold(job.stopping)  # a paused run claims nothing
         try:
             with engine.begin() as conn:
                 lease = leases.claim(conn, spec.run_id, outcome.worker_id, spec.lease_seconds)
@@ -277,6 +288,8 @@ class _Job:
     run_lock: RunLock
     log: Any
     stopping: Callable[[], bool]
+    steering: Steering
+    sizer: BatchSizer
     bound: dict[tuple[str, str], BoundTarget] = field(default_factory=dict)
     codec: FernetCodec | None = None
     undoes: int | None = None  # a rollback's layer: the rekey run it restores
@@ -309,6 +322,10 @@ class _Job:
             self.bound[(table, column)] = bt
         return bt
 
+    def hooks(self, on_batch: Callable[[str, str, BatchCounts], None] | None = None) -> Hooks:
+        return Hooks(on_batch=on_batch, should_stop=self.stopping, steering=self.steering,
+                     sizer=self.sizer)
+
     def run(self, lease: Lease) -> int:
         bt = self.target(lease.table_name, lease.column_name)
         column = lease.column_name
@@ -320,8 +337,7 @@ class _Job:
                             after=int(start) if start is not None else 0,
                             upto=int(lease.hi) if lease.hi is not None else None, log=log,
                             undoes=self.undoes)
-            return rollback_column(job, ColumnSummary(bt.name, column),
-                                   Hooks(should_stop=self.stopping))
+            return rollback_column(job, ColumnSummary(bt.name, column), self.hooks())
         job = ColumnJob(self.engine, bt, column, self.settings, run_id=self.spec.run_id,
                         fence=self.run_lock.shared_fence, lease=lease,
                         after=bt.pk_value(start) if start is not None else None,
@@ -333,9 +349,10 @@ class _Job:
             nonlocal batches
             batches += 1
 
-        fetch = keyset_fetcher(self.engine, bt, column, self.settings.batch_size, job.upto)
-        migrate_column(job, fetch, ColumnSummary(bt.name, column),
-                       Hooks(on_batch=on_batch, should_stop=self.stopping))
+        hooks = self.hooks(on_batch)
+        fetch = keyset_fetcher(self.engine, bt, column, hooks.size(self.settings.batch_size),
+                               job.upto)
+        migrate_column(job, fetch, ColumnSummary(bt.name, column), hooks)
         return batches
 
 

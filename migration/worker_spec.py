@@ -8,12 +8,12 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .config import Settings, Target, fernet_keys_from_env
+from .steer import MAX_HEARTBEAT
 
 __all__ = [
     "MAX_HEARTBEAT", "WorkerSpec", "heartbeat_every", "settings_from_dict", "settings_to_dict",
 ]
 
-MAX_HEARTBEAT = 5.0  # seconds between heartbeats, at most (a quarter of the lease below 20 s)
 
 
 def heartbeat_every(lease_seconds: float) -> float:
@@ -53,4 +53,5 @@ def settings_to_dict(settings: Settings) -> dict[str, Any]:
 def settings_from_dict(d: dict[str, Any]) -> Settings:
     targets = tuple(Target(t["table"], t["primary_key"], tuple(t["columns"]))
                     for t in d["targets"])
-    return Settings(**{**d, "targets": targets}, fernet_keys=fernet_keys_from_env())
+    return Settings(**{**d, "targets": targets, "replicas": tuple(d.get("replicas") or ())},
+                    fernet_keys=fernet_keys_from_env())

@@ -24,6 +24,8 @@ from migration.errors import ResumeMismatchError
 from migration.kms import RateLimiter
 from migration.migrator import Mode, migrate
 from migration.ranged_start import Split, start_ranged_migrate
+from migration.sizing import BatchSizer
+from migration.steer import Steering
 from migration.supervisor import Here, migrate_ranged, rollback_ranged
 from migration.worker import Heartbeat, work
 from migration.worker_spec import WorkerSpec, settings_to_dict
@@ -145,7 +147,8 @@ def test_live_workers_share_the_rate_limit(db_url: str, kms: KmsHandle, keys: Ke
     other = _register(eng, run_id)  # another live worker (this pid, a fresh heartbeat)
     k = make_kms(kms.client, settings)
     k.limiter = RateLimiter(1000)
-    beat = Heartbeat(eng, spec, me, k, run_lock, watch_parent=False)
+    steering = Steering(eng, run_id, BatchSizer(10), kms=k, max_kms_rps=1000)
+    beat = Heartbeat(eng, spec, me, run_lock, steering, watch_parent=False)
     beat.beat()
     assert k.limiter.max_rate == pytest.approx(500)
     with eng.begin() as conn:

@@ -1,0 +1,293 @@
+"""Steering one process of a run: the pause, the live limits and the holds, read from the
+run's row at every heartbeat (`Steering.poll`), obeyed between batches (`Steering.hold`).
+
+- `kms-migrate pause` / `resume` (any terminal, any machine) set and clear the run's
+  pause; `set` stores limits that replace the command's own (`--max-kms-rps`, divided
+  among the run's live workers; `--batch-size`; `--batch-time`).
+- A guard (`migration.guard`: the pause file, replica lag, active sessions) holds this
+  process while it gives a reason. The hold is recorded on the run for `status` by the
+  process that saw it begin (`checkpoints.control.hold`), and counted.
+- While held, nothing starts: no KMS call, no write. The heartbeat goes on (this
+  module's `SteeringThread` for a one-process run, the worker's own otherwise), so the
+  lock and the leases stay held and nobody takes the run over as dead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Protocol
+
+from sqlalchemy import Engine
+
+from checkpoints import control
+from checkpoints.control import Control
+from checkpoints.lock import RunLock
+
+from .config import Settings
+from .guard import ActiveSessions, PauseFile, ReplicaLag
+from .kms import KMS
+from .logs import get_logger
+from .progress import Progress
+from .ratelimit import RateLimiter
+from .sizing import BatchSizer
+
+__all__ = [
+    "MAX_HEARTBEAT", "POLL_SECONDS", "STEERABLE", "Guard", "Steered", "Steering", "SteeringThread",
+    "close_guards", "guards_for", "pause_line", "steered", "steering_for",
+]
+
+STEERABLE = ("migrate", "retry", "rekey", "rollback")  # the kinds of run steering acts on
+MAX_HEARTBEAT = 5.0  # seconds between heartbeats, at most (a quarter of the lease below 20 s)
+POLL_SECONDS = 1.0  # a one-process run reads its steering this often (workers: heartbeat)
+WAKE_SECONDS = 0.2  # a held loop looks at its stop request this often
+
+
+class Guard(Protocol):
+    def reason(self) -> str | None: ...
+    def close(self) -> None: ...
+
+
+def pause_line(c: Control) -> str:
+    """ "paused by alice@host at 12:00:03 UTC (note)" """
+    at = c.paused_at.strftime("%Y-%m-%d %H:%M:%S UTC") if c.paused_at else "?"
+    note = f" ({c.pause_note})" if c.pause_note else ""
+    return f"paused by {c.paused_by} at {at}{note}"
+
+
+@dataclass(eq=False)
+class Steering:
+    """One process's view of its run's steering. `poll` (from a heartbeat thread) reads
+    and applies it; `hold` (from the column loop, between batches) waits while the run
+    is paused or a guard holds it."""
+
+    engine: Engine
+    run_id: int
+    sizer: BatchSizer
+    kms: KMS | None = None
+    max_kms_rps: float = 0.0  # the command's own limit (0: none)
+    guards: Sequence[Guard] = ()
+    progress: Progress | None = None
+    log: Any = None
+    share: int = 1  # live processes sharing the run's rate limit (a worker sets it)
+    control: Control | None = field(default=None, init=False)
+    held: str | None = field(default=None, init=False)  # the guard reason it holds for
+    holds: int = field(default=0, init=False)  # times it began to hold (pause or guard)
+    held_seconds: float = field(default=0.0, init=False)
+
+    def __post_init__(self) -> None:
+        if self.log is None:
+            self.log = get_logger(run_id=self.run_id)
+        self.by = f"{socket.gethostname()} pid {os.getpid()}"
+        self._applied: tuple[int | None, float | None] = (None, None)
+        self._free = threading.Event()
+        self._free.set()
+        self._lock = threading.Lock()
+
+    # -- the heartbeat side --------------------------------------------------------------
+
+    def poll(self) -> None:
+        """Read the run's steering and the guards, apply the limits, block or free the
+        column loop. Never raises: a database hiccup keeps the last state."""
+        try:
+            with self.engine.begin() as conn:
+                c = control.read(conn, self.run_id)
+        except Exception as exc:
+            self.log.warning("steering_not_read", error=type(exc).__name__)
+            return
+        if c is None:
+            return
+        reason = self._guard_reason()
+        with self._lock:
+            self.control = c
+            self._apply(c)
+            self._record(reason)
+            self._block(c, reason)
+
+    def _guard_reason(self) -> str | None:
+        for g in self.guards:
+            reason = g.reason()
+            if reason:
+                return reason
+        return None
+
+    def _apply(self, c: Control) -> None:
+        rps = c.max_kms_rps if c.max_kms_rps is not None else self.max_kms_rps
+        kms = self.kms
+        if kms is not None:
+            share = rps / max(1, self.share)
+            if share <= 0:
+                kms.limiter = None
+            elif kms.limiter is None:
+                kms.limiter = RateLimiter(share)
+            elif abs(kms.limiter.max_rate - share) > 1e-9:
+                kms.limiter.set_max_rate(share)
+        if (c.batch_size, c.batch_time) != self._applied:
+            if c.batch_size is not None and c.batch_size != self._applied[0]:
+                self.sizer.fix(c.batch_size)
+            if c.batch_time is not None and c.batch_time != self._applied[1]:
+                self.sizer.follow(c.batch_time)
+            self._applied = (c.batch_size, c.batch_time)
+
+    def _record(self, reason: str | None) -> None:
+        """Record a hold this process began or ended on the run (for `status`)."""
+        if (reason is None) == (self.held is None):
+            self.held = reason
+            return
+        try:
+            with self.engine.begin() as conn:
+                if reason is not None:
+                    control.hold(conn, self.run_id, self.by, reason)
+                else:
+                    control.release(conn, self.run_id, self.by)
+        except Exception as exc:  # the next poll tries again
+            self.log.warning("hold_not_recorded", error=type(exc).__name__)
+            return
+        if reason is not None:
+            self.log.warning("run_held", reason=reason)
+        else:
+            self.log.info("run_released", reason=self.held)
+        self.held = reason
+
+    def _block(self, c: Control, reason: str | None) -> None:
+        why = pause_line(c) if c.paused else (f"held: {reason}" if reason else None)
+        if why is not None and self._free.is_set():
+            self._free.clear()
+            self.holds += 1
+            if c.paused:
+                self.log.warning("run_paused", by=c.paused_by, note=c.pause_note)
+        elif why is None and not self._free.is_set():
+            self._free.set()
+            self.log.info("run_resumed")
+        if self.progress is not None:
+            self.progress.note(why)
+
+    # -- the column loop's side ---------------------------------------------------------
+
+    def blocked(self) -> bool:
+        return not self._free.is_set()
+
+    def hold(self, should_stop: Callable[[], bool] | None = None) -> None:
+        """Wait while the run is paused or held; a stop request ends the wait
+        (KeyboardInterrupt: the run stops between batches, resumable)."""
+        if self._free.is_set():
+            return
+        started = time.monotonic()
+        try:
+            while not self._free.wait(WAKE_SECONDS):
+                if should_stop is not None and should_stop():
+                    raise KeyboardInterrupt
+        finally:
+            self.held_seconds += time.monotonic() - started
+
+    def close(self) -> None:
+        """Clear this process's hold record, close the guards."""
+        if self.held is not None:
+            self._record(None)
+        close_guards(self.guards)
+
+
+class SteeringThread(threading.Thread):
+    """A one-process run's heartbeat: poll the steering every POLL_SECONDS and keep the
+    run lock's heartbeat fresh (`touch`), so that a long pause is never taken for death."""
+
+    def __init__(self, steering: Steering, touch: Callable[[], None] | None = None,
+                 every: float = POLL_SECONDS) -> None:
+        super().__init__(name="kms-migrate-steering", daemon=True)
+        self.steering, self.touch, self.every = steering, touch, every
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(self.every):
+            self.steering.poll()
+            if self.touch is not None:
+                try:
+                    self.touch()
+                except Exception as exc:  # the next beat tries again
+                    self.steering.log.warning("heartbeat_failed", error=type(exc).__name__)
+
+    def close(self) -> None:
+        self._done.set()
+        self.join(timeout=5)
+
+
+def guards_for(settings: Settings, engine: Engine) -> list[Guard]:
+    """The guards a command's flags ask for, checked to work (a refusal is one line, before
+    anything is written)."""
+    guards: list[Guard] = []
+    if settings.pause_file:
+        guards.append(PauseFile(Path(settings.pause_file)))
+    if settings.max_replica_lag:
+        lag = ReplicaLag(engine, settings.max_replica_lag, settings.replicas)
+        try:
+            lag.check()
+        except BaseException:
+            lag.close()
+            raise
+        guards.append(lag)
+    if settings.max_active_sessions:
+        guards.append(ActiveSessions(engine, settings.max_active_sessions))
+    return guards
+
+
+def steering_for(engine: Engine, run_id: int, settings: Settings, *, kms: KMS | None,
+                 guards: Sequence[Guard], progress: Progress | None) -> Steering:
+    """The steering of a one-process run (a worker builds its own)."""
+    return Steering(engine, run_id, BatchSizer(settings.batch_size, settings.batch_time),
+                    kms=kms, max_kms_rps=settings.max_kms_rps, guards=guards,
+                    progress=progress)
+
+
+def close_guards(guards: Sequence[Guard]) -> None:
+    for g in guards:
+        with contextlib.suppress(Exception):
+            g.close()
+
+
+@contextlib.contextmanager
+def steered(steering: Steering | None, run_lock: RunLock | None,
+            guards: Sequence[Guard] = ()) -> Iterator[Steering | None]:
+    """A one-process run, steered: its steering read once before the first batch, then by
+    a thread that also keeps the run lock's heartbeat fresh. None (a dry-run): only the
+    guards are closed at the end."""
+    if steering is None or run_lock is None:
+        try:
+            yield steering
+        finally:
+            close_guards(guards)
+        return
+    steering.poll()
+    every = timedelta(seconds=POLL_SECONDS)
+    thread = SteeringThread(steering, touch=lambda: run_lock.touch(steering.engine, every))
+    thread.start()
+    try:
+        yield steering
+    finally:
+        thread.close()
+        steering.close()
+
+
+@dataclass
+class Steered:
+    """What steering did to a run, for its summary and report: how often this command's
+    processes held and for how long, and every change of the run (`kms_migrate_changes`)."""
+
+    holds: int = 0
+    held_seconds: float = 0.0
+    changes: list[control.Change] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, engine: Engine, steering: Steering) -> Steered:
+        try:
+            with engine.connect() as conn:
+                changes = control.changes_of(conn, steering.run_id)
+        except Exception:  # best effort: a summary without its changes
+            changes = []
+        return cls(steering.holds, steering.held_seconds, changes)
