@@ -1,0 +1,289 @@
+"""Steering, in-process: the run's control row against a model (any sequence of pause,
+resume, set, hold and release), which run a command acts on and what it refuses, how a
+process applies what it reads (`Steering.poll`), the batch sizer, the pause file, and the
+flags SQLite refuses. The live runs steered from another process are in
+tests/test_steer_e2e.py."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sqlalchemy import Engine, create_engine, text
+
+from checkpoints import control, store
+from checkpoints.control import Who
+from checkpoints.lock import RunLock
+from migration.errors import ConfigError
+from migration.pipeline import Hooks
+from migration.sizing import MAX_STEP, BatchSizer
+from migration.steer import Steering
+from migration.steer_run import pause_run, resume_run, set_run, steerable_run
+from tests.conftest import Keys, KmsHandle
+from tests.helpers import assert_refused, make_db, make_kms, run_main, settings_for
+
+WHO = Who("alice", "ops-1")
+
+
+def _run(engine: Engine, kind: str = "migrate", state: str = "running") -> int:
+    store.ensure_schema(engine)
+    with engine.begin() as conn:
+        run = store.create_run(conn, store.NewRun(kind, 100))
+        if state != "running":
+            store.set_state(conn, run.id, state)
+    return run.id
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Engine:
+    return create_engine(f"sqlite:///{tmp_path / 'steer.db'}")
+
+
+# -- the control row against a model ---------------------------------------------------------
+
+@dataclass
+class Model:
+    paused: bool = False
+    note: str | None = None
+    limits: dict[str, float | int | None] = field(default_factory=dict)
+    held_by: str | None = None
+    held: str | None = None
+    log: list[tuple[str, str | None]] = field(default_factory=list)
+
+
+OPS = st.one_of(
+    st.tuples(st.just("pause"), st.one_of(st.none(), st.text(max_size=12))),
+    st.tuples(st.just("resume"), st.none()),
+    st.tuples(st.just("set"), st.fixed_dictionaries({}, optional={
+        "max_kms_rps": st.floats(0, 5000, allow_nan=False),
+        "batch_size": st.integers(1, 100_000),
+        "batch_time": st.floats(0, 60, allow_nan=False)})),
+    st.tuples(st.just("hold"), st.tuples(st.sampled_from(["p1", "p2"]),
+                                         st.sampled_from(["lag", "file"]))),
+    st.tuples(st.just("release"), st.sampled_from(["p1", "p2"])),
+)
+
+
+def _apply(conn: Any, run_id: int, model: Model, op: str, arg: Any) -> None:
+    if op == "pause":
+        assert control.pause(conn, run_id, WHO, arg) == (not model.paused)
+        if not model.paused:
+            model.paused, model.note = True, arg
+            model.log.append(("pause", arg))
+    elif op == "resume":
+        assert control.resume(conn, run_id, WHO) == model.paused
+        if model.paused:
+            model.paused, model.note = False, None
+            model.log.append(("resume", None))
+    elif op == "set":
+        before = dict(model.limits)
+        lines = control.set_limits(conn, run_id, WHO, arg, before)
+        assert len(lines) == len(arg)
+        model.limits.update(arg)
+        model.log += [("set", line) for line in lines]
+    elif op == "hold":
+        by, reason = arg
+        assert control.hold(conn, run_id, by, reason) == (model.held is None)
+        if model.held is None:
+            model.held, model.held_by = reason, by
+            model.log.append(("hold", reason))
+    else:
+        assert control.release(conn, run_id, arg) == (model.held_by == arg)
+        if model.held_by == arg:
+            model.held = model.held_by = None
+            model.log.append(("release", None))
+
+
+@settings(max_examples=40, deadline=None)
+@given(ops=st.lists(OPS, max_size=12))
+def test_the_control_row_follows_any_sequence_of_commands(
+    tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[str, Any]],
+) -> None:
+    eng = create_engine(f"sqlite:///{tmp_path_factory.mktemp('c') / 'c.db'}")
+    run_id = _run(eng)
+    model = Model()
+    for op, arg in ops:
+        with eng.begin() as conn:
+            _apply(conn, run_id, model, op, arg)
+        with eng.connect() as conn:
+            c = control.read(conn, run_id)
+            log = [(x.action, x.detail) for x in control.changes_of(conn, run_id)]
+        assert c is not None
+        assert c.paused == model.paused and c.pause_note == (model.note if c.paused else None)
+        assert (c.paused_by == str(WHO)) == model.paused
+        assert (c.max_kms_rps, c.batch_size, c.batch_time) == tuple(
+            model.limits.get(k) for k in ("max_kms_rps", "batch_size", "batch_time"))
+        assert (c.held, c.held_by) == (model.held, model.held_by)
+        assert log == model.log
+    eng.dispose()
+
+
+# -- which run a command acts on, and what it refuses -----------------------------------------
+
+def test_steering_commands_refuse_what_they_cannot_act_on(engine: Engine) -> None:
+    with engine.connect() as conn, pytest.raises(ConfigError, match="no kms-migrate runs"):
+        steerable_run(conn, None, "pause")
+    done = _run(engine, state="completed")
+    fin = _run(engine, kind="finalize")
+    with engine.connect() as conn:
+        with pytest.raises(ConfigError, match="nothing to pause: no migrate"):
+            steerable_run(conn, None, "pause")
+        with pytest.raises(ConfigError, match=f"run {done} .* is completed"):
+            steerable_run(conn, done, "pause")
+        with pytest.raises(ConfigError, match="is a finalize"):
+            steerable_run(conn, fin, "pause")
+        with pytest.raises(ConfigError, match="there is no run 99"):
+            steerable_run(conn, 99, "pause")
+    rb = _run(engine, kind="rollback", state="interrupted")
+    mig = _run(engine)
+    with engine.connect() as conn:
+        assert steerable_run(conn, None, "pause").id == mig  # the newest unfinished
+    lock = RunLock.acquire(engine, "rollback")
+    with engine.begin() as conn:
+        lock.bind_run(conn, rb)
+    with engine.connect() as conn:
+        assert steerable_run(conn, None, "pause").id == rb  # the lock's run first
+    with pytest.raises(ConfigError, match="makes no KMS call"):
+        set_run(engine, rb, {"max_kms_rps": 10.0})
+    with pytest.raises(ConfigError, match="set what"):
+        set_run(engine, rb, {"max_kms_rps": None, "batch_size": None, "batch_time": None})
+    # an interrupted run can be paused: it starts paused when resumed
+    assert "will start that way" in pause_run(engine, rb).line
+    assert not pause_run(engine, rb).changed
+    assert resume_run(engine, rb).changed and not resume_run(engine, rb).changed
+    line = set_run(engine, mig, {"batch_size": 50, "batch_time": 0.0}).line
+    assert "batch_size 100 -> 50" in line and "batch_time as started -> 0" in line
+
+
+def test_the_cli_refuses_in_one_line_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    db = tmp_path / "x.db"
+    url = f"sqlite:///{db}"
+    db.touch()  # an empty database
+    cases = [
+        (["migrate", "--db", url, "--max-replica-lag", "5"], "--max-replica-lag watch"),
+        (["rollback", "--db", url, "--max-active-sessions", "5"], "--max-active-sessions"),
+        (["rekey", "--db", url, "--to-key", "alias/x", "--replica", "postgresql://u:pw@h/d",
+          "--max-replica-lag", "1"], "SQLite has no replicas"),
+        (["migrate", "--db", "postgresql+psycopg://u@127.0.0.1:1/d", "--replica",
+          "postgresql://u:s3cret@h/d"], "--replica names a replica"),
+        (["pause", "--db", url], "no kms-migrate runs"),
+        (["set", "--db", url, "--batch-size", "5"], "no kms-migrate runs"),
+    ]
+    for argv, expected in cases:
+        code, out, err = run_main(capsys, *argv)
+        line = assert_refused(code, out, err, expected)
+        assert "s3cret" not in line
+    with create_engine(url).connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM sqlite_master")).scalar() == 0
+
+
+# -- one process applying what it reads -------------------------------------------------------
+
+def test_poll_applies_the_live_limits_and_the_pause(engine: Engine, kms: KmsHandle,
+                                                    keys: Keys) -> None:
+    run_id = _run(engine)
+    k = make_kms(kms.client, settings_for("sqlite://", keys.current))
+    sizer = BatchSizer(100, 2.0)
+    s = Steering(engine, run_id, sizer, kms=k, max_kms_rps=400)
+    s.share = 2
+    s.poll()
+    assert k.limiter is not None and k.limiter.max_rate == pytest.approx(200)
+    assert not s.blocked() and sizer.target == 2.0
+    with engine.begin() as conn:
+        control.set_limits(conn, run_id, WHO, {"max_kms_rps": 0.0, "batch_size": 7}, {})
+        control.pause(conn, run_id, WHO, "why")
+    s.poll()
+    assert k.limiter is None  # 0: no limit
+    assert sizer() == 7 and sizer.target is None  # a set size is fixed
+    assert s.blocked() and s.holds == 1
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    t = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):  # a stop request ends the wait
+        Hooks(should_stop=stop.is_set, steering=s).hold()
+    assert 0.25 < time.monotonic() - t < 3
+    with engine.begin() as conn:
+        control.resume(conn, run_id, WHO)
+        control.set_limits(conn, run_id, WHO, {"max_kms_rps": 30.0}, {})
+    s.poll()
+    assert not s.blocked() and k.limiter is not None and k.limiter.max_rate == 15
+    assert not Hooks(steering=s).hold()
+    s.poll()  # the same limits again: the sizer keeps what it learnt
+    engine.dispose()
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE kms_migrate_changes"))
+        conn.execute(text("ALTER TABLE kms_migrate_runs RENAME TO gone"))
+    s.poll()  # a database that cannot be read keeps the last state, never raises
+    assert not s.blocked()
+
+
+def test_a_pause_file_holds_a_run_until_it_is_gone(sqlite_url: str, keys: Keys,
+                                                   kms: KmsHandle, tmp_path: Path) -> None:
+    from migration.db import make_engine
+    from migration.migrator import migrate
+
+    truth = make_db(sqlite_url, 30, keys.current, bad_values=False)
+    hold = tmp_path / "hold"
+    hold.touch()
+    s = settings_for(sqlite_url, keys.current, batch_size=10, pause_file=str(hold))
+    eng = make_engine(sqlite_url)
+    out: list[Any] = []
+    t = threading.Thread(target=lambda: out.append(
+        migrate(s, engine=eng, kms=make_kms(kms.client, s))))
+    t.start()
+    time.sleep(2.5)
+    with eng.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM kms_migrate_journal")).scalar() == 0
+        assert conn.execute(text("SELECT held FROM kms_migrate_runs")).scalar() == (
+            f"pause file {hold} exists")
+    hold.unlink()
+    t.join(30)
+    assert not t.is_alive()
+    result = out[0]
+    assert sum(c.migrated for c in result.columns) == len(truth.plaintexts)
+    assert result.steered.holds == 1 and result.steered.held_seconds > 2
+    assert [c.action for c in result.steered.changes] == ["hold", "release"]
+    eng.dispose()
+
+
+# -- the batch sizer --------------------------------------------------------------------------
+
+@settings(max_examples=200, deadline=None)
+@given(start=st.integers(1, 20_000), target=st.floats(0.05, 30),
+       batches=st.lists(st.tuples(st.integers(0, 10_000), st.floats(0, 100)), max_size=30))
+def test_the_sizer_stays_in_bounds_and_moves_by_at_most_a_factor(
+    start: int, target: float, batches: list[tuple[int, float]],
+) -> None:
+    sizer = BatchSizer(start, target)
+    size = sizer()
+    for rows, seconds in batches:
+        new = sizer.observe(rows, seconds)
+        assert new == sizer()
+        if rows > 0 and seconds > 0:
+            assert sizer.lo <= new <= sizer.hi
+            assert new <= max(size * MAX_STEP, sizer.lo) + 1
+            assert new >= min(size / MAX_STEP, sizer.hi) - 1
+        else:
+            assert new == size  # nothing learnt from an empty or instant batch
+        size = new
+
+
+@given(rate=st.floats(20, 5000), target=st.floats(0.2, 5))
+def test_the_sizer_converges_to_rate_times_target(rate: float, target: float) -> None:
+    sizer = BatchSizer(500, target)
+    for _ in range(40):
+        n = sizer()
+        sizer.observe(n, n / rate)
+    want = min(max(rate * target, sizer.lo), sizer.hi)
+    assert sizer() == pytest.approx(want, rel=0.02, abs=1)
+    sizer.fix(33)
+    sizer.observe(1000, 0.001)
+    assert sizer() == 33 and sizer.target is None
