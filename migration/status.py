@@ -12,11 +12,13 @@ from sqlalchemy import Engine, func, select
 from checkpoints import control, leases, store
 from checkpoints.census import latest_census
 from checkpoints.leases import RangeRow, WorkerRow
+from checkpoints.schema import behind, head_revision
 from checkpoints.store import BatchCounts
 from checkpoints.tables import lock, ranges, workers
 
 from .census import census_json
 from .config import Target
+from .errors import ConfigError
 from .reader import bind_target
 from .steer import STEERABLE, pause_line
 
@@ -68,6 +70,13 @@ def collect_status(engine: Engine, failure_limit: int = 50) -> StatusReport | No
     with engine.connect() as conn:
         if not store.schema_present(conn):
             return None
+        old = behind(conn)
+        if old is not None:
+            raise ConfigError(
+                f"the bookkeeping tables here are at revision {old} and this kms-migrate reads "
+                f"revision {head_revision()}: run status with the kms-migrate that made them; "
+                "a command of this one that writes (migrate, rollback, pause, resume, set) "
+                "upgrades them first")
         report = StatusReport()
         all_runs = store.list_runs(conn)
         for r in all_runs:

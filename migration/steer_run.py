@@ -10,6 +10,7 @@ from sqlalchemy import Connection, Engine, select
 
 from checkpoints import control, store
 from checkpoints.control import Control, Who
+from checkpoints.schema import behind, upgrade_in
 from checkpoints.store import Run
 from checkpoints.tables import lock
 
@@ -34,6 +35,8 @@ def steerable_run(conn: Connection, run_id: int | None, what: str) -> Run:
     cannot be steered."""
     if not store.schema_present(conn):
         raise ConfigError(f"nothing to {what}: this database has no kms-migrate runs; check --db")
+    if behind(conn) is not None:  # tables an older kms-migrate made: add what steering reads
+        upgrade_in(conn)
     if run_id is None:
         held = conn.execute(select(lock.c.run_id)).scalar()
         if held is not None:

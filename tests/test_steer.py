@@ -287,3 +287,35 @@ def test_the_sizer_converges_to_rate_times_target(rate: float, target: float) ->
     sizer.fix(33)
     sizer.observe(1000, 0.001)
     assert sizer() == 33 and sizer.target is None
+
+
+def test_steering_upgrades_tables_an_older_version_made(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A run started by an older kms-migrate (tables at revision 0006): status says so in
+    one line; pause upgrades the tables in its own transaction and pauses the run."""
+    from alembic.config import Config
+
+    from alembic import command
+    from checkpoints.schema import alembic_dir, behind
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    eng = create_engine(url)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(alembic_dir()))
+    with eng.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0006")
+        conn.execute(text(
+            "INSERT INTO kms_migrate_runs (kind, state, targets_json, targets_fingerprint, "
+            "batch_size, started_at, updated_at, ranged) VALUES ('migrate', 'running', '[]', "
+            "'x', 10, '2026-01-01', '2026-01-01', 0)"))
+    code, out, err = run_main(capsys, "status", "--db", url)
+    assert_refused(code, out, err, "revision 0006", "upgrades them first")
+    code, out, err = run_main(capsys, "pause", "--db", url)
+    assert code == 0 and "paused by" in out, err
+    with eng.connect() as conn:
+        assert behind(conn) is None
+    code, out, err = run_main(capsys, "status", "--db", url)
+    assert code == 0 and "paused by" in out, err
+    eng.dispose()
