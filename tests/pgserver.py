@@ -129,6 +129,12 @@ class Replica:
 
     port: int
     url: str  # its `postgres` database, as the superuser `postgres` (trust: no password)
+    primary: PgServer  # the server it streams from
+
+    def url_for(self, database_url: str) -> str:
+        """The replica's URL for a database of the primary (`primary.new_database()`)."""
+        return database_url.replace(f"@127.0.0.1:{self.primary.port}/",
+                                    f"@127.0.0.1:{self.port}/")
 
 
 REPLICATION_HBA = "host replication all 127.0.0.1/32 trust"
@@ -168,7 +174,7 @@ def running_replica(server: PgServer) -> Iterator[Replica]:
     port = free_port()
     _pg_ctl_start(bindir, data, port, tmp)
     try:
-        yield Replica(port, f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres")
+        yield Replica(port, f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres", server)
     finally:
         _pg_ctl_stop(bindir, data, tmp)
         shutil.rmtree(tmp, ignore_errors=True)
