@@ -15,6 +15,7 @@ at most now - t: the lag grows while a replica is stuck, writes or not, and drop
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter, deque
 from collections.abc import Sequence
@@ -216,7 +217,7 @@ class ReplicaLag:
                        for r in found if not isinstance(r, str)
                        for name, estimate, replayed in (r,)), reverse=True)
         return [p for p in found if isinstance(p, str)] + [
-            f"replica lag {lag:.1f} s > {self.max_seconds:g} s ({name})"
+            f"replica lag {math.ceil(lag * 10) / 10:.1f} s > {self.max_seconds:g} s ({name})"
             for lag, name in over if lag > self.max_seconds]
 
     def _ask_primary(self, conn: Connection) -> list[Reading | str]:
