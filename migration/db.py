@@ -29,6 +29,7 @@ __all__ = [
 
 SQLITE_BUSY_TIMEOUT = 10.0  # seconds a write waits on another writer's lock before failing
 PG_LOCK_TIMEOUT = 30.0  # seconds a statement waits on a row or table lock before failing
+PG_CONNECT_TIMEOUT = 10  # seconds a connection attempt may take
 # Seconds a session may sit idle inside an open transaction before the server ends it.
 # A process frozen mid-batch (GC pause, VM freeze, SIGSTOP) would otherwise keep its row
 # locks and its share of the run lock's row until TCP gives up (hours), and no other
@@ -178,12 +179,14 @@ def pg_session_options(*, idle_timeout: float = PG_IDLE_IN_TRANSACTION_TIMEOUT,
 
 def make_engine(url: str, *, read_only: bool = False,
                 idle_timeout: float = PG_IDLE_IN_TRANSACTION_TIMEOUT,
-                statement_timeout: float | None = None) -> Engine:
+                statement_timeout: float | None = None,
+                connect_timeout: int = PG_CONNECT_TIMEOUT) -> Engine:
     """An engine that has proved it can connect; read_only makes every session read-only.
 
     On PostgreSQL every session is bounded: `lock_timeout`, an idle-in-transaction
     timeout (`idle_timeout` seconds), TCP keepalives on both ends, and `statement_timeout`
-    when given (a worker's statements are one batch's: small).
+    when given (a worker's statements are one batch's: small). A connection attempt gives
+    up after `connect_timeout` seconds (libpq counts at least 2).
 
     A SQLite file must exist already: connecting would otherwise create an empty one and
     report a baffling "table does not exist".
@@ -197,7 +200,7 @@ def make_engine(url: str, *, read_only: bool = False,
             raise ConfigError(f"SQLite database file {path} does not exist: check --db")
         connect_args["timeout"] = SQLITE_BUSY_TIMEOUT
     elif u.get_backend_name() == "postgresql":
-        connect_args["connect_timeout"] = 10
+        connect_args["connect_timeout"] = connect_timeout
         connect_args["options"] = pg_session_options(idle_timeout=idle_timeout,
                                                      statement_timeout=statement_timeout)
         # The client's side: a server or network that vanished fails the call.

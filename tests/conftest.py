@@ -23,7 +23,14 @@ import pytest
 from cryptography.fernet import Fernet
 from hypothesis import HealthCheck, settings
 
-from tests.pgserver import PgServer, free_port, pg_bindir, running_pg_server
+from tests.pgserver import (
+    PgServer,
+    Replica,
+    free_port,
+    pg_bindir,
+    running_pg_server,
+    running_replica,
+)
 
 # Never let a test reach real AWS: fake credentials, no profile, a fixed region.
 for _var in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
@@ -232,6 +239,23 @@ def pg_server() -> Iterator[PgServer]:
         pytest.skip(msg)
     with running_pg_server() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def pg_replica() -> Iterator[Replica]:
+    """A streaming replica (hot standby) and its primary (`pg_replica.primary`), started only
+    for the tests that ask for it. The primary is a server of its own, not `pg_server`:
+    pg_basebackup would copy every database the suite made so far (a gigabyte late in a
+    full run), and a test that pauses replay or counts sessions stays out of other tests' way.
+    """
+    bindir = pg_bindir()
+    if bindir is None or not (bindir / "pg_basebackup").exists():
+        msg = "no PostgreSQL server binaries (initdb, pg_ctl, pg_basebackup) found"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{msg}; CI requires them (.ci/run installs postgresql)")
+        pytest.skip(msg)
+    with running_pg_server() as primary, running_replica(primary) as replica:
+        yield replica
 
 
 # -- databases ------------------------------------------------------------------------------
