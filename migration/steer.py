@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from sqlalchemy import Engine
 
@@ -32,7 +32,7 @@ from checkpoints.control import Control
 from checkpoints.lock import RunLock
 
 from .config import Settings
-from .guard import ActiveSessions, PauseFile, ReplicaLag
+from .guard import ActiveSessions, Guard, PauseFile, ReplicaLag
 from .kms import KMS
 from .logs import get_logger
 from .progress import Progress
@@ -48,11 +48,6 @@ STEERABLE = ("migrate", "retry", "rekey", "rollback")  # the kinds of run steeri
 MAX_HEARTBEAT = 5.0  # seconds between heartbeats, at most (a quarter of the lease below 20 s)
 POLL_SECONDS = 1.0  # a one-process run reads its steering this often (workers: heartbeat)
 WAKE_SECONDS = 0.2  # a held loop looks at its stop request this often
-
-
-class Guard(Protocol):
-    def reason(self) -> str | None: ...
-    def close(self) -> None: ...
 
 
 def pause_line(c: Control) -> str:
@@ -219,22 +214,22 @@ class SteeringThread(threading.Thread):
 
 
 def guards_for(settings: Settings, engine: Engine) -> list[Guard]:
-    """The guards a command's flags ask for, checked to work (a refusal is one line, before
-    anything is written)."""
-    guards: list[Guard] = []
+    """The guards a command's flags ask for, each checked to work (a refusal is one line,
+    before anything is written)."""
+    guards: list[ActiveSessions | PauseFile | ReplicaLag] = []
     if settings.pause_file:
         guards.append(PauseFile(Path(settings.pause_file)))
     if settings.max_replica_lag:
-        lag = ReplicaLag(engine, settings.max_replica_lag, settings.replicas)
-        try:
-            lag.check()
-        except BaseException:
-            lag.close()
-            raise
-        guards.append(lag)
+        guards.append(ReplicaLag(engine, settings.max_replica_lag, settings.replicas))
     if settings.max_active_sessions:
         guards.append(ActiveSessions(engine, settings.max_active_sessions))
-    return guards
+    try:
+        for g in guards:
+            g.check()
+    except BaseException:
+        close_guards(guards)
+        raise
+    return list(guards)
 
 
 def steering_for(engine: Engine, run_id: int, settings: Settings, *, kms: KMS | None,

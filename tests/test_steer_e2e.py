@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, create_engine
 
 from tests.conftest import Keys, KmsHandle, MotoServer
 from tests.helpers import make_db, snapshot
 from tests.kms_proxy import ProxyState, kms_proxy
+from tests.pgserver import Replica
 from tests.test_e2e import (  # noqa: F401  (cli and outputs are fixtures)
     Outputs,
     check_invariant,
@@ -34,6 +35,7 @@ from tests.test_e2e import (  # noqa: F401  (cli and outputs are fixtures)
     scalar,
     wait_until,
 )
+from tests.test_guard import replay_paused, writing
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
 
@@ -310,3 +312,41 @@ def test_ctrl_c_stops_a_paused_run_and_rollback_works_after(
     assert snapshot(pg_url) == before
     assert "hold by guard@" in done.out and "release by guard@" in done.out
     assert "pause by" in done.out and "resume by" in done.out
+
+
+@pytest.mark.parametrize("mode", ["primary", "replica"])
+def test_a_run_holds_while_a_replica_lags_and_completes_once_it_caught_up(
+    pg_replica: Replica, keys: Keys, server_kms: KmsHandle, moto_server: MotoServer,
+    cli: Any, cli_env: dict[str, str], mode: str,  # noqa: F811
+) -> None:
+    """A real streaming replica: replay paused with pg_wal_replay_pause() while the
+    application goes on writing; the run holds for the lag (no KMS call, no commit), and
+    once replay resumes it goes on and completes. The lag is read on the primary
+    (pg_stat_replication), or with --replica on the replica itself."""
+    url = pg_replica.primary.new_database()
+    truth = make_db(url, ROWS, keys.current, keys.legacy, bad_values=False)
+    before = snapshot(url)
+    eng = poll_engine(url)
+    app = create_engine(url, isolation_level="AUTOCOMMIT")
+    watch = ["--replica", pg_replica.url_for(url)] if mode == "replica" else []
+    with proxied(moto_server, cli_env) as (env, state), writing(app):
+        mig = cli.start(["migrate", "--db", url, "--yes", "--batch-size", "10",
+                         "--max-kms-rps", "150", "--concurrency", "4",
+                         "--max-replica-lag", "1", *watch], env=env)
+        wait_until(mig, "some batches committed", _journal_at_least(eng, 30))
+        with replay_paused(pg_replica.url_for(url)) as resume_replay:
+            wait_until(mig, "the run held for the replica's lag", lambda: str(scalar(
+                eng, "SELECT held FROM kms_migrate_runs") or "").startswith("replica lag"))
+            quiet_within(state, eng, OBEY)
+            assert_idle(state, eng)
+            assert commits(eng)[0] < len(truth.plaintexts), "finished before the lag"
+            status = json.loads(cli.run(["status", "--db", url, "--json"]).out)["steering"]
+            assert status["now"].startswith("held: replica lag")
+            resume_replay()
+            done = mig.wait(timeout=120)
+    app.dispose()
+    assert done.rc == 0, done.err
+    assert "hold by guard@" in done.out and "replica lag" in done.out
+    assert "release by guard@" in done.out
+    changed, _ = check_invariant(eng, url, before, truth, server_kms)
+    assert changed == len(truth.plaintexts)
