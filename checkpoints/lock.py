@@ -24,7 +24,7 @@ from .base import aware
 from .errors import LockHeld, LockLost
 from .hosts import clock, db_now, pid_alive
 from .registry import live_workers
-from .tables import lock
+from .tables import lock, runs
 
 __all__ = ["STALE_AFTER", "LockHeld", "LockLost", "RunLock"]
 
@@ -76,6 +76,11 @@ class RunLock:
                     dead = False  # a ranged run's workers keep it alive, whoever took it
                 if not dead:
                     what = f"{row.kind} run {row.run_id}" if row.run_id else f"a {row.kind}"
+                    paused = row.run_id and conn.execute(select(runs.c.paused_by).where(
+                        runs.c.id == row.run_id)).scalar()
+                    if paused:
+                        what += (f" (paused by {paused}: `kms-migrate resume` lets it go on, "
+                                 "Ctrl-C in its terminal stops it)")
                     raise LockHeld(
                         f"{what} is already running against this database (host {row.host}, "
                         f"pid {row.pid}, last heartbeat {int(age.total_seconds())} s ago): "

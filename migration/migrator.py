@@ -235,6 +235,7 @@ def migrate(
                 for column in bt.target.columns:
                     columns.run(bt, column)
             if not mode.dry_run:
+                hooks.hold()  # a run paused after its last batch settles once resumed
                 # Exit 0 means nothing is left, exit 1 names only values that are: see
                 # settle_column (a retry only drops its failures whose value is gone).
                 settle_run(engine, bound, result.run_id, result.columns, fence,

@@ -40,8 +40,8 @@ from .ratelimit import RateLimiter
 from .sizing import BatchSizer
 
 __all__ = [
-    "MAX_HEARTBEAT", "POLL_SECONDS", "STEERABLE", "Guard", "Steered", "Steering", "SteeringThread",
-    "close_guards", "guards_for", "pause_line", "steered", "steering_for",
+    "MAX_HEARTBEAT", "POLL_SECONDS", "STEERABLE", "Guard", "GuardWatch", "Steered", "Steering",
+    "SteeringThread", "close_guards", "guards_for", "pause_line", "steered", "steering_for",
 ]
 
 STEERABLE = ("migrate", "retry", "rekey", "rollback")  # the kinds of run steering acts on
@@ -85,6 +85,9 @@ class Steering:
         self._free = threading.Event()
         self._free.set()
         self._lock = threading.Lock()
+        # The guards are asked on a thread of their own: a replica that takes seconds to
+        # answer must not delay the heartbeat that renews this process's lease.
+        self._watch = GuardWatch(self.guards) if self.guards else None
 
     # -- the heartbeat side --------------------------------------------------------------
 
@@ -99,19 +102,13 @@ class Steering:
             return
         if c is None:
             return
-        reason = self._guard_reason()
+        reason = self._watch.latest() if self._watch is not None else None
         with self._lock:
             self.control = c
             self._apply(c)
             self._record(reason)
             self._block(c, reason)
 
-    def _guard_reason(self) -> str | None:
-        for g in self.guards:
-            reason = g.reason()
-            if reason:
-                return reason
-        return None
 
     def _apply(self, c: Control) -> None:
         rps = c.max_kms_rps if c.max_kms_rps is not None else self.max_kms_rps
@@ -184,9 +181,38 @@ class Steering:
 
     def close(self) -> None:
         """Clear this process's hold record, close the guards."""
+        if self._watch is not None:
+            self._watch.close()
         if self.held is not None:
             self._record(None)
         close_guards(self.guards)
+
+
+class GuardWatch(threading.Thread):
+    """Asks the guards every POLL_SECONDS on a thread of its own; `latest` is the newest
+    answer (the first one is waited for: a run starts held when it must)."""
+
+    def __init__(self, guards: Sequence[Guard], every: float = POLL_SECONDS) -> None:
+        super().__init__(name="kms-migrate-guards", daemon=True)
+        self.guards, self.every = list(guards), every
+        self._reason: str | None = None
+        self._asked = threading.Event()
+        self._done = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        while not self._done.is_set():
+            self._reason = next((r for g in self.guards if (r := g.reason())), None)
+            self._asked.set()
+            self._done.wait(self.every)
+
+    def latest(self) -> str | None:
+        self._asked.wait(30)
+        return self._reason
+
+    def close(self) -> None:
+        self._done.set()
+        self.join(timeout=15)
 
 
 class SteeringThread(threading.Thread):

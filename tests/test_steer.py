@@ -6,6 +6,7 @@ tests/test_steer_e2e.py."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -343,3 +344,17 @@ def test_the_revisions_make_the_tables_the_code_declares(
                         and d[1].name == VERSION_TABLE)]
     eng.dispose()
     assert diff == []
+
+
+def test_a_command_refused_by_a_paused_runs_lock_is_told_it_is_paused(engine: Engine) -> None:
+    from checkpoints.lock import LockHeld
+
+    run_id = _run(engine)
+    held = RunLock.acquire(engine, "migrate")
+    with engine.begin() as conn:
+        held.bind_run(conn, run_id)
+        control.pause(conn, run_id, WHO)
+        # held by a live process of this host that is not this one
+        conn.execute(text("UPDATE kms_migrate_lock SET pid = :p"), {"p": os.getppid()})
+    with pytest.raises(LockHeld, match=r"paused by alice@ops-1: `kms-migrate resume`"):
+        RunLock.acquire(engine, "rollback")
