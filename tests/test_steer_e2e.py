@@ -15,12 +15,14 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine, create_engine
 
+from migration.sample import SampleSecrets
 from tests.conftest import Keys, KmsHandle, MotoServer
 from tests.helpers import make_db, snapshot
 from tests.kms_proxy import ProxyState, kms_proxy
@@ -96,24 +98,49 @@ def _journal_at_least(eng: Engine, n: int) -> Callable[[], bool]:
     return lambda: (scalar(eng, "SELECT count(*) FROM kms_migrate_journal") or 0) >= n
 
 
+@dataclass
+class Sample:
+    """A sample database on PostgreSQL: its truth, its bytes before, an engine to poll."""
+
+    url: str
+    truth: SampleSecrets
+    before: dict[Any, Any]
+    eng: Engine
+
+    @classmethod
+    def make(cls, url: str, keys: Keys, rows: int = ROWS) -> Sample:
+        truth = make_db(url, rows, keys.current, keys.legacy, bad_values=False)
+        return cls(url, truth, snapshot(url), poll_engine(url))
+
+    def all_migrated_once(self, kms: KmsHandle) -> None:
+        changed, entries = check_invariant(self.eng, self.url, self.before, self.truth, kms)
+        assert changed == len(self.truth.plaintexts) == len(entries)
+
+
+ONE_PROCESS = ["--batch-size", "10", "--max-kms-rps", "150", "--concurrency", "4"]
+
+
+def started_then_paused(runner: Any, db: Sample, env: dict[str, str], state: ProxyState,
+                        args: list[str], *pause: str) -> Any:
+    """`migrate args` started, paused once some batches committed, and quiet: the Running."""
+    mig = runner.start(["migrate", "--db", db.url, "--yes", *args], env=env)
+    wait_until(mig, "some batches committed", _journal_at_least(db.eng, 30))
+    out = steer(runner, "pause", "--db", db.url, *pause)
+    assert "paused by" in out
+    assert quiet_within(state, db.eng, OBEY) <= OBEY
+    return mig
+
+
 def test_pause_and_resume_a_one_process_run(
     pg_url: str, keys: Keys, server_kms: KmsHandle, moto_server: MotoServer,
     cli: Any, cli_env: dict[str, str],  # noqa: F811
 ) -> None:
-    truth = make_db(pg_url, ROWS, keys.current, keys.legacy, bad_values=False)
-    before = snapshot(pg_url)
-    eng = poll_engine(pg_url)
+    db = Sample.make(pg_url, keys)
     with proxied(moto_server, cli_env) as (env, state):
-        mig = cli.start(["migrate", "--db", pg_url, "--yes", "--batch-size", "10",
-                         "--max-kms-rps", "150", "--concurrency", "4"], env=env)
-        wait_until(mig, "some batches committed", _journal_at_least(eng, 30))
-        out = steer(cli, "pause", "--db", pg_url, "--note", "ticket 42")
-        assert "paused by" in out and "run 1 (migrate)" in out
-        took = quiet_within(state, eng, OBEY)
-        assert took <= OBEY
+        mig = started_then_paused(cli, db, env, state, ONE_PROCESS, "--note", "ticket 42")
+        eng = db.eng
         assert_idle(state, eng)
-        left = len(truth.plaintexts) - commits(eng)[0]
-        assert left > 0, "the run finished before the pause: nothing was tested"
+        assert commits(eng)[0] < len(db.truth.plaintexts), "finished before the pause"
 
         # status works while paused, and says who paused it, and why
         st = cli.run(["status", "--db", pg_url, "--json"])
@@ -136,30 +163,24 @@ def test_pause_and_resume_a_one_process_run(
     assert "migrate: paused by" in done.err and "migrate: running again" in done.err
     assert "held 1 time(s)" in done.out
     assert "pause by" in done.out and "ticket 42" in done.out and "resume by" in done.out
-    changed, _ = check_invariant(eng, pg_url, before, truth, server_kms)
-    assert changed == len(truth.plaintexts)
+    db.all_migrated_once(server_kms)
 
 
 def test_pause_and_resume_three_workers_keeps_their_leases(
     pg_url: str, keys: Keys, server_kms: KmsHandle, moto_server: MotoServer,
     cli: Any, cli_env: dict[str, str],  # noqa: F811
 ) -> None:
-    truth = make_db(pg_url, ROWS, keys.current, keys.legacy, bad_values=False)
-    before = snapshot(pg_url)
-    eng = poll_engine(pg_url)
+    db = Sample.make(pg_url, keys)
+    eng = db.eng
     with proxied(moto_server, cli_env) as (env, state):
         # lease 8 s: heartbeats every 2 s; the pause below outlasts a lease
-        mig = cli.start(["migrate", "--db", pg_url, "--yes", "--batch-size", "5",
-                         "--workers", "3", "--rows-per-range", "20", "--lease-seconds", "8",
-                         "--max-kms-rps", "150", "--concurrency", "2"], env=env)
-        wait_until(mig, "three workers and some batches", lambda: (
-            (scalar(eng, "SELECT count(*) FROM kms_migrate_workers WHERE state = 'running'")
-             or 0) == 3 and _journal_at_least(eng, 30)()))
-        steer(cli, "pause", "--db", pg_url)
-        assert quiet_within(state, eng, OBEY) <= OBEY
+        mig = started_then_paused(cli, db, env, state, [
+            "--batch-size", "5", "--workers", "3", "--rows-per-range", "20",
+            "--lease-seconds", "8", "--max-kms-rps", "150", "--concurrency", "2"])
+        assert scalar(eng, "SELECT count(*) FROM kms_migrate_workers") == 3
         claims = scalar(eng, "SELECT sum(claims) FROM kms_migrate_ranges")
         assert_idle(state, eng, 9.0)  # longer than a lease
-        assert commits(eng)[0] < len(truth.plaintexts), "finished before the pause"
+        assert commits(eng)[0] < len(db.truth.plaintexts), "finished before the pause"
         # nobody took a range over: the leases and the workers' heartbeats went on
         assert scalar(eng, "SELECT sum(claims) FROM kms_migrate_ranges") == claims
         assert scalar(eng, "SELECT count(*) FROM kms_migrate_workers WHERE state = "
@@ -171,8 +192,7 @@ def test_pause_and_resume_three_workers_keeps_their_leases(
     assert done.rc == 0, done.err
     assert "pause by" in done.out and "resume by" in done.out
     assert scalar(eng, "SELECT max(claims) FROM kms_migrate_ranges") == 1
-    changed, _ = check_invariant(eng, pg_url, before, truth, server_kms)
-    assert changed == len(truth.plaintexts)
+    db.all_migrated_once(server_kms)
 
 
 def _rate(state: ProxyState, seconds: float) -> float:
@@ -214,19 +234,13 @@ def test_sigkill_while_paused_then_restart_stays_paused(
     pg_url: str, keys: Keys, server_kms: KmsHandle, moto_server: MotoServer,
     cli: Any, cli_env: dict[str, str],  # noqa: F811
 ) -> None:
-    truth = make_db(pg_url, ROWS, keys.current, keys.legacy, bad_values=False)
-    before = snapshot(pg_url)
-    eng = poll_engine(pg_url)
-    args = ["migrate", "--db", pg_url, "--yes", "--batch-size", "10", "--max-kms-rps", "150",
-            "--concurrency", "4"]
+    db = Sample.make(pg_url, keys)
+    eng = db.eng
     with proxied(moto_server, cli_env) as (env, state):
-        mig = cli.start(args, env=env)
-        wait_until(mig, "some batches committed", _journal_at_least(eng, 30))
-        steer(cli, "pause", "--db", pg_url)
-        quiet_within(state, eng, OBEY)
+        mig = started_then_paused(cli, db, env, state, ONE_PROCESS)
         mig.signal(signal.SIGKILL)
         assert mig.wait().rc == -signal.SIGKILL
-        again = cli.start(args, env=env)
+        again = cli.start(["migrate", "--db", pg_url, "--yes", *ONE_PROCESS], env=env)
         wait_until(again, "the restart holding the lock", lambda: (
             scalar(eng, "SELECT count(*) FROM kms_migrate_lock WHERE pid <> :p",
                    p=mig.proc.pid) or 0) == 1)
@@ -237,34 +251,28 @@ def test_sigkill_while_paused_then_restart_stays_paused(
         done = again.wait(timeout=120)
     assert done.rc == 0, done.err
     assert "(resumed)" in done.out
-    changed, entries = check_invariant(eng, pg_url, before, truth, server_kms)
-    assert changed == len(truth.plaintexts) == len(entries)
+    db.all_migrated_once(server_kms)
 
 
 def test_a_worker_joining_a_paused_run_stays_paused(
     pg_url: str, keys: Keys, server_kms: KmsHandle, moto_server: MotoServer,
     cli: Any, cli_env: dict[str, str],  # noqa: F811
 ) -> None:
-    truth = make_db(pg_url, ROWS, keys.current, keys.legacy, bad_values=False)
-    before = snapshot(pg_url)
-    eng = poll_engine(pg_url)
-    args = ["migrate", "--db", pg_url, "--yes", "--batch-size", "5", "--rows-per-range", "20",
-            "--max-kms-rps", "100", "--concurrency", "2", "--lease-seconds", "8"]
+    db = Sample.make(pg_url, keys)
+    args = ["--batch-size", "5", "--rows-per-range", "20", "--max-kms-rps", "100",
+            "--concurrency", "2", "--lease-seconds", "8"]
     with proxied(moto_server, cli_env) as (env, state):
-        first = cli.start([*args, "--workers", "2"], env=env)
-        wait_until(first, "some batches", _journal_at_least(eng, 20))
-        steer(cli, "pause", "--db", pg_url)
-        quiet_within(state, eng, OBEY)
-        joiner = cli.start([*args, "--workers", "1"], env=env)
+        first = started_then_paused(cli, db, env, state, [*args, "--workers", "2"])
+        joiner = cli.start(["migrate", "--db", pg_url, "--yes", *args, "--workers", "1"],
+                           env=env)
         wait_until(joiner, "the third worker registered", lambda: (
-            scalar(eng, "SELECT count(*) FROM kms_migrate_workers WHERE state = 'running'")
-            or 0) == 3)
-        assert_idle(state, eng)
+            scalar(db.eng, "SELECT count(*) FROM kms_migrate_workers WHERE state = "
+                           "'running'") or 0) == 3)
+        assert_idle(state, db.eng)
         steer(cli, "resume", "--db", pg_url)
         a, b = first.wait(timeout=180), joiner.wait(timeout=180)
     assert {a.rc, b.rc} == {0}, (a.err, b.err)
-    changed, _ = check_invariant(eng, pg_url, before, truth, server_kms)
-    assert changed == len(truth.plaintexts)
+    db.all_migrated_once(server_kms)
 
 
 def test_ctrl_c_stops_a_paused_run_and_rollback_works_after(
@@ -274,15 +282,10 @@ def test_ctrl_c_stops_a_paused_run_and_rollback_works_after(
     """An operator who paused because something looks wrong can stop and roll back: the
     paused run takes Ctrl-C at once (no batch to wait for), and a rollback, itself paused
     and resumed, puts every original byte back."""
-    make_db(pg_url, ROWS, keys.current, keys.legacy, bad_values=False)
-    before = snapshot(pg_url)
-    eng = poll_engine(pg_url)
+    db = Sample.make(pg_url, keys)
+    eng = db.eng
     with proxied(moto_server, cli_env) as (env, state):
-        mig = cli.start(["migrate", "--db", pg_url, "--yes", "--batch-size", "10",
-                         "--max-kms-rps", "150", "--concurrency", "4"], env=env)
-        wait_until(mig, "some batches committed", _journal_at_least(eng, 30))
-        steer(cli, "pause", "--db", pg_url)
-        quiet_within(state, eng, OBEY)
+        mig = started_then_paused(cli, db, env, state, ONE_PROCESS)
         t = time.monotonic()
         mig.signal(signal.SIGINT)
         stopped = mig.wait(timeout=30)
@@ -309,7 +312,7 @@ def test_ctrl_c_stops_a_paused_run_and_rollback_works_after(
         steer(cli, "resume", "--db", pg_url)
         done = rb.wait(timeout=120)
     assert done.rc == 0, done.err
-    assert snapshot(pg_url) == before
+    assert snapshot(pg_url) == db.before
     assert "hold by guard@" in done.out and "release by guard@" in done.out
     assert "pause by" in done.out and "resume by" in done.out
 
@@ -324,9 +327,8 @@ def test_a_run_holds_while_a_replica_lags_and_completes_once_it_caught_up(
     once replay resumes it goes on and completes. The lag is read on the primary
     (pg_stat_replication), or with --replica on the replica itself."""
     url = pg_replica.primary.new_database()
-    truth = make_db(url, ROWS, keys.current, keys.legacy, bad_values=False)
-    before = snapshot(url)
-    eng = poll_engine(url)
+    db = Sample.make(url, keys)
+    eng = db.eng
     app = create_engine(url, isolation_level="AUTOCOMMIT")
     watch = ["--replica", pg_replica.url_for(url)] if mode == "replica" else []
     with proxied(moto_server, cli_env) as (env, state), writing(app):
@@ -339,7 +341,7 @@ def test_a_run_holds_while_a_replica_lags_and_completes_once_it_caught_up(
                 eng, "SELECT held FROM kms_migrate_runs") or "").startswith("replica lag"))
             quiet_within(state, eng, OBEY)
             assert_idle(state, eng)
-            assert commits(eng)[0] < len(truth.plaintexts), "finished before the lag"
+            assert commits(eng)[0] < len(db.truth.plaintexts), "finished before the lag"
             status = json.loads(cli.run(["status", "--db", url, "--json"]).out)["steering"]
             assert status["now"].startswith("held: replica lag")
             resume_replay()
@@ -348,5 +350,4 @@ def test_a_run_holds_while_a_replica_lags_and_completes_once_it_caught_up(
     assert done.rc == 0, done.err
     assert "hold by guard@" in done.out and "replica lag" in done.out
     assert "release by guard@" in done.out
-    changed, _ = check_invariant(eng, url, before, truth, server_kms)
-    assert changed == len(truth.plaintexts)
+    db.all_migrated_once(server_kms)
