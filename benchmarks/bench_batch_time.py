@@ -14,7 +14,8 @@ phase when its page was read (its KMS work starts right after) after the step, e
 straddles the step.
 
     .venv/bin/python benchmarks/bench_batch_time.py                  # about 2 minutes
-    .venv/bin/python benchmarks/bench_batch_time.py --rows 2000 --repeat 2 --step-at 0.33
+    .venv/bin/python benchmarks/bench_batch_time.py --rows 10000 --step-at 0.3 \
+        --sizes 500 --times 2                 # long enough for 2 s to settle at 50 ms
 """
 
 from __future__ import annotations
@@ -155,10 +156,11 @@ class Config:
     batch_time: float | None = None
 
 
-CONFIGS = (Config("--batch-size 100", 100), Config("--batch-size 500", 500),
-           Config("--batch-time 0.5", DEFAULT_BATCH_SIZE, 0.5),
-           Config("--batch-time 1", DEFAULT_BATCH_SIZE, 1.0),
-           Config("--batch-time 2", DEFAULT_BATCH_SIZE, 2.0))
+def configs(fixed: str, targets: str) -> tuple[Config, ...]:
+    """Fixed sizes, then targets (from the default --batch-size), as comma-separated."""
+    return (*(Config(f"--batch-size {n}", int(n)) for n in fixed.split(",") if n),
+            *(Config(f"--batch-time {t}", DEFAULT_BATCH_SIZE, float(t))
+              for t in targets.split(",") if t))
 
 
 @dataclass
@@ -253,12 +255,14 @@ def report(outcomes: Sequence[Outcome], label: Callable[[Outcome], str]) -> None
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, default=5000)
+    ap.add_argument("--rows", type=int, default=6000)
     ap.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY)
     ap.add_argument("--low-ms", type=float, default=5.0)
     ap.add_argument("--high-ms", type=float, default=50.0)
     ap.add_argument("--step-at", type=float, default=0.5,
                     help="the fraction of the run's KMS calls after which the latency steps up")
+    ap.add_argument("--sizes", default="100,500", help="fixed --batch-size configurations")
+    ap.add_argument("--times", default="0.5,1,2", help="--batch-time configurations")
     ap.add_argument("--repeat", type=int, default=1,
                     help="rounds; each runs every configuration, in a rotated order")
     args = ap.parse_args()
@@ -269,11 +273,12 @@ def main() -> None:
           f"concurrency {args.concurrency}")
     work = Path(tempfile.mkdtemp(prefix="kms-bench-bt-"))
     outcomes: list[tuple[int, Outcome]] = []
+    todo = configs(args.sizes, args.times)
     try:
         template = work / "template.db"
         build_db(template, args.rows)
         for r in range(args.repeat):
-            order = CONFIGS[r % len(CONFIGS):] + CONFIGS[:r % len(CONFIGS)]
+            order = todo[r % len(todo):] + todo[:r % len(todo)]
             for config in order:
                 db = work / "run.db"
                 shutil.copy(template, db)
@@ -286,7 +291,7 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     rounds = {id(o): r for r, o in outcomes}
-    ordered = sorted((o for _, o in outcomes), key=lambda o: (CONFIGS.index(o.config),
+    ordered = sorted((o for _, o in outcomes), key=lambda o: (todo.index(o.config),
                                                              rounds[id(o)]))
     report(ordered, (lambda o: f"{o.config.name} (round {rounds[id(o)] + 1})")
            if args.repeat > 1 else (lambda o: o.config.name))
