@@ -3,13 +3,20 @@
 
 A batch's time is measured commit to commit: its KMS work (which overlaps the previous
 batch's write) and its write transaction, the time a pause, a Ctrl-C or a crash waits on
-or loses. After each batch the rows per second it achieved are smoothed (an exponential
-average, so that one slow batch does not halve the next), and the next size is that rate
-times the target, changed by at most a factor of 2 per batch and kept within bounds.
+or loses. After each batch the seconds per row it took are smoothed (an exponential
+average, so that one slow batch does not halve the next), and the next size is the target
+over that, changed by at most a factor of 2 per batch and kept within bounds.
+
+Seconds per row, not rows per second: a batch's time is its size times its seconds per
+row, so it is their average that predicts it. An average of rates overestimates the rate
+(the mean of 100 and 300 rows/s is 200, while 2 x 150 rows take 1.5 + 0.5 = 2 s: 150
+rows/s): the batches ran longer than the target under a varying rate, and after a
+slowdown the fast past kept them too long for a batch or two more.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 
 __all__ = ["MAX_ADAPTIVE", "MIN_ADAPTIVE", "BatchSizer"]
@@ -30,7 +37,7 @@ class BatchSizer:
         self.lo, self.hi = lo, hi
         self._size = max(1, size)
         self.target = target if target else None
-        self._rate: float | None = None  # smoothed rows/s
+        self._per_row: float | None = None  # smoothed seconds per row
         self.chosen: list[int] = []  # the sizes chosen, in order (for logs and benchmarks)
 
     def __call__(self) -> int:
@@ -40,24 +47,25 @@ class BatchSizer:
     def fix(self, size: int) -> None:
         """A fixed size from now on (adaptation off)."""
         with self._lock:
-            self._size, self.target, self._rate = max(1, size), None, None
+            self._size, self.target, self._per_row = max(1, size), None, None
 
     def follow(self, target: float | None) -> None:
         """Follow a target batch time in seconds from now on (None or 0: keep the size)."""
         with self._lock:
             self.target = target if target else None
-            self._rate = None
+            self._per_row = None
 
     def observe(self, rows: int, seconds: float) -> int:
         """A batch of `rows` took `seconds`: the size of the next one."""
         with self._lock:
             if self.target is None or rows <= 0 or seconds <= 0:
                 return self._size
-            rate = rows / seconds
-            self._rate = rate if self._rate is None else (
-                SMOOTHING * rate + (1 - SMOOTHING) * self._rate)
-            want = self._rate * self.target
-            want = min(max(want, self._size / MAX_STEP), self._size * MAX_STEP)
-            self._size = int(min(max(round(want), self.lo), max(self.hi, self.lo)))
+            per_row = seconds / rows
+            self._per_row = per_row if self._per_row is None else (
+                SMOOTHING * per_row + (1 - SMOOTHING) * self._per_row)
+            want = self.target / self._per_row if self._per_row > 0 else math.inf
+            # At most MAX_STEP either way, rounded inwards (21 rows never go to 10).
+            want = min(max(want, math.ceil(self._size / MAX_STEP)), int(self._size * MAX_STEP))
+            self._size = min(max(round(want), self.lo), max(self.hi, self.lo))
             self.chosen.append(self._size)
             return self._size
