@@ -38,7 +38,9 @@ DEFAULT_KEY_ID = "alias/coinflip-master-key"
 DEFAULT_REGION = "us-east-1"
 DEFAULT_BATCH_SIZE = 500
 # --batch-time: the target seconds per batch when --batch-size is not given (None: off).
-DEFAULT_BATCH_TIME: float | None = None
+# 1 s: a pause or Ctrl-C waits about a second for the batch in flight whatever KMS does,
+# for 1-3% of the throughput of a fixed 500 (docs/benchmarks.md, "Adaptive batch size").
+DEFAULT_BATCH_TIME: float | None = 1.0
 DEFAULT_CONCURRENCY = 16
 # KMS requests/s of the whole run. A default account quota for symmetric cryptographic
 # operations is 10,000/s in most regions, shared with the live application: 2,000/s leaves

@@ -222,6 +222,7 @@ def migrate(
         with engine.connect() as conn:
             positions = dict(store.load_checkpoints(conn, result.run_id))
     log.info("run_started", resumed=result.resumed, batch_size=settings.batch_size,
+             batch_time=settings.batch_time,
              concurrency=settings.concurrency, encryption_context=settings.encryption_context,
              to_key_id=settings.to_key_id, to_encryption_context=settings.to_encryption_context)
     fence = run_lock.fence if run_lock else None

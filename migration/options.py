@@ -103,7 +103,8 @@ def steer_options(f: F) -> F:
     return click.option("--batch-time", type=click.FloatRange(min=0), metavar="SECONDS",
                         help="Size batches to take about this long each (KMS work and write), "
                              "within 10 to 5,000 rows, starting at --batch-size; 0: a fixed "
-                             "--batch-size.")(f)
+                             f"--batch-size. [default: {DEFAULT_BATCH_TIME:g} when --batch-size "
+                             "is not given]")(f)
 
 
 def _batch_time(opts: dict[str, Any]) -> float | None:
@@ -208,7 +209,9 @@ def target_options(f: F) -> F:
     f = click.option("--concurrency", type=click.IntRange(1, 512), default=DEFAULT_CONCURRENCY,
                      show_default=True, help="KMS calls in flight.")(f)
     f = click.option("--batch-size", type=click.IntRange(1, 100_000), default=DEFAULT_BATCH_SIZE,
-                     show_default=True, help="Rows per batch (one transaction each).")(f)
+                     show_default=True, help="Rows per batch (one transaction each); given, it "
+                                             "stays fixed, else it is where --batch-time "
+                                             "starts.")(f)
     f = click.option("--region", metavar="R",
                      help=f"AWS region of the key (default: $AWS_REGION, else "
                           f"{DEFAULT_REGION}).")(f)

@@ -23,7 +23,7 @@ from checkpoints.control import Who
 from checkpoints.lock import RunLock
 from migration.errors import ConfigError
 from migration.pipeline import Hooks
-from migration.sizing import MAX_STEP, BatchSizer
+from migration.sizing import BatchSizer
 from migration.steer import Steering
 from migration.steer_run import pause_run, resume_run, set_run, steerable_run
 from tests.conftest import Keys, KmsHandle
@@ -255,41 +255,6 @@ def test_a_pause_file_holds_a_run_until_it_is_gone(sqlite_url: str, keys: Keys,
     eng.dispose()
 
 
-# -- the batch sizer --------------------------------------------------------------------------
-
-@settings(max_examples=200, deadline=None)
-@given(start=st.integers(1, 20_000), target=st.floats(0.05, 30),
-       batches=st.lists(st.tuples(st.integers(0, 10_000), st.floats(0, 100)), max_size=30))
-def test_the_sizer_stays_in_bounds_and_moves_by_at_most_a_factor(
-    start: int, target: float, batches: list[tuple[int, float]],
-) -> None:
-    sizer = BatchSizer(start, target)
-    size = sizer()
-    for rows, seconds in batches:
-        new = sizer.observe(rows, seconds)
-        assert new == sizer()
-        if rows > 0 and seconds > 0:
-            assert sizer.lo <= new <= sizer.hi
-            assert new <= max(size * MAX_STEP, sizer.lo) + 1
-            assert new >= min(size / MAX_STEP, sizer.hi) - 1
-        else:
-            assert new == size  # nothing learnt from an empty or instant batch
-        size = new
-
-
-@given(rate=st.floats(20, 5000), target=st.floats(0.2, 5))
-def test_the_sizer_converges_to_rate_times_target(rate: float, target: float) -> None:
-    sizer = BatchSizer(500, target)
-    for _ in range(40):
-        n = sizer()
-        sizer.observe(n, n / rate)
-    want = min(max(rate * target, sizer.lo), sizer.hi)
-    assert sizer() == pytest.approx(want, rel=0.02, abs=1)
-    sizer.fix(33)
-    sizer.observe(1000, 0.001)
-    assert sizer() == 33 and sizer.target is None
-
-
 def test_steering_upgrades_tables_an_older_version_made(
     tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -358,3 +323,31 @@ def test_a_command_refused_by_a_paused_runs_lock_is_told_it_is_paused(engine: En
         conn.execute(text("UPDATE kms_migrate_lock SET pid = :p"), {"p": os.getppid()})
     with pytest.raises(LockHeld, match=r"paused by alice@ops-1: `kms-migrate resume`"):
         RunLock.acquire(engine, "rollback")
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    ([], 1.0),  # no size given: batches follow the default target
+    (["--batch-size", "500"], None),  # a size given stays fixed, even the default's value
+    (["--batch-time", "2.5"], 2.5),
+    (["--batch-size", "50", "--batch-time", "3"], 3.0),
+    (["--batch-time", "0"], None),
+])
+def test_batch_time_defaults_on_only_when_no_size_is_given(
+    tmp_path: Path, argv: list[str], expected: float | None,
+) -> None:
+    import click
+    from click.testing import CliRunner
+
+    from migration.options import settings_from, steer_options, target_options
+
+    seen: list[float | None] = []
+
+    @click.command()
+    @target_options
+    @steer_options
+    def probe(**opts: Any) -> None:
+        seen.append(settings_from(opts).batch_time)
+
+    res = CliRunner().invoke(probe, ["--db", f"sqlite:///{tmp_path / 'x.db'}", *argv])
+    assert res.exit_code == 0, res.output
+    assert seen == [expected]
