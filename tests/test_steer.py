@@ -351,3 +351,36 @@ def test_batch_time_defaults_on_only_when_no_size_is_given(
     res = CliRunner().invoke(probe, ["--db", f"sqlite:///{tmp_path / 'x.db'}", *argv])
     assert res.exit_code == 0, res.output
     assert seen == [expected]
+
+
+def test_a_stretch_of_null_rows_does_not_grow_the_batch_size(
+    sqlite_url: str, keys: Keys, kms: KmsHandle,
+) -> None:
+    """1,000 NULL rows, then Fernet tokens: the NULL batches take milliseconds, and learning
+    from them would double the size batch after batch, leaving the tokens one huge batch.
+    The sizer learns only from values that needed KMS work."""
+    from cryptography.fernet import Fernet
+
+    from migration.config import Target
+    from migration.db import make_engine
+    from migration.migrator import migrate
+
+    Path(sqlite_url.removeprefix("sqlite:///")).touch()
+    eng = make_engine(sqlite_url)
+    with eng.begin() as conn:
+        conn.execute(text("CREATE TABLE vault (id INTEGER PRIMARY KEY, secret TEXT)"))
+        conn.execute(text("INSERT INTO vault (id, secret) VALUES (:i, NULL)"),
+                     [{"i": i} for i in range(1, 1001)])
+        f = Fernet(keys.current)
+        conn.execute(text("INSERT INTO vault (id, secret) VALUES (:i, :s)"),
+                     [{"i": i, "s": f.encrypt(b"k" * 32).decode()} for i in range(1001, 1101)])
+    s = settings_for(sqlite_url, keys.current, batch_size=20, batch_time=1.0,
+                     targets=(Target("vault", "id", ("secret",)),))
+    sizer = BatchSizer(s.batch_size, s.batch_time)
+    batches: list[int] = []
+    hooks = Hooks(on_batch=lambda t, c, counts: batches.append(
+        counts.migrated + counts.skipped), sizer=sizer)
+    result = migrate(s, engine=eng, kms=make_kms(kms.client, s), hooks=hooks)
+    assert result.columns[0].migrated == 100
+    assert batches[:50] == [20] * 50  # the NULL stretch, at the size it started with
+    eng.dispose()
