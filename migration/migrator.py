@@ -216,11 +216,12 @@ def migrate(
             close_guards(guards)
             raise
         result.run_id, result.resumed = run
-        steering = steering_for(engine, result.run_id, settings, kms=kms, guards=guards,
-                                progress=hooks.progress)
         log = log.bind(run_id=result.run_id)
         with engine.connect() as conn:
             positions = dict(store.load_checkpoints(conn, result.run_id))
+    if not mode.dry_run or guards:  # a dry-run obeys its guards (its pause file) too
+        steering = steering_for(engine, result.run_id, settings, kms=kms, guards=guards,
+                                progress=hooks.progress)
     log.info("run_started", resumed=result.resumed, batch_size=settings.batch_size,
              batch_time=settings.batch_time,
              concurrency=settings.concurrency, encryption_context=settings.encryption_context,

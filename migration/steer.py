@@ -64,7 +64,7 @@ class Steering:
     is paused or a guard holds it."""
 
     engine: Engine
-    run_id: int
+    run_id: int | None  # None: a dry-run, which has no run to read (its guards only)
     sizer: BatchSizer
     kms: KMS | None = None
     max_kms_rps: float = 0.0  # the command's own limit (0: none)
@@ -94,18 +94,21 @@ class Steering:
     def poll(self) -> None:
         """Read the run's steering and the guards, apply the limits, block or free the
         column loop. Never raises: a database hiccup keeps the last state."""
-        try:
-            with self.engine.begin() as conn:
-                c = control.read(conn, self.run_id)
-        except Exception as exc:
-            self.log.warning("steering_not_read", error=type(exc).__name__)
-            return
-        if c is None:
-            return
+        c: Control | None = None
+        if self.run_id is not None:
+            try:
+                with self.engine.begin() as conn:
+                    c = control.read(conn, self.run_id)
+            except Exception as exc:
+                self.log.warning("steering_not_read", error=type(exc).__name__)
+                return
+            if c is None:
+                return
         reason = self._watch.latest() if self._watch is not None else None
         with self._lock:
             self.control = c
-            self._apply(c)
+            if c is not None:
+                self._apply(c)
             self._record(reason)
             self._block(c, reason)
 
@@ -130,7 +133,10 @@ class Steering:
 
     def _record(self, reason: str | None) -> None:
         """Record a hold this process began or ended on the run (for `status`)."""
-        if (reason is None) == (self.held is None):
+        if (reason is None) == (self.held is None) or self.run_id is None:
+            if reason != self.held:
+                self.log.warning("run_held", reason=reason) if reason else self.log.info(
+                    "run_released", reason=self.held)
             self.held = reason
             return
         try:
@@ -148,12 +154,14 @@ class Steering:
             self.log.info("run_released", reason=self.held)
         self.held = reason
 
-    def _block(self, c: Control, reason: str | None) -> None:
-        why = pause_line(c) if c.paused else (f"held: {reason}" if reason else None)
+    def _block(self, c: Control | None, reason: str | None) -> None:
+        paused = c is not None and c.paused
+        why = pause_line(c) if c is not None and paused else (
+            f"held: {reason}" if reason else None)
         if why is not None and self._free.is_set():
             self._free.clear()
             self.holds += 1
-            if c.paused:
+            if c is not None and paused:
                 self.log.warning("run_paused", by=c.paused_by, note=c.pause_note)
         elif why is None and not self._free.is_set():
             self._free.set()
@@ -258,7 +266,7 @@ def guards_for(settings: Settings, engine: Engine) -> list[Guard]:
     return list(guards)
 
 
-def steering_for(engine: Engine, run_id: int, settings: Settings, *, kms: KMS | None,
+def steering_for(engine: Engine, run_id: int | None, settings: Settings, *, kms: KMS | None,
                  guards: Sequence[Guard], progress: Progress | None) -> Steering:
     """The steering of a one-process run (a worker builds its own)."""
     return Steering(engine, run_id, BatchSizer(settings.batch_size, settings.batch_time),
@@ -276,9 +284,9 @@ def close_guards(guards: Sequence[Guard]) -> None:
 def steered(steering: Steering | None, run_lock: RunLock | None,
             guards: Sequence[Guard] = ()) -> Iterator[Steering | None]:
     """A one-process run, steered: its steering read once before the first batch, then by
-    a thread that also keeps the run lock's heartbeat fresh. None (a dry-run): only the
-    guards are closed at the end."""
-    if steering is None or run_lock is None:
+    a thread that also keeps the run lock's heartbeat fresh (a dry-run has no lock: its
+    guards only). No steering: only the guards are closed at the end."""
+    if steering is None:
         try:
             yield steering
         finally:
@@ -286,7 +294,8 @@ def steered(steering: Steering | None, run_lock: RunLock | None,
         return
     steering.poll()
     every = timedelta(seconds=POLL_SECONDS)
-    thread = SteeringThread(steering, touch=lambda: run_lock.touch(steering.engine, every))
+    thread = SteeringThread(steering, touch=None if run_lock is None else (
+        lambda: run_lock.touch(steering.engine, every)))
     thread.start()
     try:
         yield steering
@@ -306,9 +315,11 @@ class Steered:
 
     @classmethod
     def of(cls, engine: Engine, steering: Steering) -> Steered:
+        changes: list[control.Change] = []
         try:
-            with engine.connect() as conn:
-                changes = control.changes_of(conn, steering.run_id)
+            if steering.run_id is not None:
+                with engine.connect() as conn:
+                    changes = control.changes_of(conn, steering.run_id)
         except Exception:  # best effort: a summary without its changes
             changes = []
         return cls(steering.holds, steering.held_seconds, changes)

@@ -384,3 +384,30 @@ def test_a_stretch_of_null_rows_does_not_grow_the_batch_size(
     assert result.columns[0].migrated == 100
     assert batches[:50] == [20] * 50  # the NULL stretch, at the size it started with
     eng.dispose()
+
+
+def test_a_dry_run_obeys_its_pause_file(sqlite_url: str, keys: Keys, kms: KmsHandle,
+                                        tmp_path: Path) -> None:
+    """A rehearsal uses the KMS quota too: its pause file holds it (it has no run row, so
+    nothing is recorded, and the database is left as it was)."""
+    from migration.db import make_engine
+    from migration.migrator import Mode, migrate
+
+    make_db(sqlite_url, 20, keys.current, bad_values=False)
+    hold = tmp_path / "hold"
+    hold.touch()
+    s = settings_for(sqlite_url, keys.current, batch_size=10, pause_file=str(hold))
+    eng = make_engine(sqlite_url, read_only=True)
+    k = make_kms(kms.client, s)
+    out: list[Any] = []
+    t = threading.Thread(target=lambda: out.append(
+        migrate(s, engine=eng, kms=k, mode=Mode(dry_run=True))))
+    t.start()
+    time.sleep(2.0)
+    assert k.requests == 1  # its DescribeKey, then nothing while the file exists
+    hold.unlink()
+    t.join(30)
+    assert not t.is_alive() and out[0].dry_run
+    assert sum(c.migrated for c in out[0].columns) > 0 and k.requests > 1
+    assert out[0].steered.holds == 1
+    eng.dispose()
