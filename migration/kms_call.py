@@ -36,6 +36,7 @@ from .kms_codes import (
 )
 from .kms_keys import KeyInfo, blamed
 from .kms_pool import CallPool
+from .logs import get_logger
 from .ratelimit import RateLimiter
 
 __all__ = ["AccessDenied", "KMSCaller", "PerValue", "RetryPolicy", "Undecryptable"]
@@ -91,6 +92,10 @@ class KMSCaller(CallPool):
     def _count_retry(self, state: RetryCallState) -> None:
         with self._lock:
             self.retries += 1
+        exc = state.outcome.exception() if state.outcome is not None else None
+        # The cause is KMS's error code or the transport error's class: never a value.
+        get_logger().debug("kms_retry", cause=str(exc) if exc is not None else None,
+                           attempt=state.attempt_number)
 
     def _fatal(self, code: str, op: str, key: str | None = None) -> FatalKMSError:
         return FatalKMSError(fatal_message(code, op, key or self.key_id, self.region,

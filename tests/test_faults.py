@@ -7,8 +7,10 @@ errors are injected by tests/kms_proxy.py with KMS's real error codes and HTTP s
 
 from __future__ import annotations
 
+import json
 import re
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +56,15 @@ def test_throttling_30_percent_completes_with_bounded_retries(
     retries = int(re.search(r"retries: (\d+)", res.stdout).group(1))  # type: ignore[union-attr]
     injected = sum(state.injected.values())
     assert injected > 0.2 * (2 * len(truth.plaintexts))  # the proxy really throttled ~30%
-    assert retries == injected  # every throttle retried once, nothing else retried
+    causes = Counter(json.loads(line).get("cause") for line in logged.splitlines()
+                     if '"event": "kms_retry"' in line)
+    assert sum(causes.values()) == retries
+    # Every throttle retried once. On a loaded machine the local proxy may also drop a
+    # connection now and then: retried too, and named by its transport error, never a
+    # KMS code.
+    assert causes["ThrottlingException"] == injected, causes
+    assert all(not c or not c.endswith("Exception") for c in causes
+               if c != "ThrottlingException"), causes
     calls = sum(state.forwarded.values())
     assert calls == 2 * len(truth.plaintexts) + 1  # each call succeeded exactly once
     assert retries <= calls * (RetryPolicy().max_attempts - 1)  # bounded
