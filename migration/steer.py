@@ -15,12 +15,13 @@ run's row at every heartbeat (`Steering.poll`), obeyed between batches (`Steerin
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,9 @@ class Steering:
 
 
     def _apply(self, c: Control) -> None:
+        # A number that is none (NaN, infinity: refused by `set`, but a row is anyone's to
+        # write) is taken as unset, never as a limit.
+        c = replace(c, max_kms_rps=_number(c.max_kms_rps), batch_time=_number(c.batch_time))
         rps = c.max_kms_rps if c.max_kms_rps is not None else self.max_kms_rps
         kms = self.kms
         if kms is not None:
@@ -186,6 +190,10 @@ class Steering:
         if self.held is not None:
             self._record(None)
         close_guards(self.guards)
+
+
+def _number(value: float | None) -> float | None:
+    return value if value is None or math.isfinite(value) else None
 
 
 class GuardWatch(threading.Thread):

@@ -1,0 +1,169 @@
+"""Adversarial review of issue 14 (steering a live run): what a hostile operator or
+environment does to `pause`, `resume`, `set` and the guards, and what must still hold.
+
+Each test here failed before its fix: non-finite numbers taken as limits, a later
+`set --batch-size` read differently by a process that joins, KMS calls asleep at a rate
+that was raised meanwhile, a hold left on the run by a process that died, control
+characters from a note or $USER reaching another operator's terminal, times labelled UTC
+that were not, and a guard whose answer went stale.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, create_engine, text
+
+from checkpoints import control, store
+from checkpoints.control import Who
+from migration.ratelimit import RateLimiter
+from migration.sizing import BatchSizer
+from migration.steer import Steering
+from tests.helpers import assert_refused, run_main
+
+WHO = Who("alice", "ops-1")
+
+
+def _run(engine: Engine, kind: str = "migrate", state: str = "running") -> int:
+    store.ensure_schema(engine)
+    with engine.begin() as conn:
+        run = store.create_run(conn, store.NewRun(kind, 100))
+        if state != "running":
+            store.set_state(conn, run.id, state)
+    return run.id
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Engine:
+    return create_engine(f"sqlite:///{tmp_path / 'steer.db'}")
+
+
+def _row(engine: Engine, run_id: int) -> tuple[Any, ...]:
+    with engine.connect() as conn:
+        row = conn.execute(text(
+            "SELECT paused_at, pause_note, set_max_kms_rps, set_batch_size, set_batch_time "
+            "FROM kms_migrate_runs WHERE id = :i"), {"i": run_id}).one()
+        n = conn.execute(text("SELECT count(*) FROM kms_migrate_changes")).scalar()
+    return (*row, n)
+
+
+# -- 1. numbers that are not numbers ----------------------------------------------------------
+
+@pytest.mark.parametrize("argv", [
+    ["set", "--batch-time", "nan"],
+    ["set", "--batch-time", "inf"],
+    ["set", "--max-kms-rps", "nan"],
+    ["set", "--max-kms-rps", "inf"],
+    ["set", "--max-kms-rps", "NaN", "--batch-size", "10"],
+])
+def test_set_refuses_a_limit_that_is_no_finite_number(
+    engine: Engine, tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str],
+) -> None:
+    """`set --batch-time nan` was stored and taken: the sizer's next batch raised
+    ValueError (round(nan)), stopping every process of the run with an unexpected error,
+    and every restart after it too (the row kept the NaN). `--max-kms-rps nan` lifted the
+    rate limit silently. Refused in one line now, and nothing is written."""
+    run_id = _run(engine)
+    before = _row(engine, run_id)
+    url = str(engine.url)
+    code, out, err = run_main(capsys, *argv, "--db", url)
+    assert_refused(code, out, err, "finite")
+    assert _row(engine, run_id) == before
+
+
+@pytest.mark.parametrize("flag", ["--batch-time", "--max-kms-rps", "--max-replica-lag",
+                                  "--lease-seconds"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_run_commands_refuse_non_finite_numbers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, value: str,
+) -> None:
+    """`migrate --max-replica-lag nan` made a guard that never holds (no lag is > NaN);
+    `--batch-time nan` stopped the run after its first batch; `--lease-seconds nan` broke
+    the leases. Refused before anything is written."""
+    db = tmp_path / "x.db"
+    db.touch()
+    code, out, err = run_main(capsys, "migrate", "--db", f"sqlite:///{db}", flag, value)
+    # (an infinite lease is out of --lease-seconds' range already)
+    assert_refused(code, out, err, flag,
+                   *(() if (flag, value) == ("--lease-seconds", "inf") else ("finite",)))
+    with create_engine(f"sqlite:///{db}").connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM sqlite_master")).scalar() == 0
+
+
+def test_a_nan_in_the_row_never_stops_a_process(db_url: str, kms: Any, keys: Any) -> None:
+    """Defence in depth: a NaN already in a run's row (written before this fix, or by
+    hand; PostgreSQL keeps it, SQLite makes it NULL) is taken as unset by the processes
+    reading it, never raised mid-column nor taken as a rate."""
+    from tests.helpers import make_kms, settings_for
+
+    engine = create_engine(db_url)
+    run_id = _run(engine)
+    sizer = BatchSizer(100, None)
+    k = make_kms(kms.client, settings_for("sqlite://", keys.current))
+    s = Steering(engine, run_id, sizer, kms=k, max_kms_rps=50.0)
+    with engine.begin() as conn:
+        control.set_limits(conn, run_id, WHO, {"batch_time": float("nan"),
+                                               "max_kms_rps": float("nan")}, {})
+    s.poll()
+    assert sizer.observe(100, 1.0) == 100
+    assert k.limiter is not None and k.limiter.max_rate == 50.0  # the command's own
+    engine.dispose()
+
+
+# -- 2. a later --batch-size, as every process reads it --------------------------------------
+
+def test_set_batch_size_after_batch_time_is_read_alike_by_a_joining_process(
+    engine: Engine,
+) -> None:
+    """`set --batch-time 2`, then `set --batch-size 50` ("fixed: turns --batch-time
+    off"): the process that saw both fixed its size at 50, but the row still held
+    set_batch_time 2, so a worker that joined (or the run restarted) went adaptive
+    again: two processes of one run sizing their batches two ways, and status showing a
+    batch time nobody asked for any more."""
+    from migration.steer_run import set_run
+
+    run_id = _run(engine)
+    running = Steering(engine, run_id, BatchSizer(100, None))
+    running.poll()
+    set_run(engine, run_id, {"batch_time": 2.0})
+    running.poll()
+    assert running.sizer.target == 2.0
+    set_run(engine, run_id, {"batch_size": 50})
+    running.poll()
+    joiner = Steering(engine, run_id, BatchSizer(100, None))
+    joiner.poll()
+    assert (running.sizer(), running.sizer.target) == (50, None)
+    assert (joiner.sizer(), joiner.sizer.target) == (50, None)
+
+
+# -- 3. a rate raised while calls wait at the old one ----------------------------------------
+
+def test_raising_the_rate_wakes_the_calls_waiting_at_the_old_one() -> None:
+    """`set --max-kms-rps 0.05` (a typo for 5), then `set --max-kms-rps 1000`: the KMS
+    threads that had reserved a token at 0.05/s slept out their 20, 40, 60, 80 s, so
+    the run crawled on, a pause waited for that batch, and a Ctrl-C'd process could not
+    exit before the last sleeper woke (its pool's threads are joined at exit)."""
+    r = RateLimiter(10.0)
+    for _ in range(int(r.burst)):
+        r.acquire()
+    r.set_max_rate(0.05)
+    done: list[float] = []
+
+    def call() -> None:
+        r.acquire()
+        done.append(time.monotonic())
+
+    threads = [threading.Thread(target=call, daemon=True) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    raised = time.monotonic()
+    r.set_max_rate(1000.0)
+    for t in threads:
+        t.join(5)
+    assert len(done) == 4, "calls still asleep at the old rate"
+    assert max(done) - raised < 2.5
