@@ -146,12 +146,13 @@ def hold(conn: Connection, run_id: int, by: str, reason: str) -> bool:
     return bool(moved)
 
 
-def release(conn: Connection, run_id: int, by: str) -> bool:
-    """Clear the hold this process (`by`) recorded; whether it did."""
+def release(conn: Connection, run_id: int, by: str, why: str | None = None) -> bool:
+    """Clear the hold the process `by` recorded (this one, or one that is gone: `why`);
+    whether it did."""
     moved = conn.execute(update(runs).where(runs.c.id == run_id, runs.c.held_by == by[:255])
                          .values(held=None, held_at=None, held_by=None)).rowcount
     if moved:
-        _log(conn, run_id, Who("guard", by[:255]), "release", None)
+        _log(conn, run_id, Who("guard", by[:255]), "release", why)
     return bool(moved)
 
 

@@ -73,6 +73,9 @@ class Steering:
     progress: Progress | None = None
     log: Any = None
     share: int = 1  # live processes sharing the run's rate limit (a worker sets it)
+    # The run's live processes, as "host pid N" (a worker sets them at each heartbeat);
+    # None: this one alone (a one-process run, whose lock is this process's).
+    peers: set[str] | None = None
     control: Control | None = field(default=None, init=False)
     held: str | None = field(default=None, init=False)  # the guard reason it holds for
     holds: int = field(default=0, init=False)  # times it began to hold (pause or guard)
@@ -107,7 +110,7 @@ class Steering:
         with self._lock:
             self.control = c
             self._apply(c)
-            self._record(reason)
+            self._record(reason, c)
             self._block(c, reason)
 
 
@@ -132,25 +135,40 @@ class Steering:
                 self.sizer.follow(c.batch_time)
             self._applied = (c.batch_size, c.batch_time)
 
-    def _record(self, reason: str | None) -> None:
-        """Record a hold this process began or ended on the run (for `status`)."""
-        if (reason is None) == (self.held is None):
+    def _record(self, reason: str | None, c: Control | None = None) -> None:
+        """Record on the run (for `status`) a hold this process began or ended. Read
+        against the row `c`: a hold recorded by a process of the run that is gone
+        (killed while held: nobody else would release it) is cleared, and this process's
+        own hold, if the row no longer shows one, is recorded again."""
+        stale = c.held_by if c is not None and self._gone(c.held_by) else None
+        vacant = c is not None and (c.held is None or stale is not None)
+        began = reason is not None and (self.held is None or vacant)
+        ended = reason is None and self.held is not None
+        if stale is None and not began and not ended:
             self.held = reason
             return
         try:
             with self.engine.begin() as conn:
-                if reason is not None:
+                if stale is not None:
+                    control.release(conn, self.run_id, stale, "its process is gone")
+                if began and reason is not None:
                     control.hold(conn, self.run_id, self.by, reason)
-                else:
+                elif ended:
                     control.release(conn, self.run_id, self.by)
         except Exception as exc:  # the next poll tries again
             self.log.warning("hold_not_recorded", error=type(exc).__name__)
             return
-        if reason is not None:
+        if began and self.held is None:
             self.log.warning("run_held", reason=reason)
-        else:
+        elif ended:
             self.log.info("run_released", reason=self.held)
         self.held = reason
+
+    def _gone(self, held_by: str | None) -> bool:
+        """Whether a hold's recorder is no live process of the run."""
+        if held_by is None or held_by == self.by[:255]:
+            return False
+        return self.peers is None or held_by not in {p[:255] for p in self.peers}
 
     def _block(self, c: Control, reason: str | None) -> None:
         why = pause_line(c) if c.paused else (f"held: {reason}" if reason else None)

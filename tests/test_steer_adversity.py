@@ -167,3 +167,71 @@ def test_raising_the_rate_wakes_the_calls_waiting_at_the_old_one() -> None:
         t.join(5)
     assert len(done) == 4, "calls still asleep at the old rate"
     assert max(done) - raised < 2.5
+
+
+# -- 4. a hold left on the run by a process that died -----------------------------------------
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def _held(engine: Engine, run_id: int) -> tuple[Any, Any]:
+    with engine.connect() as conn:
+        c = control.read(conn, run_id)
+    assert c is not None
+    return c.held, c.held_by
+
+
+def test_a_hold_recorded_by_a_process_killed_while_held_is_cleared(
+    engine: Engine, tmp_path: Path,
+) -> None:
+    """A process SIGKILLed while a guard held it (its pause file there) left `held` on
+    the run's row. Only the process that recorded a hold releases it, so the restarted
+    run went on with status saying "held: pause file ... exists" and `resume` saying
+    "it still holds while ...", for the rest of the run; nor could the new process
+    record a hold of its own while that one stood. A one-process run's new holder of the
+    lock is the run's only process: a hold it did not record is gone with its recorder."""
+    import socket
+
+    from migration.guard import PauseFile
+
+    run_id = _run(engine)
+    flag = tmp_path / "hold"
+    flag.touch()
+    old = Steering(engine, run_id, BatchSizer(10), guards=[PauseFile(flag)])
+    old.by = f"{socket.gethostname()} pid {_dead_pid()}"
+    old.poll()  # recorded, then the process is killed: nothing releases it
+    assert _held(engine, run_id) == (f"pause file {flag} exists", old.by)
+    flag.unlink()
+    new = Steering(engine, run_id, BatchSizer(10), guards=[PauseFile(flag)])
+    new.poll()
+    assert _held(engine, run_id) == (None, None)
+    assert not new.blocked()
+    flag.touch()  # and a hold of its own is recorded again
+    time.sleep(1.2)  # the guard's next look
+    new.poll()
+    assert _held(engine, run_id) == (f"pause file {flag} exists", new.by)
+    new.close()
+    old.close()
+    assert _held(engine, run_id) == (None, None)
+
+
+def test_a_live_workers_hold_is_kept_by_the_others(engine: Engine) -> None:
+    """In a ranged run the other workers' holds are theirs: a worker clears only a hold
+    whose recorder is not among the run's live workers."""
+    run_id = _run(engine)
+    other = "elsewhere pid 4242"
+    with engine.begin() as conn:
+        control.hold(conn, run_id, other, "3 active sessions > 2")
+    me = Steering(engine, run_id, BatchSizer(10))
+    me.peers = {other, me.by}
+    me.poll()
+    assert _held(engine, run_id) == ("3 active sessions > 2", other)
+    me.peers = {me.by}  # it stopped beating
+    me.poll()
+    assert _held(engine, run_id) == (None, None)
