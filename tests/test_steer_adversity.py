@@ -235,3 +235,60 @@ def test_a_live_workers_hold_is_kept_by_the_others(engine: Engine) -> None:
     me.peers = {me.by}  # it stopped beating
     me.poll()
     assert _held(engine, run_id) == (None, None)
+
+
+# -- 5. what an operator types reaches another operator's terminal ----------------------------
+
+HOSTILE_NOTE = "ticket 42\nkms-migrate: error: fake line\x1b[2J\x1b]0;pwned\x07\r\u202eevil\udcff"
+
+
+def _controls(text: str) -> list[str]:
+    import unicodedata
+
+    return [ch for line in text.split("\n") for ch in line
+            if unicodedata.category(ch).startswith("C")]
+
+
+def test_a_note_and_a_user_name_cannot_write_to_another_operators_terminal(
+    engine: Engine, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`pause --note` and $USER went verbatim into the run's row and from there to every
+    `status`, summary and progress line: a newline forged a line of output, an escape
+    sequence cleared another operator's screen or set its title, U+202E turned text
+    around, and a note that is not UTF-8 (a lone surrogate from argv) stopped `pause`
+    with an unexpected UnicodeEncodeError. Now each is shown escaped, and `pause`
+    answers in one line."""
+    run_id = _run(engine)
+    url = str(engine.url)
+    monkeypatch.setenv("USER", "mallory\n\x1b[31mroot")
+    monkeypatch.setenv("LOGNAME", "mallory\n\x1b[31mroot")
+    code, out, err = run_main(capsys, "pause", "--db", url, "--note", HOSTILE_NOTE)
+    assert code == 0, err
+    assert out.count("\n") == 1 and not _controls(out)
+    code, out, err = run_main(capsys, "pause", "--db", url)  # "already": the note again
+    assert code == 0 and out.count("\n") == 1 and not _controls(out), out
+    code, out, err = run_main(capsys, "status", "--db", url)
+    assert code == 0, err
+    assert not _controls(out)
+    assert "\\x1b" in out and "ticket 42\\nkms-migrate: error: fake line" in out
+    assert not any(line.startswith("kms-migrate: error") for line in out.splitlines())
+    with engine.connect() as conn:
+        c = control.read(conn, run_id)
+        log = control.changes_of(conn, run_id)
+    assert c is not None and c.pause_note is not None and c.paused_by is not None
+    for stored in (c.pause_note, c.paused_by, log[0].user, log[0].detail or ""):
+        assert not _controls(stored), stored
+
+
+def test_a_10_kb_note_is_kept_to_a_readable_length(
+    engine: Engine, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A 10 KB note went whole onto every progress line of the run and every status."""
+    run_id = _run(engine)
+    code, out, err = run_main(capsys, "pause", "--db", str(engine.url), "--note", "x" * 10_000)
+    assert code == 0, err
+    with engine.connect() as conn:
+        c = control.read(conn, run_id)
+    assert c is not None and c.pause_note is not None
+    assert 100 <= len(c.pause_note) <= 600 and c.pause_note.startswith("xxx")
+    assert len(out) < 1000
