@@ -292,3 +292,37 @@ def test_a_10_kb_note_is_kept_to_a_readable_length(
     assert c is not None and c.pause_note is not None
     assert 100 <= len(c.pause_note) <= 600 and c.pause_note.startswith("xxx")
     assert len(out) < 1000
+
+
+# -- 6. times labelled UTC ----------------------------------------------------------------------
+
+@pytest.mark.postgres
+def test_times_shown_as_utc_are_utc_on_a_server_in_another_time_zone(
+    pg_server: Any, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """psycopg hands timestamptz back in the session's TimeZone: on a server set to
+    Asia/Kolkata, `paused by ... at 17:30:00 UTC` was the local time labelled UTC (5 h 30
+    off), and the changes' times were local with no zone at all."""
+    import json
+    from datetime import UTC, datetime
+
+    url = pg_server.new_database()
+    eng = create_engine(url)
+    with eng.connect() as conn:
+        db = conn.execute(text("SELECT current_database()")).scalar()
+        conn.execute(text(f'ALTER DATABASE "{db}" SET timezone TO \'Asia/Kolkata\''))
+        conn.commit()
+    eng.dispose()
+    eng = create_engine(url)
+    run_id = _run(eng)
+    code, out, err = run_main(capsys, "pause", "--db", url, "--run", str(run_id))
+    assert code == 0, err
+    now = datetime.now(UTC)
+    code, out, err = run_main(capsys, "status", "--db", url, "--json")
+    steering = json.loads(out)["steering"]
+    at = datetime.fromisoformat(steering["paused_at"])
+    assert at.utcoffset() is not None and at.utcoffset().total_seconds() == 0
+    assert abs((at - now).total_seconds()) < 60
+    assert f"at {at:%Y-%m-%d %H:%M}" in steering["now"]
+    assert steering["changes"][0]["at"].endswith("+00:00")
+    eng.dispose()
