@@ -49,6 +49,9 @@ STEERABLE = ("migrate", "retry", "rekey", "rollback")  # the kinds of run steeri
 MAX_HEARTBEAT = 5.0  # seconds between heartbeats, at most (a quarter of the lease below 20 s)
 POLL_SECONDS = 1.0  # a one-process run reads its steering this often (workers: heartbeat)
 WAKE_SECONDS = 0.2  # a held loop looks at its stop request this often
+# Seconds the guards may take to answer before the run holds for them: beyond what their
+# own timeouts allow one poll (a replica's connect and statement timeouts).
+GUARDS_OVERDUE = 20.0
 
 
 def pause_line(c: Control) -> str:
@@ -216,24 +219,33 @@ def _number(value: float | None) -> float | None:
 
 class GuardWatch(threading.Thread):
     """Asks the guards every POLL_SECONDS on a thread of its own; `latest` is the newest
-    answer (the first one is waited for: a run starts held when it must)."""
+    answer (the first one is waited for: a run starts held when it must), or, while the
+    guards take more than `overdue` seconds to answer (a query stuck on a network gone
+    dark), a reason to hold: their last answer says nothing about now."""
 
-    def __init__(self, guards: Sequence[Guard], every: float = POLL_SECONDS) -> None:
+    def __init__(self, guards: Sequence[Guard], every: float = POLL_SECONDS,
+                 overdue: float = GUARDS_OVERDUE) -> None:
         super().__init__(name="kms-migrate-guards", daemon=True)
-        self.guards, self.every = list(guards), every
+        self.guards, self.every, self.overdue = list(guards), every, overdue
         self._reason: str | None = None
+        self._asking: float | None = None  # when the guards were asked, until they answer
         self._asked = threading.Event()
         self._done = threading.Event()
         self.start()
 
     def run(self) -> None:
         while not self._done.is_set():
+            self._asking = time.monotonic()
             self._reason = next((r for g in self.guards if (r := g.reason())), None)
+            self._asking = None
             self._asked.set()
             self._done.wait(self.every)
 
     def latest(self) -> str | None:
-        self._asked.wait(30)
+        self._asked.wait(self.overdue)
+        asking = self._asking
+        if asking is not None and (late := time.monotonic() - asking) > self.overdue:
+            return f"the guards have not answered for {late:.0f} s"
         return self._reason
 
     def close(self) -> None:

@@ -326,3 +326,46 @@ def test_times_shown_as_utc_are_utc_on_a_server_in_another_time_zone(
     assert f"at {at:%Y-%m-%d %H:%M}" in steering["now"]
     assert steering["changes"][0]["at"].endswith("+00:00")
     eng.dispose()
+
+
+# -- 7. a guard that stops answering ------------------------------------------------------------
+
+class _Stuck:
+    """A guard that answers "go" once, then hangs (a replica whose network went dark
+    after the connection was made: no statement timeout reaches the client)."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+        self.freed = threading.Event()
+
+    def reason(self) -> str | None:
+        self.asked += 1
+        if self.asked > 1:
+            self.freed.wait(30)
+        return None
+
+    def close(self) -> None:
+        self.freed.set()
+
+
+def test_a_guard_that_stops_answering_holds_the_run() -> None:
+    """The guards are asked on a thread of their own, and the steering took its latest
+    answer however old: a guard stuck in a query kept saying "go" (its last answer) for
+    as long as it hung, while the lag it watches was unknown. An answer overdue is a
+    reason to hold, as a failed query is."""
+    from migration.steer import GuardWatch
+
+    stuck = _Stuck()
+    watch = GuardWatch([stuck], every=0.1, overdue=0.5)
+    try:
+        assert watch.latest() is None
+        time.sleep(1.0)
+        assert stuck.asked == 2
+        late = watch.latest()
+        assert late is not None and "not answered" in late
+        stuck.freed.set()
+        time.sleep(0.3)
+        assert watch.latest() is None
+    finally:
+        stuck.close()
+        watch.close()
