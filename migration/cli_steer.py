@@ -57,7 +57,8 @@ def resume_cmd(db: str | None, run_id: int | None) -> int:
 @click.option("--batch-size", type=click.IntRange(1, 100_000), metavar="N",
               help="Rows per batch from now on (fixed: turns --batch-time off).")
 @click.option("--batch-time", type=finite(min=0), metavar="SECONDS",
-              help="Size batches to take about this long (0: keep the size where it is).")
+              help="Size batches to take about this long (0: a fixed size again: the one "
+                   "set with --batch-size, else where it is).")
 def set_cmd(db: str | None, run_id: int | None, **limits: Any) -> int:
     """Change a running run's limits live, on every machine (within one heartbeat). They
     replace the run's own, and processes that join or resume it take them."""

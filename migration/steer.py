@@ -132,11 +132,23 @@ class Steering:
             elif abs(kms.limiter.max_rate - share) > 1e-9:
                 kms.limiter.set_max_rate(share)
         if (c.batch_size, c.batch_time) != self._applied:
-            if c.batch_size is not None and c.batch_size != self._applied[0]:
-                self.sizer.fix(c.batch_size)
-            if c.batch_time is not None and c.batch_time != self._applied[1]:
-                self.sizer.follow(c.batch_time)
+            self._size(c.batch_size, c.batch_time)
             self._applied = (c.batch_size, c.batch_time)
+
+    def _size(self, size: int | None, target: float | None) -> None:
+        """Apply the row's batch size and time as a process reading the row for the first
+        time would (a worker that joins, a restart): every process of the run then sizes
+        its batches alike, whatever sequence of `set` commands led there. A time (> 0)
+        is followed from the set size, if that changed; without one (0 or unset) a set
+        size is fixed; a time of 0 with no size keeps the size where it is."""
+        before_size, before_target = self._applied
+        if size is not None and (size != before_size or not target):
+            self.sizer.fix(size)
+        if target:
+            if target != before_target or size != before_size:
+                self.sizer.follow(target)
+        elif target is not None and size is None:
+            self.sizer.follow(None)
 
     def _record(self, reason: str | None, c: Control | None = None) -> None:
         """Record on the run (for `status`) a hold this process began or ended. Read

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import Engine, create_engine, text
 
 from checkpoints import control, store
@@ -24,6 +26,7 @@ from migration.ratelimit import RateLimiter
 from migration.sizing import BatchSizer
 from migration.steer import Steering
 from tests.helpers import assert_refused, run_main
+from tests.test_e2e import cli, outputs  # noqa: F401  (fixtures)
 
 WHO = Who("alice", "ops-1")
 
@@ -369,3 +372,134 @@ def test_a_guard_that_stops_answering_holds_the_run() -> None:
     finally:
         stuck.close()
         watch.close()
+
+
+# -- 8. a paused ranged run, a worker SIGKILLed, the command SIGTERMed --------------------------
+
+@pytest.mark.e2e
+@pytest.mark.postgres
+def test_a_paused_ranged_run_loses_a_worker_then_its_command_and_still_ends_whole(
+    pg_url: str, keys: Any, server_kms: Any, moto_server: Any,
+    cli: Any, cli_env: dict[str, str],  # noqa: F811
+) -> None:
+    """Paused with two workers; one worker SIGKILLed (its lease runs out while paused:
+    nobody may take its range over while the run is paused); then the command SIGTERMed:
+    it must answer at once (nothing in flight), leave the run resumable and no hold on
+    it; the restart starts paused; once resumed it completes, every value whole."""
+    import os
+    import signal
+
+    from tests.helpers import make_db, snapshot
+    from tests.test_e2e import check_invariant, poll_engine, runs_of, scalar, scalar_rows
+    from tests.test_steer_e2e import (
+        OBEY,
+        _journal_at_least,
+        assert_idle,
+        proxied,
+        quiet_within,
+        steer,
+    )
+    from tests.test_steer_e2e import commits as committed
+
+    truth = make_db(pg_url, 150, keys.current, keys.legacy, bad_values=False)
+    before = snapshot(pg_url)
+    eng = poll_engine(pg_url)
+    args = ["migrate", "--db", pg_url, "--yes", "--batch-size", "5", "--workers", "2",
+            "--rows-per-range", "20", "--lease-seconds", "6", "--max-kms-rps", "120",
+            "--concurrency", "2"]
+    with proxied(moto_server, cli_env) as (env, state):
+        mig = cli.start(args, env=env)
+        from tests.test_e2e import wait_until
+        wait_until(mig, "two workers and some batches", lambda: (
+            (scalar(eng, "SELECT count(*) FROM kms_migrate_workers WHERE state = 'running'")
+             or 0) == 2 and _journal_at_least(eng, 20)()))
+        steer(cli, "pause", "--db", pg_url)
+        assert quiet_within(state, eng, OBEY) <= OBEY
+        pid = scalar_rows(eng, "SELECT pid FROM kms_migrate_workers WHERE state = 'running' "
+                               "ORDER BY pid LIMIT 1")[0][0]
+        claims = scalar(eng, "SELECT sum(claims) FROM kms_migrate_ranges")
+        os.kill(pid, signal.SIGKILL)
+        assert_idle(state, eng, 8.0)  # longer than a lease: still nothing moves
+        assert scalar(eng, "SELECT sum(claims) FROM kms_migrate_ranges") == claims
+        t = time.monotonic()
+        mig.signal(signal.SIGTERM)
+        stopped = mig.wait(timeout=30)
+        took = time.monotonic() - t
+        assert took < 8, f"a paused ranged run took {took:.1f} s to stop"
+        assert stopped.rc in (2, 130), stopped.err
+        assert len(stopped.err.strip().splitlines()[-1:]) == 1
+        assert [(k, s) for _, k, s in runs_of(eng)] == [("migrate", "interrupted")]
+        assert scalar(eng, "SELECT count(*) FROM kms_migrate_workers WHERE state = "
+                           "'running'") == 0
+        assert scalar(eng, "SELECT held FROM kms_migrate_runs") is None
+        left = len(truth.plaintexts) - committed(eng)[0]
+        assert left > 0
+        again = cli.start(args, env=env)
+        wait_until(again, "the restarted workers", lambda: (
+            scalar(eng, "SELECT count(*) FROM kms_migrate_workers WHERE state = 'running'")
+            or 0) == 2)
+        assert_idle(state, eng)  # restarted paused
+        steer(cli, "resume", "--db", pg_url)
+        done = again.wait(timeout=180)
+    assert done.rc == 0, done.err
+    changed, _ = check_invariant(eng, pg_url, before, truth, server_kms)
+    assert changed == len(truth.plaintexts)
+
+
+# -- 9. every process of a run reads the same limits from the row ------------------------------
+
+_SHARED: dict[str, Engine] = {}
+SETS = st.lists(st.tuples(
+    st.fixed_dictionaries({}, optional={
+        "max_kms_rps": st.sampled_from([0.0, 5.0, 40.0, 1000.0]),
+        "batch_size": st.sampled_from([1, 50, 80, 3000]),
+        "batch_time": st.sampled_from([0.0, 0.5, 2.0])}).filter(bool),
+    st.floats(0.01, 10)), min_size=1, max_size=8)
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sets=SETS)
+def test_a_process_that_saw_every_set_and_one_that_joins_now_agree(
+    tmp_path_factory: pytest.TempPathFactory, kms: Any, keys: Any,
+    sets: list[tuple[dict[str, Any], float]],
+) -> None:
+    """Any sequence of `set` commands on a live run (a batch adapting between them): the
+    process that applied each as it came and a worker that joins (or a restart) now,
+    reading the row alone, follow the same batch time, the same rate, and, once the
+    size is fixed by --batch-size, the same size. `set --batch-size 80` on a run that
+    had both a size and a time fixed the running process at 80 and left a joiner
+    adapting; `set --batch-size 50` after the size had adapted away from a set 50 changed
+    nothing in the running process."""
+    from migration.steer_run import set_run
+    from tests.helpers import make_kms, settings_for
+
+    if "engine" not in _SHARED:  # one database for every example: a run each
+        _SHARED["engine"] = create_engine(
+            f"sqlite:///{tmp_path_factory.mktemp('s') / 's.db'}")
+    eng = _SHARED["engine"]
+    run_id = _run(eng)
+    own = settings_for("sqlite://", keys.current)
+
+    def process() -> Steering:
+        return Steering(eng, run_id, BatchSizer(100, 2.0), kms=make_kms(kms.client, own),
+                        max_kms_rps=100.0)
+
+    running = process()
+    running.poll()
+    for limits, seconds in sets:
+        running.sizer.observe(running.sizer(), seconds)  # a batch went by
+        set_run(eng, run_id, dict(limits))
+        running.poll()
+    joiner = process()
+    joiner.poll()
+    for s in (running, joiner):
+        assert s.kms is not None
+    assert running.sizer.target == joiner.sizer.target
+    rates = [s.kms.limiter.max_rate if s.kms and s.kms.limiter else 0 for s in (running, joiner)]
+    assert rates[0] == rates[1]
+    with eng.connect() as conn:
+        c = control.read(conn, run_id)
+    assert c is not None
+    if c.batch_size is not None and not c.batch_time:
+        assert running.sizer() == joiner.sizer() == c.batch_size
