@@ -503,3 +503,51 @@ def test_a_process_that_saw_every_set_and_one_that_joins_now_agree(
     assert c is not None
     if c.batch_size is not None and not c.batch_time:
         assert running.sizer() == joiner.sizer() == c.batch_size
+
+
+# -- 10. a pause file it may not look for ------------------------------------------------------
+
+def test_a_pause_file_in_a_folder_it_may_not_search_is_refused_up_front() -> None:
+    """--pause-file in a folder this user cannot search (mode 700, another owner) was
+    accepted: the folder exists. Then every look for the file failed, and the run held
+    from its first batch on, for good ("cannot look for pause file"). It is refused
+    before anything is written, as a pause file in a missing folder is; one whose folder
+    it could not even stat raised an unexpected PermissionError. (Run as nobody in a child
+    process: root searches any folder.)"""
+    import os
+    import shutil
+    import tempfile
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to become another user")
+    top = Path(tempfile.mkdtemp(prefix="kms-migrate-adv-", dir="/tmp"))
+    try:
+        top.chmod(0o755)
+        (top / "locked").mkdir(mode=0o700)
+        # the folder exists but may not be searched; its parent may not be searched
+        for hold in (top / "locked" / "hold", top / "locked" / "sub" / "hold"):
+            _refused_as_nobody(hold)
+    finally:
+        shutil.rmtree(top)
+
+
+def _refused_as_nobody(hold: Path) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import os, pwd, sys\n"
+        "from pathlib import Path\n"
+        "from migration.guard import PauseFile\n"
+        "from migration.errors import ConfigError\n"
+        "nb = pwd.getpwnam('nobody')\n"
+        "os.setgid(nb.pw_gid); os.setuid(nb.pw_uid)\n"
+        "try:\n"
+        f"    PauseFile(Path({str(hold)!r})).check()\n"
+        "except ConfigError as exc:\n"
+        "    print('refused:', exc); sys.exit(0)\n"
+        "print('accepted'); sys.exit(1)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "PermissionError" in done.stdout and "nothing was written" in done.stdout
