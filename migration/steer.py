@@ -261,8 +261,10 @@ class GuardWatch(threading.Thread):
         return self._reason
 
     def close(self) -> None:
+        # Briefly: a guard stuck in a query must not delay a stopping process (a daemon
+        # thread, it dies with it; what it would answer matters to nobody now).
         self._done.set()
-        self.join(timeout=15)
+        self.join(timeout=1)
 
 
 class SteeringThread(threading.Thread):

@@ -741,3 +741,19 @@ def _check_values(eng: Engine, kms: Any, plain: dict[tuple[str, str, str], str])
         migrated += 1
     return migrated
 
+
+
+def test_a_stuck_guard_does_not_delay_the_end_of_a_stopped_run() -> None:
+    """Closing the steering joined the guards' thread for up to 15 s: a Ctrl-C'd run
+    whose guard hung in a query took that long to exit, though nothing it does matters
+    any more (the thread is a daemon: it dies with the process)."""
+    from migration.steer import GuardWatch
+
+    stuck = _Stuck()
+    watch = GuardWatch([stuck], every=0.05)
+    watch.latest()
+    time.sleep(0.2)  # now stuck in its second look
+    t = time.monotonic()
+    watch.close()
+    assert time.monotonic() - t < 2.0
+    stuck.close()
