@@ -7,6 +7,7 @@ request and reports each throttling answer.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -119,6 +120,10 @@ class RateLimiter:
             self.burst = max(1.0, min(rate, 32.0))
             self._tokens = min(self._tokens, self.burst)
             self._changes += 1  # the calls waiting re-time what they owe
+
+    def lift(self) -> None:
+        """No limit any more (the caller drops this limiter): the calls waiting go now."""
+        self.set_max_rate(math.inf)
 
     def on_throttle(self) -> None:
         """KMS said slow down: cut the rate multiplicatively."""

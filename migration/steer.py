@@ -126,6 +126,8 @@ class Steering:
         if kms is not None:
             share = rps / max(1, self.share)
             if share <= 0:
+                if kms.limiter is not None:
+                    kms.limiter.lift()  # the calls waiting in it go now
                 kms.limiter = None
             elif kms.limiter is None:
                 kms.limiter = RateLimiter(share)

@@ -757,3 +757,37 @@ def test_a_stuck_guard_does_not_delay_the_end_of_a_stopped_run() -> None:
     watch.close()
     assert time.monotonic() - t < 2.0
     stuck.close()
+
+
+def test_lifting_the_rate_limit_wakes_the_calls_waiting_at_the_old_one(
+    engine: Engine, kms: Any, keys: Any,
+) -> None:
+    """`set --max-kms-rps 0.05`, then `set --max-kms-rps 0` (no limit): the process
+    dropped its limiter, but the calls already asleep in it slept out the old rate."""
+    from tests.helpers import make_kms, settings_for
+
+    run_id = _run(engine)
+    k = make_kms(kms.client, settings_for("sqlite://", keys.current))
+    s = Steering(engine, run_id, BatchSizer(10), kms=k, max_kms_rps=10.0)
+    s.poll()
+    limiter = k.limiter
+    assert limiter is not None
+    for _ in range(int(limiter.burst)):
+        limiter.acquire()
+    set_limits = control.set_limits
+    with engine.begin() as conn:
+        set_limits(conn, run_id, WHO, {"max_kms_rps": 0.05}, {})
+    s.poll()
+    done: list[float] = []
+    threads = [threading.Thread(target=lambda: (limiter.acquire(), done.append(1)),
+                                daemon=True) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    with engine.begin() as conn:
+        set_limits(conn, run_id, WHO, {"max_kms_rps": 0.0}, {})
+    s.poll()
+    assert k.limiter is None
+    for t in threads:
+        t.join(3)
+    assert len(done) == 3, "calls still asleep in the limiter that was lifted"
