@@ -76,8 +76,9 @@ def pause_run(engine: Engine, run_id: int | None, note: str | None = None) -> St
             assert c is not None
             return Steer(f"run {run.id} ({run.kind}) was {pause_line(c)} already; nothing "
                          "changed", False)
-    return Steer(f"run {run.id} ({run.kind}) paused by {who}: {_when(run)}, once its batch "
-                 "in flight has committed; `kms-migrate resume` goes on", True)
+    flight = ", once its batch in flight has committed" if run.state == "running" else ""
+    return Steer(f"run {run.id} ({run.kind}) paused by {who}: {_when(run)}{flight}; "
+                 "`kms-migrate resume` goes on", True)
 
 
 def resume_run(engine: Engine, run_id: int | None) -> Steer:

@@ -791,3 +791,15 @@ def test_lifting_the_rate_limit_wakes_the_calls_waiting_at_the_old_one(
     for t in threads:
         t.join(3)
     assert len(done) == 3, "calls still asleep in the limiter that was lifted"
+
+
+def test_pausing_a_run_that_is_not_running_says_no_batch_is_in_flight(engine: Engine) -> None:
+    """`pause` of an interrupted run said "it is interrupted now, and will start that
+    way when resumed, once its batch in flight has committed": it has none."""
+    from migration.steer_run import pause_run
+
+    run_id = _run(engine, state="interrupted")
+    line = pause_run(engine, run_id).line
+    assert "will start that way" in line and "in flight" not in line
+    running = _run(engine)
+    assert "once its batch in flight has committed" in pause_run(engine, running).line
