@@ -803,3 +803,23 @@ def test_pausing_a_run_that_is_not_running_says_no_batch_is_in_flight(engine: En
     assert "will start that way" in line and "in flight" not in line
     running = _run(engine)
     assert "once its batch in flight has committed" in pause_run(engine, running).line
+
+
+def test_a_flapping_guard_does_not_flood_the_summary() -> None:
+    """A replica lag hovering at its limit holds and releases the run every few seconds:
+    each is a change of the run, and the summary printed every one of them (thousands of
+    lines after a night's run). It prints the latest, as status does, and says how to
+    see all."""
+    from datetime import UTC, datetime
+
+    from migration.render import steered_lines
+    from migration.steer import Steered
+
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    changes = [control.Change(at, "guard", "h pid 1", "hold" if i % 2 == 0 else "release",
+                              "replica lag 1.1 s > 1 s" if i % 2 == 0 else None)
+               for i in range(5000)]
+    lines = steered_lines(Steered(2500, 3600.0, changes))
+    assert len(lines) < 40
+    assert any("5000" in line for line in lines)
+    assert any("kms_migrate_changes" in line for line in lines)
