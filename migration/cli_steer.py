@@ -17,10 +17,11 @@ from .steer_run import pause_run, resume_run, set_run
 __all__ = ["pause_cmd", "resume_cmd", "set_cmd"]
 
 F = TypeVar("F", bound=Callable[..., Any])
+MAX_RUN_ID = 2**31 - 1  # runs.id is an INTEGER: a larger id is no run's (and no query's)
 
 
 def _run_option(f: F) -> F:
-    f = click.option("--run", "run_id", type=click.IntRange(1), metavar="ID",
+    f = click.option("--run", "run_id", type=click.IntRange(1, MAX_RUN_ID), metavar="ID",
                      help="The run to steer (default: the one running, else the newest "
                           "unfinished migrate, rekey or rollback run).")(f)
     return db_option(f)

@@ -823,3 +823,24 @@ def test_a_flapping_guard_does_not_flood_the_summary() -> None:
     assert len(lines) < 40
     assert any("5000" in line for line in lines)
     assert any("kms_migrate_changes" in line for line in lines)
+
+
+@pytest.mark.parametrize("db", ["sqlite", pytest.param("pg", marks=pytest.mark.postgres)])
+def test_a_run_id_past_any_run_is_refused_as_such(
+    db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    request: pytest.FixtureRequest,
+) -> None:
+    """`pause --run 99999999999999999999` was an "unexpected OverflowError ... report it"
+    on SQLite and a "database error: integer out of range ... re-run to resume" on
+    PostgreSQL: an id no run can have is a usage error."""
+    url = (f"sqlite:///{tmp_path / 'x.db'}" if db == "sqlite"
+           else request.getfixturevalue("pg_server").new_database())
+    eng = create_engine(url)
+    _run(eng)
+    for argv in (["pause", "--run", "99999999999999999999"],
+                 ["set", "--run", "3000000000", "--batch-size", "5"],
+                 ["resume", "--run", "2147483648"]):
+        code, out, err = run_main(capsys, *argv, "--db", url)
+        assert_refused(code, out, err, "--run")
+        assert "unexpected" not in err and "database error" not in err
+    eng.dispose()
