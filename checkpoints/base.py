@@ -21,7 +21,8 @@ def aware(ts: datetime | None) -> datetime | None:
     """A timestamp read back from the database, as UTC (SQLite drops the zone)."""
     if ts is None:
         return None
-    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+    # PostgreSQL's driver answers in the session's TimeZone, which need not be UTC.
+    return ts.astimezone(UTC) if ts.tzinfo else ts.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import getpass
 import os
 import socket
+import unicodedata
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -23,9 +24,21 @@ from .hosts import clock
 from .tables import changes, runs
 
 __all__ = [
-    "Change", "Control", "Who", "changes_of", "hold", "pause", "read", "release", "resume",
-    "set_limits",
+    "NOTE_LIMIT", "Change", "Control", "Who", "changes_of", "hold", "one_line", "pause", "read",
+    "release", "resume", "set_limits",
 ]
+
+NOTE_LIMIT = 500  # characters of a pause note kept (it goes on every progress line)
+
+
+def one_line(text: str, limit: int = 255) -> str:
+    """`text` as one printable line of at most `limit` characters: each control, format
+    or unpaired surrogate character escaped (a newline would forge a line of output, an
+    escape sequence would drive another operator's terminal, and a lone surrogate, from
+    an argv that is not UTF-8, cannot be stored), and the end cut with "..."."""
+    shown = "".join(ch.encode("unicode_escape", "backslashreplace").decode("ascii")
+                    if unicodedata.category(ch)[0] == "C" else ch for ch in text)
+    return shown if len(shown) <= limit else shown[:limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -41,7 +54,7 @@ class Who:
             user = getpass.getuser()
         except (OSError, KeyError):  # no name for this uid (a bare container)
             user = f"uid {os.getuid()}"
-        return cls(user[:255], socket.gethostname()[:255])
+        return cls(one_line(user), one_line(socket.gethostname()))
 
     def __str__(self) -> str:
         return f"{self.user}@{self.host}"
@@ -100,8 +113,9 @@ def _log(conn: Connection, run_id: int, who: Who, action: str, detail: str | Non
 
 def pause(conn: Connection, run_id: int, who: Who, note: str | None = None) -> bool:
     """Pause the run; False when it was paused already (then nothing changes)."""
+    note = one_line(note, NOTE_LIMIT) if note is not None else None
     moved = conn.execute(update(runs).where(runs.c.id == run_id, runs.c.paused_at.is_(None))
-                         .values(paused_at=clock(conn), paused_by=str(who)[:255],
+                         .values(paused_at=clock(conn), paused_by=one_line(str(who)),
                                  pause_note=note)).rowcount
     if moved:
         _log(conn, run_id, who, "pause", note)
@@ -139,6 +153,7 @@ def _shown(value: float | int | None) -> str:
 def hold(conn: Connection, run_id: int, by: str, reason: str) -> bool:
     """Record that the run holds by itself, unless a hold is recorded already; whether this
     call recorded it (and logged the change)."""
+    reason = one_line(reason, NOTE_LIMIT)
     moved = conn.execute(update(runs).where(runs.c.id == run_id, runs.c.held.is_(None))
                          .values(held=reason, held_at=clock(conn), held_by=by[:255])).rowcount
     if moved:
@@ -146,12 +161,13 @@ def hold(conn: Connection, run_id: int, by: str, reason: str) -> bool:
     return bool(moved)
 
 
-def release(conn: Connection, run_id: int, by: str) -> bool:
-    """Clear the hold this process (`by`) recorded; whether it did."""
+def release(conn: Connection, run_id: int, by: str, why: str | None = None) -> bool:
+    """Clear the hold the process `by` recorded (this one, or one that is gone: `why`);
+    whether it did."""
     moved = conn.execute(update(runs).where(runs.c.id == run_id, runs.c.held_by == by[:255])
                          .values(held=None, held_at=None, held_by=None)).rowcount
     if moved:
-        _log(conn, run_id, Who("guard", by[:255]), "release", None)
+        _log(conn, run_id, Who("guard", by[:255]), "release", why)
     return bool(moved)
 
 

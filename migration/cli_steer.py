@@ -11,16 +11,17 @@ import click
 from .db import make_engine
 from .errors import EXIT_OK
 from .logs import configure_logging
-from .options import db_option, db_url_from
+from .options import db_option, db_url_from, finite
 from .steer_run import pause_run, resume_run, set_run
 
 __all__ = ["pause_cmd", "resume_cmd", "set_cmd"]
 
 F = TypeVar("F", bound=Callable[..., Any])
+MAX_RUN_ID = 2**31 - 1  # runs.id is an INTEGER: a larger id is no run's (and no query's)
 
 
 def _run_option(f: F) -> F:
-    f = click.option("--run", "run_id", type=click.IntRange(1), metavar="ID",
+    f = click.option("--run", "run_id", type=click.IntRange(1, MAX_RUN_ID), metavar="ID",
                      help="The run to steer (default: the one running, else the newest "
                           "unfinished migrate, rekey or rollback run).")(f)
     return db_option(f)
@@ -51,13 +52,14 @@ def resume_cmd(db: str | None, run_id: int | None) -> int:
 
 @click.command("set")
 @_run_option
-@click.option("--max-kms-rps", type=click.FloatRange(min=0), metavar="R",
+@click.option("--max-kms-rps", type=finite(min=0), metavar="R",
               help="KMS requests per second for the whole run (0: no limit), shared by its "
                    "live workers.")
 @click.option("--batch-size", type=click.IntRange(1, 100_000), metavar="N",
               help="Rows per batch from now on (fixed: turns --batch-time off).")
-@click.option("--batch-time", type=click.FloatRange(min=0), metavar="SECONDS",
-              help="Size batches to take about this long (0: keep the size where it is).")
+@click.option("--batch-time", type=finite(min=0), metavar="SECONDS",
+              help="Size batches to take about this long (0: a fixed size again: the one "
+                   "set with --batch-size, else where it is).")
 def set_cmd(db: str | None, run_id: int | None, **limits: Any) -> int:
     """Change a running run's limits live, on every machine (within one heartbeat). They
     replace the run's own, and processes that join or resume it take them."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -104,6 +105,11 @@ class Settings:
             raise ConfigError(f"--concurrency must be at least 1, got {self.concurrency}")
         if self.max_kms_rps < 0:
             raise ConfigError(f"--max-kms-rps must be 0 (no limit) or more, got {self.max_kms_rps}")
+        for flag, number in (("--max-kms-rps", self.max_kms_rps),
+                             ("--batch-time", self.batch_time),
+                             ("--max-replica-lag", self.max_replica_lag)):
+            if number is not None and not math.isfinite(number):
+                raise ConfigError(f"{flag} must be a finite number, got {number}")
         if self.replicas and self.max_replica_lag is None:
             raise ConfigError("--replica names a replica for --max-replica-lag to watch: add "
                               "--max-replica-lag SECONDS, or leave --replica out")

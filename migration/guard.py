@@ -81,7 +81,15 @@ class PauseFile:
         self.path = path
 
     def check(self) -> None:
-        if not self.path.parent.is_dir():
+        try:
+            folder = self.path.parent.is_dir()
+            self.path.exists()
+        except OSError as exc:  # a folder it may not search: it would hold the run for good
+            raise ConfigError(f"--pause-file {self.path}: cannot look in folder "
+                              f"{self.path.parent} ({type(exc).__name__}), so the run would "
+                              f"hold for good: choose a folder this user can search; "
+                              f"{NOTHING}") from None
+        if not folder:
             raise ConfigError(f"--pause-file {self.path}: no folder {self.path.parent}, so it "
                               f"could never pause the run: fix the path; {NOTHING}")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -36,6 +37,7 @@ __all__ = [
     "confirm",
     "db_option",
     "db_url_from",
+    "finite",
     "log_options",
     "log_opts_of",
     "progress_option",
@@ -52,6 +54,25 @@ __all__ = [
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Finite(click.FloatRange):
+    """click's FloatRange, refusing NaN and the infinities: NaN compares false with every
+    bound, so FloatRange lets it through, and a NaN limit breaks what reads it (a batch
+    sizer's round(nan), a replica lag never above it, a rate limit silently lifted)."""
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return rv
+
+
+def finite(min: float | None = None, max: float | None = None, *,
+           min_open: bool = False) -> Finite:
+    """A float option's type: within the bounds, and a finite number."""
+    return Finite(min=min, max=max, min_open=min_open)
 
 
 def log_options(f: F) -> F:
@@ -71,7 +92,7 @@ def workers_options(f: F) -> F:
                      help="With --workers: rows per key range, the unit a worker claims "
                           "(set when the run starts; a small column still gets 4 ranges per "
                           "worker, of a batch at least).")(f)
-    f = click.option("--lease-seconds", type=click.FloatRange(2, 3600), metavar="S",
+    f = click.option("--lease-seconds", type=finite(2, 3600), metavar="S",
                      default=DEFAULT_LEASE_SECONDS, show_default=True,
                      help="With --workers: how long a silent worker keeps its range before "
                           "another worker takes it over (on the same host: as soon as its "
@@ -93,14 +114,14 @@ def steer_options(f: F) -> F:
                      help="PostgreSQL: a replica whose lag --max-replica-lag reads on the "
                           "replica itself (repeatable), when this role cannot read "
                           "pg_stat_replication on the primary.")(f)
-    f = click.option("--max-replica-lag", type=click.FloatRange(min=0, min_open=True),
+    f = click.option("--max-replica-lag", type=finite(min=0, min_open=True),
                      metavar="SECONDS",
                      help="PostgreSQL: hold the run while any streaming replica's replay lag "
                           "is above this (read from pg_stat_replication, or --replica).")(f)
     f = click.option("--pause-file", type=click.Path(dir_okay=False), metavar="PATH",
                      help="Hold the run while this file exists (as gh-ost's throttle flag "
                           "file); checked at every heartbeat.")(f)
-    return click.option("--batch-time", type=click.FloatRange(min=0), metavar="SECONDS",
+    return click.option("--batch-time", type=finite(min=0), metavar="SECONDS",
                         help="Size batches to take about this long each (KMS work and write), "
                              "within 10 to 5,000 rows, starting at --batch-size; 0: a fixed "
                              f"--batch-size. [default: {DEFAULT_BATCH_TIME:g} when --batch-size "
@@ -201,7 +222,7 @@ def db_option(f: F) -> F:
 
 
 def target_options(f: F) -> F:
-    f = click.option("--max-kms-rps", type=click.FloatRange(min=0), default=DEFAULT_MAX_KMS_RPS,
+    f = click.option("--max-kms-rps", type=finite(min=0), default=DEFAULT_MAX_KMS_RPS,
                      show_default=True,
                      help="KMS requests per second for the whole run (0: no limit). The "
                           "default leaves a live application 80% of a 10,000/s quota; it "

@@ -7,12 +7,15 @@ request and reports each throttling answer.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 __all__ = ["Backoff", "RateLimiter"]
+
+WAKE = 0.25  # seconds: a call waiting for its token looks at a changed rate this often
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class RateLimiter:
         self._stamp = now
         self._base = rate  # the rate right after the last decrease
         self._cut_at: float | None = None  # when it happened
+        self._changes = 0  # how often the configured rate was changed (`set_max_rate`)
         self.throttles = 0
 
     def rate_at(self, now: float) -> float:
@@ -76,7 +80,12 @@ class RateLimiter:
             return self.rate_at(self._clock())
 
     def acquire(self) -> None:
-        """Block until one call may start."""
+        """Block until one call may start.
+
+        The wait is slept in slices of at most WAKE seconds: when the configured rate
+        changes meanwhile (`set --max-kms-rps` on a live run), the tokens this call still
+        owes are paid at the new rate, so a rate raised after a typo takes effect at once
+        rather than after the old rate's wait."""
         with self._lock:
             now = self._clock()
             rate = self.rate_at(now)
@@ -84,8 +93,16 @@ class RateLimiter:
             self._stamp = now
             self._tokens -= 1
             wait = -self._tokens / rate if self._tokens < 0 else 0.0
-        if wait > 0:
-            self._sleep(wait)
+            changes = self._changes
+        while wait > 0:
+            step = min(wait, WAKE)
+            self._sleep(step)
+            wait -= step
+            with self._lock:
+                if self._changes != changes:
+                    changes = self._changes
+                    new = self.rate_at(self._clock())
+                    wait, rate = wait * rate / new, new
 
     def set_max_rate(self, rate: float) -> None:
         """Change the configured rate (a worker's share of a run's limit). Tokens earned so
@@ -102,6 +119,11 @@ class RateLimiter:
             self._base = max(self.min_rate, self._base)
             self.burst = max(1.0, min(rate, 32.0))
             self._tokens = min(self._tokens, self.burst)
+            self._changes += 1  # the calls waiting re-time what they owe
+
+    def lift(self) -> None:
+        """No limit any more (the caller drops this limiter): the calls waiting go now."""
+        self.set_max_rate(math.inf)
 
     def on_throttle(self) -> None:
         """KMS said slow down: cut the rate multiplicatively."""

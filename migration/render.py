@@ -84,6 +84,9 @@ def print_migrate(result: MigrateResult, settings: Settings) -> None:
             click.echo(line)
 
 
+CHANGE_LINES = 20  # the latest changes of a run a summary or status shows
+
+
 def steered_lines(steered: Steered) -> list[str]:
     """How the run was steered: this command's holds, and every change of the run."""
     lines: list[str] = []
@@ -92,8 +95,13 @@ def steered_lines(steered: Steered) -> list[str]:
         lines.append(f"held {steered.holds} time(s){held} (paused, or a guard)")
     if steered.changes:
         lines.append(f"changes to run ({len(steered.changes)}):")
+        earlier = len(steered.changes) - CHANGE_LINES
+        if earlier > 0:  # a guard that flaps holds and releases the run all night
+            lines.append(f"  ({earlier} earlier: --report, or the table kms_migrate_changes, "
+                         "has them all)")
         lines += [f"  {c.at.strftime('%Y-%m-%d %H:%M:%S')} {c.action} by {c.user}@{c.host}"
-                  + (f": {c.detail}" if c.detail else "") for c in steered.changes]
+                  + (f": {c.detail}" if c.detail else "")
+                  for c in steered.changes[-CHANGE_LINES:]]
     return lines
 
 
@@ -255,7 +263,6 @@ def print_status(report: StatusReport) -> None:
 
 
 RANGE_LINES = 200
-CHANGE_LINES = 20
 
 
 def _print_steering(st: dict[str, Any]) -> None:

@@ -15,12 +15,13 @@ run's row at every heartbeat (`Steering.poll`), obeyed between batches (`Steerin
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,9 @@ STEERABLE = ("migrate", "retry", "rekey", "rollback")  # the kinds of run steeri
 MAX_HEARTBEAT = 5.0  # seconds between heartbeats, at most (a quarter of the lease below 20 s)
 POLL_SECONDS = 1.0  # a one-process run reads its steering this often (workers: heartbeat)
 WAKE_SECONDS = 0.2  # a held loop looks at its stop request this often
+# Seconds the guards may take to answer before the run holds for them: beyond what their
+# own timeouts allow one poll (a replica's connect and statement timeouts).
+GUARDS_OVERDUE = 20.0
 
 
 def pause_line(c: Control) -> str:
@@ -72,6 +76,9 @@ class Steering:
     progress: Progress | None = None
     log: Any = None
     share: int = 1  # live processes sharing the run's rate limit (a worker sets it)
+    # The run's live processes, as "host pid N" (a worker sets them at each heartbeat);
+    # None: this one alone (a one-process run, whose lock is this process's).
+    peers: set[str] | None = None
     control: Control | None = field(default=None, init=False)
     held: str | None = field(default=None, init=False)  # the guard reason it holds for
     holds: int = field(default=0, init=False)  # times it began to hold (pause or guard)
@@ -109,50 +116,88 @@ class Steering:
             self.control = c
             if c is not None:
                 self._apply(c)
-            self._record(reason)
+            self._record(reason, c)
             self._block(c, reason)
 
 
     def _apply(self, c: Control) -> None:
+        # A number that is none (NaN, infinity: refused by `set`, but a row is anyone's to
+        # write) is taken as unset, never as a limit.
+        c = replace(c, max_kms_rps=_number(c.max_kms_rps), batch_time=_number(c.batch_time))
         rps = c.max_kms_rps if c.max_kms_rps is not None else self.max_kms_rps
         kms = self.kms
         if kms is not None:
             share = rps / max(1, self.share)
             if share <= 0:
+                if kms.limiter is not None:
+                    kms.limiter.lift()  # the calls waiting in it go now
                 kms.limiter = None
             elif kms.limiter is None:
                 kms.limiter = RateLimiter(share)
             elif abs(kms.limiter.max_rate - share) > 1e-9:
                 kms.limiter.set_max_rate(share)
         if (c.batch_size, c.batch_time) != self._applied:
-            if c.batch_size is not None and c.batch_size != self._applied[0]:
-                self.sizer.fix(c.batch_size)
-            if c.batch_time is not None and c.batch_time != self._applied[1]:
-                self.sizer.follow(c.batch_time)
+            self._size(c.batch_size, c.batch_time)
             self._applied = (c.batch_size, c.batch_time)
 
-    def _record(self, reason: str | None) -> None:
-        """Record a hold this process began or ended on the run (for `status`)."""
-        if (reason is None) == (self.held is None) or self.run_id is None:
+    def _size(self, size: int | None, target: float | None) -> None:
+        """Apply the row's batch size and time as a process reading the row for the first
+        time would (a worker that joins, a restart): every process of the run then sizes
+        its batches alike, whatever sequence of `set` commands led there. A time (> 0)
+        is followed from the set size, if that changed; without one (0 or unset) a set
+        size is fixed; a time of 0 with no size keeps the size where it is."""
+        before_size, before_target = self._applied
+        if size is not None and (size != before_size or not target):
+            self.sizer.fix(size)
+        if target:
+            if target != before_target or size != before_size:
+                self.sizer.follow(target)
+        elif target is not None and size is None:
+            self.sizer.follow(None)
+
+    def _record(self, reason: str | None, c: Control | None = None) -> None:
+        """Record on the run (for `status`) a hold this process began or ended. Read
+        against the row `c`: a hold recorded by a process of the run that is gone
+        (killed while held: nobody else would release it) is cleared, and this process's
+        own hold, if the row no longer shows one, is recorded again. A dry-run (no run
+        row) only logs."""
+        if self.run_id is None:
             if reason != self.held:
-                self.log.warning("run_held", reason=reason) if reason else self.log.info(
-                    "run_released", reason=self.held)
+                if reason is not None:
+                    self.log.warning("run_held", reason=reason)
+                else:
+                    self.log.info("run_released", reason=self.held)
+            self.held = reason
+            return
+        stale = c.held_by if c is not None and self._gone(c.held_by) else None
+        vacant = c is not None and (c.held is None or stale is not None)
+        began = reason is not None and (self.held is None or vacant)
+        ended = reason is None and self.held is not None
+        if stale is None and not began and not ended:
             self.held = reason
             return
         try:
             with self.engine.begin() as conn:
-                if reason is not None:
+                if stale is not None:
+                    control.release(conn, self.run_id, stale, "its process is gone")
+                if began and reason is not None:
                     control.hold(conn, self.run_id, self.by, reason)
-                else:
+                elif ended:
                     control.release(conn, self.run_id, self.by)
         except Exception as exc:  # the next poll tries again
             self.log.warning("hold_not_recorded", error=type(exc).__name__)
             return
-        if reason is not None:
+        if began and self.held is None:
             self.log.warning("run_held", reason=reason)
-        else:
+        elif ended:
             self.log.info("run_released", reason=self.held)
         self.held = reason
+
+    def _gone(self, held_by: str | None) -> bool:
+        """Whether a hold's recorder is no live process of the run."""
+        if held_by is None or held_by == self.by[:255]:
+            return False
+        return self.peers is None or held_by not in {p[:255] for p in self.peers}
 
     def _block(self, c: Control | None, reason: str | None) -> None:
         paused = c is not None and c.paused
@@ -196,31 +241,46 @@ class Steering:
         close_guards(self.guards)
 
 
+def _number(value: float | None) -> float | None:
+    return value if value is None or math.isfinite(value) else None
+
+
 class GuardWatch(threading.Thread):
     """Asks the guards every POLL_SECONDS on a thread of its own; `latest` is the newest
-    answer (the first one is waited for: a run starts held when it must)."""
+    answer (the first one is waited for: a run starts held when it must), or, while the
+    guards take more than `overdue` seconds to answer (a query stuck on a network gone
+    dark), a reason to hold: their last answer says nothing about now."""
 
-    def __init__(self, guards: Sequence[Guard], every: float = POLL_SECONDS) -> None:
+    def __init__(self, guards: Sequence[Guard], every: float = POLL_SECONDS,
+                 overdue: float = GUARDS_OVERDUE) -> None:
         super().__init__(name="kms-migrate-guards", daemon=True)
-        self.guards, self.every = list(guards), every
+        self.guards, self.every, self.overdue = list(guards), every, overdue
         self._reason: str | None = None
+        self._asking: float | None = None  # when the guards were asked, until they answer
         self._asked = threading.Event()
         self._done = threading.Event()
         self.start()
 
     def run(self) -> None:
         while not self._done.is_set():
+            self._asking = time.monotonic()
             self._reason = next((r for g in self.guards if (r := g.reason())), None)
+            self._asking = None
             self._asked.set()
             self._done.wait(self.every)
 
     def latest(self) -> str | None:
-        self._asked.wait(30)
+        self._asked.wait(self.overdue)
+        asking = self._asking
+        if asking is not None and (late := time.monotonic() - asking) > self.overdue:
+            return f"the guards have not answered for {late:.0f} s"
         return self._reason
 
     def close(self) -> None:
+        # Briefly: a guard stuck in a query must not delay a stopping process (a daemon
+        # thread, it dies with it; what it would answer matters to nobody now).
         self._done.set()
-        self.join(timeout=15)
+        self.join(timeout=1)
 
 
 class SteeringThread(threading.Thread):

@@ -76,8 +76,9 @@ def pause_run(engine: Engine, run_id: int | None, note: str | None = None) -> St
             assert c is not None
             return Steer(f"run {run.id} ({run.kind}) was {pause_line(c)} already; nothing "
                          "changed", False)
-    return Steer(f"run {run.id} ({run.kind}) paused by {who}: {_when(run)}, once its batch "
-                 "in flight has committed; `kms-migrate resume` goes on", True)
+    flight = ", once its batch in flight has committed" if run.state == "running" else ""
+    return Steer(f"run {run.id} ({run.kind}) paused by {who}: {_when(run)}{flight}; "
+                 "`kms-migrate resume` goes on", True)
 
 
 def resume_run(engine: Engine, run_id: int | None) -> Steer:
@@ -107,6 +108,10 @@ def set_run(engine: Engine, run_id: int | None, limits: dict[str, float | int | 
                               "--max-kms-rps would change nothing; leave it out")
         c = control.read(conn, run.id)
         assert c is not None
+        if "batch_size" in limits and "batch_time" not in limits and c.batch_time:
+            # A fixed size turns a live --batch-time off, in the row too: a process that
+            # joins or restarts reads the row alone, and would follow the time again.
+            limits["batch_time"] = 0.0
         lines = control.set_limits(conn, run.id, who, limits, _before(run, c))
     return Steer(f"run {run.id} ({run.kind}): {'; '.join(lines)}, set by {who}: {_when(run)}, "
                  "and processes that join it take these", True)

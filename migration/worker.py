@@ -142,6 +142,9 @@ class Heartbeat(threading.Thread):
             self._expected = 0  # every sibling came (or never will): the live count rules
         # The run's pause and live limits (the rate shared among the live workers).
         self.steering.share = self.live
+        # The run's live processes: a hold recorded by one that is not among them is gone
+        # with it (it was killed while held), and is cleared.
+        self.steering.peers = {f"{w.host} pid {w.pid}" for w in live} | {self.steering.by}
         self.steering.poll()
         if state != "running":  # stopped by another worker's fatal error, or abandoned
             self.stop_reason = f"run {self.spec.run_id} is {state}"

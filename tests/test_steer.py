@@ -74,9 +74,10 @@ OPS = st.one_of(
 def _apply(conn: Any, run_id: int, model: Model, op: str, arg: Any) -> None:
     if op == "pause":
         assert control.pause(conn, run_id, WHO, arg) == (not model.paused)
-        if not model.paused:
-            model.paused, model.note = True, arg
-            model.log.append(("pause", arg))
+        if not model.paused:  # a note is kept as one printable line
+            note = control.one_line(arg, control.NOTE_LIMIT) if arg is not None else None
+            model.paused, model.note = True, note
+            model.log.append(("pause", note))
     elif op == "resume":
         assert control.resume(conn, run_id, WHO) == model.paused
         if model.paused:
