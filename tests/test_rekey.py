@@ -501,3 +501,48 @@ def test_settings_reach_the_report(migrated: Any, kms: KmsHandle, tmp_path: Any,
 def test_dataclass_replace_keeps_the_destination() -> None:
     s = rekey_settings("sqlite://")
     assert replace(s, batch_size=3).to_key_id == NEXT
+
+
+def test_a_rekey_is_steered_like_a_migrate(migrated: Any, kms: KmsHandle,
+                                           tmp_path: Any) -> None:
+    """A rekey run held by its pause file makes no ReEncrypt while the file exists, and one
+    paused from the bookkeeping goes on only once resumed; then every value is moved."""
+    import threading
+    import time
+
+    from checkpoints import control
+    from checkpoints.control import Who
+
+    url, truth, _, _, _ = migrated
+    hold = tmp_path / "hold"
+    hold.touch()
+    settings = rekey_settings(url, pause_file=str(hold))
+    k = make_kms(kms.client, settings)
+    engine = make_engine(url)
+    out: list[MigrateResult] = []
+    t = threading.Thread(target=lambda: out.append(migrate(settings, engine=engine, kms=k)))
+    t.start()
+    layer = len(journal_rows(url))  # the migrate's
+    deadline = time.monotonic() + 30
+    held = None
+    while not held and time.monotonic() < deadline:
+        time.sleep(0.1)
+        with engine.connect() as conn:
+            held = conn.execute(select(runs.c.held).where(runs.c.kind == "rekey")).scalar()
+    assert held == f"pause file {hold} exists"
+    calls = k.requests  # the DescribeKeys and the start-up sample, then nothing
+    with engine.begin() as conn:
+        run_id = conn.execute(select(runs.c.id).where(runs.c.kind == "rekey")).scalar_one()
+        control.pause(conn, run_id, Who("ops", "h"), "rotation window closed")
+    hold.unlink()
+    time.sleep(2.5)
+    assert k.requests == calls and len(journal_rows(url)) == layer
+    with engine.begin() as conn:
+        control.resume(conn, run_id, Who("ops", "h"))
+    t.join(60)
+    assert not t.is_alive()
+    result = out[0]
+    assert result.kind == "rekey" and sum(c.migrated for c in result.columns) == len(
+        truth.plaintexts)
+    assert [c.action for c in result.steered.changes] == ["hold", "pause", "release", "resume"]
+    engine.dispose()
