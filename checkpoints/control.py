@@ -161,6 +161,13 @@ def hold(conn: Connection, run_id: int, by: str, reason: str) -> bool:
     return bool(moved)
 
 
+def reword(conn: Connection, run_id: int, by: str, reason: str) -> None:
+    """The hold this process recorded goes on for a new reason (the lag grew, say): the
+    row says it now, for `status`; no change is logged (the hold is the same)."""
+    conn.execute(update(runs).where(runs.c.id == run_id, runs.c.held_by == by[:255])
+                 .values(held=one_line(reason, NOTE_LIMIT)))
+
+
 def release(conn: Connection, run_id: int, by: str, why: str | None = None) -> bool:
     """Clear the hold the process `by` recorded (this one, or one that is gone: `why`);
     whether it did."""

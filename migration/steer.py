@@ -174,6 +174,9 @@ class Steering:
         began = reason is not None and (self.held is None or vacant)
         ended = reason is None and self.held is not None
         if stale is None and not began and not ended:
+            if reason is not None and c is not None and c.held_by == self.by[:255] and (
+                    c.held != control.one_line(reason, control.NOTE_LIMIT)):
+                self._reword(reason)
             self.held = reason
             return
         try:
@@ -192,6 +195,14 @@ class Steering:
         elif ended:
             self.log.info("run_released", reason=self.held)
         self.held = reason
+
+    def _reword(self, reason: str) -> None:
+        try:
+            with self.engine.begin() as conn:
+                assert self.run_id is not None
+                control.reword(conn, self.run_id, self.by, reason)
+        except Exception as exc:  # display only: the next poll tries again
+            self.log.warning("hold_not_recorded", error=type(exc).__name__)
 
     def _gone(self, held_by: str | None) -> bool:
         """Whether a hold's recorder is no live process of the run."""

@@ -412,3 +412,40 @@ def test_a_dry_run_obeys_its_pause_file(sqlite_url: str, keys: Keys, kms: KmsHan
     assert sum(c.migrated for c in out[0].columns) > 0 and k.requests > 1
     assert out[0].steered.holds == 1
     eng.dispose()
+
+
+def test_a_hold_whose_reason_changes_shows_the_newest_reason(engine: Engine) -> None:
+    """The lag grows while the run holds: status shows the lag now, and the change log
+    has one hold, not one per poll."""
+    run_id = _run(engine)
+
+    class Lag:
+        def __init__(self) -> None:
+            self.now: str | None = "replica lag 2.0 s > 1 s (r1)"
+
+        def reason(self) -> str | None:
+            return self.now
+
+        def close(self) -> None:
+            pass
+
+    lag = Lag()
+    s = Steering(engine, run_id, BatchSizer(10), guards=[lag])
+    try:
+        s.poll()
+        lag.now = "replica lag 9.0 s > 1 s (r1)"
+        deadline = time.monotonic() + 10
+        held = None
+        while held != lag.now and time.monotonic() < deadline:
+            time.sleep(0.3)
+            s.poll()
+            with engine.connect() as conn:
+                c = control.read(conn, run_id)
+                held = c.held if c else None
+        assert held == lag.now
+        with engine.connect() as conn:
+            assert [x.action for x in control.changes_of(conn, run_id)] == ["hold"]
+    finally:
+        s.close()
+    with engine.connect() as conn:
+        assert [x.action for x in control.changes_of(conn, run_id)] == ["hold", "release"]
