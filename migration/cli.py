@@ -54,7 +54,7 @@ from .pipeline import Hooks
 from .progress import make_progress
 from .render import print_rollback, print_verify
 from .rollback import journal_left, rollback
-from .runs import graceful_stop
+from .runs import graceful_stop, worker_signals
 from .supervisor import (
     DEFAULT_ROWS_PER_RANGE,
     Here,
@@ -62,7 +62,7 @@ from .supervisor import (
     rollback_ranged,
 )
 from .verify import verify
-from .worker import work, worker_engine, worker_signals
+from .worker import work, worker_engine
 from .worker_spec import WorkerSpec, settings_from_dict
 
 __all__ = ["cli", "main"]

@@ -3,7 +3,8 @@
 - `lock_held`: the run lock for a block (refused with RunLockedError when another run holds
   it; a lock lost mid-run stops the block with RunLockedError, exit 2).
 - `graceful_stop`: Ctrl-C and SIGTERM become a stop request, which the column loops
-  honour between batches (a second one aborts the batch in flight).
+  honour between batches (a second one aborts the batch in flight); `worker_signals`,
+  the same in a worker process (which ignores Ctrl-C: its command forwards it).
 - `lifecycle`: whatever ends the block, its run row says how, once: `completed` when the
   block ends, `interrupted` on KeyboardInterrupt (Ctrl-C, or a stop request turned into one
   between batches by `pipeline.Hooks`), `stopped` with the error's one line on a fatal KMS
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +30,7 @@ from .logs import get_logger
 
 __all__ = [
     "RunEnd", "StopRequest", "acquire_lock", "graceful_stop", "lifecycle", "lock_held",
-    "set_state_quietly",
+    "set_state_quietly", "worker_signals",
 ]
 
 
@@ -120,3 +121,24 @@ def graceful_stop() -> Iterator[StopRequest]:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def worker_signals() -> Iterator[Callable[[], bool]]:
+    """In a worker process: ignore Ctrl-C (the terminal sends it to the whole group; the
+    command forwards it), first SIGTERM stops after the batch, second aborts it."""
+    requested = False
+
+    def on_term(signum: int, frame: object) -> None:
+        nonlocal requested
+        if requested:
+            raise KeyboardInterrupt
+        requested = True
+
+    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    old_term = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield lambda: requested
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -46,7 +45,7 @@ from .sizing import BatchSizer
 from .steer import Steering, guards_for
 from .worker_spec import WorkerSpec, heartbeat_every
 
-__all__ = ["Heartbeat", "WorkerOutcome", "work", "worker_engine", "worker_signals"]
+__all__ = ["Heartbeat", "WorkerOutcome", "work", "worker_engine"]
 
 # Ranges in a row a worker may lose to its database session being cut off (the server
 # ends a session left idle inside a transaction, e.g. by a worker frozen mid-batch) before
@@ -378,24 +377,3 @@ def _stop_run_quietly(engine: Engine, run_id: int, note: str, lock_token: str) -
     worker was started under."""
     with contextlib.suppress(Exception), engine.begin() as conn:
         store.stop_running(conn, run_id, note, lock_token=lock_token)
-
-
-@contextlib.contextmanager
-def worker_signals() -> Iterator[Callable[[], bool]]:
-    """In a worker process: ignore Ctrl-C (the terminal sends it to the whole group; the
-    command forwards it), first SIGTERM stops after the batch, second aborts it."""
-    requested = False
-
-    def on_term(signum: int, frame: object) -> None:
-        nonlocal requested
-        if requested:
-            raise KeyboardInterrupt
-        requested = True
-
-    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    old_term = signal.signal(signal.SIGTERM, on_term)
-    try:
-        yield lambda: requested
-    finally:
-        signal.signal(signal.SIGINT, old_int)
-        signal.signal(signal.SIGTERM, old_term)
