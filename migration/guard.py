@@ -15,6 +15,7 @@ at most now - t: the lag grows while a replica is stuck, writes or not, and drop
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections import Counter, deque
@@ -26,10 +27,13 @@ from sqlalchemy import Connection, Engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
+from .config import Settings
 from .db import make_engine, safe_url
 from .errors import ConfigError, KmsMigrateError
 
-__all__ = ["ActiveSessions", "Guard", "PauseFile", "ReplicaLag"]
+__all__ = [
+    "ActiveSessions", "Guard", "PauseFile", "ReplicaLag", "close_guards", "guards_for",
+]
 
 CONNECT_TIMEOUT = 3  # seconds: a replica that does not answer by then is "unreachable"
 STATEMENT_TIMEOUT = 5.0  # seconds a guard's query may run on a replica
@@ -256,3 +260,28 @@ class ReplicaLag:
         for engine in self._engines.values():
             engine.dispose()
         self._engines.clear()
+
+
+def guards_for(settings: Settings, engine: Engine) -> list[Guard]:
+    """The guards a command's flags ask for, each checked to work (a refusal is one line,
+    before anything is written)."""
+    guards: list[ActiveSessions | PauseFile | ReplicaLag] = []
+    if settings.pause_file:
+        guards.append(PauseFile(Path(settings.pause_file)))
+    if settings.max_replica_lag:
+        guards.append(ReplicaLag(engine, settings.max_replica_lag, settings.replicas))
+    if settings.max_active_sessions:
+        guards.append(ActiveSessions(engine, settings.max_active_sessions))
+    try:
+        for g in guards:
+            g.check()
+    except BaseException:
+        close_guards(guards)
+        raise
+    return list(guards)
+
+
+def close_guards(guards: Sequence[Guard]) -> None:
+    for g in guards:
+        with contextlib.suppress(Exception):
+            g.close()

@@ -31,6 +31,7 @@ from .batches import (
 from .codec import FernetCodec, fernet_key_ids
 from .config import Settings, targets_fingerprint
 from .errors import ConfigError, ResumeMismatchError
+from .guard import close_guards, guards_for
 from .kms import KMS
 from .logs import get_logger
 from .pages import Fetcher, key_list_fetcher, keyset_fetcher
@@ -50,7 +51,7 @@ from .refusals import (
 from .rewrap import Rekey
 from .runs import RunEnd, acquire_lock, lifecycle
 from .settle import Settle, settle_run
-from .steer import Steered, Steering, close_guards, guards_for, steered, steering_for
+from .steer import Steered, Steering, steered, steering_for
 
 __all__ = [
     "REASON_BEHIND",

@@ -99,10 +99,14 @@ def steered_lines(steered: Steered) -> list[str]:
         if earlier > 0:  # a guard that flaps holds and releases the run all night
             lines.append(f"  ({earlier} earlier: --report, or the table kms_migrate_changes, "
                          "has them all)")
-        lines += [f"  {c.at.strftime('%Y-%m-%d %H:%M:%S')} {c.action} by {c.user}@{c.host}"
-                  + (f": {c.detail}" if c.detail else "")
-                  for c in steered.changes[-CHANGE_LINES:]]
+        lines += [change_line(c.as_dict()) for c in steered.changes[-CHANGE_LINES:]]
     return lines
+
+
+def change_line(c: dict[str, Any]) -> str:
+    """One change of a run (`Change.as_dict`), as a summary and status show it."""
+    return (f"  {c['at'][:19].replace('T', ' ')} {c['action']} by {c['user']}@{c['host']}"
+            + (f": {c['detail']}" if c["detail"] else ""))
 
 
 def _print_steered(steered: Steered) -> None:
@@ -277,8 +281,7 @@ def _print_steering(st: dict[str, Any]) -> None:
     if changes:
         click.echo(f"changes ({len(changes)}):")
         for c in changes[-CHANGE_LINES:]:
-            click.echo(f"  {c['at'][:19].replace('T', ' ')} {c['action']} by "
-                       f"{c['user']}@{c['host']}" + (f": {c['detail']}" if c["detail"] else ""))
+            click.echo(change_line(c))
 
 
 def _print_ranged(report: Any) -> None:

@@ -25,11 +25,12 @@ from .batches import ColumnSummary
 from .config import Settings, Target
 from .errors import ConfigError, ResumeMismatchError
 from .finalize import finalized_refusal
+from .guard import Guard, close_guards, guards_for
 from .logs import get_logger
 from .pipeline import ColumnJob, Hooks, rollback_column
 from .reader import BoundTarget, bind_target, primary_key_of
 from .runs import RunEnd, lifecycle, lock_held
-from .steer import Guard, Steered, close_guards, guards_for, steered, steering_for
+from .steer import Steered, steered, steering_for
 
 __all__ = ["RollbackResult", "journal_left", "rollback"]
 

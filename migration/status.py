@@ -14,13 +14,14 @@ from checkpoints.census import latest_census
 from checkpoints.leases import RangeRow, WorkerRow
 from checkpoints.schema import behind, head_revision
 from checkpoints.store import BatchCounts
-from checkpoints.tables import lock, ranges, workers
+from checkpoints.tables import ranges, workers
 
 from .census import census_json
 from .config import Target
 from .errors import ConfigError
 from .reader import bind_target
-from .steer import STEERABLE, pause_line
+from .steer import state_line
+from .steer_run import live_limits, run_to_steer
 
 __all__ = ["ColumnProgress", "StatusReport", "collect_status"]
 
@@ -129,29 +130,23 @@ def collect_status(engine: Engine, failure_limit: int = 50) -> StatusReport | No
             f"{t}.{c}:{s}": n for (t, c, s), n in sorted(store.journal_counts(conn).items())
         }
         report.census = census_json(latest_census(conn))
-        report.steering = _steering(conn, all_runs)
+        report.steering = _steering(conn)
         return report
 
 
-def _steering(conn: Any, all_runs: list[store.Run]) -> dict[str, Any] | None:
-    held = conn.execute(select(lock.c.run_id)).scalar()
-    run = next((r for r in all_runs if r.id == held), None) or next(
-        (r for r in all_runs if r.state in store.UNFINISHED and r.kind in STEERABLE), None)
+def _steering(conn: Any) -> dict[str, Any] | None:
+    run = run_to_steer(conn)
     c = control.read(conn, run.id) if run is not None else None
     if run is None or c is None:
         return None
-    now = pause_line(c) if c.paused else (f"held: {c.held} (since {c.held_at:%H:%M:%S}, "
-                                           f"seen by {c.held_by})" if c.held else "going")
+    now = state_line(c, f"{c.held} (since {c.held_at:%H:%M:%S}, seen by {c.held_by})"
+                     if c.held else None) or "going"
     return {
         "run_id": run.id, "kind": run.kind, "state": run.state, "now": now,
         "paused": c.paused, "paused_by": c.paused_by,
         "paused_at": c.paused_at.isoformat() if c.paused_at else None,
         "pause_note": c.pause_note, "held": c.held,
-        "limits": {
-            "max_kms_rps": c.max_kms_rps if c.max_kms_rps is not None else run.max_kms_rps,
-            "batch_size": c.batch_size if c.batch_size is not None else run.batch_size,
-            "batch_time": c.batch_time,
-        },
+        "limits": live_limits(run, c),
         "changes": [ch.as_dict() for ch in control.changes_of(conn, run.id)],
     }
 

@@ -23,7 +23,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine
@@ -33,7 +32,7 @@ from checkpoints.control import Control
 from checkpoints.lock import RunLock
 
 from .config import Settings
-from .guard import ActiveSessions, Guard, PauseFile, ReplicaLag
+from .guard import Guard, close_guards
 from .kms import KMS
 from .logs import get_logger
 from .progress import Progress
@@ -41,11 +40,10 @@ from .ratelimit import RateLimiter
 from .sizing import BatchSizer
 
 __all__ = [
-    "MAX_HEARTBEAT", "POLL_SECONDS", "STEERABLE", "Guard", "GuardWatch", "Steered", "Steering",
-    "SteeringThread", "close_guards", "guards_for", "pause_line", "steered", "steering_for",
+    "MAX_HEARTBEAT", "POLL_SECONDS", "GuardWatch", "Steered", "Steering", "SteeringThread",
+    "pause_line", "state_line", "steered", "steering_for",
 ]
 
-STEERABLE = ("migrate", "retry", "rekey", "rollback")  # the kinds of run steering acts on
 MAX_HEARTBEAT = 5.0  # seconds between heartbeats, at most (a quarter of the lease below 20 s)
 POLL_SECONDS = 1.0  # a one-process run reads its steering this often (workers: heartbeat)
 WAKE_SECONDS = 0.2  # a held loop looks at its stop request this often
@@ -59,6 +57,13 @@ def pause_line(c: Control) -> str:
     at = c.paused_at.strftime("%Y-%m-%d %H:%M:%S UTC") if c.paused_at else "?"
     note = f" ({c.pause_note})" if c.pause_note else ""
     return f"paused by {c.paused_by} at {at}{note}"
+
+
+def state_line(c: Control | None, held: str | None) -> str | None:
+    """What holds a run: its pause, else `held` (a guard's reason); None when nothing."""
+    if c is not None and c.paused:
+        return pause_line(c)
+    return f"held: {held}" if held else None
 
 
 @dataclass(eq=False)
@@ -211,13 +216,11 @@ class Steering:
         return self.peers is None or held_by not in {p[:255] for p in self.peers}
 
     def _block(self, c: Control | None, reason: str | None) -> None:
-        paused = c is not None and c.paused
-        why = pause_line(c) if c is not None and paused else (
-            f"held: {reason}" if reason else None)
+        why = state_line(c, reason)
         if why is not None and self._free.is_set():
             self._free.clear()
             self.holds += 1
-            if c is not None and paused:
+            if c is not None and c.paused:
                 self.log.warning("run_paused", by=c.paused_by, note=c.pause_note)
         elif why is None and not self._free.is_set():
             self._free.set()
@@ -318,37 +321,12 @@ class SteeringThread(threading.Thread):
         self.join(timeout=5)
 
 
-def guards_for(settings: Settings, engine: Engine) -> list[Guard]:
-    """The guards a command's flags ask for, each checked to work (a refusal is one line,
-    before anything is written)."""
-    guards: list[ActiveSessions | PauseFile | ReplicaLag] = []
-    if settings.pause_file:
-        guards.append(PauseFile(Path(settings.pause_file)))
-    if settings.max_replica_lag:
-        guards.append(ReplicaLag(engine, settings.max_replica_lag, settings.replicas))
-    if settings.max_active_sessions:
-        guards.append(ActiveSessions(engine, settings.max_active_sessions))
-    try:
-        for g in guards:
-            g.check()
-    except BaseException:
-        close_guards(guards)
-        raise
-    return list(guards)
-
-
 def steering_for(engine: Engine, run_id: int | None, settings: Settings, *, kms: KMS | None,
                  guards: Sequence[Guard], progress: Progress | None) -> Steering:
     """The steering of a one-process run (a worker builds its own)."""
     return Steering(engine, run_id, BatchSizer(settings.batch_size, settings.batch_time),
                     kms=kms, max_kms_rps=settings.max_kms_rps, guards=guards,
                     progress=progress)
-
-
-def close_guards(guards: Sequence[Guard]) -> None:
-    for g in guards:
-        with contextlib.suppress(Exception):
-            g.close()
 
 
 @contextlib.contextmanager
@@ -386,11 +364,24 @@ class Steered:
 
     @classmethod
     def of(cls, engine: Engine, steering: Steering) -> Steered:
-        changes: list[control.Change] = []
-        try:
-            if steering.run_id is not None:
-                with engine.connect() as conn:
-                    changes = control.changes_of(conn, steering.run_id)
-        except Exception:  # best effort: a summary without its changes
-            changes = []
-        return cls(steering.holds, steering.held_seconds, changes)
+        """A one-process run's: its own holds, and the run's changes."""
+        return cls(steering.holds, steering.held_seconds, _changes(engine, steering.run_id))
+
+    @classmethod
+    def of_run(cls, engine: Engine, run_id: int) -> Steered:
+        """A ranged run's, for the command that ran some of its workers: the holds are
+        the pauses and holds among the run's changes (its workers counted their own)."""
+        changes = _changes(engine, run_id)
+        return cls(sum(1 for c in changes if c.action in ("pause", "hold")), 0.0, changes)
+
+
+def _changes(engine: Engine, run_id: int | None) -> list[control.Change]:
+    """Every change of a run (none for a dry-run); best effort: a summary without them
+    rather than no summary."""
+    if run_id is None:
+        return []
+    try:
+        with engine.connect() as conn:
+            return control.changes_of(conn, run_id)
+    except Exception:
+        return []

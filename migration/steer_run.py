@@ -15,9 +15,14 @@ from checkpoints.store import Run
 from checkpoints.tables import lock
 
 from .errors import ConfigError
-from .steer import MAX_HEARTBEAT, STEERABLE, pause_line
+from .steer import MAX_HEARTBEAT, pause_line
 
-__all__ = ["Steer", "pause_run", "resume_run", "set_run", "steerable_run"]
+__all__ = [
+    "STEERABLE", "Steer", "live_limits", "pause_run", "resume_run", "run_to_steer", "set_run",
+    "steerable_run",
+]
+
+STEERABLE = ("migrate", "retry", "rekey", "rollback")  # the kinds of run steering acts on
 
 
 
@@ -29,6 +34,27 @@ class Steer:
     changed: bool
 
 
+def run_to_steer(conn: Connection) -> Run | None:
+    """The run a steering command acts on by default, and the one `status` shows steered:
+    the run holding the run lock, else the newest unfinished migrate, retry, rekey or
+    rollback run."""
+    held = conn.execute(select(lock.c.run_id)).scalar()
+    if held is not None:
+        return store.get_run(conn, int(held))
+    return next((r for r in store.list_runs(conn, 50)
+                 if r.state in store.UNFINISHED and r.kind in STEERABLE), None)
+
+
+def live_limits(run: Run, c: Control) -> dict[str, float | int | None]:
+    """What the run goes by, as far as the database knows: the limits `set` gave, else the
+    run's own (None: the command's own, which only its processes know)."""
+    return {
+        "max_kms_rps": c.max_kms_rps if c.max_kms_rps is not None else run.max_kms_rps,
+        "batch_size": c.batch_size if c.batch_size is not None else run.batch_size,
+        "batch_time": c.batch_time,
+    }
+
+
 def steerable_run(conn: Connection, run_id: int | None, what: str) -> Run:
     """The run a steering command acts on: `run_id`, else the run holding the run lock,
     else the newest unfinished one. Refused (one line) when there is none, or when it
@@ -38,17 +64,12 @@ def steerable_run(conn: Connection, run_id: int | None, what: str) -> Run:
     if behind(conn) is not None:  # tables an older kms-migrate made: add what steering reads
         upgrade_in(conn)
     if run_id is None:
-        held = conn.execute(select(lock.c.run_id)).scalar()
-        if held is not None:
-            run_id = int(held)
-        else:
-            newest = next((r for r in store.list_runs(conn, 50)
-                           if r.state in store.UNFINISHED and r.kind in STEERABLE), None)
-            if newest is None:
-                raise ConfigError(f"nothing to {what}: no migrate, rekey or rollback run is "
-                                  "running or unfinished here (`kms-migrate status` lists the "
-                                  "runs)")
-            return newest
+        current = run_to_steer(conn)
+        if current is None:
+            raise ConfigError(f"nothing to {what}: no migrate, rekey or rollback run is "
+                              "running or unfinished here (`kms-migrate status` lists the "
+                              "runs)")
+        run_id = current.id
     run = store.get_run(conn, run_id)
     if run is None:
         raise ConfigError(f"there is no run {run_id} here: `kms-migrate status` lists the runs")
@@ -112,16 +133,7 @@ def set_run(engine: Engine, run_id: int | None, limits: dict[str, float | int | 
             # A fixed size turns a live --batch-time off, in the row too: a process that
             # joins or restarts reads the row alone, and would follow the time again.
             limits["batch_time"] = 0.0
-        lines = control.set_limits(conn, run.id, who, limits, _before(run, c))
+        lines = control.set_limits(conn, run.id, who, limits, live_limits(run, c))
     return Steer(f"run {run.id} ({run.kind}): {'; '.join(lines)}, set by {who}: {_when(run)}, "
                  "and processes that join it take these", True)
 
-
-def _before(run: Run, c: Control) -> dict[str, float | int | None]:
-    """What the run went by until now, as far as the database knows (None: the command's
-    own, which only its processes know)."""
-    return {
-        "max_kms_rps": c.max_kms_rps if c.max_kms_rps is not None else run.max_kms_rps,
-        "batch_size": c.batch_size if c.batch_size is not None else run.batch_size,
-        "batch_time": c.batch_time,
-    }

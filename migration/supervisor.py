@@ -43,6 +43,7 @@ from .config import (
     Settings,
 )
 from .errors import ConfigError, WorkersFailed
+from .guard import close_guards, guards_for
 from .kms import KMS
 from .logs import get_logger
 from .migrator import MigrateResult, Mode, prepare_keys, run_kind
@@ -61,7 +62,7 @@ from .rollback import (
     start_rollback_run,
 )
 from .settle import Settle, settle_failures
-from .steer import Steered, close_guards, guards_for, pause_line
+from .steer import Steered, state_line
 from .worker_spec import MAX_HEARTBEAT, WorkerSpec, heartbeat_every, settings_to_dict
 
 __all__ = [
@@ -142,7 +143,7 @@ def migrate_ranged(
                                                                             pids)
     result.kms_requests += kms.requests
     result.rate_limit = settings.max_kms_rps or None
-    result.steered = _steered(engine, start.run.id)
+    result.steered = Steered.of_run(engine, start.run.id)
     result.seconds = time.monotonic() - started
     return result
 
@@ -179,19 +180,9 @@ def rollback_ranged(engine: Engine, *, settings: Settings, here: Here) -> Rollba
     with engine.connect() as conn:
         result.columns = _summaries(conn, start.run.id)
         result.failures = store.failures_of(conn, start.run.id)
-    result.steered = _steered(engine, start.run.id)
+    result.steered = Steered.of_run(engine, start.run.id)
     result.seconds = time.monotonic() - started
     return result
-
-
-def _steered(engine: Engine, run_id: int) -> Steered:
-    """A ranged run's steering, for its summary: its changes (the holds among them)."""
-    try:
-        with engine.connect() as conn:
-            changes = control.changes_of(conn, run_id)
-    except Exception:  # best effort: a summary without its changes
-        changes = []
-    return Steered(sum(1 for c in changes if c.action in ("pause", "hold")), 0.0, changes)
 
 
 # -- supervising -----------------------------------------------------------------------------
@@ -288,8 +279,7 @@ def _note(engine: Engine, run_id: int, progress: Progress) -> None:
         with engine.connect() as conn:
             c = control.read(conn, run_id)
         if c is not None:
-            progress.note(pause_line(c) if c.paused else (f"held: {c.held}" if c.held
-                                                          else None))
+            progress.note(state_line(c, c.held))
 
 
 def _signal_all(procs: Sequence[Proc], sig: int) -> None:

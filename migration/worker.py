@@ -36,13 +36,14 @@ from .config import (
     Target,
 )
 from .errors import KmsMigrateError, RunLockedError
+from .guard import guards_for
 from .kms import KMS, KeyInfo
 from .logs import get_logger
 from .pages import keyset_fetcher
 from .pipeline import ColumnJob, Hooks, migrate_column, rollback_column
 from .reader import BoundTarget, bind_target, bind_targets, primary_key_of
 from .sizing import BatchSizer
-from .steer import Steering, guards_for
+from .steer import Steering
 from .worker_spec import WorkerSpec, heartbeat_every
 
 __all__ = ["Heartbeat", "WorkerOutcome", "work", "worker_engine"]
