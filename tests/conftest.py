@@ -289,3 +289,13 @@ settings.register_profile("stateful", max_examples=12, stateful_step_count=12, d
 settings.register_profile("long", max_examples=400, stateful_step_count=40, deadline=None,
                           suppress_health_check=_SLOW_OK)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or "default")
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Any]:
+    """An engine on an empty SQLite file (the steering tests' control rows)."""
+    from sqlalchemy import create_engine
+
+    eng = create_engine(f"sqlite:///{tmp_path / 'steer.db'}")
+    yield eng
+    eng.dispose()

@@ -13,6 +13,8 @@ import pytest
 from sqlalchemy import create_engine, inspect, select, text
 from sqlalchemy.pool import NullPool
 
+from checkpoints import store
+from checkpoints.control import Who
 from migration.config import Settings
 from migration.kms import KMS, RetryPolicy
 from migration.sample import (
@@ -293,3 +295,16 @@ def vault_values(url: str) -> dict[int, str]:
         out = {int(i): str(s) for i, s in conn.execute(text("SELECT id, secret FROM vault"))}
     eng.dispose()
     return out
+
+
+WHO = Who("alice", "ops-1")  # who gives the steering commands of the in-process tests
+
+
+def make_run(engine: Any, kind: str = "migrate", state: str = "running") -> int:
+    """A run row of `kind` in `state` (the bookkeeping tables made first): its id."""
+    store.ensure_schema(engine)
+    with engine.begin() as conn:
+        run = store.create_run(conn, store.NewRun(kind, 100))
+        if state != "running":
+            store.set_state(conn, run.id, state)
+    return int(run.id)

@@ -19,7 +19,6 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine, create_engine, text
 
 from checkpoints import control, store
-from checkpoints.control import Who
 from checkpoints.lock import RunLock
 from migration.errors import ConfigError
 from migration.pipeline import Hooks
@@ -27,24 +26,15 @@ from migration.sizing import BatchSizer
 from migration.steer import Steering
 from migration.steer_run import pause_run, resume_run, set_run, steerable_run
 from tests.conftest import Keys, KmsHandle
-from tests.helpers import assert_refused, make_db, make_kms, run_main, settings_for
-
-WHO = Who("alice", "ops-1")
-
-
-def _run(engine: Engine, kind: str = "migrate", state: str = "running") -> int:
-    store.ensure_schema(engine)
-    with engine.begin() as conn:
-        run = store.create_run(conn, store.NewRun(kind, 100))
-        if state != "running":
-            store.set_state(conn, run.id, state)
-    return run.id
-
-
-@pytest.fixture
-def engine(tmp_path: Path) -> Engine:
-    return create_engine(f"sqlite:///{tmp_path / 'steer.db'}")
-
+from tests.helpers import (
+    WHO,
+    assert_refused,
+    make_db,
+    make_kms,
+    make_run,
+    run_main,
+    settings_for,
+)
 
 # -- the control row against a model ---------------------------------------------------------
 
@@ -108,7 +98,7 @@ def test_the_control_row_follows_any_sequence_of_commands(
     tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[str, Any]],
 ) -> None:
     eng = create_engine(f"sqlite:///{tmp_path_factory.mktemp('c') / 'c.db'}")
-    run_id = _run(eng)
+    run_id = make_run(eng)
     model = Model()
     for op, arg in ops:
         with eng.begin() as conn:
@@ -131,8 +121,8 @@ def test_the_control_row_follows_any_sequence_of_commands(
 def test_steering_commands_refuse_what_they_cannot_act_on(engine: Engine) -> None:
     with engine.connect() as conn, pytest.raises(ConfigError, match="no kms-migrate runs"):
         steerable_run(conn, None, "pause")
-    done = _run(engine, state="completed")
-    fin = _run(engine, kind="finalize")
+    done = make_run(engine, state="completed")
+    fin = make_run(engine, kind="finalize")
     with engine.connect() as conn:
         with pytest.raises(ConfigError, match="nothing to pause: no migrate"):
             steerable_run(conn, None, "pause")
@@ -142,8 +132,8 @@ def test_steering_commands_refuse_what_they_cannot_act_on(engine: Engine) -> Non
             steerable_run(conn, fin, "pause")
         with pytest.raises(ConfigError, match="there is no run 99"):
             steerable_run(conn, 99, "pause")
-    rb = _run(engine, kind="rollback", state="interrupted")
-    mig = _run(engine)
+    rb = make_run(engine, kind="rollback", state="interrupted")
+    mig = make_run(engine)
     with engine.connect() as conn:
         assert steerable_run(conn, None, "pause").id == mig  # the newest unfinished
     lock = RunLock.acquire(engine, "rollback")
@@ -191,7 +181,7 @@ def test_the_cli_refuses_in_one_line_and_writes_nothing(
 
 def test_poll_applies_the_live_limits_and_the_pause(engine: Engine, kms: KmsHandle,
                                                     keys: Keys) -> None:
-    run_id = _run(engine)
+    run_id = make_run(engine)
     k = make_kms(kms.client, settings_for("sqlite://", keys.current))
     sizer = BatchSizer(100, 2.0)
     s = Steering(engine, run_id, sizer, kms=k, max_kms_rps=400)
@@ -315,7 +305,7 @@ def test_the_revisions_make_the_tables_the_code_declares(
 def test_a_command_refused_by_a_paused_runs_lock_is_told_it_is_paused(engine: Engine) -> None:
     from checkpoints.lock import LockHeld
 
-    run_id = _run(engine)
+    run_id = make_run(engine)
     held = RunLock.acquire(engine, "migrate")
     with engine.begin() as conn:
         held.bind_run(conn, run_id)
@@ -417,7 +407,7 @@ def test_a_dry_run_obeys_its_pause_file(sqlite_url: str, keys: Keys, kms: KmsHan
 def test_a_hold_whose_reason_changes_shows_the_newest_reason(engine: Engine) -> None:
     """The lag grows while the run holds: status shows the lag now, and the change log
     has one hold, not one per poll."""
-    run_id = _run(engine)
+    run_id = make_run(engine)
 
     class Lag:
         def __init__(self) -> None:

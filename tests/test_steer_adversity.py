@@ -22,29 +22,12 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine, create_engine, text
 
 from checkpoints import control, store
-from checkpoints.control import Who
 from migration.errors import ConfigError
 from migration.ratelimit import RateLimiter
 from migration.sizing import BatchSizer
 from migration.steer import Steering
-from tests.helpers import assert_refused, run_main
+from tests.helpers import WHO, assert_refused, make_run, run_main
 from tests.test_e2e import cli, outputs  # noqa: F401  (fixtures)
-
-WHO = Who("alice", "ops-1")
-
-
-def _run(engine: Engine, kind: str = "migrate", state: str = "running") -> int:
-    store.ensure_schema(engine)
-    with engine.begin() as conn:
-        run = store.create_run(conn, store.NewRun(kind, 100))
-        if state != "running":
-            store.set_state(conn, run.id, state)
-    return run.id
-
-
-@pytest.fixture
-def engine(tmp_path: Path) -> Engine:
-    return create_engine(f"sqlite:///{tmp_path / 'steer.db'}")
 
 
 def _row(engine: Engine, run_id: int) -> tuple[Any, ...]:
@@ -72,7 +55,7 @@ def test_set_refuses_a_limit_that_is_no_finite_number(
     ValueError (round(nan)), stopping every process of the run with an unexpected error,
     and every restart after it too (the row kept the NaN). `--max-kms-rps nan` lifted the
     rate limit silently. Refused in one line now, and nothing is written."""
-    run_id = _run(engine)
+    run_id = make_run(engine)
     before = _row(engine, run_id)
     url = str(engine.url)
     code, out, err = run_main(capsys, *argv, "--db", url)
@@ -106,7 +89,7 @@ def test_a_nan_in_the_row_never_stops_a_process(db_url: str, kms: Any, keys: Any
     from tests.helpers import make_kms, settings_for
 
     engine = create_engine(db_url)
-    run_id = _run(engine)
+    run_id = make_run(engine)
     sizer = BatchSizer(100, None)
     k = make_kms(kms.client, settings_for("sqlite://", keys.current))
     s = Steering(engine, run_id, sizer, kms=k, max_kms_rps=50.0)
@@ -131,7 +114,7 @@ def test_set_batch_size_after_batch_time_is_read_alike_by_a_joining_process(
     batch time nobody asked for any more."""
     from migration.steer_run import set_run
 
-    run_id = _run(engine)
+    run_id = make_run(engine)
     running = Steering(engine, run_id, BatchSizer(100, None))
     running.poll()
     set_run(engine, run_id, {"batch_time": 2.0})
@@ -205,7 +188,7 @@ def test_a_hold_recorded_by_a_process_killed_while_held_is_cleared(
 
     from migration.guard import PauseFile
 
-    run_id = _run(engine)
+    run_id = make_run(engine)
     flag = tmp_path / "hold"
     flag.touch()
     old = Steering(engine, run_id, BatchSizer(10), guards=[PauseFile(flag)])
@@ -229,7 +212,7 @@ def test_a_hold_recorded_by_a_process_killed_while_held_is_cleared(
 def test_a_live_workers_hold_is_kept_by_the_others(engine: Engine) -> None:
     """In a ranged run the other workers' holds are theirs: a worker clears only a hold
     whose recorder is not among the run's live workers."""
-    run_id = _run(engine)
+    run_id = make_run(engine)
     other = "elsewhere pid 4242"
     with engine.begin() as conn:
         control.hold(conn, run_id, other, "3 active sessions > 2")
@@ -263,7 +246,7 @@ def test_a_note_and_a_user_name_cannot_write_to_another_operators_terminal(
     around, and a note that is not UTF-8 (a lone surrogate from argv) stopped `pause`
     with an unexpected UnicodeEncodeError. Now each is shown escaped, and `pause`
     answers in one line."""
-    run_id = _run(engine)
+    run_id = make_run(engine)
     url = str(engine.url)
     monkeypatch.setenv("USER", "mallory\n\x1b[31mroot")
     monkeypatch.setenv("LOGNAME", "mallory\n\x1b[31mroot")
@@ -289,7 +272,7 @@ def test_a_10_kb_note_is_kept_to_a_readable_length(
     engine: Engine, capsys: pytest.CaptureFixture[str],
 ) -> None:
     """A 10 KB note went whole onto every progress line of the run and every status."""
-    run_id = _run(engine)
+    run_id = make_run(engine)
     code, out, err = run_main(capsys, "pause", "--db", str(engine.url), "--note", "x" * 10_000)
     assert code == 0, err
     with engine.connect() as conn:
@@ -319,7 +302,7 @@ def test_times_shown_as_utc_are_utc_on_a_server_in_another_time_zone(
         conn.commit()
     eng.dispose()
     eng = create_engine(url)
-    run_id = _run(eng)
+    run_id = make_run(eng)
     code, out, err = run_main(capsys, "pause", "--db", url, "--run", str(run_id))
     assert code == 0, err
     now = datetime.now(UTC)
@@ -480,7 +463,7 @@ def test_a_process_that_saw_every_set_and_one_that_joins_now_agree(
         _SHARED["engine"] = create_engine(
             f"sqlite:///{tmp_path_factory.mktemp('s') / 's.db'}")
     eng = _SHARED["engine"]
-    run_id = _run(eng)
+    run_id = make_run(eng)
     own = settings_for("sqlite://", keys.current)
 
     def process() -> Steering:
@@ -766,7 +749,7 @@ def test_lifting_the_rate_limit_wakes_the_calls_waiting_at_the_old_one(
     dropped its limiter, but the calls already asleep in it slept out the old rate."""
     from tests.helpers import make_kms, settings_for
 
-    run_id = _run(engine)
+    run_id = make_run(engine)
     k = make_kms(kms.client, settings_for("sqlite://", keys.current))
     s = Steering(engine, run_id, BatchSizer(10), kms=k, max_kms_rps=10.0)
     s.poll()
@@ -798,10 +781,10 @@ def test_pausing_a_run_that_is_not_running_says_no_batch_is_in_flight(engine: En
     way when resumed, once its batch in flight has committed": it has none."""
     from migration.steer_run import pause_run
 
-    run_id = _run(engine, state="interrupted")
+    run_id = make_run(engine, state="interrupted")
     line = pause_run(engine, run_id).line
     assert "will start that way" in line and "in flight" not in line
-    running = _run(engine)
+    running = make_run(engine)
     assert "once its batch in flight has committed" in pause_run(engine, running).line
 
 
@@ -836,7 +819,7 @@ def test_a_run_id_past_any_run_is_refused_as_such(
     url = (f"sqlite:///{tmp_path / 'x.db'}" if db == "sqlite"
            else request.getfixturevalue("pg_server").new_database())
     eng = create_engine(url)
-    _run(eng)
+    make_run(eng)
     for argv in (["pause", "--run", "99999999999999999999"],
                  ["set", "--run", "3000000000", "--batch-size", "5"],
                  ["resume", "--run", "2147483648"]):
